@@ -1,0 +1,239 @@
+"""Choosing a kernel and its launch parameters, and saying why (`explain`).
+
+Planning is a pure function of shapes and configuration: the same shapes always give the same
+plan (safe for CUDA-graph capture), and it never reads device memory. The rules are the tables
+and the three small functions below; `explain` prints the plan and the rule that decided it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import FP8_DTYPES, AttentionConfig, BatchShape, dtype_name, seed_grid
+
+# ---------------------------------------------------------------------------------------------
+# the rules, as data
+# ---------------------------------------------------------------------------------------------
+# Query tiles. A tile holds BLOCK_M rows = BLOCK_Q query tokens x num_queries_per_kv query heads
+# of one KV head, so each K/V tile is loaded once for all query heads that share it.
+# Prefill tiles by padded head size: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+PREFILL_TILES = {
+    32: (128, 64, 4, 3),
+    64: (128, 64, 4, 3),
+    128: (128, 64, 8, 3),
+    256: (64, 32, 4, 2),
+}
+# Decode tiles (few query rows per KV head): (BLOCK_N, num_warps, num_stages) by padded head size
+DECODE_TILES = {
+    32: (64, 4, 3),
+    64: (64, 4, 3),
+    128: (64, 4, 3),
+    256: (32, 4, 2),
+}
+DECODE_MIN_ROWS = 16  # tl.dot needs M >= 16: decode tiles are padded up to this many rows
+PARTITION_MIN_TOKENS = 256  # a split-KV partition never covers fewer keys than this
+WAVES = 2  # split until programs fill the SMs about this many times over
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What runs and with which parameters; `rule` says why, in words."""
+
+    kernel: str  # "unified" | "split_kv" | "reference"
+    block_m: int = 0
+    block_q: int = 0
+    block_n: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int = 1
+    partition_size: int = 0  # keys per split (a multiple of block_n)
+    rule: str = ""
+
+    def params(self) -> str:
+        if self.kernel == "reference":
+            return "-"
+        s = f"BLOCK_M={self.block_m} (BLOCK_Q={self.block_q}) BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"
+        if self.num_splits > 1:
+            s += f" splits={self.num_splits}x{self.partition_size}"
+        return s
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device | str) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # CPU/interpreter: plan as for an H100 so explain() reads the same everywhere
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose_backend(device: torch.device, backend: str) -> tuple[str, str]:
+    if backend == "reference":
+        return "reference", "backend='reference' was asked for"
+    if device.type == "cuda" or interpreter_enabled():
+        return "triton", ""
+    if backend == "triton":
+        from .errors import UnsupportedConfigError
+        raise UnsupportedConfigError(
+            f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1, got tensors on {device}"
+        )
+    return "reference", f"tensors on {device.type} and TRITON_INTERPRET is not set: the PyTorch reference runs"
+
+
+def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block_size: int,
+                 fp32: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps, num_stages) for a decode-like or prefill batch."""
+    head_pad = max(32, next_pow2(head_size))
+    if decode:
+        block_n, warps, stages = DECODE_TILES[head_pad]
+        block_m = max(DECODE_MIN_ROWS, next_pow2(num_queries_per_kv))
+    else:
+        block_m, block_n, warps, stages = PREFILL_TILES[head_pad]
+        block_m = max(block_m, next_pow2(num_queries_per_kv))
+        if fp32:  # fp32 tiles take twice the registers and shared memory
+            block_n = max(16, block_n // 2)
+            stages = min(stages, 2)
+    block_q = max(1, block_m // num_queries_per_kv)
+    return block_m, block_q, block_n, warps, stages
+
+
+def choose_splits(*, num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int,
+                  sm_count: int) -> tuple[int, int, str]:
+    """(num_splits, partition_size, why) for a decode-like batch."""
+    programs = num_seqs * num_kv_heads
+    target = WAVES * sm_count
+    if programs >= target:
+        return 1, 0, f"{num_seqs} seqs x {num_kv_heads} KV heads = {programs} programs fill {sm_count} SMs"
+    by_occupancy = math.ceil(target / programs)
+    by_length = max(1, max_seq_len // PARTITION_MIN_TOKENS)
+    splits = min(by_occupancy, by_length, MAX_SPLITS)
+    if splits <= 1:
+        return 1, 0, f"seq_len {max_seq_len} is too short to split (< 2 x {PARTITION_MIN_TOKENS} tokens)"
+    partition = math.ceil(math.ceil(max_seq_len / splits) / block_n) * block_n
+    splits = math.ceil(max_seq_len / partition)
+    return splits, partition, (
+        f"{num_seqs} seqs x {num_kv_heads} KV heads = {programs} programs would leave most of "
+        f"{sm_count} SMs idle: split each sequence's keys into {splits} partitions of {partition} tokens"
+    )
+
+
+def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int, num_q_heads: int,
+         num_kv_heads: int, head_size: int, block_size: int, dtype: torch.dtype,
+         cache_dtype: torch.dtype, sliding_window: int = 0, context_contract: bool = False,
+         device: torch.device | str = "cuda", backend: str = "auto") -> Plan:
+    device = torch.device(device)
+    which, why = choose_backend(device, backend)
+    if which == "reference":
+        return Plan(kernel="reference", rule=why)
+    qpk = num_q_heads // num_kv_heads
+    decode = max_query_len * qpk <= DECODE_MIN_ROWS or max_query_len == 1
+    block_m, block_q, block_n, warps, stages = choose_tiles(
+        decode=decode, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size,
+        fp32=dtype == torch.float32 or cache_dtype == torch.float32,
+    )
+    if not decode:
+        kind = "prefill" if max_query_len > 1 else "decode"
+        return Plan("unified", block_m, block_q, block_n, warps, stages, rule=(
+            f"max_query_len {max_query_len} > 1: unified kernel over all {num_seqs} sequences, "
+            f"tiles of {block_q} query tokens x {qpk} heads per KV head"
+        ) if kind == "prefill" else "")
+    splits, partition, why = (1, 0, "context-cache contract: keys split is not used") if context_contract else \
+        choose_splits(num_seqs=num_seqs, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
+                      block_n=block_n, sm_count=sm_count(device))
+    kernel = "split_kv" if splits > 1 else "unified"
+    return Plan(kernel, block_m, block_q, block_n, warps, stages, splits, partition, rule=(
+        f"decode batch (max_query_len {max_query_len}, {qpk} query heads per KV head in one "
+        f"{block_m}-row tile): {why}"
+    ))
+
+
+def plan_for(config: AttentionConfig, shape: BatchShape, *, device="cuda", backend="auto",
+             context_contract: bool = False) -> Plan:
+    return plan(num_seqs=shape.num_seqs, num_tokens=shape.num_tokens,
+                max_query_len=max(shape.query_lens), max_seq_len=max(shape.seq_lens),
+                num_q_heads=config.num_q_heads, num_kv_heads=config.num_kv_heads,
+                head_size=config.head_size, block_size=config.block_size, dtype=config.dtype,
+                cache_dtype=config.cache_dtype, sliding_window=config.sliding_window,
+                context_contract=context_contract, device=device, backend=backend)
+
+
+def explain(config: AttentionConfig, shape: BatchShape, *, device="cuda", context_contract=False) -> str:
+    """One paragraph: the configuration, the batch, the kernel chosen, its parameters and the rule."""
+    p = plan_for(config, shape, device=device, context_contract=context_contract)
+    return (f"num_queries_per_kv={config.num_queries_per_kv}, head_size={config.head_size}, "
+            f"sliding_window={config.sliding_window}, {shape.label()} -> {p.kernel} "
+            f"[{p.params()}]: {p.rule}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: pagedattn explain
+# ---------------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--seed-grid", action="store_true", help="explain every configuration of the seed's grid")
+    parser.add_argument("--num-q-heads", type=int, default=32)
+    parser.add_argument("--num-kv-heads", type=int, default=8)
+    parser.add_argument("--head-size", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--sliding-window", type=int, default=0)
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
+    parser.add_argument("--kv-dtype", default="auto")
+    parser.add_argument("--query-lens", default="1,1,1,1", help="comma-separated, one per sequence")
+    parser.add_argument("--ctx-lens", default="32767,32767,32767,32767", help="comma-separated")
+    parser.add_argument("--sms", type=int, default=None, help="plan for this many SMs (default: the GPU's, or 132)")
+    parser.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import DTYPE_NAMES
+    from .errors import UnsupportedConfigError
+
+    if args.sms is not None:
+        if args.sms <= 0:
+            raise SystemExit(f"--sms must be > 0, got {args.sms}")
+        sm_count.cache_clear()
+        globals()["sm_count"] = lambda device, _n=args.sms: _n  # noqa: E731
+    device = "cuda" if torch.cuda.is_available() else "cpu-as-h100"
+    if args.seed_grid:
+        cases = [(c.config, c.shape) for c in seed_grid()]
+    else:
+        try:
+            q = tuple(int(x) for x in args.query_lens.split(","))
+            c = tuple(int(x) for x in args.ctx_lens.split(","))
+            shape = BatchShape(q, c)
+            config = AttentionConfig(args.num_q_heads, args.num_kv_heads, args.head_size, args.block_size,
+                                     DTYPE_NAMES[args.dtype], args.kv_dtype, args.sliding_window)
+        except (ValueError, UnsupportedConfigError) as e:
+            raise SystemExit(f"pagedattn explain: {e}")
+        cases = [(config, shape)]
+    rows = []
+    for config, shape in cases:
+        p = plan_for(config, shape, device="cuda")
+        rows.append(dict(config=config.label(), batch=shape.label(), kernel=p.kernel, params=p.params(), rule=p.rule))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    table = Table(title=f"dispatch ({device}, {sm_count('cuda') if torch.cuda.is_available() else 132} SMs)")
+    for col in ("config", "batch", "kernel", "params", "rule"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*r.values())
+    Console(width=200).print(table)
+    return 0
