@@ -63,9 +63,47 @@ def _check_scale(name: str, value, device: torch.device) -> None:
         raise ScaleError(f"{name} must be finite and > 0, got {value}")
 
 
+KV_LAYOUTS = ("nhd", "vllm_v0")
+
+
+def cache_geometry(k_cache, v_cache, kv_layout: str, device: torch.device) -> tuple[int, int, int, int]:
+    """(num_blocks, block_size, num_kv_heads, head_size) of a K/V cache pair in `kv_layout`:
+    "nhd":     k, v [num_blocks, block_size, num_kv_heads, head_size] (vLLM flash layout, FlashInfer NHD)
+    "vllm_v0": k [num_blocks, num_kv_heads, head_size // x, block_size, x], v [num_blocks, num_kv_heads, head_size, block_size]
+    """
+    if kv_layout not in KV_LAYOUTS:
+        raise UnsupportedConfigError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+    if kv_layout == "nhd":
+        _check_tensor("k_cache", k_cache, 4, device)
+        _check_tensor("v_cache", v_cache, 4, device)
+        if k_cache.shape != v_cache.shape:
+            raise ShapeError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+        return tuple(k_cache.shape)
+    _check_tensor("k_cache", k_cache, 5, device)
+    _check_tensor("v_cache", v_cache, 4, device)
+    num_blocks, num_kv_heads, chunks, block_size, x = k_cache.shape
+    expected_v = (num_blocks, num_kv_heads, chunks * x, block_size)
+    if tuple(v_cache.shape) != expected_v:
+        raise ShapeError(
+            f"v_cache must be [num_blocks, num_kv_heads, head_size, block_size] = {list(expected_v)} "
+            f"to match k_cache {list(k_cache.shape)}, got {list(v_cache.shape)}"
+        )
+    return num_blocks, block_size, num_kv_heads, chunks * x
+
+
+def to_nhd(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the caches in "nhd" layout (for the reference and checks; the kernels read in place)."""
+    if kv_layout == "nhd":
+        return k_cache, v_cache
+    nb, kvh, chunks, bs, x = k_cache.shape
+    k = k_cache.permute(0, 3, 1, 2, 4).reshape(nb, bs, kvh, chunks * x)
+    v = v_cache.permute(0, 3, 1, 2)
+    return k, v
+
+
 def check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, *, out=None,
                  k_new=None, v_new=None, sliding_window=None, alibi_slopes=None, softcap=None,
-                 sinks=None, k_scale=None, v_scale=None, scale=None) -> None:
+                 sinks=None, k_scale=None, v_scale=None, scale=None, kv_layout="nhd") -> None:
     """Cheap host-side validation of every argument; raises a specific PagedAttentionError."""
     if not isinstance(q, torch.Tensor):
         raise DTypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -78,25 +116,21 @@ def check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, *, ou
         raise UnsupportedConfigError(f"head_size (q.shape[2]) must be in 1..{MAX_HEAD_SIZE}, got {head_size}")
     if q.stride(-1) != 1:
         raise LayoutError(f"q must be contiguous in its last dimension, got strides {q.stride()}")
-    _check_tensor("k_cache", k_cache, 4, device)
-    _check_tensor("v_cache", v_cache, 4, device)
-    if k_cache.shape != v_cache.shape:
-        raise ShapeError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-    if k_cache.dtype != v_cache.dtype:
-        raise DTypeError(f"k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must share a dtype")
-    num_blocks, block_size, num_kv_heads, cache_head_size = k_cache.shape
+    num_blocks, block_size, num_kv_heads, cache_head_size = cache_geometry(k_cache, v_cache, kv_layout, device)
     if cache_head_size != head_size:
-        raise ShapeError(f"k_cache head_size (shape[3]) is {cache_head_size}, q has head_size {head_size}")
+        raise ShapeError(f"k_cache has head_size {cache_head_size}, q has head_size {head_size}")
     if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise UnsupportedConfigError(f"block_size (k_cache.shape[1]) must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
+        raise UnsupportedConfigError(f"block_size of k_cache must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ShapeError(
             f"num_q_heads ({num_q_heads}, q.shape[1]) must be a multiple of num_kv_heads "
-            f"({num_kv_heads}, k_cache.shape[2])"
+            f"({num_kv_heads}, from k_cache)"
         )
+    if k_cache.dtype != v_cache.dtype:
+        raise DTypeError(f"k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must share a dtype")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
-            raise LayoutError(f"{name} must be contiguous in head_size, got strides {t.stride()}")
+            raise LayoutError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
     fp8 = k_cache.dtype in FP8_DTYPES
     if fp8:
         _check_scale("k_scale", k_scale, device)
@@ -174,6 +208,7 @@ def paged_attention(
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    kv_layout: str = "nhd",
     backend: str = "auto",
     checked: bool = False,
 ) -> torch.Tensor:
@@ -186,7 +221,7 @@ def paged_attention(
     position the kernel will read is verified to have been written."""
     return _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, None, None, False,
                 max_query_len, max_seq_len, scale, sliding_window, alibi_slopes, softcap, sinks,
-                k_scale, v_scale, out, backend, checked)
+                k_scale, v_scale, out, kv_layout, backend, checked)
 
 
 def prefix_prefill(
@@ -210,6 +245,7 @@ def prefix_prefill(
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    kv_layout: str = "nhd",
     backend: str = "auto",
     checked: bool = False,
 ) -> torch.Tensor:
@@ -220,7 +256,7 @@ def prefix_prefill(
     own K/V must already be in the cache: exactly the contract the seed's test broke."""
     return _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new,
                 decode_from_cache, max_query_len, max_seq_len, scale, sliding_window, alibi_slopes,
-                softcap, sinks, k_scale, v_scale, out, backend, checked)
+                softcap, sinks, k_scale, v_scale, out, kv_layout, backend, checked)
 
 
 def attention(q: torch.Tensor, cache: "PagedKVCache", batch: BatchMetadata, *,
@@ -245,13 +281,14 @@ def attention(q: torch.Tensor, cache: "PagedKVCache", batch: BatchMetadata, *,
 
 def _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new, decode_from_cache,
          max_query_len, max_seq_len, scale, sliding_window, alibi_slopes, softcap, sinks,
-         k_scale, v_scale, out, backend, checked):
+         k_scale, v_scale, out, kv_layout, backend, checked):
     check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out=out, k_new=k_new,
                  v_new=v_new, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
-                 softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale, scale=scale)
+                 softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale, scale=scale,
+                 kv_layout=kv_layout)
     if backend not in ("auto", "triton", "reference"):
         raise UnsupportedConfigError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+    num_blocks, block_size, num_kv_heads, _ = cache_geometry(k_cache, v_cache, kv_layout, q.device)
     if checked:
         metadata = BatchMetadata(cu_seqlens_q, seq_lens, block_table,
                                  max_query_len if max_query_len is not None else 1 << 62,
@@ -259,7 +296,7 @@ def _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new,
         metadata.validate(num_tokens=q.shape[0])
         check_block_table_values(block_table, seq_lens.tolist(), block_size, num_blocks)
         from . import checks
-        checks.check_cache_finite(k_cache, v_cache, cu_seqlens_q, seq_lens, block_table,
+        checks.check_cache_finite(*to_nhd(k_cache, v_cache, kv_layout), cu_seqlens_q, seq_lens, block_table,
                                   contract="context" if k_new is not None else "full",
                                   decode_from_cache=decode_from_cache)
     if out is None:
@@ -270,14 +307,14 @@ def _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new,
         max_seq_len = block_table.shape[1] * block_size if max_seq_len is None else max_seq_len
     plan = dispatch.plan(
         num_seqs=seq_lens.shape[0], num_tokens=q.shape[0], max_query_len=max_query_len,
-        max_seq_len=max_seq_len, num_q_heads=q.shape[1], num_kv_heads=k_cache.shape[2],
+        max_seq_len=max_seq_len, num_q_heads=q.shape[1], num_kv_heads=num_kv_heads,
         head_size=q.shape[2], block_size=block_size, dtype=q.dtype, cache_dtype=k_cache.dtype,
         sliding_window=sliding_window or 0, context_contract=k_new is not None, device=q.device,
         backend=backend,
     )
     if plan.kernel == "reference":
         ref = reference.attention(
-            q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale=scale,
+            q, *to_nhd(k_cache, v_cache, kv_layout), cu_seqlens_q, seq_lens, block_table, scale=scale,
             sliding_window=sliding_window, alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
             k_scale=k_scale, v_scale=v_scale, k_new=k_new, v_new=v_new,
             decode_from_cache=decode_from_cache,
@@ -289,5 +326,6 @@ def _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new,
                    k_new=k_new, v_new=v_new, decode_from_cache=decode_from_cache,
                    scale=1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale),
                    sliding_window=sliding_window or 0, alibi_slopes=alibi_slopes,
-                   softcap=float(softcap or 0.0), sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+                   softcap=float(softcap or 0.0), sinks=sinks, k_scale=k_scale, v_scale=v_scale,
+                   kv_layout=kv_layout)
     return out

@@ -1,0 +1,384 @@
+"""Unified paged attention: one kernel for prefill, prefix-prefill, decode and any mix of them,
+over either cache contract, with an optional split of the keys (split-KV decode) and the
+reduction kernel that merges the partial results.
+
+Work decomposition. A program owns one *query tile* of one KV head: BLOCK_Q consecutive query
+tokens of one sequence times the QPK = num_q_heads / num_kv_heads query heads that share the KV
+head, packed into BLOCK_M = BLOCK_Q * QPK rows (padded). Each K/V tile is therefore loaded once
+for all the query heads that read it. Grid axis 0 enumerates query tiles of every sequence
+(an upper bound, num_tokens // BLOCK_Q + num_seqs, found by binary search over cu_seqlens_q, so
+the grid depends only on shapes: CUDA-graph safe); axis 1 is the KV head; axis 2 the KV split.
+
+Keys are read in tiles of BLOCK_N tokens gathered across pages (BLOCK_N may span several cache
+blocks). Under the context-cache contract the keys past ctx_len come from k_new/v_new instead.
+Softmax runs online in fp32, in the log2 domain (scale pre-multiplied by log2(e), exp2).
+
+Semantics are exactly those of `pagedattn.reference` (its docstring is the specification).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import FP8_DTYPES
+
+LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------
+# jit helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _find_sequence(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q: tl.constexpr):
+    """The sequence whose query tiles contain global tile `tile_idx`: tiles of sequence s start at
+    cu_seqlens_q[s] // BLOCK_Q + s (an upper bound on tiles before it), so binary-search that."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        if start <= tile_idx:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _load_kv_fp(ptr, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Load a K/V tile and convert to the dot dtype (fp8 caches arrive as uint8 storage)."""
+    x = ptr
+    if FP8 == 1:
+        x = x.to(tl.float8e4nv, bitcast=True)
+    elif FP8 == 2:
+        x = x.to(tl.float8e5, bitcast=True)
+    return x.to(OUT_DTYPE)
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi, key_start, key_end,
+    qk_scale, softcap, sliding_window,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr, SLIDING: tl.constexpr, MASK: tl.constexpr,
+):
+    """One online-softmax step over a key tile. q: [BLOCK_M, HEAD_PAD], k: [HEAD_PAD, BLOCK_N],
+    v: [BLOCK_N, HEAD_PAD]. Scores are kept in log2 units (qk_scale folds log2(e))."""
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    if USE_SOFTCAP:
+        # cap * tanh(x / cap) in natural units, then to log2 units; tanh via exp (stable at +-inf)
+        x = s * (qk_scale / 1.4426950408889634) / softcap
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * 1.4426950408889634
+    else:
+        s = s * qk_scale
+    if USE_ALIBI:
+        s += head_alibi[:, None] * (key_pos[None, :] - row_pos[:, None]).to(tl.float32) * 1.4426950408889634
+    if MASK:
+        in_range = (key_pos >= key_start) & (key_pos < key_end)
+        visible = (key_pos[None, :] <= row_pos[:, None]) & in_range[None, :] & row_valid[:, None]
+        if SLIDING:
+            visible &= (row_pos[:, None] - key_pos[None, :]) < sliding_window
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead (no inf - inf)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc += tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
+    else:
+        acc += tl.dot(p.to(DOT_DTYPE), v)
+    return acc, m_new, l_i
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _paged_attention_kernel(
+    # q, out: [num_tokens, num_q_heads, head_size]
+    q_ptr, stride_qt, stride_qh,
+    out_ptr, stride_ot, stride_oh,
+    # k cache: element (block, token, head, d) at block*sb + token*st + head*sh + (d//K_X)*sx + d%K_X
+    k_cache_ptr, stride_kb, stride_kt, stride_kh, stride_kx,
+    # v cache: element (block, token, head, d) at block*sb + token*st + head*sh + d*sd
+    v_cache_ptr, stride_vb, stride_vt, stride_vh, stride_vd,
+    # k_new, v_new: [num_tokens, num_kv_heads, head_size] (context-cache contract only)
+    k_new_ptr, v_new_ptr, stride_nt, stride_nh,
+    cu_seqlens_q_ptr, seq_lens_ptr, block_table_ptr, stride_bt,
+    k_scale_ptr, v_scale_ptr, alibi_ptr, sinks_ptr,
+    # split-KV partials: [num_tokens, num_q_heads, NUM_SPLITS, (HEAD_PAD | 1)] fp32
+    part_acc_ptr, part_m_ptr, part_l_ptr,
+    num_seqs, qk_scale, softcap, sliding_window, partition_size,
+    QPK: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, K_X: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    IEEE: tl.constexpr, CONTEXT: tl.constexpr, DECODE_FROM_CACHE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
+    SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    tile_idx = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    tile_in_seq = tile_idx - (q_start // BLOCK_Q + seq)
+    if tile_in_seq * BLOCK_Q >= query_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - query_len
+
+    # rows: BLOCK_Q query tokens x QPK heads of this KV head (row r -> token r // QPK, head r % QPK)
+    rows = tl.arange(0, BLOCK_M)
+    row_tok = tile_in_seq * BLOCK_Q + rows // QPK
+    row_head = kv_head * QPK + rows % QPK
+    row_valid = (rows < BLOCK_Q * QPK) & (row_tok < query_len)
+    row_pos = ctx_len + row_tok
+    dims = tl.arange(0, HEAD_PAD)
+    dim_valid = dims < HEAD_SIZE
+
+    q_offs = (q_start + row_tok).to(tl.int64)[:, None] * stride_qt + row_head[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
+
+    # keys this tile needs: up to its last row's position; with a window, from its first row's
+    first_pos = ctx_len + tile_in_seq * BLOCK_Q
+    last_pos = ctx_len + tl.minimum(query_len, (tile_in_seq + 1) * BLOCK_Q) - 1
+    key_start = 0
+    if SLIDING:
+        key_start = tl.maximum(first_pos - sliding_window + 1, 0)
+    key_end = last_pos + 1
+    if NUM_SPLITS > 1:
+        key_start = tl.maximum(key_start, split * partition_size)
+        key_end = tl.minimum(key_end, (split + 1) * partition_size)
+
+    # where the cache ends: the whole sequence, or ctx_len under the context contract
+    cache_end = seq_len
+    if CONTEXT:
+        if DECODE_FROM_CACHE:
+            if query_len > 1:
+                cache_end = ctx_len
+        else:
+            cache_end = ctx_len
+
+    head_alibi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        head_alibi = tl.load(alibi_ptr + row_head, mask=row_valid, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_SINKS:
+        if split == 0:  # the sink joins the denominator once, in the first split
+            m_i = tl.load(sinks_ptr + row_head, mask=row_valid, other=float("-inf")) * 1.4426950408889634
+            l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+
+    k_scale = 1.0
+    v_scale = 1.0
+    if KV_FP8 != 0:
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
+    tile_scale = qk_scale * k_scale
+
+    # ---- keys from the paged cache
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    cache_stop = tl.minimum(key_end, cache_end)
+    k_dim_off = (dims // K_X) * stride_kx + dims % K_X
+    tile_start = (key_start // BLOCK_N) * BLOCK_N
+    for start in range(tile_start, cache_stop, BLOCK_N):
+        key_pos = start + tl.arange(0, BLOCK_N)
+        key_ok = (key_pos < cache_stop) & (key_pos >= key_start)
+        block = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
+        in_block = key_pos % PAGE
+        k_offs = block[None, :] * stride_kb + in_block[None, :] * stride_kt + kv_head * stride_kh + k_dim_off[:, None]
+        k = tl.load(k_cache_ptr + k_offs, mask=key_ok[None, :] & dim_valid[:, None], other=0.0)
+        v_offs = block[:, None] * stride_vb + in_block[:, None] * stride_vt + kv_head * stride_vh + dims[None, :] * stride_vd
+        v = tl.load(v_cache_ptr + v_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0)
+        k = _load_kv_fp(k, KV_FP8, DOT_DTYPE)
+        v = _load_kv_fp(v, KV_FP8, DOT_DTYPE)
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi,
+            key_start, cache_stop, tile_scale, softcap, sliding_window,
+            DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
+        )
+
+    if KV_FP8 != 0:
+        acc = acc * v_scale
+
+    # ---- keys of the query tokens themselves, passed separately (context-cache contract)
+    if CONTEXT:
+        new_start = tl.maximum(key_start, cache_end)
+        for start in range(new_start, key_end, BLOCK_N):
+            key_pos = start + tl.arange(0, BLOCK_N)
+            key_ok = key_pos < key_end
+            tok = (q_start + key_pos - ctx_len).to(tl.int64)
+            k_offs = tok[None, :] * stride_nt + kv_head * stride_nh + dims[:, None]
+            k = tl.load(k_new_ptr + k_offs, mask=key_ok[None, :] & dim_valid[:, None], other=0.0).to(DOT_DTYPE)
+            v_offs = tok[:, None] * stride_nt + kv_head * stride_nh + dims[None, :]
+            v = tl.load(v_new_ptr + v_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi,
+                key_start, key_end, qk_scale, softcap, sliding_window,
+                DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
+            )
+
+    out_rows = (q_start + row_tok).to(tl.int64)
+    if NUM_SPLITS == 1:
+        out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+        o_offs = out_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+    else:
+        # partial results: raw accumulator, running max (log2 units) and sum of exp2
+        slot = (out_rows * (QPK * tl.num_programs(1)) + row_head) * NUM_SPLITS + split
+        tl.store(part_m_ptr + slot, m_i, mask=row_valid)
+        tl.store(part_l_ptr + slot, l_i, mask=row_valid)
+        tl.store(part_acc_ptr + slot[:, None] * HEAD_PAD + dims[None, :], acc,
+                 mask=row_valid[:, None] & dim_valid[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr, stride_ot, stride_oh, part_acc_ptr, part_m_ptr, part_l_ptr,
+    num_q_heads, cu_seqlens_q_ptr, num_seqs,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """out[t, h] = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M), M = max_s m_s; 0 if empty."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    if token >= tl.load(cu_seqlens_q_ptr + num_seqs):
+        return
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < NUM_SPLITS
+    dims = tl.arange(0, HEAD_PAD)
+    base = (token.to(tl.int64) * num_q_heads + head) * NUM_SPLITS
+    m = tl.load(part_m_ptr + base + splits, mask=split_ok, other=float("-inf"))
+    l = tl.load(part_l_ptr + base + splits, mask=split_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_safe)
+    denom = tl.sum(l * w, 0)
+    acc = tl.load(part_acc_ptr + (base + splits)[:, None] * HEAD_PAD + dims[None, :],
+                  mask=split_ok[:, None] & (dims[None, :] < HEAD_SIZE), other=0.0)
+    num = tl.sum(acc * w[:, None], 0)
+    out = tl.where(denom > 0, num / tl.where(denom > 0, denom, 1.0), 0.0)
+    tl.store(out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_SIZE)
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher (inputs were validated by pagedattn.attention; launch parameters come from dispatch)
+# ---------------------------------------------------------------------------------------------
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_FP8_CODE = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
+_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_scalars: dict[tuple, torch.Tensor] = {}
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _scalar_tensor(value, device: torch.device) -> torch.Tensor:
+    """A device float32 scalar for a scale given as float or tensor (cached: no per-call allocation)."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(1).to(device=device, dtype=torch.float32)
+    key = (float(value), str(device))
+    t = _scalars.get(key)
+    if t is None:
+        t = _scalars[key] = torch.tensor([float(value)], dtype=torch.float32, device=device)
+    return t
+
+
+def workspace(num_tokens: int, num_q_heads: int, num_splits: int, head_pad: int, device: torch.device):
+    """Split-KV scratch, preallocated and reused: grows only, bounded by tokens x heads x splits x head."""
+    key = (str(device), head_pad)
+    need = num_tokens * num_q_heads * num_splits
+    ws = _workspaces.get(key)
+    if ws is None or ws[1].numel() < need:
+        ws = (torch.empty(need * head_pad, dtype=torch.float32, device=device),
+              torch.empty(need, dtype=torch.float32, device=device),
+              torch.empty(need, dtype=torch.float32, device=device))
+        _workspaces[key] = ws
+    return ws
+
+
+def cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_layout: str, head_pad: int):
+    """(k strides (block, token, head, dim-chunk), K_X, v strides (block, token, head, dim))."""
+    if kv_layout == "nhd":  # [num_blocks, block_size, num_kv_heads, head_size]
+        kb, kt, kh, _ = k_cache.stride()
+        vb, vt, vh, vd = v_cache.stride()
+        return (kb, kt, kh, 0), head_pad, (vb, vt, vh, vd)
+    # vllm_v0: k [num_blocks, num_kv_heads, head_size // x, block_size, x], v [num_blocks, num_kv_heads, head_size, block_size]
+    kb, kh, kx, kt, _ = k_cache.stride()
+    vb, vh, vd, vt = v_cache.stride()
+    return (kb, kt, kh, kx), k_cache.shape[4], (vb, vt, vh, vd)
+
+
+def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, *, k_new=None,
+           v_new=None, decode_from_cache=False, scale, sliding_window=0, alibi_slopes=None,
+           softcap=0.0, sinks=None, k_scale=None, v_scale=None, kv_layout="nhd", page_size=None):
+    num_tokens, num_q_heads, head_size = q.shape
+    num_kv_heads = k_cache.shape[2] if kv_layout == "nhd" else k_cache.shape[1]
+    page = page_size or (k_cache.shape[1] if kv_layout == "nhd" else k_cache.shape[3])
+    qpk = num_q_heads // num_kv_heads
+    head_pad = max(16, triton.next_power_of_2(head_size))
+    num_seqs = seq_lens.shape[0]
+    fp8 = _FP8_CODE.get(k_cache.dtype, 0)
+    if fp8:
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        k_scale_t, v_scale_t = _scalar_tensor(k_scale, q.device), _scalar_tensor(v_scale, q.device)
+    else:
+        k_scale_t = v_scale_t = q  # unused
+    (kb, kt, kh, kx), k_x, (vb, vt, vh, vd) = cache_strides(k_cache, v_cache, kv_layout, head_pad)
+    context = k_new is not None
+    if context:
+        assert k_new.stride() == v_new.stride()
+        nt, nh = k_new.stride(0), k_new.stride(1)
+    else:
+        k_new = v_new = q
+        nt = nh = 0
+    interp = _interpreting()
+    dot_dtype = tl.float32 if interp else _TL_DTYPES[q.dtype]
+    num_splits = plan.num_splits
+    if num_splits > 1:
+        part_acc, part_m, part_l = workspace(num_tokens, num_q_heads, num_splits, head_pad, q.device)
+    else:
+        part_acc = part_m = part_l = q  # unused
+    grid = (num_tokens // plan.block_q + num_seqs, num_kv_heads, num_splits)
+    _paged_attention_kernel[grid](
+        q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
+        k_cache, kb, kt, kh, kx, v_cache, vb, vt, vh, vd,
+        k_new, v_new, nt, nh,
+        cu_seqlens_q, seq_lens, block_table, block_table.stride(0),
+        k_scale_t, v_scale_t,
+        alibi_slopes if alibi_slopes is not None else q, sinks if sinks is not None else q,
+        part_acc, part_m, part_l,
+        num_seqs, scale * LOG2E, float(softcap or 1.0), int(sliding_window or 0),
+        int(plan.partition_size or 1),
+        QPK=qpk, HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q,
+        BLOCK_N=plan.block_n, PAGE=page, K_X=k_x, KV_FP8=fp8, DOT_DTYPE=dot_dtype,
+        IEEE=(q.dtype == torch.float32 and not interp), CONTEXT=context,
+        DECODE_FROM_CACHE=bool(decode_from_cache), USE_SOFTCAP=bool(softcap),
+        USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None,
+        SLIDING=bool(sliding_window), NUM_SPLITS=num_splits,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_q_heads)](
+            out, out.stride(0), out.stride(1), part_acc, part_m, part_l,
+            num_q_heads, cu_seqlens_q, num_seqs,
+            HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
+            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+        )
+    return out
