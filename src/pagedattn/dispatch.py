@@ -37,7 +37,7 @@ DECODE_TILES = {
 }
 DECODE_MIN_ROWS = 16  # tl.dot needs M >= 16: decode tiles are padded up to this many rows
 PARTITION_MIN_TOKENS = 256  # a split-KV partition never covers fewer keys than this
-WAVES = 2  # split until programs fill the SMs about this many times over
+PROGRAMS_PER_SM = 4  # split-KV: enough programs that every SM holds several (memory-bound: bytes in flight)
 MAX_SPLITS = 64
 
 
@@ -114,7 +114,7 @@ def choose_splits(*, num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n
                   sm_count: int) -> tuple[int, int, str]:
     """(num_splits, partition_size, why) for a decode-like batch."""
     programs = num_seqs * num_kv_heads
-    target = WAVES * sm_count
+    target = PROGRAMS_PER_SM * sm_count
     if programs >= target:
         return 1, 0, f"{num_seqs} seqs x {num_kv_heads} KV heads = {programs} programs fill {sm_count} SMs"
     by_occupancy = math.ceil(target / programs)

@@ -49,13 +49,13 @@ def _find_sequence(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_fp(ptr, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """Load a K/V tile and convert to the dot dtype (fp8 caches arrive as uint8 storage)."""
-    x = ptr
+def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Convert a loaded K/V tile to the dot dtype (fp8 caches arrive as uint8 storage). fp8 goes
+    through fp16, which Hopper converts to in hardware (cvt.f16x2.e4m3x2), then to OUT_DTYPE."""
     if FP8 == 1:
-        x = x.to(tl.float8e4nv, bitcast=True)
+        x = x.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     elif FP8 == 2:
-        x = x.to(tl.float8e5, bitcast=True)
+        x = x.to(tl.float8e5, bitcast=True).to(tl.float16)
     return x.to(OUT_DTYPE)
 
 
@@ -66,12 +66,13 @@ def _attend_tile(
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr, SLIDING: tl.constexpr, MASK: tl.constexpr,
 ):
-    """One online-softmax step over a key tile. q: [BLOCK_M, HEAD_PAD], k: [HEAD_PAD, BLOCK_N],
-    v: [BLOCK_N, HEAD_PAD]. Scores are kept in log2 units (qk_scale folds log2(e))."""
+    """One online-softmax step over a key tile. q: [BLOCK_M, HEAD_PAD], k, v: [BLOCK_N, HEAD_PAD].
+    Scores are kept in log2 units (qk_scale folds log2(e)). MASK=False is for tiles every row sees
+    whole (below the causal diagonal, inside the window, inside the sequence): no compare, no where."""
     if IEEE:
-        s = tl.dot(q, k, input_precision="ieee")
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
-        s = tl.dot(q, k)
+        s = tl.dot(q, tl.trans(k))
     if USE_SOFTCAP:
         # cap * tanh(x / cap) in natural units, then to log2 units; tanh via exp (stable at +-inf)
         x = s * (qk_scale / 1.4426950408889634) / softcap
@@ -87,8 +88,11 @@ def _attend_tile(
             visible &= (row_pos[:, None] - key_pos[None, :]) < sliding_window
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead (no inf - inf)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if MASK:
+        # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead (no inf - inf)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -98,6 +102,43 @@ def _attend_tile(
     else:
         acc += tl.dot(p.to(DOT_DTYPE), v)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _cache_tiles(
+    acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, lo, hi, kv_head,
+    stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
+    dims, dim_valid, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
+    sliding_window, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+    SLIDING: tl.constexpr, MASK: tl.constexpr,
+):
+    """Key tiles [lo, hi) (lo a multiple of BLOCK_N) gathered from the paged cache through the
+    block table: a tile may span several pages. Unmasked tiles (MASK=False) lie wholly in range."""
+    for start in range(lo, hi, BLOCK_N):
+        key_pos = start + tl.arange(0, BLOCK_N)
+        if MASK:
+            key_ok = (key_pos < key_end) & (key_pos >= key_start)
+            block = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
+        else:
+            key_ok = key_pos >= 0
+            block = tl.load(bt_row + key_pos // PAGE).to(tl.int64)
+        in_block = key_pos % PAGE
+        k_offs = block[:, None] * stride_kb + in_block[:, None] * stride_kt + kv_head * stride_kh + k_dim_off[None, :]
+        v_offs = block[:, None] * stride_vb + in_block[:, None] * stride_vt + kv_head * stride_vh + dims[None, :] * stride_vd
+        if MASK:
+            k = tl.load(k_cache_ptr + k_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0)
+            v = tl.load(v_cache_ptr + v_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0)
+        else:
+            k = tl.load(k_cache_ptr + k_offs, mask=dim_valid[None, :], other=0.0)
+            v = tl.load(v_cache_ptr + v_offs, mask=dim_valid[None, :], other=0.0)
+        k = _load_kv_fp(k, KV_FP8, DOT_DTYPE)
+        v = _load_kv_fp(v, KV_FP8, DOT_DTYPE)
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi, key_start, key_end,
+            qk_scale, softcap, sliding_window, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, MASK,
+        )
+    return acc, m_i, l_i
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +167,8 @@ def _paged_attention_kernel(
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
     SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
-    tile_idx = tl.program_id(0)
+    # last tiles of each sequence see the most keys: launch them first (less tail imbalance)
+    tile_idx = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -194,22 +236,32 @@ def _paged_attention_kernel(
     cache_stop = tl.minimum(key_end, cache_end)
     k_dim_off = (dims // K_X) * stride_kx + dims % K_X
     tile_start = (key_start // BLOCK_N) * BLOCK_N
-    for start in range(tile_start, cache_stop, BLOCK_N):
-        key_pos = start + tl.arange(0, BLOCK_N)
-        key_ok = (key_pos < cache_stop) & (key_pos >= key_start)
-        block = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
-        in_block = key_pos % PAGE
-        k_offs = block[None, :] * stride_kb + in_block[None, :] * stride_kt + kv_head * stride_kh + k_dim_off[:, None]
-        k = tl.load(k_cache_ptr + k_offs, mask=key_ok[None, :] & dim_valid[:, None], other=0.0)
-        v_offs = block[:, None] * stride_vb + in_block[:, None] * stride_vt + kv_head * stride_vh + dims[None, :] * stride_vd
-        v = tl.load(v_cache_ptr + v_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0)
-        k = _load_kv_fp(k, KV_FP8, DOT_DTYPE)
-        v = _load_kv_fp(v, KV_FP8, DOT_DTYPE)
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi,
-            key_start, cache_stop, tile_scale, softcap, sliding_window,
-            DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
-        )
+    # the key range loop below is split for speed; see _cache_tiles
+    # Three ranges of key tiles: [tile_start, full_lo) and [full_hi, cache_stop) need masks (window
+    # edge, causal diagonal, sequence end); every row sees every key of [full_lo, full_hi) whole.
+    full_lo = key_start
+    if SLIDING:
+        full_lo = tl.maximum(full_lo, last_pos - sliding_window + 1)
+    full_lo = tl.minimum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, cache_stop)
+    full_hi = tl.maximum(tl.minimum(first_pos + 1, cache_stop) // BLOCK_N * BLOCK_N, full_lo)
+    acc, m_i, l_i = _cache_tiles(
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, tile_start, full_lo, kv_head,
+        stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
+        dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
+        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
+    )
+    acc, m_i, l_i = _cache_tiles(
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_lo, full_hi, kv_head,
+        stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
+        dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
+        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, False,
+    )
+    acc, m_i, l_i = _cache_tiles(
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_hi, cache_stop, kv_head,
+        stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
+        dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
+        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
+    )
 
     if KV_FP8 != 0:
         acc = acc * v_scale
@@ -221,8 +273,8 @@ def _paged_attention_kernel(
             key_pos = start + tl.arange(0, BLOCK_N)
             key_ok = key_pos < key_end
             tok = (q_start + key_pos - ctx_len).to(tl.int64)
-            k_offs = tok[None, :] * stride_nt + kv_head * stride_nh + dims[:, None]
-            k = tl.load(k_new_ptr + k_offs, mask=key_ok[None, :] & dim_valid[:, None], other=0.0).to(DOT_DTYPE)
+            k_offs = tok[:, None] * stride_nt + kv_head * stride_nh + dims[None, :]
+            k = tl.load(k_new_ptr + k_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
             v_offs = tok[:, None] * stride_nt + kv_head * stride_nh + dims[None, :]
             v = tl.load(v_new_ptr + v_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
             acc, m_i, l_i = _attend_tile(

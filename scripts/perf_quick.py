@@ -1,0 +1,137 @@
+"""Quick GPU timing of the standard workloads (the lead's kernel-iteration loop; the full suite
+with peers, sweeps and plots is `pagedattn bench`). Usage: PYTHONPATH=src python3 scripts/perf_quick.py [names]"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from pagedattn import paged_attention
+from pagedattn import dispatch
+
+WORKLOADS = json.loads((Path(__file__).parent.parent / "benchmarks" / "workloads.json").read_text())
+
+
+def ceilings():
+    x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    t = triton.testing.do_bench(lambda: x.sum(dtype=torch.float32), warmup=50, rep=300, return_mode="median")
+    read_tbs = x.numel() * 2 / t / 1e9
+    del x
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return read_tbs, 2 * 8192**3 / t / 1e9
+
+
+def build(w, dtype=torch.bfloat16, kv_dtype=None, block_size=None, seed=0):
+    torch.manual_seed(seed)
+    bs = block_size or w["block_size"]
+    q_lens, c_lens = w["query_lens"], w["ctx_lens"]
+    seq_lens = [q + c for q, c in zip(q_lens, c_lens)]
+    nblk = [math.ceil(s / bs) for s in seq_lens]
+    num_blocks = sum(nblk)
+    kvh, d, h = w["num_kv_heads"], w["head_size"], w["num_q_heads"]
+    k = torch.randn(num_blocks, bs, kvh, d, device="cuda", dtype=dtype)
+    v = torch.randn(num_blocks, bs, kvh, d, device="cuda", dtype=dtype)
+    opts = {}
+    if kv_dtype is not None:
+        k, v = k.to(kv_dtype), v.to(kv_dtype)
+        opts = dict(k_scale=0.5, v_scale=0.5)
+    perm = torch.randperm(num_blocks, device="cuda").to(torch.int32)
+    width = max(nblk)
+    bt = torch.zeros(len(seq_lens), width, dtype=torch.int32, device="cuda")
+    used = 0
+    for i, n in enumerate(nblk):
+        bt[i, :n] = perm[used:used + n]
+        used += n
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(q_lens), h, d, device="cuda", dtype=dtype)
+    return q, k, v, cu, sl, bt, max(q_lens), max(seq_lens), opts
+
+
+def accounting(w):
+    kv_bytes = flops = 0
+    for q, c in zip(w["query_lens"], w["ctx_lens"]):
+        s = q + c
+        kv_bytes += 2 * s * w["num_kv_heads"] * w["head_size"] * 2
+        pairs = sum(c + i + 1 for i in range(q))
+        flops += 4 * w["num_q_heads"] * w["head_size"] * pairs
+    return kv_bytes, flops
+
+
+def apply_variant(spec: str) -> None:
+    """spec like 'prefill128=128,128,8,3;decode128=64,4,3;ppsm=8' (dispatch tables, for sweeps)."""
+    for part in filter(None, spec.split(";")):
+        key, value = part.split("=")
+        nums = tuple(int(x) for x in value.split(","))
+        if key.startswith("prefill"):
+            dispatch.PREFILL_TILES[int(key[7:])] = nums
+        elif key.startswith("decode"):
+            dispatch.DECODE_TILES[int(key[6:])] = nums
+        elif key == "ppsm":
+            dispatch.PROGRAMS_PER_SM = nums[0]
+
+
+def main():
+    args = sys.argv[1:]
+    variants = [a[2:] for a in args if a.startswith("v:")]
+    names = [a for a in args if not a.startswith("v:")] or [w["name"] for w in WORKLOADS["workloads"]]
+    if variants:
+        base_p, base_d, base_s = dict(dispatch.PREFILL_TILES), dict(dispatch.DECODE_TILES), dispatch.PROGRAMS_PER_SM
+        for spec in variants:
+            dispatch.PREFILL_TILES.clear(); dispatch.PREFILL_TILES.update(base_p)
+            dispatch.DECODE_TILES.clear(); dispatch.DECODE_TILES.update(base_d)
+            dispatch.PROGRAMS_PER_SM = base_s
+            apply_variant(spec)
+            print(f"=== variant {spec}")
+            run(names)
+        return
+    run(names)
+
+
+_CEIL = None
+
+
+def run(names):
+    global _CEIL
+    if _CEIL is None:
+        _CEIL = ceilings()
+    read_tbs, mm_tf = _CEIL
+    print(f"ceilings: read {read_tbs:.3f} TB/s, bf16 matmul {mm_tf:.1f} TFLOP/s")
+    rows = []
+    for w in WORKLOADS["workloads"]:
+        if w["name"] not in names:
+            continue
+        for variant, kv in (("bf16", None), ("fp8", torch.float8_e4m3fn)):
+            if variant == "fp8" and not w["name"].startswith("decode"):
+                continue
+            q, k, v, cu, sl, bt, mq, ms, opts = build(w, kv_dtype=kv)
+            out = torch.empty_like(q)
+            fn = lambda: paged_attention(q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out, **opts)
+            fn()
+            t = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+            kv_bytes, flops = accounting(w)
+            if kv is not None:
+                kv_bytes //= 2
+            plan = dispatch.plan(num_seqs=len(w["query_lens"]), num_tokens=q.shape[0], max_query_len=mq,
+                                 max_seq_len=ms, num_q_heads=q.shape[1], num_kv_heads=k.shape[2],
+                                 head_size=q.shape[2], block_size=k.shape[1], dtype=q.dtype,
+                                 cache_dtype=k.dtype, device="cuda")
+            anchor = w["anchors_h100"]["vllm-unified"]["ms"]
+            rows.append((w["name"] + ("" if kv is None else "-fp8"), t, kv_bytes / t / 1e9, kv_bytes / t / 1e9 / read_tbs * 100,
+                         flops / t / 1e9, anchor / t, plan.kernel + " " + plan.params()))
+            del q, k, v, out
+            torch.cuda.empty_cache()
+    print(f"{'workload':32s} {'ms':>8s} {'TB/s':>6s} {'%rd':>5s} {'TF/s':>7s} {'xvllm':>6s}  plan")
+    for r in rows:
+        print(f"{r[0]:32s} {r[1]:8.4f} {r[2]:6.3f} {r[3]:5.1f} {r[4]:7.1f} {r[5]:6.2f}  {r[6]}")
+
+
+if __name__ == "__main__":
+    main()
