@@ -25,7 +25,7 @@ from .config import FP8_DTYPES, AttentionConfig, BatchShape, dtype_name, seed_gr
 PREFILL_TILES = {
     32: (128, 64, 4, 3),
     64: (128, 64, 4, 3),
-    128: (128, 64, 8, 3),
+    128: (128, 128, 8, 2),
     256: (64, 32, 4, 2),
 }
 # Decode tiles (few query rows per KV head): (BLOCK_N, num_warps, num_stages) by padded head size
@@ -37,7 +37,7 @@ DECODE_TILES = {
 }
 DECODE_MIN_ROWS = 16  # tl.dot needs M >= 16: decode tiles are padded up to this many rows
 PARTITION_MIN_TOKENS = 256  # a split-KV partition never covers fewer keys than this
-PROGRAMS_PER_SM = 4  # split-KV: enough programs that every SM holds several (memory-bound: bytes in flight)
+PROGRAMS_PER_SM = 2  # split-KV: enough programs that every SM holds several (memory-bound: bytes in flight)
 MAX_SPLITS = 64
 
 
@@ -46,6 +46,7 @@ class Plan:
     """What runs and with which parameters; `rule` says why, in words."""
 
     kernel: str  # "unified" | "split_kv" | "reference"
+    phase: str = ""  # "decode" (few query rows per KV head) | "prefill"
     block_m: int = 0
     block_q: int = 0
     block_n: int = 0
@@ -94,12 +95,14 @@ def choose_backend(device: torch.device, backend: str) -> tuple[str, str]:
 
 
 def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block_size: int,
-                 fp32: bool) -> tuple[int, int, int, int, int]:
+                 fp32: bool, fp8: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps, num_stages) for a decode-like or prefill batch."""
     head_pad = max(32, next_pow2(head_size))
     if decode:
         block_n, warps, stages = DECODE_TILES[head_pad]
         block_m = max(DECODE_MIN_ROWS, next_pow2(num_queries_per_kv))
+        if fp8:  # half the bytes per key: twice the keys per tile keeps as many bytes in flight
+            block_n *= 2
     else:
         block_m, block_n, warps, stages = PREFILL_TILES[head_pad]
         block_m = max(block_m, next_pow2(num_queries_per_kv))
@@ -142,11 +145,11 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
     decode = max_query_len * qpk <= DECODE_MIN_ROWS or max_query_len == 1
     block_m, block_q, block_n, warps, stages = choose_tiles(
         decode=decode, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size,
-        fp32=dtype == torch.float32 or cache_dtype == torch.float32,
+        fp32=dtype == torch.float32 or cache_dtype == torch.float32, fp8=cache_dtype in FP8_DTYPES,
     )
     if not decode:
         kind = "prefill" if max_query_len > 1 else "decode"
-        return Plan("unified", block_m, block_q, block_n, warps, stages, rule=(
+        return Plan("unified", "prefill", block_m, block_q, block_n, warps, stages, rule=(
             f"max_query_len {max_query_len} > 1: unified kernel over all {num_seqs} sequences, "
             f"tiles of {block_q} query tokens x {qpk} heads per KV head"
         ) if kind == "prefill" else "")
@@ -154,7 +157,7 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
         choose_splits(num_seqs=num_seqs, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
                       block_n=block_n, sm_count=sm_count(device))
     kernel = "split_kv" if splits > 1 else "unified"
-    return Plan(kernel, block_m, block_q, block_n, warps, stages, splits, partition, rule=(
+    return Plan(kernel, "decode", block_m, block_q, block_n, warps, stages, splits, partition, rule=(
         f"decode batch (max_query_len {max_query_len}, {qpk} query heads per KV head in one "
         f"{block_m}-row tile): {why}"
     ))

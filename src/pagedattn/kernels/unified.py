@@ -111,7 +111,7 @@ def _cache_tiles(
     dims, dim_valid, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
     sliding_window, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
-    SLIDING: tl.constexpr, MASK: tl.constexpr,
+    SLIDING: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, IDX64: tl.constexpr,
 ):
     """Key tiles [lo, hi) (lo a multiple of BLOCK_N) gathered from the paged cache through the
     block table: a tile may span several pages. Unmasked tiles (MASK=False) lie wholly in range."""
@@ -119,16 +119,21 @@ def _cache_tiles(
         key_pos = start + tl.arange(0, BLOCK_N)
         if MASK:
             key_ok = (key_pos < key_end) & (key_pos >= key_start)
-            block = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0).to(tl.int64)
+            block = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0)
         else:
             key_ok = key_pos >= 0
-            block = tl.load(bt_row + key_pos // PAGE).to(tl.int64)
+            block = tl.load(bt_row + key_pos // PAGE)
+        if IDX64:  # only caches of 2^31 elements or more pay for 64-bit offset arithmetic
+            block = block.to(tl.int64)
         in_block = key_pos % PAGE
         k_offs = block[:, None] * stride_kb + in_block[:, None] * stride_kt + kv_head * stride_kh + k_dim_off[None, :]
         v_offs = block[:, None] * stride_vb + in_block[:, None] * stride_vt + kv_head * stride_vh + dims[None, :] * stride_vd
         if MASK:
             k = tl.load(k_cache_ptr + k_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0)
             v = tl.load(v_cache_ptr + v_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_cache_ptr + k_offs)
+            v = tl.load(v_cache_ptr + v_offs)
         else:
             k = tl.load(k_cache_ptr + k_offs, mask=dim_valid[None, :], other=0.0)
             v = tl.load(v_cache_ptr + v_offs, mask=dim_valid[None, :], other=0.0)
@@ -165,10 +170,11 @@ def _paged_attention_kernel(
     PAGE: tl.constexpr, K_X: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
     IEEE: tl.constexpr, CONTEXT: tl.constexpr, DECODE_FROM_CACHE: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
-    SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr, IDX64: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    # last tiles of each sequence see the most keys: launch them first (less tail imbalance)
-    tile_idx = tl.num_programs(0) - 1 - tl.program_id(0)
+    tile_idx = tl.program_id(0)
+    if REVERSE:  # last tiles of each sequence see the most keys: launch them first (shorter tail)
+        tile_idx = tl.num_programs(0) - 1 - tile_idx
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -249,18 +255,21 @@ def _paged_attention_kernel(
         stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
         dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
         sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
+        HEAD_PAD == HEAD_SIZE, IDX64,
     )
     acc, m_i, l_i = _cache_tiles(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_lo, full_hi, kv_head,
         stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
         dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
         sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, False,
+        HEAD_PAD == HEAD_SIZE, IDX64,
     )
     acc, m_i, l_i = _cache_tiles(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_hi, cache_stop, kv_head,
         stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
         dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
         sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
+        HEAD_PAD == HEAD_SIZE, IDX64,
     )
 
     if KV_FP8 != 0:
@@ -330,6 +339,7 @@ def _merge_splits_kernel(
 # ---------------------------------------------------------------------------------------------
 # launcher (inputs were validated by pagedattn.attention; launch parameters come from dispatch)
 # ---------------------------------------------------------------------------------------------
+REVERSE_PREFILL = True  # launch order experiment switch (see BENCHMARKS.md)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _FP8_CODE = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -424,6 +434,7 @@ def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, 
         DECODE_FROM_CACHE=bool(decode_from_cache), USE_SOFTCAP=bool(softcap),
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None,
         SLIDING=bool(sliding_window), NUM_SPLITS=num_splits,
+        IDX64=max(k_cache.numel(), v_cache.numel()) >= 2**31, REVERSE=plan.phase == "prefill" and REVERSE_PREFILL,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if num_splits > 1:
