@@ -76,9 +76,7 @@ def apply_variant(spec: str) -> None:
             dispatch.DECODE_TILES[int(key[6:])] = nums
         elif key == "ppsm":
             dispatch.PROGRAMS_PER_SM = nums[0]
-        elif key == "reverse":
-            from pagedattn.kernels import unified
-            unified.REVERSE_PREFILL = bool(nums[0])
+
 
 
 def main():

@@ -25,14 +25,14 @@ from .config import FP8_DTYPES, AttentionConfig, BatchShape, dtype_name, seed_gr
 PREFILL_TILES = {
     32: (128, 64, 4, 3),
     64: (128, 64, 4, 3),
-    128: (128, 128, 8, 2),
-    256: (64, 32, 4, 2),
+    128: (128, 128, 8, 3),
+    256: (64, 64, 8, 2),
 }
 # Decode tiles (few query rows per KV head): (BLOCK_N, num_warps, num_stages) by padded head size
 DECODE_TILES = {
-    32: (64, 4, 3),
-    64: (64, 4, 3),
-    128: (64, 4, 3),
+    32: (64, 4, 2),
+    64: (64, 4, 2),
+    128: (64, 4, 2),
     256: (32, 4, 2),
 }
 DECODE_MIN_ROWS = 16  # tl.dot needs M >= 16: decode tiles are padded up to this many rows

@@ -170,11 +170,9 @@ def _paged_attention_kernel(
     PAGE: tl.constexpr, K_X: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
     IEEE: tl.constexpr, CONTEXT: tl.constexpr, DECODE_FROM_CACHE: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
-    SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr, IDX64: tl.constexpr, REVERSE: tl.constexpr,
+    SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr, IDX64: tl.constexpr,
 ):
     tile_idx = tl.program_id(0)
-    if REVERSE:  # last tiles of each sequence see the most keys: launch them first (shorter tail)
-        tile_idx = tl.num_programs(0) - 1 - tile_idx
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -339,7 +337,6 @@ def _merge_splits_kernel(
 # ---------------------------------------------------------------------------------------------
 # launcher (inputs were validated by pagedattn.attention; launch parameters come from dispatch)
 # ---------------------------------------------------------------------------------------------
-REVERSE_PREFILL = True  # launch order experiment switch (see BENCHMARKS.md)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _FP8_CODE = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -434,7 +431,7 @@ def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, 
         DECODE_FROM_CACHE=bool(decode_from_cache), USE_SOFTCAP=bool(softcap),
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None,
         SLIDING=bool(sliding_window), NUM_SPLITS=num_splits,
-        IDX64=max(k_cache.numel(), v_cache.numel()) >= 2**31, REVERSE=plan.phase == "prefill" and REVERSE_PREFILL,
+        IDX64=max(k_cache.numel(), v_cache.numel()) >= 2**31,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if num_splits > 1:
