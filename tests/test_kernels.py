@@ -197,3 +197,24 @@ def test_same_shapes_same_plan():
     a = dispatch.plan_for(BASE, DECODE, device=DEVICE)
     b = dispatch.plan_for(BASE, BatchShape(DECODE.query_lens, DECODE.ctx_lens), device=DEVICE)
     assert a == b
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("shape", [BatchShape((5, 3, 1), (11, 40, 20)), BatchShape((1, 1), (600, 20))],
+                         ids=["mixed", "split-kv"])
+def test_unwritten_slot_read_gives_nan_for_exactly_that_token(kv_dtype, shape):
+    """The seed's bug with poison on: the decode token's K/V is never written (context contract,
+    decode_from_cache=True) so the kernel reads a NaN slot: exactly that token's rows are NaN, in
+    every head and dim, and nothing else is. A kernel that turned NaN into 0 would hide the bug."""
+    config = BASE.replace(dtype=torch.float16, kv_dtype=kv_dtype, num_q_heads=4, num_kv_heads=2)
+    x = make_inputs(config, shape, device=DEVICE, contract="context")
+    out = poisoned_like(x.q)
+    prefix_prefill(x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens,
+                   x.block_table, decode_from_cache=True, out=out, backend="triton", **x.options)
+    cu = x.cu_seqlens_q.tolist()
+    decode_rows = [cu[i] for i, ql in enumerate(shape.query_lens) if ql == 1]
+    nan_tokens = torch.isnan(out).all(-1).all(-1).nonzero().flatten().tolist()
+    assert nan_tokens == decode_rows
+    others = torch.ones(out.shape[0], dtype=torch.bool)
+    others[decode_rows] = False
+    assert torch.isfinite(out[others]).all()

@@ -29,6 +29,8 @@ class BatchMetadata:
     max_seq_len: int
     query_lens_host: tuple[int, ...] | None = None
     seq_lens_host: tuple[int, ...] | None = None
+    seq_ids: tuple[int, ...] | None = None  # the cache's sequence ids, when built by PagedKVCache.batch
+    contract: str | None = None  # "full" | "context", when built by PagedKVCache.batch
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -103,6 +105,7 @@ class BatchMetadata:
         return BatchMetadata(
             self.cu_seqlens_q.to(device), self.seq_lens.to(device), self.block_table.to(device),
             self.max_query_len, self.max_seq_len, self.query_lens_host, self.seq_lens_host,
+            self.seq_ids, self.contract,
         )
 
     # ------------------------------------------------------------------ validation

@@ -49,11 +49,16 @@ def _find_sequence(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr):
+def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """Convert a loaded K/V tile to the dot dtype (fp8 caches arrive as uint8 storage). fp8 goes
     through fp16, which Hopper converts to in hardware (cvt.f16x2.e4m3x2), then to OUT_DTYPE."""
     if FP8 == 1:
-        x = x.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        if INTERPRET:
+            # Triton's interpreter decodes e4m3fn's NaN (0x7F/0xFF) as 480; the GPU's cvt gives
+            # NaN. Match the hardware so poisoned fp8 slots surface on CPU too.
+            nan = (x & 0x7F) == 0x7F
+            x = tl.where(nan, float("nan"), x.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+        x = x.to(tl.float8e4nv, bitcast=True).to(tl.float16) if not INTERPRET else x
     elif FP8 == 2:
         x = x.to(tl.float8e5, bitcast=True).to(tl.float16)
     return x.to(OUT_DTYPE)
@@ -112,6 +117,7 @@ def _cache_tiles(
     sliding_window, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     SLIDING: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, IDX64: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Key tiles [lo, hi) (lo a multiple of BLOCK_N) gathered from the paged cache through the
     block table: a tile may span several pages. Unmasked tiles (MASK=False) lie wholly in range."""
@@ -137,8 +143,8 @@ def _cache_tiles(
         else:
             k = tl.load(k_cache_ptr + k_offs, mask=dim_valid[None, :], other=0.0)
             v = tl.load(v_cache_ptr + v_offs, mask=dim_valid[None, :], other=0.0)
-        k = _load_kv_fp(k, KV_FP8, DOT_DTYPE)
-        v = _load_kv_fp(v, KV_FP8, DOT_DTYPE)
+        k = _load_kv_fp(k, KV_FP8, DOT_DTYPE, INTERPRET)
+        v = _load_kv_fp(v, KV_FP8, DOT_DTYPE, INTERPRET)
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi, key_start, key_end,
             qk_scale, softcap, sliding_window, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, MASK,
@@ -170,7 +176,7 @@ def _paged_attention_kernel(
     PAGE: tl.constexpr, K_X: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
     IEEE: tl.constexpr, CONTEXT: tl.constexpr, DECODE_FROM_CACHE: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
-    SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr, IDX64: tl.constexpr,
+    SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -253,21 +259,21 @@ def _paged_attention_kernel(
         stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
         dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
         sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
-        HEAD_PAD == HEAD_SIZE, IDX64,
+        HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
     )
     acc, m_i, l_i = _cache_tiles(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_lo, full_hi, kv_head,
         stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
         dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
         sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, False,
-        HEAD_PAD == HEAD_SIZE, IDX64,
+        HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
     )
     acc, m_i, l_i = _cache_tiles(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_hi, cache_stop, kv_head,
         stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
         dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
         sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
-        HEAD_PAD == HEAD_SIZE, IDX64,
+        HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
     )
 
     if KV_FP8 != 0:
@@ -292,7 +298,9 @@ def _paged_attention_kernel(
 
     out_rows = (q_start + row_tok).to(tl.int64)
     if NUM_SPLITS == 1:
-        out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+        # a row that saw no key has l == 0 and gives 0; NaN read from a poisoned slot must stay
+        # NaN (never test `l > 0`, which is false for NaN and would hide the unwritten read)
+        out = tl.where(l_i[:, None] == 0, 0.0, acc / tl.where(l_i == 0, 1.0, l_i)[:, None])
         o_offs = out_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
     else:
@@ -329,7 +337,7 @@ def _merge_splits_kernel(
     acc = tl.load(part_acc_ptr + (base + splits)[:, None] * HEAD_PAD + dims[None, :],
                   mask=split_ok[:, None] & (dims[None, :] < HEAD_SIZE), other=0.0)
     num = tl.sum(acc * w[:, None], 0)
-    out = tl.where(denom > 0, num / tl.where(denom > 0, denom, 1.0), 0.0)
+    out = tl.where(denom == 0, 0.0, num / tl.where(denom == 0, 1.0, denom))  # NaN stays NaN
     tl.store(out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + dims,
              out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_SIZE)
 
@@ -431,7 +439,7 @@ def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, 
         DECODE_FROM_CACHE=bool(decode_from_cache), USE_SOFTCAP=bool(softcap),
         USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None,
         SLIDING=bool(sliding_window), NUM_SPLITS=num_splits,
-        IDX64=max(k_cache.numel(), v_cache.numel()) >= 2**31,
+        IDX64=max(k_cache.numel(), v_cache.numel()) >= 2**31, INTERPRET=interp,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if num_splits > 1:

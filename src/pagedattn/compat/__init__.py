@@ -1,0 +1,1 @@
+"""Entry points with other libraries' signatures over pagedattn's kernels (`compat.vllm`)."""

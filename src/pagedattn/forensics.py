@@ -1,0 +1,563 @@
+"""Mismatch forensics: where do `out` and `ref` differ, and what usually causes that pattern.
+
+`compare(out, ref, batch)` finds the mismatched elements (|out - ref| > atol + rtol * |ref|, or a
+non-finite `out`) and groups them by sequence, query token, head and dim; `Report.diagnose()` then
+matches the pattern against the shapes known bugs leave, ranked, each with one sentence of
+evidence. The seed's failure, for instance, reads
+
+    8192 / 43720704 elements mismatch: 1 token (seq 9, decode) x all 64 heads x all 128 dims
+    -> missing-decode-kv: that token's K/V is not in the cache (write-before-attend contract)
+
+Every pass over the elements is a vectorised torch op on the outputs' device; only per-token
+([num_tokens]), per-head and per-dim aggregates come back to the host, so a 43.7M-element
+comparison costs a handful of tensor passes and no per-element Python.
+
+Cause ids are stable (tests and the CLI key on them): see `CAUSES`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .batch import BatchMetadata
+from .errors import ShapeError
+
+# id -> what it means. The evidence sentence of each diagnosis says why it was chosen.
+CAUSES = {
+    "missing-decode-kv": "a decode token's own K/V is not in the cache (write-before-attend contract)",
+    "unwritten-read": "the kernel read poisoned (never-written) cache memory",
+    "causal-off-by-one": "the causal mask is off by one (a future key admitted, or the diagonal mishandled)",
+    "sliding-window-edge": "the sliding-window bound is off by one (W + 1 or W - 1 keys)",
+    "gqa-head-mapping": "query head -> KV head mapping (h // num_queries_per_kv) is wrong for some heads",
+    "block-table": "a sequence read another sequence's blocks (block table / sequence indexing)",
+    "block-boundary": "block table or slot arithmetic at block boundaries (p % block_size == 0)",
+    "scale": "a scale is wrong (uniform factor: fp8 v_scale / output scale; otherwise softmax scale / k_scale)",
+    "numerical-noise": "accumulation order or precision: errors just above tolerance, no structure",
+    "unclassified": "no known pattern: read the groups",
+}
+
+TOKENS_LISTED = 1000  # bad tokens kept in to_dict(); render() shows fewer
+
+
+@dataclass
+class Cause:
+    id: str
+    score: float  # 0..1, how well the pattern fits; causes are ranked by it
+    evidence: str
+
+    @property
+    def meaning(self) -> str:
+        return CAUSES[self.id]
+
+
+@dataclass
+class SequenceGroup:
+    index: int
+    kind: str  # "prefill" | "decode"
+    query_len: int
+    ctx_len: int
+    bad_tokens: int
+    bad_elements: int
+    max_abs_err: float
+
+
+@dataclass
+class TokenGroup:
+    token: int  # row of out
+    seq: int
+    query_index: int  # i: position relative to the context end (0 = first new token)
+    position: int  # p = ctx_len + i
+    from_end: int  # query_len - 1 - i (0 = the sequence's last query token)
+    block_offset: int | None  # p % block_size
+    first_in_block: bool | None  # p % block_size == 0 and p > 0: first token after a block boundary
+    window_distance: int | None  # p + 1 - W: keys the window cuts off (<= 0: the window does not bite)
+    bad_heads: int
+    bad_elements: int
+    nonfinite: int
+    max_abs_err: float
+
+
+@dataclass
+class Report:
+    shape: tuple[int, int, int]
+    atol: float
+    rtol: float
+    total: int
+    mismatched: int
+    nan: int
+    inf: int
+    max_abs_err: float  # over finite differences
+    max_abs_err_index: tuple[int, int, int] | None
+    worst_excess: float  # max |out - ref| / (atol + rtol |ref|) over finite elements
+    num_kv_heads: int | None
+    block_size: int | None
+    sliding_window: int | None
+    sequences: list[SequenceGroup]  # every sequence with a bad token
+    tokens: list[TokenGroup]  # bad tokens (first TOKENS_LISTED)
+    num_bad_tokens: int
+    bad_heads: list[int]
+    bad_dims: list[int]
+    uniform_scale: float | None  # out ~= s * ref over the mismatches, when one s fits them
+    zeroed: bool  # the mismatched outputs are exactly 0 (an empty-row guard fired, e.g. on a NaN)
+    # per-token / per-head aggregates the diagnosis reads (host tensors, [num_tokens] / [num_q_heads])
+    _tok: dict = field(default_factory=dict, repr=False)
+    _causes: list[Cause] | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatched == 0
+
+    def diagnose(self) -> list[Cause]:
+        """Likely causes, best first (empty when clean)."""
+        if self._causes is None:
+            self._causes = diagnose(self)
+        return self._causes
+
+    @property
+    def top(self) -> Cause | None:
+        causes = self.diagnose()
+        return causes[0] if causes else None
+
+    # ------------------------------------------------------------------ descriptions
+    def pattern(self) -> str:
+        """'1 token (seq 9, decode) x all 64 heads x all 128 dims'"""
+        h, d = self.shape[1], self.shape[2]
+        if self.num_bad_tokens == 1:
+            t = self.tokens[0]
+            kind = self.sequences[0].kind if self.sequences else "?"
+            toks = f"1 token (seq {t.seq}, {kind}, position {t.position})"
+        else:
+            toks = f"{self.num_bad_tokens} tokens in {len(self.sequences)} sequences"
+        heads = f"all {h} heads" if len(self.bad_heads) == h else f"heads {_span(self.bad_heads)}"
+        dims = f"all {d} dims" if len(self.bad_dims) == d else f"dims {_span(self.bad_dims)}"
+        return f"{toks} x {heads} x {dims}"
+
+    def summary(self) -> str:
+        """One line: 'clean: ...' or the mismatch count, its pattern and the top cause."""
+        if self.ok:
+            return (f"clean: all {self.total} elements within atol={self.atol:g}, rtol={self.rtol:g} "
+                    f"(max |out-ref| {self.max_abs_err:.3g})")
+        bits = [f"{self.mismatched} / {self.total} elements mismatch: {self.pattern()}"]
+        if self.nan or self.inf:
+            bits.append(f"{self.nan} NaN, {self.inf} inf")
+        top = self.top
+        return "; ".join(bits) + (f" -> {top.id}" if top else "")
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        d["tokens"] = d["tokens"][:TOKENS_LISTED]
+        d["ok"] = self.ok
+        d["summary"] = self.summary()
+        d["causes"] = [dict(id=c.id, score=round(c.score, 3), meaning=c.meaning, evidence=c.evidence)
+                       for c in self.diagnose()]
+        return d
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def render(self, max_rows: int = 12):
+        """A rich renderable (a one-line Text when clean)."""
+        return render(self, max_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare: all the per-element work, vectorised
+# ---------------------------------------------------------------------------------------------
+def compare(out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata, *, atol: float = 1e-3,
+            rtol: float = 1e-3, num_kv_heads: int | None = None, block_size: int | None = None,
+            sliding_window: int | None = None) -> Report:
+    """Compare `out` with `ref` ([num_tokens, num_q_heads, head_size], rows as in `batch`).
+
+    `num_kv_heads`, `block_size` and `sliding_window` are optional: with them the report also
+    groups heads by KV group, tokens by block offset and by distance to the window edge."""
+    if out.dim() != 3 or tuple(out.shape) != tuple(ref.shape):
+        raise ShapeError(f"out {tuple(out.shape)} and ref {tuple(ref.shape)} must both be "
+                         f"[num_tokens, num_q_heads, head_size]")
+    num_tokens, num_q_heads, head_size = out.shape
+    query_lens = torch.tensor(batch.host_query_lens(), dtype=torch.long)
+    seq_lens = torch.tensor(batch.host_seq_lens(), dtype=torch.long)
+    if int(query_lens.sum()) != num_tokens:
+        raise ShapeError(f"batch has {int(query_lens.sum())} query tokens but out has {num_tokens} rows")
+    if num_kv_heads is not None and (num_kv_heads <= 0 or num_q_heads % num_kv_heads):
+        raise ShapeError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    sliding_window = sliding_window or None
+
+    with torch.no_grad():
+        o = out.detach().float()
+        r = ref.detach().to(o.device).float()
+        # Few passes, in place, over float buffers: bool reductions are several times slower on CPU.
+        diff = torch.sub(o, r).abs_()  # NaN / inf where either side is non-finite
+        # the tolerance, then |out - ref| / tolerance (in r's buffer when r is our own copy)
+        ratio = (r.abs_() if r.data_ptr() != ref.data_ptr() else r.abs()).mul_(rtol).add_(atol)
+        del r
+        nan = inf = 0
+        tok_nonfinite = torch.zeros(num_tokens, dtype=torch.long)
+        nonfinite = None
+        if not bool(torch.isfinite(diff.sum())):  # rare path: some element is not finite
+            nonfinite = diff.lt(float("inf")).logical_not_()  # NaN or inf in out or ref
+            rows = nonfinite.view(num_tokens, -1).any(dim=1).nonzero().flatten()
+            o_rows = o[rows].view(len(rows), -1)  # only the affected tokens: usually few
+            nan = int(torch.isnan(o_rows).sum())
+            inf = int(torch.isinf(o_rows).sum())
+            tok_nonfinite[rows.cpu()] = (~torch.isfinite(o_rows)).sum(1).cpu()
+            diff.masked_fill_(nonfinite, -1.0)  # -1: "no finite difference here"
+        tok_max = diff.amax(dim=(1, 2)).cpu() if num_tokens else torch.zeros(0)
+        max_abs_err, max_index = 0.0, None
+        if num_tokens and float(tok_max.max()) >= 0:
+            t = int(tok_max.argmax())
+            flat = int(diff[t].argmax())
+            max_abs_err, max_index = float(tok_max[t]), (t, flat // head_size, flat % head_size)
+        ratio = torch.div(diff, ratio, out=ratio)
+        del diff
+        worst_excess = float(ratio.amax()) if ratio.numel() else 0.0
+        bad = ratio.gt_(1.0)  # float 0/1 indicator, in place
+        if nonfinite is not None:
+            bad.add_(nonfinite)
+        bad_th = bad.sum(dim=2)  # [num_tokens, num_q_heads]
+        tok_bad = bad_th.sum(dim=1).round().long().cpu()
+        tok_heads = (bad_th > 0).sum(dim=1).cpu()
+        head_bad = bad_th.sum(dim=0).cpu()
+        dim_bad = bad.view(-1, head_size).sum(dim=0).cpu()
+        mismatched = int(tok_bad.sum())
+        uniform, zero_share = _fit_scale(out.detach(), ref.detach().to(out.device), bad, mismatched, atol,
+                                         rtol) if mismatched else (None, 0.0)
+        del bad, ratio, o
+
+    # per-token geometry (host, [num_tokens])
+    num_seqs = len(query_lens)
+    seq_of = torch.repeat_interleave(torch.arange(num_seqs), query_lens)
+    starts = torch.cumsum(query_lens, 0) - query_lens
+    qi = torch.arange(num_tokens) - starts[seq_of]
+    ctx = (seq_lens - query_lens)[seq_of]
+    pos = ctx + qi
+    tok = dict(seq=seq_of, i=qi, pos=pos, from_end=query_lens[seq_of] - 1 - qi,
+               qlen=query_lens[seq_of], bad=tok_bad, heads=tok_heads, nonfinite=tok_nonfinite,
+               max=tok_max, full=tok_bad == num_q_heads * head_size)
+    if block_size:
+        tok["block_off"] = pos % block_size
+    if sliding_window:
+        tok["window_dist"] = pos + 1 - sliding_window
+
+    is_bad = tok_bad > 0
+    seq_bad_tokens = torch.zeros(num_seqs, dtype=torch.long).index_add_(0, seq_of, is_bad.long())
+    seq_bad_elems = torch.zeros(num_seqs, dtype=torch.long).index_add_(0, seq_of, tok_bad)
+    seq_max = torch.full((num_seqs,), -1.0).scatter_reduce_(0, seq_of, tok_max.float(), "amax")
+    sequences = [
+        SequenceGroup(s, "decode" if int(query_lens[s]) == 1 else "prefill", int(query_lens[s]),
+                      int(seq_lens[s] - query_lens[s]), int(seq_bad_tokens[s]), int(seq_bad_elems[s]),
+                      float(seq_max[s]))
+        for s in seq_bad_tokens.nonzero().flatten().tolist()
+    ]
+    bad_tokens = is_bad.nonzero().flatten()
+    tokens = [
+        TokenGroup(
+            t, int(seq_of[t]), int(qi[t]), int(pos[t]), int(tok["from_end"][t]),
+            int(tok["block_off"][t]) if block_size else None,
+            bool(tok["block_off"][t] == 0 and pos[t] > 0) if block_size else None,
+            int(tok["window_dist"][t]) if sliding_window else None,
+            int(tok_heads[t]), int(tok_bad[t]), int(tok_nonfinite[t]), float(tok_max[t]),
+        )
+        for t in bad_tokens[:TOKENS_LISTED].tolist()
+    ]
+    return Report(
+        shape=(num_tokens, num_q_heads, head_size), atol=atol, rtol=rtol,
+        total=num_tokens * num_q_heads * head_size, mismatched=mismatched, nan=nan, inf=inf,
+        max_abs_err=max_abs_err, max_abs_err_index=max_index, worst_excess=worst_excess,
+        num_kv_heads=num_kv_heads, block_size=block_size, sliding_window=sliding_window,
+        sequences=sequences, tokens=tokens, num_bad_tokens=len(bad_tokens),
+        bad_heads=(head_bad > 0).nonzero().flatten().tolist(),
+        bad_dims=(dim_bad > 0).nonzero().flatten().tolist(),
+        uniform_scale=uniform, zeroed=zero_share >= 0.95, _tok=tok,
+    )
+
+
+def _fit_scale(o: torch.Tensor, r: torch.Tensor, bad: torch.Tensor, mismatched: int, atol: float,
+               rtol: float, sample: int = 1 << 20) -> tuple[float | None, float]:
+    """(s, zero share): s if out ~= s * ref on >= 95% of the finite mismatched elements (else None),
+    and the share of mismatched outputs that are exactly 0. Works on at most `sample` mismatches
+    (all of them when sparse, a strided sample when dense)."""
+    o, r, bad = o.reshape(-1), r.reshape(-1), bad.reshape(-1)
+    if mismatched <= sample:
+        idx = bad.nonzero().flatten()
+    else:
+        idx = torch.arange(0, o.numel(), o.numel() // sample, device=o.device)
+        idx = idx[bad[idx] > 0]
+    ob, rb = o[idx].double(), r[idx].double()  # original dtypes: only the sample is converted
+    zero_share = float((ob == 0).double().mean()) if ob.numel() else 0.0
+    keep = torch.isfinite(ob) & torch.isfinite(rb)
+    ob, rb = ob[keep], rb[keep]
+    denom = float((rb * rb).sum())
+    if ob.numel() < 8 or denom == 0.0:
+        return None, zero_share
+    s = float((ob * rb).sum()) / denom
+    fits = (ob - s * rb).abs() <= 2 * (atol + rtol * (s * rb).abs())
+    if float(fits.double().mean()) < 0.95 or abs(s - 1.0) < 4 * rtol or abs(s) < 1e-3:
+        return None, zero_share
+    return s, zero_share
+
+
+# ---------------------------------------------------------------------------------------------
+# diagnose: small host-side rules over the aggregates
+# ---------------------------------------------------------------------------------------------
+def diagnose(report: Report) -> list[Cause]:
+    """Rank the known causes by how well each explains the mismatch pattern."""
+    if report.ok:
+        return []
+    causes = [c for rule in _RULES if (c := rule(report)) is not None]
+    if not causes or max(c.score for c in causes) < 0.3:
+        causes.append(Cause("unclassified", 0.2, f"{report.pattern()}: no known pattern fits"))
+    return sorted(causes, key=lambda c: -c.score)  # stable: rule order breaks ties
+
+
+def _where(t: dict, mask: torch.Tensor) -> str:
+    """'seq 9 (p 500)' for up to three tokens of `mask`."""
+    idx = mask.nonzero().flatten().tolist()
+    shown = ", ".join(f"seq {int(t['seq'][i])} p {int(t['pos'][i])}" for i in idx[:3])
+    return shown + (f" and {len(idx) - 3} more" if len(idx) > 3 else "")
+
+
+def _rule_missing_decode_kv(r: Report) -> Cause | None:
+    t = r._tok
+    bad, decode = t["bad"] > 0, t["qlen"] == 1
+    if not bool(bad.any()) or bool((bad & ~decode).any()):
+        return None
+    n = int(bad.sum())
+    full = bool(t["full"][bad].all())
+    nan = bool((t["nonfinite"][bad] > 0).any())
+    score = 0.95 if full else 0.75
+    what = "all heads and all dims" if full else "some heads or dims"
+    why = ""
+    if nan:
+        why = " (NaN: the slot was never written)"
+    elif r.zeroed:
+        why = " (exactly 0: a NaN from the unwritten slot reset by the kernel's empty-row guard)"
+    return Cause("missing-decode-kv", score,
+                 f"exactly {n} token(s), all decode tokens ({_where(t, bad)}), wrong in {what}{why}, "
+                 f"every prefill token right: the decode token's own K/V is missing from the cache; "
+                 f"write K/V before attending")
+
+
+def _rule_unwritten_read(r: Report) -> Cause | None:
+    t = r._tok
+    if r.zeroed and not r.nan:
+        return Cause("unwritten-read", 0.7,
+                     f"the {r.mismatched} mismatched outputs are exactly 0 ({_where(t, t['bad'] > 0)}): an "
+                     f"empty-row guard (l > 0 ? acc / l : 0) fired, as it does when a poisoned NaN reaches the "
+                     f"softmax sum, or those rows saw no key")
+    if not r.nan:
+        return None
+    share = r.nan / r.mismatched
+    return Cause("unwritten-read", 0.6 + 0.3 * share,
+                 f"{r.nan} NaN outputs in {int((t['nonfinite'] > 0).sum())} token(s) "
+                 f"({_where(t, t['nonfinite'] > 0)}): a read of poisoned, never-written cache memory")
+
+
+def _rule_causal(r: Report) -> Cause | None:
+    t = r._tok
+    bad = t["bad"] > 0
+    not_last = t["from_end"] > 0
+    prefill_last = (t["from_end"] == 0) & (t["qlen"] > 1)
+    if bool(not_last.any()) and not bool((bad & ~not_last).any()):
+        covered = float(bad[not_last].float().mean())
+        if covered >= 0.9:
+            return Cause("causal-off-by-one", 0.9,
+                         f"{covered:.0%} of query tokens before the last one of each sequence are wrong, "
+                         f"every last token (and every decode) is right: the causal mask admits a key "
+                         f"after the query (j <= p + 1 instead of j <= p)")
+    if bool((bad & prefill_last).any()) and not bool((bad & ~(t["from_end"] == 0)).any()):
+        return Cause("causal-off-by-one", 0.85,
+                     f"only the last query token of sequences is wrong ({_where(t, bad)}), including "
+                     f"prefill sequences: causal mask / query-tile end off by one at the diagonal")
+    return None
+
+
+def _rule_window(r: Report) -> Cause | None:
+    t = r._tok
+    if "window_dist" not in t:
+        return None
+    bad, dist = t["bad"] > 0, t["window_dist"]
+    if bool((bad & (dist < 0)).any()) or not bool((dist >= 1).any()):
+        return None
+    covered = float(bad[dist >= 1].float().mean())
+    inside = int((dist < 0).sum())
+    if covered < 0.8:
+        return None
+    score = 0.9 if inside else 0.5
+    w = r.sliding_window
+    return Cause("sliding-window-edge", score,
+                 f"{covered:.0%} of tokens whose window cuts the prefix (p >= W = {w}) are wrong, all "
+                 f"{inside} tokens with p < W - 1 (window does not bite) are right: the window "
+                 f"admits W + 1 or W - 1 keys")
+
+
+def _rule_gqa(r: Report) -> Cause | None:
+    h = r.shape[1]
+    if not r.bad_heads or len(r.bad_heads) == h:
+        return None
+    t = r._tok
+    per_token = float((t["heads"][t["bad"] > 0] == len(r.bad_heads)).float().mean())
+    every_token = float((t["bad"] > 0).float().mean())
+    if every_token < 0.8:
+        return None
+    groups = ""
+    score = 0.85
+    if r.num_kv_heads:
+        qpk = h // r.num_kv_heads
+        touched = sorted({x // qpk for x in r.bad_heads})
+        whole = all(all(x in r.bad_heads for x in range(g * qpk, (g + 1) * qpk)) for g in touched)
+        groups = (f" = all heads of KV group(s) {touched}" if whole else
+                  f" (part of KV group(s) {touched}, {qpk} query heads per KV head)")
+        score = 0.9
+    return Cause("gqa-head-mapping", score,
+                 f"only query heads {_span(r.bad_heads)} of {h} are wrong{groups}, in {every_token:.0%} "
+                 f"of tokens ({per_token:.0%} of bad tokens show exactly that head set), the others are "
+                 f"right: those heads read the wrong KV head")
+
+
+def _rule_block_table(r: Report) -> Cause | None:
+    if not r.sequences:
+        return None
+    t = r._tok
+    whole = [s for s in r.sequences if s.bad_tokens >= 0.9 * s.query_len]
+    if len(whole) < len(r.sequences):
+        return None
+    num_seqs = int(t["seq"].max()) + 1 if len(t["seq"]) else 0
+    every = all(s.bad_tokens == s.query_len for s in whole)
+    if all(s.kind == "decode" for s in whole):
+        score = 0.5  # missing-decode-kv explains this better
+    elif len(whole) == num_seqs:
+        score = 0.4  # everything is wrong: not specific
+    else:
+        score = 0.8 if every else 0.6
+    names = ", ".join(str(s.index) for s in whole[:8]) + (" ..." if len(whole) > 8 else "")
+    rest = f", the other {num_seqs - len(whole)} right" if len(whole) < num_seqs else ""
+    return Cause("block-table", score,
+                 f"whole sequences wrong ({len(whole)} of {num_seqs}: {names}){rest}: they read another "
+                 f"sequence's blocks (block table / wrong sequence's blocks)")
+
+
+def _rule_block_boundary(r: Report) -> Cause | None:
+    t = r._tok
+    if "block_off" not in t:
+        return None
+    bad = t["bad"] > 0
+    first = (t["block_off"] == 0) & (t["pos"] > 0)
+    n = int(bad.sum())
+    if n < 2 or not bool(first.any()):
+        return None
+    at_boundary = float(first[bad].float().mean())
+    covered = float(bad[first].float().mean())
+    if at_boundary < 0.9 or covered < 0.5 or bool(first.all()):
+        return None
+    return Cause("block-boundary", 0.85,
+                 f"{at_boundary:.0%} of the {n} bad tokens are the first token after a block boundary "
+                 f"(p % {r.block_size} == 0; {covered:.0%} of such tokens are bad): block table or slot "
+                 f"arithmetic")
+
+
+def _rule_scale(r: Report) -> Cause | None:
+    if r.uniform_scale is not None:
+        spread = float((r._tok["bad"] > 0).float().mean())  # one factor on a few tokens is weak evidence
+        return Cause("scale", 0.95 if spread >= 0.5 else 0.6,
+                     f"out = {r.uniform_scale:.4g} x ref on the mismatched elements: one uniform factor, "
+                     f"the fp8 v_scale (or an output scale) is wrong")
+    everywhere = float((r._tok["bad"] > 0).float().mean()) > 0.9
+    if everywhere and len(r.bad_heads) == r.shape[1] and len(r.bad_dims) == r.shape[2] and not r.nan:
+        return Cause("scale", 0.35,
+                     "every token, head and dim is off without one common factor: softmax scale or "
+                     "fp8 k_scale (logit temperature), or a global bug")
+    return None
+
+
+def _rule_noise(r: Report) -> Cause | None:
+    if r.nan or r.inf or r.worst_excess > 10:
+        return None
+    share = r.mismatched / r.total
+    score = 0.7 if share < 0.01 else 0.3
+    return Cause("numerical-noise", score,
+                 f"all {r.mismatched} mismatches are within {r.worst_excess:.1f}x the tolerance "
+                 f"({share:.2%} of elements): accumulation order or precision; a bug usually misses by "
+                 f"far more")
+
+
+_RULES = (_rule_missing_decode_kv, _rule_unwritten_read, _rule_causal, _rule_window, _rule_gqa,
+          _rule_block_table, _rule_block_boundary, _rule_scale, _rule_noise)
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+# ---------------------------------------------------------------------------------------------
+def _span(xs: list[int], limit: int = 12) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'"""
+    runs, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        runs.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(runs[:limit]) + (" ..." if len(runs) > limit else "")
+
+
+def render(report: Report, max_rows: int = 12):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    if report.ok:
+        return Text(report.summary(), style="green")
+    n, h, d = report.shape
+    lines = [
+        Text(f"{report.mismatched} / {report.total} elements mismatch "
+             f"({report.mismatched / report.total:.4%}): {report.pattern()}", style="bold red"),
+        Text(f"NaN {report.nan}, inf {report.inf}; " + (
+            f"greatest finite |out-ref| {report.max_abs_err:.4g} at index {report.max_abs_err_index}"
+            if report.max_abs_err_index else "no finite difference")
+            + f"; tolerance atol={report.atol:g} rtol={report.rtol:g}"),
+    ]
+    seqs = Table(title="by sequence", title_justify="left")
+    for col in ("seq", "kind", "query_len", "ctx_len", "bad tokens", "bad elements", "max err"):
+        seqs.add_column(col, justify="right")
+    for s in report.sequences[:max_rows]:
+        seqs.add_row(str(s.index), s.kind, str(s.query_len), str(s.ctx_len), f"{s.bad_tokens}/{s.query_len}",
+                     str(s.bad_elements), _fmt(s.max_abs_err))
+    toks = Table(title=f"by token ({report.num_bad_tokens} bad)", title_justify="left")
+    cols = ["token", "seq", "i", "p", "from end"]
+    cols += ["block off"] if report.block_size else []
+    cols += ["p+1-W"] if report.sliding_window else []
+    cols += ["heads", "elems", "nonfin", "max err"]
+    for col in cols:
+        toks.add_column(col, justify="right")
+    for tg in report.tokens[:max_rows]:
+        row = [tg.token, tg.seq, tg.query_index, tg.position, tg.from_end]
+        row += [f"{tg.block_offset}{' *' if tg.first_in_block else ''}"] if report.block_size else []
+        row += [tg.window_distance] if report.sliding_window else []
+        row += [f"{tg.bad_heads}/{h}", tg.bad_elements, tg.nonfinite, _fmt(tg.max_abs_err)]
+        toks.add_row(*map(str, row))
+    heads = "all" if len(report.bad_heads) == h else _span(report.bad_heads)
+    if report.num_kv_heads and len(report.bad_heads) < h:
+        qpk = h // report.num_kv_heads
+        heads += f" (KV groups {sorted({x // qpk for x in report.bad_heads})})"
+    dims = "all" if len(report.bad_dims) == d else _span(report.bad_dims)
+    scale = f"out ~= {report.uniform_scale:.4g} x ref" if report.uniform_scale else "no uniform factor"
+    scale += "; the mismatched outputs are exactly 0" if report.zeroed else ""
+    lines.append(Text(f"heads: {heads} of {h}; dims: {dims} of {d}; {scale}"))
+    causes = Table(title="likely causes", title_justify="left")
+    for col, justify in (("#", "right"), ("id", "left"), ("score", "right"), ("evidence", "left")):
+        causes.add_column(col, justify=justify, overflow="fold")
+    for k, c in enumerate(report.diagnose(), 1):
+        causes.add_row(str(k), c.id, f"{c.score:.2f}", c.evidence, style="bold" if k == 1 else None)
+    return Group(*lines, seqs, toks, causes)
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x < 0 else f"{x:.3g}"
+
+
+def print_report(report: Report, console=None) -> None:
+    from rich.console import Console
+
+    (console or Console()).print(report.render())

@@ -1,0 +1,30 @@
+"""Shared test fixtures, kept small and generic."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Tests run in parallel workers (pytest -n 2 on 2 cores): one intra-op thread each, or the many
+# small CPU ops of the interpreter and the reference contend and run 10-25x slower.
+torch.set_num_threads(1)
+
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test starts from the same random state, so a failure reproduces."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device CPU tests run on (kernel tests go through the Triton interpreter there)."""
+    return torch.device("cpu")

@@ -1,0 +1,247 @@
+"""Checked mode: the seed's bug is caught and named; correct batches pass; unchecked costs nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pagedattn.checks as checks
+from pagedattn.attention import attention
+from pagedattn.batch import BatchMetadata
+from pagedattn.cache import PagedKVCache
+from pagedattn.checks import check_allocator, check_batch_against_cache, check_cache_finite
+from pagedattn.config import BatchShape
+from pagedattn.errors import (BatchMetadataError, ContractError, SequenceError, SlotConflictError,
+                              UnwrittenKVError)
+
+HEADS, HEAD, BLOCK = 2, 8, 16
+SHAPE = BatchShape.seed_like(num_seqs=4, max_query_len=24, max_ctx_len=40, min_len=1, seed=3)  # last one decodes
+
+
+def kv(num_tokens, dtype=torch.float16):
+    return torch.randn(num_tokens, HEADS, HEAD, dtype=dtype), torch.randn(num_tokens, HEADS, HEAD, dtype=dtype)
+
+
+def seed_cache(*, write_query_tokens: bool, kv_dtype="auto", poison=True):
+    """The seed's set-up: the cache gets each sequence's ctx_len tokens, and (when asked) its
+    query tokens too, as an engine following the full-cache contract would."""
+    cache = PagedKVCache(64, block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16,
+                         kv_dtype=kv_dtype, k_scale=0.5, v_scale=0.5, poison=poison)
+    seqs = [cache.new_sequence() for _ in range(SHAPE.num_seqs)]
+    lens = list(SHAPE.seq_lens if write_query_tokens else SHAPE.ctx_lens)
+    cache.append(seqs, *kv(sum(lens)), lens)
+    return cache, seqs
+
+
+def seed_batch(cache, seqs):
+    """The seed's batch: seq_len = ctx_len + query_len over a cache holding ctx_len tokens."""
+    return cache.batch(seqs, SHAPE.query_lens, contract="context")
+
+
+def decode_position(seqs):
+    """(sequence, position) the seed's decode read without a write: its own token, seq_len - 1."""
+    return seqs[-1], SHAPE.ctx_lens[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the seed's bug
+# ---------------------------------------------------------------------------------------------
+def test_seed_bug_is_named_by_the_cache_bookkeeping():
+    cache, seqs = seed_cache(write_query_tokens=False)
+    batch = seed_batch(cache, seqs)
+    check_batch_against_cache(cache, batch, "context", decode_from_cache=False)  # the contract it did follow
+    with pytest.raises(UnwrittenKVError) as info:
+        check_batch_against_cache(cache, batch, "context", decode_from_cache=True)
+    seq, position = decode_position(seqs)
+    block = int(batch.block_table[-1, position // BLOCK])
+    slot = block * BLOCK + position % BLOCK
+    message = str(info.value)
+    assert message.startswith(f"sequence {seq} (decode, query_len 1, seq_len {position + 1})")
+    assert f"position {position} (block {block}, slot {slot})" in message
+    assert "never written" in message and "decode_from_cache=True" in message and "context-cache" in message
+
+
+def test_seed_bug_is_named_by_the_poisoned_cache_contents():
+    cache, seqs = seed_cache(write_query_tokens=False)
+    batch = seed_batch(cache, seqs)
+    args = (cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+    check_cache_finite(*args, contract="context", decode_from_cache=False)
+    with pytest.raises(UnwrittenKVError) as info:
+        check_cache_finite(*args, contract="context", decode_from_cache=True)
+    seq, position = decode_position(seqs)
+    block = int(batch.block_table[-1, position // BLOCK])
+    message = str(info.value)
+    assert f"sequence {seq} (decode, query_len 1" in message
+    assert f"position {position} (block {block}, slot {block * BLOCK + position % BLOCK})" in message
+    assert "never written (poisoned NaN)" in message
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
+def test_correctly_written_batch_passes_every_check(kv_dtype):
+    cache, seqs = seed_cache(write_query_tokens=True, kv_dtype=kv_dtype)
+    batch = cache.batch(seqs, SHAPE.query_lens)  # full: the cache holds every token
+    for contract, from_cache in (("full", False), ("context", False), ("context", True)):
+        check_batch_against_cache(cache, batch, contract, decode_from_cache=from_cache)
+        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table,
+                           contract=contract, decode_from_cache=from_cache)
+
+
+def test_full_contract_names_the_unwritten_query_tokens():
+    cache = PagedKVCache(16, block_size=4, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16)
+    a, b = cache.new_sequence(), cache.new_sequence()
+    cache.append([a, b], *kv(9), [6, 3])
+    cache.reserve([a, b], [3, 1])  # grown, never written
+    cache.write([a], *kv(3), [3])
+    batch = cache.batch([a, b], [3, 1])
+    with pytest.raises(UnwrittenKVError) as info:
+        check_batch_against_cache(cache, batch, "full")
+    block = cache.block_table(b)[0]
+    assert str(info.value) == (
+        f"sequence {b} (decode, query_len 1, seq_len 4): position 3 (block {block}, slot {block * 4 + 3}) "
+        "was never written; under the full-cache contract the new token's K/V must be written before "
+        "attention (cache.append / write_kv them first)"
+    )
+
+
+def test_several_positions_are_summarised():
+    cache = PagedKVCache(16, block_size=4, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16)
+    a, b = cache.new_sequence(), cache.new_sequence()
+    cache.reserve([a, b], [10, 3])
+    cache.write([a], *kv(2), [2])
+    with pytest.raises(UnwrittenKVError) as info:
+        check_batch_against_cache(cache, cache.batch([a, b], [2, 1]), "full")
+    message = str(info.value)
+    assert message.startswith(f"sequence {a} (prefill, query_len 2, seq_len 10): 8 positions (0..7) were never written")
+    assert "its context (positions 0..7) included" in message
+    assert message.endswith("(11 positions in 2 sequences in all)")
+
+
+def test_context_past_the_sequences_blocks_is_reported_as_padding():
+    cache = PagedKVCache(16, block_size=4, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16)
+    a = cache.new_sequence()
+    cache.append([a], *kv(8), [8])
+    batch = cache.batch([a], [1], contract="context")  # seq_len 9: position 8 needs a third block
+    with pytest.raises(UnwrittenKVError, match="position 8 \\(block 0, slot 0\\) was never written; "
+                                               "positions from 8 on lie past the 2 block\\(s\\)"):
+        check_batch_against_cache(cache, batch, "context", decode_from_cache=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# block ownership and ranges
+# ---------------------------------------------------------------------------------------------
+def test_block_not_owned_is_a_slot_conflict():
+    cache = PagedKVCache(16, block_size=4, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16)
+    a, b = cache.new_sequence(), cache.new_sequence()
+    cache.append([a, b], *kv(16), [8, 8])
+    batch = cache.batch([a, b], [1, 1])
+    batch.block_table[1, 1] = cache.block_table(a)[0]
+    with pytest.raises(SlotConflictError) as info:
+        check_batch_against_cache(cache, batch, "full")
+    assert str(info.value).startswith(
+        f"sequence {b} (batch row 1): block_table[1, 1] = {cache.block_table(a)[0]}, but logical block 1 of "
+        f"sequence {b} is physical block {cache.block_table(b)[1]}; block {cache.block_table(a)[0]} belongs to "
+        f"sequence(s) [{a}]"
+    )
+
+
+def test_stale_batch_after_copy_on_write_is_caught():
+    cache = PagedKVCache(16, block_size=4, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16)
+    a = cache.new_sequence()
+    cache.append([a], *kv(6), [6])
+    b = cache.fork(a)
+    stale = cache.batch([b], [1])
+    cache.append([b], *kv(1), [1])  # b copies its last block out
+    with pytest.raises(SlotConflictError, match="logical block 1"):
+        check_batch_against_cache(cache, stale, "full")
+
+
+def test_out_of_range_blocks_and_freed_sequences():
+    cache = PagedKVCache(16, block_size=4, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16)
+    a = cache.new_sequence()
+    cache.append([a], *kv(5), [5])
+    batch = cache.batch([a], [1])
+    batch.block_table[0, 1] = 99
+    with pytest.raises(BatchMetadataError, match="block_table\\[0, 1\\] = 99 is out of range for a cache of 16 blocks"):
+        check_batch_against_cache(cache, batch, "full")
+    with pytest.raises(BatchMetadataError, match="block_table\\[0, 1\\] = 99 is out of range"):
+        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+    cache.free(a)
+    with pytest.raises(SequenceError, match="was freed"):
+        check_batch_against_cache(cache, batch, "full")
+
+
+def test_batch_without_seq_ids_falls_back_to_the_cache_contents():
+    cache, seqs = seed_cache(write_query_tokens=False)
+    b = seed_batch(cache, seqs)
+    plain = BatchMetadata(b.cu_seqlens_q, b.seq_lens, b.block_table, b.max_query_len, b.max_seq_len)
+    with pytest.raises(UnwrittenKVError, match="poisoned NaN"):
+        check_batch_against_cache(cache, plain, "context", decode_from_cache=True)
+    quiet, seqs = seed_cache(write_query_tokens=True, poison=False)
+    with pytest.raises(ContractError, match="cache.batch"):
+        check_batch_against_cache(quiet, plain, "full")
+
+
+# ---------------------------------------------------------------------------------------------
+# check_cache_finite details
+# ---------------------------------------------------------------------------------------------
+def test_finite_check_sees_one_bad_element_in_v():
+    cache, seqs = seed_cache(write_query_tokens=True, kv_dtype="fp8_e5m2")
+    batch = cache.batch(seqs, SHAPE.query_lens)
+    block = cache.block_table(seqs[1])[0]
+    cache.v.view(torch.uint8)[block, 2, 1, 5] = 0x7C  # +inf in e5m2
+    with pytest.raises(UnwrittenKVError) as info:
+        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+    assert f"sequence 1 (" in str(info.value)
+    assert f"position 2 (block {block}, slot {block * BLOCK + 2}) holds non-finite values in v_cache" in str(info.value)
+
+
+def test_finite_check_reads_only_what_the_kernel_reads():
+    cache, seqs = seed_cache(write_query_tokens=False)
+    batch = seed_batch(cache, seqs)
+    # the context contract reads ctx_len tokens; everything past them is poison and must not matter
+    check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table, contract="context")
+    # (positions past a sequence's blocks read block_table padding, block 0, which holds finite data:
+    # only the poisoned tails of the last blocks show; the bookkeeping check sees all of them)
+    with pytest.raises(UnwrittenKVError, match=f"positions in {SHAPE.num_seqs} sequences in all"):
+        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table, contract="full")
+
+
+# ---------------------------------------------------------------------------------------------
+# through attention(), and the cost of unchecked mode
+# ---------------------------------------------------------------------------------------------
+def test_attention_in_checked_mode_catches_the_seed_bug():
+    cache, seqs = seed_cache(write_query_tokens=False)
+    batch = seed_batch(cache, seqs)
+    q = torch.randn(SHAPE.num_tokens, 2 * HEADS, HEAD, dtype=torch.float16)
+    k_new, v_new = kv(SHAPE.num_tokens)
+    with pytest.raises(UnwrittenKVError, match=f"sequence {seqs[-1]} \\(decode, query_len 1"):
+        attention(q, cache, batch, k_new=k_new, v_new=v_new, decode_from_cache=True,
+                                   checked=True, backend="reference")
+    out = attention(q, cache, batch, k_new=k_new, v_new=v_new, checked=True, backend="reference")
+    assert torch.isfinite(out).all()
+
+
+def test_unchecked_mode_runs_no_checks(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a check ran in unchecked mode")
+
+    for name in ("check_batch_against_cache", "check_cache_finite", "check_allocator"):
+        monkeypatch.setattr(checks, name, forbidden)
+    monkeypatch.setattr("pagedattn.kernels.write.check_slot_values", forbidden)
+    cache, seqs = seed_cache(write_query_tokens=True)
+    other = cache.fork(seqs[0])
+    cache.append([other], *kv(3), [3])
+    cache.free(other)
+    batch = cache.batch(seqs, SHAPE.query_lens)
+    q = torch.randn(SHAPE.num_tokens, 2 * HEADS, HEAD, dtype=torch.float16)
+    attention(q, cache, batch, backend="reference")
+
+
+def test_check_allocator_finds_corruption():
+    cache = PagedKVCache(8, block_size=4, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16)
+    a = cache.new_sequence()
+    cache.append([a], *kv(5), [5])
+    check_allocator(cache)
+    cache._refcounts[cache.block_table(a)[0]] += 1
+    with pytest.raises(ContractError, match="refcount 2 but 1 block table"):
+        check_allocator(cache)
