@@ -129,6 +129,20 @@ def run(names):
                          flops / t / 1e9, anchor / t, plan.kernel + " " + plan.params()))
             del q, k, v, out
             torch.cuda.empty_cache()
+            if kv is None and 1 in w["query_lens"] and max(w["query_lens"]) > 1:
+                # the bound for mixed batches: prefill and decode parts as two separate launches
+                parts = []
+                for pick in (lambda n: n > 1, lambda n: n == 1):
+                    idx = [i for i, n in enumerate(w["query_lens"]) if pick(n)]
+                    sub = dict(w, query_lens=[w["query_lens"][i] for i in idx], ctx_lens=[w["ctx_lens"][i] for i in idx])
+                    q, k, v, cu, sl, bt, mq, ms, opts = build(sub)
+                    out = torch.empty_like(q)
+                    f = lambda: paged_attention(q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out)
+                    f()
+                    parts.append(triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median"))
+                    del q, k, v, out
+                rows.append((w["name"] + "-as-2-launches", sum(parts), 0, 0, 0, anchor / sum(parts),
+                             f"prefill part {parts[0]:.4f} ms + decode part {parts[1]:.4f} ms"))
     print(f"{'workload':32s} {'ms':>8s} {'TB/s':>6s} {'%rd':>5s} {'TF/s':>7s} {'xvllm':>6s}  plan")
     for r in rows:
         print(f"{r[0]:32s} {r[1]:8.4f} {r[2]:6.3f} {r[3]:5.1f} {r[4]:7.1f} {r[5]:6.2f}  {r[6]}")

@@ -10,13 +10,7 @@ import torch
 
 from pagedattn.config import AttentionConfig, BatchShape
 
-# One table of tolerances by query dtype (fp8 KV is compared on the dequantized cache, so it
-# shares its query dtype's row). (atol, rtol) on outputs of unit scale.
-TOLERANCES = {
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.5e-2, 1.5e-2),
-}
+from pagedattn.verify import TOLERANCES  # noqa: E402  (one table, shared with `pagedattn verify`)
 
 
 @dataclass

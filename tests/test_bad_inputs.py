@@ -38,10 +38,11 @@ NAN, INF = float("nan"), float("inf")
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Env:
-    cache: PagedKVCache  # fp32; sequences a (5 tokens), b (20 tokens); c was freed
+    cache: PagedKVCache  # fp32; sequences a (5 tokens), b (20 tokens), b's fork; c was freed
     a: int
     b: int
     freed: int
+    forked: int  # shares b's blocks, the partial last one included
     batch: BatchMetadata  # full contract, query_lens (2, 1): seq_lens (5, 20)
     q: torch.Tensor  # [3, NUM_Q_HEADS, HEAD_SIZE] fp32
     k_new: torch.Tensor  # [3, NUM_KV_HEADS, HEAD_SIZE]
@@ -71,6 +72,7 @@ def build_env() -> Env:
     cache.append([a, c], *_kv(8), [5, 3])
     cache.append([b], *_kv(20), [20])
     cache.free(c)
+    forked = cache.fork(b)
     batch = cache.batch([a, b], [2, 1])
     fp8 = PagedKVCache(4, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, torch.float16, kv_dtype="fp8_e4m3",
                        k_scale=0.5, v_scale=0.25)
@@ -80,7 +82,7 @@ def build_env() -> Env:
     k_v0 = cache.k.reshape(NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE // x, x).permute(0, 2, 3, 1, 4).contiguous()
     v_v0 = cache.v.permute(0, 2, 3, 1).contiguous()
     free = cache.free_blocks[0]
-    return Env(cache, a, b, c, batch, torch.randn(3, NUM_Q_HEADS, HEAD_SIZE), *_kv(3), fp8,
+    return Env(cache, a, b, c, forked, batch, torch.randn(3, NUM_Q_HEADS, HEAD_SIZE), *_kv(3), fp8,
                fp8.batch([s], [1]), torch.randn(1, NUM_Q_HEADS, HEAD_SIZE, dtype=torch.float16),
                k_v0, v_v0, torch.tensor([7, 21], dtype=torch.int32),
                torch.arange(3, dtype=torch.int64) + free * BLOCK_SIZE)
@@ -161,7 +163,7 @@ def strided(t: torch.Tensor) -> torch.Tensor:
     return wide[..., ::2]
 
 
-def overlapping_out_and_k_new(e: Env, part: str):
+def overlapping_out_and_k_new(e: Env):
     """out and k_new carved from one buffer: the kernel would read k_new while writing out."""
     buf = torch.randn(e.q.numel())
     k_new = buf[:e.k_new.numel()].view(e.k_new.shape)
@@ -290,6 +292,10 @@ ROWS = [
       marks=xfail("cache.PagedKVCache.append reserves blocks, then write_kv raises LayoutError: the cache "
                   "grows by 3 tokens and loses a free block. Fix: _check_kv must also check "
                   "t.stride(-1) == 1 (or run write.check_write_inputs) before reserve()")),
+    P(lambda e: e.cache.append([e.a], e.k_new.tolist(), e.v_new, [3]), DTypeError, "k must be a torch.Tensor",
+      id="append-k-list"),
+    P(lambda e: e.cache.write([e.b], *_kv(1), [1]), SlotConflictError, "shared", id="write-block-shared-by-fork"),
+    P(lambda e: e.cache.write([e.a], *_kv(6), [6]), BatchMetadataError, "query_len 6", id="write-beyond-reserved"),
     P(lambda e: e.cache.reserve([e.a], [-2]), BatchMetadataError, "num_tokens[0]", id="reserve-negative"),
     P(lambda e: e.cache.batch([], []), BatchMetadataError, "seq_ids is empty", id="batch-empty"),
     P(lambda e: e.cache.batch([e.a], [1], contract="paged"), UnsupportedConfigError, "contract",
@@ -373,6 +379,9 @@ ROWS = [
     # ---- paged_attention: options
     P(lambda e: pa(e, sliding_window=-1), UnsupportedConfigError, "sliding_window", id="pa-window-negative"),
     P(lambda e: pa(e, sliding_window=2.5), UnsupportedConfigError, "sliding_window", id="pa-window-float"),
+    P(lambda e: pa(e, sliding_window=True), UnsupportedConfigError, "sliding_window", id="pa-window-bool",
+      marks=xfail("attention.check_inputs accepts sliding_window=True as a window of 1 (bool is an int); "
+                  "add `isinstance(sliding_window, bool)` to the rejection (AttentionConfig.validate too)")),
     P(lambda e: pa(e, softcap=-3.0), UnsupportedConfigError, "softcap", id="pa-softcap-negative"),
     P(lambda e: pa(e, softcap=INF), UnsupportedConfigError, "softcap", id="pa-softcap-inf"),
     P(lambda e: pa(e, softcap=NAN), UnsupportedConfigError, "softcap", id="pa-softcap-nan"),
@@ -417,6 +426,10 @@ ROWS = [
       "block_table[1, 1] = -7", id="checked-block-id-negative"),
     P(lambda e: pa(e, q=e.q[:2], checked=True), BatchMetadataError, "cu_seqlens_q[-1] = 3",
       id="checked-cu-end-vs-num_tokens"),
+    P(lambda e: pa(e, max_seq_len=19, checked=True), BatchMetadataError, "max_seq_len = 19",
+      id="checked-max_seq_len-understated"),
+    P(lambda e: pa(e, max_query_len=1, checked=True), BatchMetadataError, "max_query_len = 1",
+      id="checked-max_query_len-understated"),
     P(lambda e: pa(e, seq_lens=i32(5, 21), checked=True), UnwrittenKVError, "never written",
       id="checked-reads-unwritten-slot"),
     P(lambda e: attention(e.q, e.cache, e.cache.batch([e.a, e.b], [2, 1], contract="context"),
@@ -429,7 +442,7 @@ ROWS = [
     P(lambda e: pp(e, k_new=e.k_new.to(torch.int32)), DTypeError, "k_new must be", id="pp-k_new-int"),
     P(lambda e: pp(e, v_new=meta(e.v_new)), DeviceError, "v_new is on meta", id="pp-v_new-meta"),
     P(lambda e: pp(e, k_new=strided(e.k_new)), LayoutError, "k_new must be contiguous", id="pp-k_new-noncontiguous"),
-    P(lambda e: overlapping_out_and_k_new(e, "k_new"), LayoutError, "out overlaps k_new", id="pp-out-overlaps-k_new"),
+    P(overlapping_out_and_k_new, LayoutError, "out overlaps k_new", id="pp-out-overlaps-k_new"),
     P(lambda e: pp(e, cu_seqlens_q=i32(0, 3, 2), checked=True), BatchMetadataError, "non-decreasing",
       id="pp-checked-cu-decreasing"),
     # ---- write_kv

@@ -292,6 +292,34 @@ def test_unified_attention_softcap_sinks():
     assert_close_to_reference(out, expected, DTYPE, "softcap + sinks + window (7, 0)")
 
 
+@pytest.mark.parametrize("op", ["context", "chunked", "unified"])
+def test_caches_are_passed_in_place(op, monkeypatch):
+    """No cache copy on the way to the kernels: the same memory (uint8 fp8 storage only re-viewed),
+    with the layout named."""
+    import pagedattn.compat.vllm as compat
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs, caches=[a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 4])
+
+    b = small_batch(8, 24, "fp8", seed=9)
+    layout = "flash" if op == "unified" else "older"
+    k_cache, v_cache = poisoned_caches(b, layout)
+    out = torch.empty_like(b.query)
+    if op == "unified":
+        monkeypatch.setattr(compat, "paged_attention", spy)
+        unified_attention(b.query, k_cache.view(b.fp8), v_cache.view(b.fp8), out, b.b_start_loc, 24, b.b_seq_len,
+                          64, 0.2, True, (-1, -1), b.block_table, 0, None, b.k_scale, b.v_scale)
+    else:
+        monkeypatch.setattr(compat, "prefix_prefill", spy)
+        fn = context_attention_fwd if op == "context" else chunked_prefill_paged_decode
+        fn(*context_args(b, out, k_cache, v_cache, 0))
+        assert seen["decode_from_cache"] == (op == "chunked")
+    assert seen["kv_layout"] == ("nhd" if op == "unified" else "vllm_v0")
+    assert [c.data_ptr() for c in seen["caches"]] == [k_cache.data_ptr(), v_cache.data_ptr()]
+    assert all(c.dtype == b.fp8 for c in seen["caches"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the seed's bug, as a test
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ def test_incomplete_cache_scenario():
     report = result.report
     assert report.num_bad_tokens == 1 and report.sequences[0].kind == "decode"
     assert report.mismatched == report.shape[1] * report.shape[2]  # 1 token x all heads x all dims
+    assert report.nan == report.mismatched  # poison reaches the output: the kernel keeps NaN
     assert result.top == "missing-decode-kv" and result.ok
     assert "clean" in result.fixed
 

@@ -19,7 +19,7 @@ Value checks (offsets, lengths, block ids, written positions) run only with `che
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -209,6 +209,7 @@ def paged_attention(
     v_scale: float | torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     kv_layout: str = "nhd",
+    query_lens_host: Sequence[int] | None = None,
     backend: str = "auto",
     checked: bool = False,
 ) -> torch.Tensor:
@@ -216,12 +217,14 @@ def paged_attention(
     own included, were written to the cache before this call. One launch handles any mix of
     prefill (query_len > 1, with or without cached prefix) and decode (query_len == 1).
 
+    `query_lens_host`: optional host copy of the query lengths (never read from the device); it
+    lets a mixed batch skip a launch that has no sequence to work on.
     `backend`: "auto" (dispatch decides), "triton" or "reference". With `checked=True`, metadata
     values are validated (one device sync) and, where the cache was poisoned with NaN, every
     position the kernel will read is verified to have been written."""
     return _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, None, None, False,
                 max_query_len, max_seq_len, scale, sliding_window, alibi_slopes, softcap, sinks,
-                k_scale, v_scale, out, kv_layout, backend, checked)
+                k_scale, v_scale, out, kv_layout, query_lens_host, backend, checked)
 
 
 def prefix_prefill(
@@ -246,6 +249,7 @@ def prefix_prefill(
     v_scale: float | torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     kv_layout: str = "nhd",
+    query_lens_host: Sequence[int] | None = None,
     backend: str = "auto",
     checked: bool = False,
 ) -> torch.Tensor:
@@ -256,7 +260,7 @@ def prefix_prefill(
     own K/V must already be in the cache: exactly the contract the seed's test broke."""
     return _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new,
                 decode_from_cache, max_query_len, max_seq_len, scale, sliding_window, alibi_slopes,
-                softcap, sinks, k_scale, v_scale, out, kv_layout, backend, checked)
+                softcap, sinks, k_scale, v_scale, out, kv_layout, query_lens_host, backend, checked)
 
 
 def attention(q: torch.Tensor, cache: "PagedKVCache", batch: BatchMetadata, *,
@@ -271,6 +275,7 @@ def attention(q: torch.Tensor, cache: "PagedKVCache", batch: BatchMetadata, *,
         checks.check_batch_against_cache(cache, batch, contract="context" if k_new is not None else "full",
                                          decode_from_cache=decode_from_cache)
     common = dict(max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
+                  query_lens_host=batch.query_lens_host,
                   k_scale=cache.k_scale if cache.is_fp8 else None,
                   v_scale=cache.v_scale if cache.is_fp8 else None, **options)
     if k_new is None:
@@ -279,9 +284,23 @@ def attention(q: torch.Tensor, cache: "PagedKVCache", batch: BatchMetadata, *,
                           batch.block_table, decode_from_cache=decode_from_cache, **common)
 
 
+def reference_attention(q: torch.Tensor, cache: "PagedKVCache", batch: BatchMetadata, *,
+                        k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                        decode_from_cache: bool = False, compute_dtype: torch.dtype = torch.float32,
+                        **options) -> torch.Tensor:
+    """`attention` computed by the PyTorch reference in `compute_dtype` (float32 or float64):
+    the same arguments, for checking a kernel's output (see `pagedattn.compare`)."""
+    return reference.attention(
+        q, cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table,
+        k_scale=cache.k_scale if cache.is_fp8 else None, v_scale=cache.v_scale if cache.is_fp8 else None,
+        k_new=k_new, v_new=v_new, decode_from_cache=decode_from_cache, compute_dtype=compute_dtype,
+        **options,
+    )
+
+
 def _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new, decode_from_cache,
          max_query_len, max_seq_len, scale, sliding_window, alibi_slopes, softcap, sinks,
-         k_scale, v_scale, out, kv_layout, backend, checked):
+         k_scale, v_scale, out, kv_layout, query_lens_host, backend, checked):
     check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out=out, k_new=k_new,
                  v_new=v_new, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
                  softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale, scale=scale,
@@ -327,5 +346,5 @@ def _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new,
                    scale=1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale),
                    sliding_window=sliding_window or 0, alibi_slopes=alibi_slopes,
                    softcap=float(softcap or 0.0), sinks=sinks, k_scale=k_scale, v_scale=v_scale,
-                   kv_layout=kv_layout)
+                   kv_layout=kv_layout, query_lens_host=query_lens_host)
     return out

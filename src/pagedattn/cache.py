@@ -26,7 +26,7 @@ import torch
 
 from .batch import BatchMetadata
 from .config import MAX_HEAD_SIZE, QUERY_DTYPES, SUPPORTED_BLOCK_SIZES, fp8_dtype_of
-from .errors import (BatchMetadataError, CacheFullError, DeviceError, DTypeError, ScaleError,
+from .errors import (LayoutError, BatchMetadataError, CacheFullError, DeviceError, DTypeError, ScaleError,
                      SequenceError, ShapeError, SlotConflictError, UnsupportedConfigError)
 from .kernels.write import write_kv
 
@@ -390,6 +390,8 @@ class PagedKVCache:
                 raise DTypeError(f"{name} must be in the cache's query dtype {self.dtype}, got {t.dtype}")
             if t.device != self.device:
                 raise DeviceError(f"{name} is on {t.device}, expected {self.device} (the cache's device)")
+            if t.numel() and t.stride(-1) != 1:
+                raise LayoutError(f"{name} must be contiguous in head_size, got strides {t.stride()}")
 
 
 def _nan_bits(fp8_dtype: torch.dtype) -> int:

@@ -43,6 +43,27 @@ def fp8_dtype_of(kv_dtype: str) -> torch.dtype | None:
         ) from None
 
 
+def parse_device(value: str) -> torch.device:
+    """argparse type for --device: a torch device name ("cpu", "cuda", "cuda:1")."""
+    import argparse
+    try:
+        return torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"--device must be a torch device such as cpu or cuda, got {value!r}") from None
+
+
+def parse_lengths(value: str) -> tuple[int, ...]:
+    """argparse type for comma-separated lengths: ints >= 0."""
+    import argparse
+    try:
+        lens = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 0, got {value!r}") from None
+    if any(n < 0 for n in lens):
+        raise argparse.ArgumentTypeError(f"lengths must be >= 0, got {value!r}")
+    return lens
+
+
 def fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
@@ -141,6 +162,10 @@ class BatchShape:
     ctx_lens: tuple[int, ...]
 
     def __post_init__(self) -> None:
+        for name, lens in (("query_lens", self.query_lens), ("ctx_lens", self.ctx_lens)):
+            for i, n in enumerate(lens):
+                if not isinstance(n, int) or n < 0:
+                    raise UnsupportedConfigError(f"{name}[{i}] must be an int >= 0, got {n!r}")
         if len(self.query_lens) != len(self.ctx_lens):
             raise UnsupportedConfigError(
                 f"query_lens has {len(self.query_lens)} entries but ctx_lens has {len(self.ctx_lens)}"

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+from .config import parse_device  # noqa: E402
+
 import argparse
 
 import torch
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", type=parse_device, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
 
 

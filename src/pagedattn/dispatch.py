@@ -7,6 +7,7 @@ and the three small functions below; `explain` prints the plan and the rule that
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import FP8_DTYPES, AttentionConfig, BatchShape, dtype_name, seed_grid
+from .config import FP8_DTYPES, AttentionConfig, BatchShape, parse_lengths, seed_grid
 
 # ---------------------------------------------------------------------------------------------
 # the rules, as data
@@ -54,6 +55,9 @@ class Plan:
     num_stages: int = 2
     num_splits: int = 1
     partition_size: int = 0  # keys per split (a multiple of block_n)
+    min_query_len: int = 0  # this launch handles sequences with min_query_len <= query_len <= max_query_len
+    max_query_len: int = 1 << 30
+    decode_part: "Plan | None" = None  # the second launch of a mixed batch (decode tiles)
     rule: str = ""
 
     def params(self) -> str:
@@ -62,6 +66,8 @@ class Plan:
         s = f"BLOCK_M={self.block_m} (BLOCK_Q={self.block_q}) BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"
         if self.num_splits > 1:
             s += f" splits={self.num_splits}x{self.partition_size}"
+        if self.decode_part is not None:
+            s += f" + decode launch [{self.decode_part.params()}]"
         return s
 
 
@@ -72,9 +78,9 @@ def next_pow2(x: int) -> int:
 @functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device | str) -> int:
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # CPU/interpreter: plan as for an H100 so explain() reads the same everywhere
+    return 132  # no GPU: plan as for an H100 so explain() reads the same everywhere
 
 
 def interpreter_enabled() -> bool:
@@ -142,25 +148,32 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
     if which == "reference":
         return Plan(kernel="reference", rule=why)
     qpk = num_q_heads // num_kv_heads
-    decode = max_query_len * qpk <= DECODE_MIN_ROWS or max_query_len == 1
-    block_m, block_q, block_n, warps, stages = choose_tiles(
-        decode=decode, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size,
-        fp32=dtype == torch.float32 or cache_dtype == torch.float32, fp8=cache_dtype in FP8_DTYPES,
-    )
-    if not decode:
-        kind = "prefill" if max_query_len > 1 else "decode"
-        return Plan("unified", "prefill", block_m, block_q, block_n, warps, stages, rule=(
-            f"max_query_len {max_query_len} > 1: unified kernel over all {num_seqs} sequences, "
-            f"tiles of {block_q} query tokens x {qpk} heads per KV head"
-        ) if kind == "prefill" else "")
-    splits, partition, why = (1, 0, "context-cache contract: keys split is not used") if context_contract else \
+    fp32 = dtype == torch.float32 or cache_dtype == torch.float32
+    fp8 = cache_dtype in FP8_DTYPES
+    # decode tiles: the query heads of one KV head, padded to 16 rows, for up to block_q tokens
+    d_m, d_q, d_n, d_warps, d_stages = choose_tiles(
+        decode=True, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size, fp32=fp32, fp8=fp8)
+    splits, partition, why = (1, 0, "context-cache contract: keys are not split") if context_contract else \
         choose_splits(num_seqs=num_seqs, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
-                      block_n=block_n, sm_count=sm_count(device))
-    kernel = "split_kv" if splits > 1 else "unified"
-    return Plan(kernel, "decode", block_m, block_q, block_n, warps, stages, splits, partition, rule=(
-        f"decode batch (max_query_len {max_query_len}, {qpk} query heads per KV head in one "
-        f"{block_m}-row tile): {why}"
-    ))
+                      block_n=d_n, sm_count=sm_count(device))
+    decode_plan = Plan("split_kv" if splits > 1 else "unified", "decode", d_m, d_q, d_n, d_warps, d_stages,
+                       splits, partition, max_query_len=d_q)
+    if max_query_len <= d_q:
+        # alone, the decode launch takes every sequence (a max_query_len too small stays correct)
+        return dataclasses.replace(decode_plan, max_query_len=1 << 30, rule=(
+            f"decode batch (max_query_len {max_query_len} <= {d_q}: {qpk} query heads per KV head "
+            f"fit one {d_m}-row tile): {why}"))
+    block_m, block_q, block_n, warps, stages = choose_tiles(
+        decode=False, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size, fp32=fp32, fp8=fp8)
+    # A mixed batch runs as two launches of the same kernel, each skipping the other's sequences:
+    # prefill tiles for query_len > d_q, decode tiles (split if long) for the rest. A decode in a
+    # 128-row prefill tile would waste most of the tile's math. Shapes alone decide: graph-safe.
+    return Plan("unified", "prefill", block_m, block_q, block_n, warps, stages, min_query_len=d_q + 1,
+                decode_part=dataclasses.replace(decode_plan, rule=why), rule=(
+                    f"max_query_len {max_query_len} > {d_q}: prefill tiles of {block_q} query tokens x "
+                    f"{qpk} heads per KV head for sequences with query_len > {d_q}; sequences with "
+                    f"query_len <= {d_q} (decodes) in a second launch with {d_m}-row decode tiles"
+                    + (f" and {splits} KV splits" if splits > 1 else "")))
 
 
 def plan_for(config: AttentionConfig, shape: BatchShape, *, device="cuda", backend="auto",
@@ -193,8 +206,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sliding-window", type=int, default=0)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
     parser.add_argument("--kv-dtype", default="auto")
-    parser.add_argument("--query-lens", default="1,1,1,1", help="comma-separated, one per sequence")
-    parser.add_argument("--ctx-lens", default="32767,32767,32767,32767", help="comma-separated")
+    parser.add_argument("--query-lens", type=parse_lengths, default=(1, 1, 1, 1), help="comma-separated, one per sequence")
+    parser.add_argument("--ctx-lens", type=parse_lengths, default=(32767,) * 4, help="comma-separated")
     parser.add_argument("--sms", type=int, default=None, help="plan for this many SMs (default: the GPU's, or 132)")
     parser.add_argument("--json", action="store_true")
 
@@ -218,9 +231,7 @@ def run(args) -> int:
         cases = [(c.config, c.shape) for c in seed_grid()]
     else:
         try:
-            q = tuple(int(x) for x in args.query_lens.split(","))
-            c = tuple(int(x) for x in args.ctx_lens.split(","))
-            shape = BatchShape(q, c)
+            shape = BatchShape(args.query_lens, args.ctx_lens)
             config = AttentionConfig(args.num_q_heads, args.num_kv_heads, args.head_size, args.block_size,
                                      DTYPE_NAMES[args.dtype], args.kv_dtype, args.sliding_window)
         except (ValueError, UnsupportedConfigError) as e:

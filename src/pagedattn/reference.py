@@ -113,6 +113,7 @@ def attention(
         denom = weights.sum(dim=-1, keepdim=True)
         if sinks is not None:
             denom = denom + torch.exp(sinks.to(compute_dtype)[:, None, None] - row_max)
-        probs = torch.where(denom > 0, weights / denom.clamp_min(torch.finfo(compute_dtype).tiny), 0.0)
+        # a row with no visible key (denom 0) gives 0; NaN read from the cache must stay NaN
+        probs = torch.where(denom == 0, 0.0, weights / torch.where(denom == 0, 1.0, denom))
         out[start:end] = (probs @ v).transpose(0, 1)
     return out

@@ -15,6 +15,8 @@ passes when the top diagnosis of `forensics` is the cause that was planted.
 
 from __future__ import annotations
 
+from .config import parse_device  # noqa: E402
+
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -228,7 +230,7 @@ def run_scenario(name: str, device="cpu", seed: int = 0, full: bool = False) -> 
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
     parser.add_argument("name", choices=[*SCENARIOS, "list", "all"], help="a scenario, 'list' or 'all'")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true",
                         help="the seed's real sizes (64 heads x 128, lengths up to 1024); meant for CUDA")

@@ -15,6 +15,8 @@ Contracts:
 
 from __future__ import annotations
 
+from .config import parse_device  # noqa: E402
+
 import json
 import math
 import time
@@ -199,7 +201,7 @@ def run_case(case: Case, device="cpu", contract: str = "full", seed: int = 0) ->
 def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="the CPU-sized grid (small heads and lengths)")
     parser.add_argument("--contract", choices=["full", "context", "both"], default="both")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", type=parse_device, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--filter", default="", help="only cases whose label contains this text")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")

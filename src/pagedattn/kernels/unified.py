@@ -170,7 +170,7 @@ def _paged_attention_kernel(
     k_scale_ptr, v_scale_ptr, alibi_ptr, sinks_ptr,
     # split-KV partials: [num_tokens, num_q_heads, NUM_SPLITS, (HEAD_PAD | 1)] fp32
     part_acc_ptr, part_m_ptr, part_l_ptr,
-    num_seqs, qk_scale, softcap, sliding_window, partition_size,
+    num_seqs, qk_scale, softcap, sliding_window, partition_size, min_query_len, max_query_len,
     QPK: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, K_X: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -188,6 +188,8 @@ def _paged_attention_kernel(
     tile_in_seq = tile_idx - (q_start // BLOCK_Q + seq)
     if tile_in_seq * BLOCK_Q >= query_len:
         return
+    if (query_len < min_query_len) | (query_len > max_query_len):
+        return  # this sequence belongs to the other launch of a mixed batch
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - query_len
 
@@ -212,7 +214,8 @@ def _paged_attention_kernel(
     key_end = last_pos + 1
     if NUM_SPLITS > 1:
         key_start = tl.maximum(key_start, split * partition_size)
-        key_end = tl.minimum(key_end, (split + 1) * partition_size)
+        if split < NUM_SPLITS - 1:  # the last split takes the rest, even past a max_seq_len too small
+            key_end = tl.minimum(key_end, (split + 1) * partition_size)
 
     # where the cache ends: the whole sequence, or ctx_len under the context contract
     cache_end = seq_len
@@ -315,7 +318,7 @@ def _paged_attention_kernel(
 @triton.jit
 def _merge_splits_kernel(
     out_ptr, stride_ot, stride_oh, part_acc_ptr, part_m_ptr, part_l_ptr,
-    num_q_heads, cu_seqlens_q_ptr, num_seqs,
+    num_q_heads, cu_seqlens_q_ptr, num_seqs, min_query_len, max_query_len,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
@@ -323,6 +326,10 @@ def _merge_splits_kernel(
     token = tl.program_id(0)
     head = tl.program_id(1)
     if token >= tl.load(cu_seqlens_q_ptr + num_seqs):
+        return
+    seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, token, 1)  # BLOCK_Q=1: token -> its sequence
+    query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - tl.load(cu_seqlens_q_ptr + seq)
+    if (query_len < min_query_len) | (query_len > max_query_len):
         return
     splits = tl.arange(0, SPLITS_PAD)
     split_ok = splits < NUM_SPLITS
@@ -394,11 +401,13 @@ def cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_layout: str, 
 
 def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, *, k_new=None,
            v_new=None, decode_from_cache=False, scale, sliding_window=0, alibi_slopes=None,
-           softcap=0.0, sinks=None, k_scale=None, v_scale=None, kv_layout="nhd", page_size=None):
+           softcap=0.0, sinks=None, k_scale=None, v_scale=None, kv_layout="nhd",
+           query_lens_host=None):
+    """Launch `plan` (and its `decode_part`, the second launch of a mixed batch). With host query
+    lengths, a launch that would have no sequence to work on is skipped."""
     num_tokens, num_q_heads, head_size = q.shape
     num_kv_heads = k_cache.shape[2] if kv_layout == "nhd" else k_cache.shape[1]
-    page = page_size or (k_cache.shape[1] if kv_layout == "nhd" else k_cache.shape[3])
-    qpk = num_q_heads // num_kv_heads
+    page = k_cache.shape[1] if kv_layout == "nhd" else k_cache.shape[3]
     head_pad = max(16, triton.next_power_of_2(head_size))
     num_seqs = seq_lens.shape[0]
     fp8 = _FP8_CODE.get(k_cache.dtype, 0)
@@ -410,43 +419,48 @@ def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, 
     (kb, kt, kh, kx), k_x, (vb, vt, vh, vd) = cache_strides(k_cache, v_cache, kv_layout, head_pad)
     context = k_new is not None
     if context:
-        assert k_new.stride() == v_new.stride()
         nt, nh = k_new.stride(0), k_new.stride(1)
     else:
         k_new = v_new = q
         nt = nh = 0
     interp = _interpreting()
-    dot_dtype = tl.float32 if interp else _TL_DTYPES[q.dtype]
-    num_splits = plan.num_splits
-    if num_splits > 1:
-        part_acc, part_m, part_l = workspace(num_tokens, num_q_heads, num_splits, head_pad, q.device)
-    else:
-        part_acc = part_m = part_l = q  # unused
-    grid = (num_tokens // plan.block_q + num_seqs, num_kv_heads, num_splits)
-    _paged_attention_kernel[grid](
-        q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
-        k_cache, kb, kt, kh, kx, v_cache, vb, vt, vh, vd,
-        k_new, v_new, nt, nh,
-        cu_seqlens_q, seq_lens, block_table, block_table.stride(0),
-        k_scale_t, v_scale_t,
-        alibi_slopes if alibi_slopes is not None else q, sinks if sinks is not None else q,
-        part_acc, part_m, part_l,
-        num_seqs, scale * LOG2E, float(softcap or 1.0), int(sliding_window or 0),
-        int(plan.partition_size or 1),
-        QPK=qpk, HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q,
-        BLOCK_N=plan.block_n, PAGE=page, K_X=k_x, KV_FP8=fp8, DOT_DTYPE=dot_dtype,
-        IEEE=(q.dtype == torch.float32 and not interp), CONTEXT=context,
-        DECODE_FROM_CACHE=bool(decode_from_cache), USE_SOFTCAP=bool(softcap),
-        USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None,
-        SLIDING=bool(sliding_window), NUM_SPLITS=num_splits,
-        IDX64=max(k_cache.numel(), v_cache.numel()) >= 2**31, INTERPRET=interp,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
-    )
-    if num_splits > 1:
-        _merge_splits_kernel[(num_tokens, num_q_heads)](
-            out, out.stride(0), out.stride(1), part_acc, part_m, part_l,
-            num_q_heads, cu_seqlens_q, num_seqs,
-            HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+    for part in (plan, plan.decode_part):
+        if part is None:
+            continue
+        if query_lens_host is not None and not any(
+                part.min_query_len <= n <= part.max_query_len for n in query_lens_host):
+            continue
+        num_splits = part.num_splits
+        if num_splits > 1:
+            part_acc, part_m, part_l = workspace(num_tokens, num_q_heads, num_splits, head_pad, q.device)
+        else:
+            part_acc = part_m = part_l = q  # unused
+        grid = (num_tokens // part.block_q + num_seqs, num_kv_heads, num_splits)
+        _paged_attention_kernel[grid](
+            q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
+            k_cache, kb, kt, kh, kx, v_cache, vb, vt, vh, vd,
+            k_new, v_new, nt, nh,
+            cu_seqlens_q, seq_lens, block_table, block_table.stride(0),
+            k_scale_t, v_scale_t,
+            alibi_slopes if alibi_slopes is not None else q, sinks if sinks is not None else q,
+            part_acc, part_m, part_l,
+            num_seqs, scale * LOG2E, float(softcap or 1.0), int(sliding_window or 0),
+            int(part.partition_size or 1), part.min_query_len, min(part.max_query_len, 2**31 - 1),
+            QPK=num_q_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=head_pad,
+            BLOCK_M=part.block_m, BLOCK_Q=part.block_q, BLOCK_N=part.block_n, PAGE=page, K_X=k_x,
+            KV_FP8=fp8, DOT_DTYPE=tl.float32 if interp else _TL_DTYPES[q.dtype],
+            IEEE=(q.dtype == torch.float32 and not interp), CONTEXT=context,
+            DECODE_FROM_CACHE=bool(decode_from_cache), USE_SOFTCAP=bool(softcap),
+            USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None,
+            SLIDING=bool(sliding_window), NUM_SPLITS=num_splits,
+            IDX64=max(k_cache.numel(), v_cache.numel()) >= 2**31, INTERPRET=interp,
+            num_warps=part.num_warps, num_stages=part.num_stages,
         )
+        if num_splits > 1:
+            _merge_splits_kernel[(num_tokens, num_q_heads)](
+                out, out.stride(0), out.stride(1), part_acc, part_m, part_l,
+                num_q_heads, cu_seqlens_q, num_seqs, part.min_query_len, min(part.max_query_len, 2**31 - 1),
+                HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
+                SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+            )
     return out
