@@ -288,10 +288,7 @@ ROWS = [
     P(lambda e: e.cache.append([e.a, e.a], *_kv(2), [1, 1]), BatchMetadataError, "more than once",
       id="append-duplicate-seq"),
     P(lambda e: e.cache.append([e.a], *_kv(100), [100]), CacheFullError, "free blocks", id="append-cache-full"),
-    P(append_noncontiguous, LayoutError, "k must be contiguous", id="append-k-noncontiguous",
-      marks=xfail("cache.PagedKVCache.append reserves blocks, then write_kv raises LayoutError: the cache "
-                  "grows by 3 tokens and loses a free block. Fix: _check_kv must also check "
-                  "t.stride(-1) == 1 (or run write.check_write_inputs) before reserve()")),
+    P(append_noncontiguous, LayoutError, "k must be contiguous", id="append-k-noncontiguous"),
     P(lambda e: e.cache.append([e.a], e.k_new.tolist(), e.v_new, [3]), DTypeError, "k must be a torch.Tensor",
       id="append-k-list"),
     P(lambda e: e.cache.write([e.b], *_kv(1), [1]), SlotConflictError, "shared", id="write-block-shared-by-fork"),
@@ -540,10 +537,7 @@ ROWS = [
     P(lambda e: cli("explain", "--sms", "132", "--query-lens", "1,1", "--ctx-lens", "5"), SystemExit, "ctx_lens",
       id="cli-explain-lens-count-mismatch"),
     P(lambda e: cli("explain", "--sms", "132", "--query-lens", "one"), SystemExit, "--query-lens",
-      id="cli-explain-query-lens-not-int",
-      marks=xfail("dispatch.run: `pagedattn explain --query-lens one` exits with \"invalid literal for int() "
-                  "with base 10: 'one'\", which does not name --query-lens. Parse each list with a message "
-                  "naming the flag (e.g. an argparse type= function raising ArgumentTypeError)")),
+      id="cli-explain-query-lens-not-int"),
     P(lambda e: cli("explain", "--sms", "132", "--query-lens", "-3", "--ctx-lens", "1"), SystemExit, "query_len",
       id="cli-explain-query-lens-negative",
       marks=xfail("config.BatchShape.__post_init__ accepts negative lengths: `pagedattn explain --query-lens -3` "
@@ -551,10 +545,7 @@ ROWS = [
                   "(UnsupportedConfigError naming query_lens[i] / ctx_lens[i]); dispatch.run already turns that "
                   "into a SystemExit")),
     P(lambda e: cli("scenario", "incomplete-cache", "--device", "abacus"), SystemExit, "--device",
-      id="cli-scenario-bad-device",
-      marks=xfail("scenarios.run: `--device abacus` escapes as torch's RuntimeError ('Expected one of cpu, cuda, "
-                  "...'). Parse --device with a type= that calls torch.device and raises "
-                  "argparse.ArgumentTypeError naming --device (same in verify.add_arguments and demo)")),
+      id="cli-scenario-bad-device"),
     P(lambda e: cli("bench", "--workloads", "no-such-workload"), SystemExit, "no-such-workload",
       id="cli-bench-unknown-workload"),
 ]

@@ -98,7 +98,6 @@ def test_mixed_batch_runs_decodes_in_their_own_decode_tiles(monkeypatch):
     assert "second launch" in p.rule
 
 
-def test_decode_only_plan_takes_every_sequence():
-    """A max_query_len hint that is too small must not make a launch skip sequences."""
+def test_decode_only_plan_is_one_tile_per_sequence():
     p = plan(GQA4, BatchShape((1,) * 8, (100,) * 8))
-    assert p.decode_part is None and p.min_query_len == 0 and p.max_query_len >= 1 << 30
+    assert p.decode_part is None and p.phase == "decode" and p.block_q >= 1

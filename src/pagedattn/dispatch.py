@@ -30,7 +30,7 @@ PREFILL_TILES = {
     256: (64, 64, 8, 2),
 }
 # Decode tiles (few query rows per KV head): (BLOCK_N, num_warps, num_stages) by padded head size
-DECODE_TILES = {
+DECODE_TILES = {  # fp8 caches: twice block_n and one more stage (measured, see BENCHMARKS.md)
     32: (64, 4, 2),
     64: (64, 4, 2),
     128: (64, 4, 2),
@@ -109,6 +109,7 @@ def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block
         block_m = max(DECODE_MIN_ROWS, next_pow2(num_queries_per_kv))
         if fp8:  # half the bytes per key: twice the keys per tile keeps as many bytes in flight
             block_n *= 2
+            stages += 1
     else:
         block_m, block_n, warps, stages = PREFILL_TILES[head_pad]
         block_m = max(block_m, next_pow2(num_queries_per_kv))
@@ -159,8 +160,8 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
     decode_plan = Plan("split_kv" if splits > 1 else "unified", "decode", d_m, d_q, d_n, d_warps, d_stages,
                        splits, partition, max_query_len=d_q)
     if max_query_len <= d_q:
-        # alone, the decode launch takes every sequence (a max_query_len too small stays correct)
-        return dataclasses.replace(decode_plan, max_query_len=1 << 30, rule=(
+        # one decode tile per sequence: max_query_len must hold (checked mode verifies it)
+        return dataclasses.replace(decode_plan, rule=(
             f"decode batch (max_query_len {max_query_len} <= {d_q}: {qpk} query heads per KV head "
             f"fit one {d_m}-row tile): {why}"))
     block_m, block_q, block_n, warps, stages = choose_tiles(

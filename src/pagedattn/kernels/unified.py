@@ -177,15 +177,23 @@ def _paged_attention_kernel(
     IEEE: tl.constexpr, CONTEXT: tl.constexpr, DECODE_FROM_CACHE: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
     SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
+    SEQ_GRID: tl.constexpr,
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q)
-    q_start = tl.load(cu_seqlens_q_ptr + seq)
-    query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    tile_in_seq = tile_idx - (q_start // BLOCK_Q + seq)
+    if SEQ_GRID:
+        # decode launches: every sequence they handle fits one tile, so program = sequence
+        seq = tile_idx
+        q_start = tl.load(cu_seqlens_q_ptr + seq)
+        query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+        tile_in_seq = 0
+    else:
+        seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q)
+        q_start = tl.load(cu_seqlens_q_ptr + seq)
+        query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+        tile_in_seq = tile_idx - (q_start // BLOCK_Q + seq)
     if tile_in_seq * BLOCK_Q >= query_len:
         return
     if (query_len < min_query_len) | (query_len > max_query_len):
@@ -318,35 +326,36 @@ def _paged_attention_kernel(
 @triton.jit
 def _merge_splits_kernel(
     out_ptr, stride_ot, stride_oh, part_acc_ptr, part_m_ptr, part_l_ptr,
-    num_q_heads, cu_seqlens_q_ptr, num_seqs, min_query_len, max_query_len,
+    num_q_heads, cu_seqlens_q_ptr, min_query_len, max_query_len,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
-    """out[t, h] = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M), M = max_s m_s; 0 if empty."""
-    token = tl.program_id(0)
+    """out[t, h] = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M), M = max_s m_s; 0 if empty.
+    One program per (sequence, query head), over the sequence's few query tokens."""
+    seq = tl.program_id(0)
     head = tl.program_id(1)
-    if token >= tl.load(cu_seqlens_q_ptr + num_seqs):
-        return
-    seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, token, 1)  # BLOCK_Q=1: token -> its sequence
-    query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - tl.load(cu_seqlens_q_ptr + seq)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if (query_len < min_query_len) | (query_len > max_query_len):
         return
     splits = tl.arange(0, SPLITS_PAD)
     split_ok = splits < NUM_SPLITS
     dims = tl.arange(0, HEAD_PAD)
-    base = (token.to(tl.int64) * num_q_heads + head) * NUM_SPLITS
-    m = tl.load(part_m_ptr + base + splits, mask=split_ok, other=float("-inf"))
-    l = tl.load(part_l_ptr + base + splits, mask=split_ok, other=0.0)
-    m_max = tl.max(m, 0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_safe)
-    denom = tl.sum(l * w, 0)
-    acc = tl.load(part_acc_ptr + (base + splits)[:, None] * HEAD_PAD + dims[None, :],
-                  mask=split_ok[:, None] & (dims[None, :] < HEAD_SIZE), other=0.0)
-    num = tl.sum(acc * w[:, None], 0)
-    out = tl.where(denom == 0, 0.0, num / tl.where(denom == 0, 1.0, denom))  # NaN stays NaN
-    tl.store(out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + dims,
-             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_SIZE)
+    for i in range(0, query_len):
+        token = q_start.to(tl.int64) + i
+        base = (token * num_q_heads + head) * NUM_SPLITS
+        m = tl.load(part_m_ptr + base + splits, mask=split_ok, other=float("-inf"))
+        l = tl.load(part_l_ptr + base + splits, mask=split_ok, other=0.0)
+        m_max = tl.max(m, 0)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.math.exp2(m - m_safe)
+        denom = tl.sum(l * w, 0)
+        acc = tl.load(part_acc_ptr + (base + splits)[:, None] * HEAD_PAD + dims[None, :],
+                      mask=split_ok[:, None] & (dims[None, :] < HEAD_SIZE), other=0.0)
+        num = tl.sum(acc * w[:, None], 0)
+        out = tl.where(denom == 0, 0.0, num / tl.where(denom == 0, 1.0, denom))  # NaN stays NaN
+        tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
+                 out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_SIZE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +444,9 @@ def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, 
             part_acc, part_m, part_l = workspace(num_tokens, num_q_heads, num_splits, head_pad, q.device)
         else:
             part_acc = part_m = part_l = q  # unused
-        grid = (num_tokens // part.block_q + num_seqs, num_kv_heads, num_splits)
+        seq_grid = part.phase == "decode"
+        tiles = num_seqs if seq_grid else num_tokens // part.block_q + num_seqs
+        grid = (tiles, num_kv_heads, num_splits)
         _paged_attention_kernel[grid](
             q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
             k_cache, kb, kt, kh, kx, v_cache, vb, vt, vh, vd,
@@ -454,12 +465,12 @@ def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, 
             USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None,
             SLIDING=bool(sliding_window), NUM_SPLITS=num_splits,
             IDX64=max(k_cache.numel(), v_cache.numel()) >= 2**31, INTERPRET=interp,
-            num_warps=part.num_warps, num_stages=part.num_stages,
+            SEQ_GRID=seq_grid, num_warps=part.num_warps, num_stages=part.num_stages,
         )
         if num_splits > 1:
-            _merge_splits_kernel[(num_tokens, num_q_heads)](
+            _merge_splits_kernel[(num_seqs, num_q_heads)](
                 out, out.stride(0), out.stride(1), part_acc, part_m, part_l,
-                num_q_heads, cu_seqlens_q, num_seqs, part.min_query_len, min(part.max_query_len, 2**31 - 1),
+                num_q_heads, cu_seqlens_q, part.min_query_len, min(part.max_query_len, 2**31 - 1),
                 HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
                 SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
             )
