@@ -76,6 +76,8 @@ def apply_variant(spec: str) -> None:
             dispatch.DECODE_TILES[int(key[6:])] = nums
         elif key == "ppsm":
             dispatch.PROGRAMS_PER_SM = nums[0]
+        elif key == "fp8f":
+            dispatch.FP8_SPLIT_FACTOR = nums[0]
 
 
 
@@ -85,10 +87,12 @@ def main():
     names = [a for a in args if not a.startswith("v:")] or [w["name"] for w in WORKLOADS["workloads"]]
     if variants:
         base_p, base_d, base_s = dict(dispatch.PREFILL_TILES), dict(dispatch.DECODE_TILES), dispatch.PROGRAMS_PER_SM
+        base_f = dispatch.FP8_SPLIT_FACTOR
         for spec in variants:
             dispatch.PREFILL_TILES.clear(); dispatch.PREFILL_TILES.update(base_p)
             dispatch.DECODE_TILES.clear(); dispatch.DECODE_TILES.update(base_d)
             dispatch.PROGRAMS_PER_SM = base_s
+            dispatch.FP8_SPLIT_FACTOR = base_f
             apply_variant(spec)
             print(f"=== variant {spec}")
             run(names)

@@ -255,9 +255,7 @@ ROWS = [
     P(lambda e: AttentionConfig(softcap=INF), UnsupportedConfigError, "softcap", id="config-softcap-inf"),
     P(lambda e: AttentionConfig(softcap=NAN), UnsupportedConfigError, "softcap", id="config-softcap-nan"),
     P(lambda e: AttentionConfig(num_q_heads=4, num_kv_heads=True), UnsupportedConfigError, "num_kv_heads",
-      id="config-num_kv_heads-bool",
-      marks=xfail("config.AttentionConfig.validate accepts bools as ints (True == 1); "
-                  "reject isinstance(value, bool) like PagedKVCache.__init__ does")),
+      id="config-num_kv_heads-bool"),
     # ---- PagedKVCache constructor
     P(lambda e: PagedKVCache(0, 16, 2, 32), UnsupportedConfigError, "num_blocks", id="cache-num_blocks-0"),
     P(lambda e: PagedKVCache(-4, 16, 2, 32), UnsupportedConfigError, "num_blocks", id="cache-num_blocks-negative"),
@@ -376,9 +374,7 @@ ROWS = [
     # ---- paged_attention: options
     P(lambda e: pa(e, sliding_window=-1), UnsupportedConfigError, "sliding_window", id="pa-window-negative"),
     P(lambda e: pa(e, sliding_window=2.5), UnsupportedConfigError, "sliding_window", id="pa-window-float"),
-    P(lambda e: pa(e, sliding_window=True), UnsupportedConfigError, "sliding_window", id="pa-window-bool",
-      marks=xfail("attention.check_inputs accepts sliding_window=True as a window of 1 (bool is an int); "
-                  "add `isinstance(sliding_window, bool)` to the rejection (AttentionConfig.validate too)")),
+    P(lambda e: pa(e, sliding_window=True), UnsupportedConfigError, "sliding_window", id="pa-window-bool"),
     P(lambda e: pa(e, softcap=-3.0), UnsupportedConfigError, "softcap", id="pa-softcap-negative"),
     P(lambda e: pa(e, softcap=INF), UnsupportedConfigError, "softcap", id="pa-softcap-inf"),
     P(lambda e: pa(e, softcap=NAN), UnsupportedConfigError, "softcap", id="pa-softcap-nan"),
@@ -481,11 +477,7 @@ ROWS = [
     P(lambda e: chunked_fp8_uint8(e, k_scale=None, v_scale=1.0), ScaleError, "k_scale",
       id="vllm-chunked-fp8-no-k_scale"),
     P(lambda e: chunked(e, key_cache=e.k_v0.view(torch.uint8)), DTypeError, "key_cache",
-      id="vllm-chunked-uint8-cache-auto",
-      marks=xfail("compat/vllm.py _cache_views: its messages name pagedattn's 'k_cache'/'v_cache', "
-                  "not the caller's argument (chunked_prefill_paged_decode: key_cache/value_cache; "
-                  "reshape_and_cache_flash: key_cache/value_cache). Pass the caller's names in "
-                  "(e.g. a names=(k_name, v_name) parameter)")),
+      id="vllm-chunked-uint8-cache-auto"),
     P(lambda e: chunked(e, seq_lens=e.ctx_seq_lens.float()), DTypeError, "seq_lens", id="vllm-chunked-seq_lens-float"),
     P(lambda e: ua(e, causal=False), UnsupportedConfigError, "causal", id="vllm-ua-not-causal"),
     P(lambda e: ua(e, window_size=(-1, 4)), UnsupportedConfigError, "window_size", id="vllm-ua-window-right"),
@@ -538,12 +530,8 @@ ROWS = [
       id="cli-explain-lens-count-mismatch"),
     P(lambda e: cli("explain", "--sms", "132", "--query-lens", "one"), SystemExit, "--query-lens",
       id="cli-explain-query-lens-not-int"),
-    P(lambda e: cli("explain", "--sms", "132", "--query-lens", "-3", "--ctx-lens", "1"), SystemExit, "query_len",
-      id="cli-explain-query-lens-negative",
-      marks=xfail("config.BatchShape.__post_init__ accepts negative lengths: `pagedattn explain --query-lens -3` "
-                  "prints a plan for max_query_len -3. Check every query_len and ctx_len is an int >= 0 "
-                  "(UnsupportedConfigError naming query_lens[i] / ctx_lens[i]); dispatch.run already turns that "
-                  "into a SystemExit")),
+    P(lambda e: cli("explain", "--sms", "132", "--query-lens", "-3", "--ctx-lens", "1"), SystemExit, "--query-lens",
+      id="cli-explain-query-lens-negative"),
     P(lambda e: cli("scenario", "incomplete-cache", "--device", "abacus"), SystemExit, "--device",
       id="cli-scenario-bad-device"),
     P(lambda e: cli("bench", "--workloads", "no-such-workload"), SystemExit, "no-such-workload",

@@ -88,9 +88,16 @@ def cases(draw):
     return config, BatchShape(tuple(qs), tuple(cs)), contract
 
 
-@settings(settings.get_profile(PROFILE), **({"max_examples": int(_EXAMPLES)} if _EXAMPLES else {}))
+# The GPU profile runs as SHARDS independent tests (random, not derandomized: each shard draws its
+# own examples) so pytest-xdist can spread the 2,000 examples over its workers.
+SHARDS = 8 if BIG else 1
+_TOTAL = int(_EXAMPLES) if _EXAMPLES else settings.get_profile(PROFILE).max_examples
+
+
+@pytest.mark.parametrize("shard", range(SHARDS))
+@settings(settings.get_profile(PROFILE), max_examples=max(1, _TOTAL // SHARDS))
 @given(case=cases(), seed=st.integers(0, 2**16))
-def test_kernel_matches_reference(case, seed):
+def test_kernel_matches_reference(shard, case, seed):
     config, shape, contract = case
     # the interpreter's cost grows with query rows x keys; keep CI examples small
     if not BIG:

@@ -162,7 +162,8 @@ def check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, *, ou
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
             if t is not None and _overlaps(out, t):
                 raise LayoutError(f"out overlaps {name}: the kernel reads {name} while writing out")
-    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 0):
+    if sliding_window is not None and (not isinstance(sliding_window, int) or isinstance(sliding_window, bool)
+                                       or sliding_window < 0):
         raise UnsupportedConfigError(f"sliding_window must be None, 0 (none) or a positive int, got {sliding_window!r}")
     if softcap is not None and (not math.isfinite(float(softcap)) or float(softcap) < 0):
         raise UnsupportedConfigError(f"softcap must be None, 0 (off) or finite and > 0, got {softcap!r}")

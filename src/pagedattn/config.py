@@ -108,7 +108,7 @@ class AttentionConfig:
     def validate(self) -> None:
         for name in ("num_q_heads", "num_kv_heads", "head_size", "block_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UnsupportedConfigError(f"{name} must be a positive int, got {value!r}")
         if self.num_q_heads % self.num_kv_heads:
             raise UnsupportedConfigError(
@@ -123,7 +123,7 @@ class AttentionConfig:
         if self.dtype not in QUERY_DTYPES:
             raise DTypeError(f"dtype must be one of {QUERY_DTYPES}, got {self.dtype}")
         fp8_dtype_of(self.kv_dtype)
-        if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+        if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window < 0:
             raise UnsupportedConfigError(
                 f"sliding_window must be an int >= 0 (0 = none), got {self.sliding_window!r}"
             )

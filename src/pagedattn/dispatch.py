@@ -39,6 +39,7 @@ DECODE_TILES = {  # fp8 caches: twice block_n and one more stage (measured, see 
 DECODE_MIN_ROWS = 16  # tl.dot needs M >= 16: decode tiles are padded up to this many rows
 PARTITION_MIN_TOKENS = 256  # a split-KV partition never covers fewer keys than this
 PROGRAMS_PER_SM = 2  # split-KV: enough programs that every SM holds several (memory-bound: bytes in flight)
+FP8_SPLIT_FACTOR = 1  # fp8 programs convert as they read: more of them hide it (see BENCHMARKS.md)
 MAX_SPLITS = 64
 
 
@@ -113,18 +114,19 @@ def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block
     else:
         block_m, block_n, warps, stages = PREFILL_TILES[head_pad]
         block_m = max(block_m, next_pow2(num_queries_per_kv))
-        if fp32:  # fp32 tiles take twice the registers and shared memory
-            block_n = max(16, block_n // 2)
+        if fp32:  # fp32 tiles take twice the shared memory: keep Q + 2 stages of K/V under ~200 KB
+            block_m = max(16, min(block_m, 8192 // head_pad))
+            block_n = max(16, min(block_n, 4096 // head_pad))
             stages = min(stages, 2)
     block_q = max(1, block_m // num_queries_per_kv)
     return block_m, block_q, block_n, warps, stages
 
 
 def choose_splits(*, num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int,
-                  sm_count: int) -> tuple[int, int, str]:
+                  sm_count: int, programs_per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int, str]:
     """(num_splits, partition_size, why) for a decode-like batch."""
     programs = num_seqs * num_kv_heads
-    target = PROGRAMS_PER_SM * sm_count
+    target = programs_per_sm * sm_count
     if programs >= target:
         return 1, 0, f"{num_seqs} seqs x {num_kv_heads} KV heads = {programs} programs fill {sm_count} SMs"
     by_occupancy = math.ceil(target / programs)
@@ -143,7 +145,8 @@ def choose_splits(*, num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n
 def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int, num_q_heads: int,
          num_kv_heads: int, head_size: int, block_size: int, dtype: torch.dtype,
          cache_dtype: torch.dtype, sliding_window: int = 0, context_contract: bool = False,
-         device: torch.device | str = "cuda", backend: str = "auto") -> Plan:
+         device: torch.device | str = "cuda", backend: str = "auto", sms: int | None = None) -> Plan:
+    """The plan for one call. `sms` overrides the device's SM count (for explain)."""
     device = torch.device(device)
     which, why = choose_backend(device, backend)
     if which == "reference":
@@ -156,7 +159,8 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
         decode=True, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size, fp32=fp32, fp8=fp8)
     splits, partition, why = (1, 0, "context-cache contract: keys are not split") if context_contract else \
         choose_splits(num_seqs=num_seqs, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
-                      block_n=d_n, sm_count=sm_count(device))
+                      block_n=d_n, sm_count=sms or sm_count(device),
+                      programs_per_sm=PROGRAMS_PER_SM * (FP8_SPLIT_FACTOR if fp8 else 1))
     decode_plan = Plan("split_kv" if splits > 1 else "unified", "decode", d_m, d_q, d_n, d_warps, d_stages,
                        splits, partition, max_query_len=d_q)
     if max_query_len <= d_q:
@@ -178,13 +182,13 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
 
 
 def plan_for(config: AttentionConfig, shape: BatchShape, *, device="cuda", backend="auto",
-             context_contract: bool = False) -> Plan:
+             context_contract: bool = False, sms: int | None = None) -> Plan:
     return plan(num_seqs=shape.num_seqs, num_tokens=shape.num_tokens,
                 max_query_len=max(shape.query_lens), max_seq_len=max(shape.seq_lens),
                 num_q_heads=config.num_q_heads, num_kv_heads=config.num_kv_heads,
                 head_size=config.head_size, block_size=config.block_size, dtype=config.dtype,
                 cache_dtype=config.cache_dtype, sliding_window=config.sliding_window,
-                context_contract=context_contract, device=device, backend=backend)
+                context_contract=context_contract, device=device, backend=backend, sms=sms)
 
 
 def explain(config: AttentionConfig, shape: BatchShape, *, device="cuda", context_contract=False) -> str:
@@ -222,11 +226,8 @@ def run(args) -> int:
     from .config import DTYPE_NAMES
     from .errors import UnsupportedConfigError
 
-    if args.sms is not None:
-        if args.sms <= 0:
-            raise SystemExit(f"--sms must be > 0, got {args.sms}")
-        sm_count.cache_clear()
-        globals()["sm_count"] = lambda device, _n=args.sms: _n  # noqa: E731
+    if args.sms is not None and args.sms <= 0:
+        raise SystemExit(f"pagedattn explain: --sms must be > 0, got {args.sms}")
     device = "cuda" if torch.cuda.is_available() else "cpu-as-h100"
     if args.seed_grid:
         cases = [(c.config, c.shape) for c in seed_grid()]
@@ -240,12 +241,12 @@ def run(args) -> int:
         cases = [(config, shape)]
     rows = []
     for config, shape in cases:
-        p = plan_for(config, shape, device="cuda")
+        p = plan_for(config, shape, device="cuda", sms=args.sms)
         rows.append(dict(config=config.label(), batch=shape.label(), kernel=p.kernel, params=p.params(), rule=p.rule))
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    table = Table(title=f"dispatch ({device}, {sm_count('cuda') if torch.cuda.is_available() else 132} SMs)")
+    table = Table(title=f"dispatch ({device}, {args.sms or sm_count('cuda')} SMs)")
     for col in ("config", "batch", "kernel", "params", "rule"):
         table.add_column(col, overflow="fold")
     for r in rows:

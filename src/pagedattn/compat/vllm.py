@@ -68,11 +68,12 @@ def _short(value) -> str:
     return repr(value)
 
 
-def _cache_views(kv_cache_dtype, k_cache, v_cache, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _cache_views(kv_cache_dtype, k_cache, v_cache, fn: str,
+                 names: tuple[str, str] = ("k_cache", "v_cache")) -> tuple[torch.Tensor, torch.Tensor]:
     """The caches as pagedattn reads them: uint8 fp8 storage viewed as the torch fp8 dtype."""
     if not isinstance(kv_cache_dtype, str):
         raise UnsupportedConfigError(f"{fn}: kv_cache_dtype must be a string, got {kv_cache_dtype!r}")
-    caches = (("k_cache", k_cache), ("v_cache", v_cache))
+    caches = ((names[0], k_cache), (names[1], v_cache))
     for name, c in caches:
         if not isinstance(c, torch.Tensor):
             raise DTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(c).__name__}")
@@ -197,7 +198,8 @@ def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_tabl
              decode_from_cache, skip_decode=False):
     """The shared body of context_attention_fwd and chunked_prefill_paged_decode; `names` maps
     pagedattn's argument names to the caller's."""
-    k_cache, v_cache = _cache_views(kv_cache_dtype, k_cache, v_cache, fn)
+    k_cache, v_cache = _cache_views(kv_cache_dtype, k_cache, v_cache, fn,
+                                    (names.get("k_cache", "k_cache"), names.get("v_cache", "v_cache")))
     _check_older_layout(fn, k_cache, v_cache)
     if alibi_slopes is not None and sinks is not None:
         raise UnsupportedConfigError(f"{fn}: sinks cannot be combined with alibi_slopes (as in vLLM)")
@@ -334,7 +336,7 @@ def _check_write_args(fn, key, value, slot_mapping, kv_cache_dtype, key_cache, v
                          f"{key.shape[0]}, got shape {list(slot_mapping.shape)}")
     if slot_mapping.dtype not in (torch.int64, torch.int32):
         raise DTypeError(f"{fn}: slot_mapping must be int64 (or int32), got {slot_mapping.dtype}")
-    key_cache, value_cache = _cache_views(kv_cache_dtype, key_cache, value_cache, fn)
+    key_cache, value_cache = _cache_views(kv_cache_dtype, key_cache, value_cache, fn, ("key_cache", "value_cache"))
     if key_cache.dtype in FP8_DTYPES:
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
             if s is None:
