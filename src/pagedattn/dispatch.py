@@ -118,6 +118,10 @@ def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block
             block_m = max(16, min(block_m, 8192 // head_pad))
             block_n = max(16, min(block_n, 4096 // head_pad))
             stages = min(stages, 2)
+            # IEEE fp32 dots run on FMA units with the accumulators in registers: at 8 warps the
+            # launch can ask for more than the SM's 64K registers ("too many resources requested"
+            # seen on the H100 for fp32 with head sizes padded to 128), so cap at 4 warps
+            warps = min(warps, 4)
     block_q = max(1, block_m // num_queries_per_kv)
     return block_m, block_q, block_n, warps, stages
 
