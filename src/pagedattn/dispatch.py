@@ -27,7 +27,7 @@ PREFILL_TILES = {
     32: (128, 64, 4, 3),
     64: (128, 64, 4, 3),
     128: (128, 128, 8, 3),
-    256: (64, 64, 8, 2),
+    256: (64, 32, 4, 2),
 }
 # Decode tiles (few query rows per KV head): (BLOCK_N, num_warps, num_stages) by padded head size
 DECODE_TILES = {  # fp8 caches: twice block_n and one more stage (measured, see BENCHMARKS.md)
