@@ -116,6 +116,7 @@ def test_windowed_prefill_and_decode_at_131k_positions():
         assert_close_to_reference(out, ref, config.dtype, f"window at 131k {contract}")
 
 
+@pytest.mark.bigmem
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("query_lens", [(1, 1), (37, 1)], ids=["decode", "mixed"])

@@ -247,6 +247,7 @@ def test_gpu_kernel_matches_torch_path(dtype):
             torch.testing.assert_close(kernel_cache, torch_cache, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.bigmem
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_offsets_past_2_31_elements():

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU validation in steps that each fit one 10-minute call of the device tool; every step writes its
+# full log under $OUT and prints a short summary last. Run from the repository root:
+#   bash scripts/gpu_validate.sh tests      # whole suite natively on CUDA (verbose log survives a timeout)
+#   bash scripts/gpu_validate.sh bigmem     # tests needing several GB each, one at a time
+#   bash scripts/gpu_validate.sh sanitize   # compute-sanitizer memcheck (all kernels) + racecheck (split-KV)
+#   bash scripts/gpu_validate.sh seed       # the seed scenario at full size: 8,192 NaN, checked mode
+#   bash scripts/gpu_validate.sh bench      # pagedattn bench: workloads, sweeps, peers, roofline
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"
+case "${1:-}" in
+  tests)
+    # -v streams one line per test, so a run cut off by the time limit still names its failures
+    timeout "${TIMEOUT:-540}" python3 -m pytest tests -v -n "${JOBS:-8}" -m "not bigmem" -p no:cacheprovider \
+      --tb=line > "$OUT/pytest.log" 2>&1
+    echo "exit $?"
+    grep -E "FAILED|ERROR" "$OUT/pytest.log" | sed 's/^\[gw[0-9]*\] //' | sort | uniq | head -60
+    echo "passed: $(grep -c ' PASSED' "$OUT/pytest.log")  failed: $(grep -c ' FAILED' "$OUT/pytest.log")  skipped: $(grep -c ' SKIPPED' "$OUT/pytest.log")"
+    tail -3 "$OUT/pytest.log" ;;
+  bigmem)
+    timeout "${TIMEOUT:-540}" python3 -m pytest tests -v -m bigmem -p no:cacheprovider --tb=short > "$OUT/bigmem.log" 2>&1
+    echo "exit $?"; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/bigmem.log" | tail -20 ;;
+  sanitize)
+    timeout 330 compute-sanitizer --tool memcheck --print-limit 50 python3 scripts/sanitize.py > "$OUT/memcheck.log" 2>&1
+    echo "memcheck exit $?"; tail -3 "$OUT/memcheck.log"
+    timeout 240 compute-sanitizer --tool racecheck --print-limit 50 python3 scripts/sanitize.py split > "$OUT/racecheck.log" 2>&1
+    echo "racecheck exit $?"; tail -3 "$OUT/racecheck.log" ;;
+  seed)
+    timeout 200 python3 -m pagedattn scenario incomplete-cache --full --device cuda > "$OUT/seed.log" 2>&1
+    echo "exit $?"; grep -E "mismatch|NaN|UnwrittenKVError|never written|top diagnosis|ok:" "$OUT/seed.log" | head -12 ;;
+  bench)
+    timeout "${TIMEOUT:-560}" python3 -m pagedattn bench --out "$OUT/bench" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+    echo "exit $?"; tail -40 "$OUT/bench.log" ;;
+  *) echo "usage: $0 tests|bigmem|sanitize|seed|bench" >&2; exit 2 ;;
+esac
