@@ -399,7 +399,7 @@ ROWS = [
     P(lambda e: pa8(e, v_scale=INF), ScaleError, "v_scale must be finite", id="pa-fp8-v_scale-inf"),
     P(lambda e: pa8(e, k_scale=-0.5), ScaleError, "k_scale", id="pa-fp8-k_scale-negative"),
     P(lambda e: pa8(e, v_scale=0.0), ScaleError, "v_scale", id="pa-fp8-v_scale-zero"),
-    P(lambda e: pa8(e, k_scale=torch.tensor([0.5, 0.5])), ScaleError, "k_scale must be a scalar",
+    P(lambda e: pa8(e, k_scale=torch.tensor([0.5, 0.5])), ScaleError, "k_scale must be one value",
       id="pa-fp8-k_scale-two-values"),
     P(lambda e: pa8(e, v_scale=torch.tensor(NAN)), ScaleError, "v_scale", id="pa-fp8-v_scale-nan-tensor"),
     # ---- paged_attention, checked mode: metadata values

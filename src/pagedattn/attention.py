@@ -26,8 +26,8 @@ import torch
 from . import dispatch, reference
 from .batch import BatchMetadata, check_block_table_values, check_metadata_tensors
 from .config import FP8_DTYPES, MAX_HEAD_SIZE, QUERY_DTYPES, SUPPORTED_BLOCK_SIZES
-from .errors import (DeviceError, DTypeError, LayoutError, ScaleError, ShapeError,
-                     UnsupportedConfigError)
+from .errors import DeviceError, DTypeError, LayoutError, ShapeError, UnsupportedConfigError
+from .kernels.write import check_scale
 
 if TYPE_CHECKING:
     from .cache import PagedKVCache
@@ -43,24 +43,6 @@ def _check_tensor(name: str, t, rank: int, device: torch.device) -> None:
         raise ShapeError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
     if t.device != device:
         raise DeviceError(f"{name} is on {t.device}, expected {device} (the device of q)")
-
-
-def _check_scale(name: str, value, device: torch.device) -> None:
-    if value is None:
-        raise ScaleError(f"{name} is required for an fp8 cache (dequantized value = fp8 * {name})")
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ScaleError(f"{name} must be a scalar (per-tensor scale), got shape {tuple(value.shape)}")
-        if value.device != device and value.device.type != "cpu":
-            raise DeviceError(f"{name} is on {value.device}, expected {device}")
-        # a device scale is only value-checked in checked mode (reading it would sync)
-        if value.device.type == "cpu":
-            value = float(value)
-        else:
-            return
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ScaleError(f"{name} must be finite and > 0, got {value}")
 
 
 KV_LAYOUTS = ("nhd", "vllm_v0")
@@ -103,7 +85,8 @@ def to_nhd(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_layout: str) -> tupl
 
 def check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, *, out=None,
                  k_new=None, v_new=None, sliding_window=None, alibi_slopes=None, softcap=None,
-                 sinks=None, k_scale=None, v_scale=None, scale=None, kv_layout="nhd") -> None:
+                 sinks=None, k_scale=None, v_scale=None, scale=None, kv_layout="nhd",
+                 checked=False) -> None:
     """Cheap host-side validation of every argument; raises a specific PagedAttentionError."""
     if not isinstance(q, torch.Tensor):
         raise DTypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -133,8 +116,8 @@ def check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, *, ou
             raise LayoutError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
     fp8 = k_cache.dtype in FP8_DTYPES
     if fp8:
-        _check_scale("k_scale", k_scale, device)
-        _check_scale("v_scale", v_scale, device)
+        check_scale("k_scale", k_scale, device, checked=checked)
+        check_scale("v_scale", v_scale, device, checked=checked)
     elif k_cache.dtype not in QUERY_DTYPES:
         raise DTypeError(f"k_cache must be fp16/bf16/fp32 or an fp8 dtype, got {k_cache.dtype}")
     check_metadata_tensors(cu_seqlens_q, seq_lens, block_table, device)
@@ -305,7 +288,7 @@ def _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new,
     check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out=out, k_new=k_new,
                  v_new=v_new, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
                  softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale, scale=scale,
-                 kv_layout=kv_layout)
+                 kv_layout=kv_layout, checked=checked)
     if backend not in ("auto", "triton", "reference"):
         raise UnsupportedConfigError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     num_blocks, block_size, num_kv_heads, _ = cache_geometry(k_cache, v_cache, kv_layout, q.device)
