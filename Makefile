@@ -17,8 +17,13 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
+# Without a GPU the Triton kernels run through Triton's interpreter (the same kernels, on CPU).
 demo: $(STAMP)
-	$(VENV)/bin/pagedattn demo
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(VENV)/bin/pagedattn demo; \
+	else \
+		TRITON_INTERPRET=1 $(VENV)/bin/pagedattn demo; \
+	fi
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -n $(JOBS) -q

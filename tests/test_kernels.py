@@ -4,7 +4,6 @@ shapes (`make test` sets TRITON_INTERPRET=1); on a GPU the same tests run at ful
 
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 

@@ -18,13 +18,9 @@ Semantics are exactly those of `pagedattn.reference` (its docstring is the speci
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
-
-from ..config import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
 
