@@ -114,14 +114,12 @@ def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block
     else:
         block_m, block_n, warps, stages = PREFILL_TILES[head_pad]
         block_m = max(block_m, next_pow2(num_queries_per_kv))
-        if fp32:  # fp32 tiles take twice the shared memory: keep Q + 2 stages of K/V under ~200 KB
-            block_m = max(16, min(block_m, 8192 // head_pad))
-            block_n = max(16, min(block_n, 4096 // head_pad))
-            stages = min(stages, 2)
-            # IEEE fp32 dots run on FMA units with the accumulators in registers: at 8 warps the
-            # launch can ask for more than the SM's 64K registers ("too many resources requested"
-            # seen on the H100 for fp32 with head sizes padded to 128), so cap at 4 warps
-            warps = min(warps, 4)
+    if fp32:
+        # fp32 is the accuracy path: IEEE dots on FMA units keep operand tiles in registers, and
+        # larger tiles spill kilobytes per thread on sm_90 (an 11 KB stack frame at 128x64x8 warps,
+        # where the H100 runs failed to launch). 16x16 tiles at 4 warps compile with no stack frame
+        # for head sizes up to 256 (scripts/compile_check.py).
+        block_m, block_n, warps, stages = max(16, next_pow2(num_queries_per_kv)), 16, 4, 2
     block_q = max(1, block_m // num_queries_per_kv)
     return block_m, block_q, block_n, warps, stages
 

@@ -23,6 +23,10 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# fp32 inputs are the accuracy path: "ieee" dots on FMA units. They hold their operand tiles in
+# registers, so dispatch gives fp32 small tiles (scripts/compile_check.py reports each tile's
+# stack frame); "tf32x3" (three tf32 terms on the tensor cores) would spill far less.
+FP32_PRECISION: tl.constexpr = tl.constexpr("ieee")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +75,7 @@ def _attend_tile(
     Scores are kept in log2 units (qk_scale folds log2(e)). MASK=False is for tiles every row sees
     whole (below the causal diagonal, inside the window, inside the sequence): no compare, no where."""
     if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = tl.dot(q, tl.trans(k), input_precision=FP32_PRECISION)
     else:
         s = tl.dot(q, tl.trans(k))
     if USE_SOFTCAP:
@@ -99,7 +103,7 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if IEEE:
-        acc += tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
+        acc += tl.dot(p.to(DOT_DTYPE), v, input_precision=FP32_PRECISION)
     else:
         acc += tl.dot(p.to(DOT_DTYPE), v)
     return acc, m_new, l_i
