@@ -321,3 +321,18 @@ def test_batch_context_contract():
     batch.validate(num_blocks=cache.num_blocks, block_size=cache.block_size, num_tokens=4)
     with pytest.raises(UnsupportedConfigError, match="contract"):
         cache.batch([a], [1], contract="partial")
+
+
+def test_context_batch_with_decode_from_cache_counts_the_appended_token_once():
+    cache = PagedKVCache(16, block_size=4, num_kv_heads=1, head_size=8, dtype=torch.float32)
+    prefill, decode = cache.new_sequence(), cache.new_sequence()
+    cache.append([prefill, decode], torch.randn(9, 1, 8), torch.randn(9, 1, 8), [3, 6])
+    # the prefill's 5 new tokens come as k_new/v_new; the decode token was appended (6 -> 7)
+    cache.append([decode], torch.randn(1, 1, 8), torch.randn(1, 1, 8), [1])
+    plain = cache.batch([prefill, decode], [5, 1], contract="context")
+    from_cache = cache.batch([prefill, decode], [5, 1], contract="context", decode_from_cache=True)
+    assert plain.host_seq_lens() == (8, 8)
+    assert from_cache.host_seq_lens() == (8, 7)
+    empty = cache.new_sequence()
+    with pytest.raises(BatchMetadataError, match="decode_from_cache"):
+        cache.batch([empty], [1], contract="context", decode_from_cache=True)

@@ -230,13 +230,16 @@ class PagedKVCache:
         return self._slots_host(seq_ids, query_lens).to(self.device)
 
     # ------------------------------------------------------------------ batch metadata
-    def batch(self, seq_ids: Sequence[int], query_lens: Sequence[int], contract: str = "full") -> BatchMetadata:
+    def batch(self, seq_ids: Sequence[int], query_lens: Sequence[int], contract: str = "full",
+              decode_from_cache: bool = False) -> BatchMetadata:
         """Metadata for one attention step over these sequences, on the cache's device.
 
         contract="full": the query tokens are each sequence's last query_len tokens, already in the
         cache; seq_len = the sequence's length. contract="context": the cache holds ctx_len tokens
         and the query tokens' K/V come separately; seq_len = length + query_len, block tables are not
-        extended. The block table is as wide as the widest row needs (ceil(seq_len / block_size)
+        extended. With contract="context" and decode_from_cache=True, decode sequences (query_len 1)
+        have already appended their token and read all of it from the cache (seq_len = length), as
+        `prefix_prefill(..., decode_from_cache=True)` expects. The block table is as wide as the widest row needs (ceil(seq_len / block_size)
         columns, or the blocks a sequence holds if more), padded with 0.
 
         The result carries `seq_ids` (a tuple) and `contract` as plain attributes for checked mode."""
@@ -249,7 +252,14 @@ class PagedKVCache:
         seq_lens = []
         for seq_id, q in zip(seq_ids, query_lens):
             length = self._lens[seq_id]
-            if contract == "context":
+            if contract == "context" and decode_from_cache and q == 1:
+                # chunked_prefill_paged_decode: the decode token was appended; it reads it from here
+                if length < 1:
+                    raise BatchMetadataError(
+                        f"sequence {seq_id}: decode_from_cache=True but the sequence holds no token; "
+                        "append the decode token's K/V before building the batch")
+                seq_lens.append(length)
+            elif contract == "context":
                 seq_lens.append(length + q)
             elif q > length:
                 raise BatchMetadataError(

@@ -130,15 +130,9 @@ def make_step(config: AttentionConfig, shape: BatchShape, *, device="cpu", seed:
 
 
 def context_batch(cache, seq_ids: list[int], shape: BatchShape) -> BatchMetadata:
-    """Context-contract metadata (seq_len = ctx_len + query_len) over the sequences' own block tables.
-    Built by hand because decode sequences already hold their token (cache.batch would count it twice)."""
-    bs = cache.block_size
-    width = max(max(len(cache.block_table(s)), -(-n // bs)) for s, n in zip(seq_ids, shape.seq_lens))
-    rows = [cache.block_table(s) + [0] * (width - len(cache.block_table(s))) for s in seq_ids]
-    batch = BatchMetadata.from_lens(shape.query_lens, shape.seq_lens, rows, device=cache.device)
-    batch.seq_ids = tuple(seq_ids)
-    batch.contract = "context"
-    return batch
+    """Context-contract metadata (seq_len = ctx_len + query_len); decode sequences already hold
+    their token in the cache and read it from there (decode_from_cache)."""
+    return cache.batch(seq_ids, shape.query_lens, contract="context", decode_from_cache=True)
 
 
 # ---------------------------------------------------------------------------------------------
