@@ -202,7 +202,9 @@ def paged_attention(
     prefill (query_len > 1, with or without cached prefix) and decode (query_len == 1).
 
     `query_lens_host`: optional host copy of the query lengths (never read from the device); it
-    lets a mixed batch skip a launch that has no sequence to work on.
+    lets a mixed batch skip a launch that has no sequence to work on. Leave it out when capturing
+    a CUDA graph: without it the launches depend on shapes only (num_tokens, num_seqs and the
+    max_query_len / max_seq_len bounds), so a replay with other lengths runs the same kernels.
     `backend`: "auto" (dispatch decides), "triton" or "reference". With `checked=True`, metadata
     values are validated (one device sync) and, where the cache was poisoned with NaN, every
     position the kernel will read is verified to have been written."""
