@@ -13,7 +13,7 @@ import pytest
 import torch
 import triton
 
-from pagedattn import dispatch
+from pagedattn import dispatch  # noqa: F401  (used by the compile subprocess)
 from pagedattn.config import AttentionConfig, BatchShape
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))

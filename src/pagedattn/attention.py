@@ -86,8 +86,9 @@ def to_nhd(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_layout: str) -> tupl
 def check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, *, out=None,
                  k_new=None, v_new=None, sliding_window=None, alibi_slopes=None, softcap=None,
                  sinks=None, k_scale=None, v_scale=None, scale=None, kv_layout="nhd",
-                 checked=False) -> None:
-    """Cheap host-side validation of every argument; raises a specific PagedAttentionError."""
+                 checked=False) -> tuple[int, int, int, int]:
+    """Cheap host-side validation of every argument; raises a specific PagedAttentionError.
+    Returns the cache geometry (num_blocks, block_size, num_kv_heads, head_size)."""
     if not isinstance(q, torch.Tensor):
         raise DTypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     device = q.device
@@ -160,6 +161,7 @@ def check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, *, ou
             raise ShapeError(f"{name} must have num_q_heads = {num_q_heads} entries, got {t.shape[0]}")
         if t.dtype != torch.float32:
             raise DTypeError(f"{name} must be float32, got {t.dtype}")
+    return num_blocks, block_size, num_kv_heads, head_size
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -287,13 +289,13 @@ def reference_attention(q: torch.Tensor, cache: "PagedKVCache", batch: BatchMeta
 def _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new, decode_from_cache,
          max_query_len, max_seq_len, scale, sliding_window, alibi_slopes, softcap, sinks,
          k_scale, v_scale, out, kv_layout, query_lens_host, backend, checked):
-    check_inputs(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out=out, k_new=k_new,
-                 v_new=v_new, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
-                 softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale, scale=scale,
-                 kv_layout=kv_layout, checked=checked)
+    num_blocks, block_size, num_kv_heads, _ = check_inputs(
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out=out, k_new=k_new,
+        v_new=v_new, sliding_window=sliding_window, alibi_slopes=alibi_slopes, softcap=softcap,
+        sinks=sinks, k_scale=k_scale, v_scale=v_scale, scale=scale, kv_layout=kv_layout,
+        checked=checked)
     if backend not in ("auto", "triton", "reference"):
         raise UnsupportedConfigError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    num_blocks, block_size, num_kv_heads, _ = cache_geometry(k_cache, v_cache, kv_layout, q.device)
     if checked:
         metadata = BatchMetadata(cu_seqlens_q, seq_lens, block_table,
                                  max_query_len if max_query_len is not None else 1 << 62,
