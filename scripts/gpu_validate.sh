@@ -17,7 +17,7 @@ case "${1:-}" in
   tests)
     # -v streams one line per test, so a run cut off by the time limit still names its failures
     timeout "${TIMEOUT:-540}" python3 -m pytest tests -v -n "${JOBS:-8}" -m "not bigmem" -p no:cacheprovider \
-      --tb=line > "$OUT/pytest.log" 2>&1
+      --tb=line ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
     echo "exit $?"
     grep -E "FAILED|ERROR" "$OUT/pytest.log" | sed 's/^\[gw[0-9]*\] //' | sort | uniq | head -60
     echo "passed: $(grep -c ' PASSED' "$OUT/pytest.log")  failed: $(grep -c ' FAILED' "$OUT/pytest.log")  skipped: $(grep -c ' SKIPPED' "$OUT/pytest.log")"

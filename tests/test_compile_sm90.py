@@ -13,7 +13,7 @@ import pytest
 import torch
 import triton
 
-from pagedattn import dispatch  # noqa: F401  (used by the compile subprocess)
+from pagedattn import dispatch
 from pagedattn.config import AttentionConfig, BatchShape
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
@@ -65,3 +65,40 @@ def test_every_chosen_kernel_is_launchable_on_sm90():
         assert r["shared"] <= compile_check.SHARED_PER_BLOCK, f"{where}: shared {r['shared']}"
         assert r["regs"] * 32 * r["warps"] <= compile_check.REGISTERS_PER_SM, f"{where}: {r['regs']} regs"
         assert r["stack"] <= 1024, f"{where}: {r['stack']} B of stack per thread (spilled registers)"
+
+
+# Calls whose exact kernels once crashed ptxas (SIGSEGV) on the H100; compiled with the launch's
+# own argument specializations (scripts/sm90_call_compile.py), so a change that brings the crash
+# back fails here, on CPU, before any GPU run.
+PTXAS_CRASHES = [
+    (AttentionConfig(8, 1, 64, 8, torch.float16, use_alibi=True), BatchShape((1, 1, 1, 3), (0, 0, 0, 0)), "context"),
+    (AttentionConfig(16, 2, 48, 16, torch.bfloat16, use_alibi=True), BatchShape((1, 5), (7, 30)), "context-decode"),
+]
+
+
+def test_calls_that_crashed_ptxas_compile():
+    import json
+    import subprocess
+    code = (
+        "import json, sys; sys.path[:0] = ['scripts', 'tests']\n"
+        "import sm90_call_compile as s, test_compile_sm90 as t\n"
+        "print(json.dumps([s.compile_case(*case) for case in t.PTXAS_CRASHES]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).parent.parent
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for (config, shape, contract), rows in zip(PTXAS_CRASHES, json.loads(done.stdout.strip().splitlines()[-1])):
+        assert rows, f"{config.label()} {contract}: nothing was launched"
+        for r in rows:
+            assert r["stack"] <= 1024, f"{config.label()} {contract} [{r['params']}]: {r['stack']} B stack"
+
+
+def test_alibi_context_prefill_avoids_the_ptxas_crash():
+    config, shape, _ = PTXAS_CRASHES[0]
+    plan = dispatch.plan_for(config, shape, device="cuda", context_contract=True)
+    assert plan.phase == "prefill" and plan.num_stages == 2 and "ptxas" in plan.rule
+    # without ALiBi, or under the full-cache contract, the measured 3-stage tiles stay
+    assert dispatch.plan_for(config.replace(use_alibi=False), shape, device="cuda", context_contract=True).num_stages == 3
+    assert dispatch.plan_for(config, shape, device="cuda").num_stages == 3

@@ -4,7 +4,8 @@
 Two hypothesis profiles, chosen with PAGEDATTN_FUZZ_PROFILE (default: "gpu" with CUDA, else "ci"):
     ci   derandomized (the same examples every run), 40 examples at interpreter-sized shapes
     gpu  2000 random examples, longer sequences (to 2k+ tokens), larger batches and head sizes
-PAGEDATTN_FUZZ_EXAMPLES=N overrides the number of examples.
+PAGEDATTN_FUZZ_EXAMPLES=N overrides the number of examples; PAGEDATTN_FUZZ_SHARDS=N the number of
+shards the GPU profile splits them into (default 8).
 The profiles apply to this file's tests only (hypothesis' global default is left alone).
 """
 
@@ -90,7 +91,8 @@ def cases(draw):
 
 # The GPU profile runs as SHARDS independent tests (random, not derandomized: each shard draws its
 # own examples) so pytest-xdist can spread the 2,000 examples over its workers.
-SHARDS = 8 if BIG else 1
+# PAGEDATTN_FUZZ_SHARDS=N splits them finer, so a run cut off by a time limit still reports whole shards.
+SHARDS = int(os.environ.get("PAGEDATTN_FUZZ_SHARDS", 8)) if BIG else 1
 _TOTAL = int(_EXAMPLES) if _EXAMPLES else settings.get_profile(PROFILE).max_examples
 
 

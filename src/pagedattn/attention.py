@@ -316,7 +316,8 @@ def _run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new,
         num_seqs=seq_lens.shape[0], num_tokens=q.shape[0], max_query_len=max_query_len,
         max_seq_len=max_seq_len, num_q_heads=q.shape[1], num_kv_heads=num_kv_heads,
         head_size=q.shape[2], block_size=block_size, dtype=q.dtype, cache_dtype=k_cache.dtype,
-        sliding_window=sliding_window or 0, context_contract=k_new is not None, device=q.device,
+        sliding_window=sliding_window or 0, context_contract=k_new is not None,
+        alibi=alibi_slopes is not None, device=q.device,
         backend=backend,
     )
     if plan.kernel == "reference":

@@ -41,6 +41,11 @@ PARTITION_MIN_TOKENS = 256  # a split-KV partition never covers fewer keys than 
 PROGRAMS_PER_SM = 2  # split-KV: enough programs that every SM holds several (memory-bound: bytes in flight)
 FP8_SPLIT_FACTOR = 1  # fp8 programs convert as they read: more of them hide it (see BENCHMARKS.md)
 MAX_SPLITS = 64
+# Known compiler failures and their workaround, checked offline by tests/test_compile_sm90.py.
+# Triton 3.6's bundled ptxas dies with SIGSEGV compiling the context-contract prefill kernel with
+# ALiBi at head sizes padded to 64 (BLOCK_M 128, 4 warps) with 3 stages (H100 fuzz run 9: h8/kv1
+# d64 alibi); the same kernel with 2 stages compiles. (head_pad, num_stages to use instead)
+PTXAS_ALIBI_CONTEXT_STAGES = {64: 2}
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,8 @@ def choose_splits(*, num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n
 def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int, num_q_heads: int,
          num_kv_heads: int, head_size: int, block_size: int, dtype: torch.dtype,
          cache_dtype: torch.dtype, sliding_window: int = 0, context_contract: bool = False,
-         device: torch.device | str = "cuda", backend: str = "auto", sms: int | None = None) -> Plan:
+         alibi: bool = False, device: torch.device | str = "cuda", backend: str = "auto",
+         sms: int | None = None) -> Plan:
     """The plan for one call. `sms` overrides the device's SM count (for explain)."""
     device = torch.device(device)
     which, why = choose_backend(device, backend)
@@ -172,6 +178,11 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
             f"fit one {d_m}-row tile): {why}"))
     block_m, block_q, block_n, warps, stages = choose_tiles(
         decode=False, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size, fp32=fp32, fp8=fp8)
+    workaround = ""
+    head_pad = max(32, next_pow2(head_size))
+    if context_contract and alibi and not fp32 and head_pad in PTXAS_ALIBI_CONTEXT_STAGES:
+        stages = PTXAS_ALIBI_CONTEXT_STAGES[head_pad]
+        workaround = f"; {stages} stages, not 3: ptxas (Triton 3.6) crashes on this kernel with ALiBi at 3"
     # A mixed batch runs as two launches of the same kernel, each skipping the other's sequences:
     # prefill tiles for query_len > d_q, decode tiles (split if long) for the rest. A decode in a
     # 128-row prefill tile would waste most of the tile's math. Shapes alone decide: graph-safe.
@@ -180,7 +191,7 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
                     f"max_query_len {max_query_len} > {d_q}: prefill tiles of {block_q} query tokens x "
                     f"{qpk} heads per KV head for sequences with query_len > {d_q}; sequences with "
                     f"query_len <= {d_q} (decodes) in a second launch with {d_m}-row decode tiles"
-                    + (f" and {splits} KV splits" if splits > 1 else "")))
+                    + (f" and {splits} KV splits" if splits > 1 else "") + workaround))
 
 
 def plan_for(config: AttentionConfig, shape: BatchShape, *, device="cuda", backend="auto",
@@ -190,7 +201,7 @@ def plan_for(config: AttentionConfig, shape: BatchShape, *, device="cuda", backe
                 num_q_heads=config.num_q_heads, num_kv_heads=config.num_kv_heads,
                 head_size=config.head_size, block_size=config.block_size, dtype=config.dtype,
                 cache_dtype=config.cache_dtype, sliding_window=config.sliding_window,
-                context_contract=context_contract, device=device, backend=backend, sms=sms)
+                context_contract=context_contract, alibi=config.use_alibi, device=device, backend=backend, sms=sms)
 
 
 def explain(config: AttentionConfig, shape: BatchShape, *, device="cuda", context_contract=False) -> str:
