@@ -28,6 +28,7 @@ CASES = [
     AttentionConfig(64, 64, 128, 16, torch.float16, kv_dtype="fp8_e4m3"),  # the seed's failing config
     AttentionConfig(8, 8, 80, 8, torch.float32, sliding_window=7),  # run 6's failing fp32 launches
     AttentionConfig(8, 1, 256, 16, torch.float32),
+    AttentionConfig(4, 4, 192, 16, torch.float32, kv_dtype="fp8_e4m3"),  # spilled 3 KB at 4 warps (offline sweep)
     AttentionConfig(8, 2, 256, 16, torch.bfloat16, use_alibi=True, softcap=5.0, use_sinks=True),
 ]
 

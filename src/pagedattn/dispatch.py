@@ -124,7 +124,9 @@ def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block
         # larger tiles spill kilobytes per thread on sm_90 (an 11 KB stack frame at 128x64x8 warps,
         # where the H100 runs failed to launch). 16x16 tiles at 4 warps compile with no stack frame
         # for head sizes up to 256 (scripts/compile_check.py).
-        block_m, block_n, warps, stages = max(16, next_pow2(num_queries_per_kv)), 16, 4, 2
+        # With an fp8 cache, converting the tiles at 4 warps spilled 1.6-3 KB per thread at head
+        # sizes 192/256; 8 warps spread them (at most 160 B of stack, tests/test_compile_sm90.py).
+        block_m, block_n, warps, stages = max(16, next_pow2(num_queries_per_kv)), 16, 8 if fp8 else 4, 2
     block_q = max(1, block_m // num_queries_per_kv)
     return block_m, block_q, block_n, warps, stages
 
