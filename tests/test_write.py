@@ -20,13 +20,19 @@ def kernel_is_interpreted() -> bool:
     return isinstance(write._write_kv_kernel, InterpretedFunction)
 
 
-@pytest.fixture(params=["triton", "torch"])
+@pytest.fixture(params=["triton", "torch", "cuda"])
 def path(request, monkeypatch):
-    """Run write_kv through the Triton kernel (interpreter) or the plain PyTorch path."""
+    """Run write_kv through the Triton kernel (interpreter), the plain PyTorch path, or the native
+    kernel on the GPU ("cuda": the same test with every tensor the test makes on the GPU)."""
     if request.param == "triton":
         if not kernel_is_interpreted():
             pytest.skip("the Triton path on CPU needs TRITON_INTERPRET=1 at import time")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+    elif request.param == "cuda":
+        if not torch.cuda.is_available() or kernel_is_interpreted():
+            pytest.skip("the native kernel needs CUDA (and no TRITON_INTERPRET at import time)")
+        torch.set_default_device("cuda")
+        request.addfinalizer(lambda: torch.set_default_device(None))
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     return request.param
