@@ -3,6 +3,11 @@ report registers, spills and shared memory per configuration, flagging launches 
 refuse: registers x threads over the 64K register file, or shared memory over 227 KB.
 
     PYTHONPATH=src python3 scripts/compile_check.py
+
+Caveat: this compiles from a bare signature, without the argument specializations a launch gets
+(pointer alignment, integers divisible by 16 or equal to 1). Without known alignment Triton emits
+no cp.async, so loads, shared memory and register use differ from the real kernel. For figures
+that match a launch use scripts/sm90_call_compile.py (what tests/test_compile_sm90.py uses).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Every kernel configuration dispatch can choose must be launchable on an H100. Triton ships
-ptxas, so the kernels compile for sm_90 here without a GPU: check each representative plan's
-stack frame (spilled registers: kilobytes of it made fp32 launches fail on the H100), shared memory
+ptxas, so the kernels compile for sm_90 here without a GPU, specialized on the real launch
+arguments as a native launch would be (scripts/sm90_call_compile.py): check each representative
+call's stack frame (spilled registers: kilobytes of it made fp32 launches fail on the H100), shared memory
 (227 KB per block) and registers x threads (64K per SM)."""
 
 from __future__ import annotations
@@ -33,39 +34,36 @@ CASES = [
 ]
 
 
-def _compile_all() -> list[dict]:
-    """Compile in a fresh interpreter without TRITON_INTERPRET (under the interpreter the kernels
-    are not compilable objects); one process for all cases."""
+def _compile_calls(cases_expr: str) -> list[list[dict]]:
+    """Compile, in a fresh interpreter without TRITON_INTERPRET (under the interpreter the kernels
+    are not compilable objects), the launches of each (config, shape, contract) case exactly as an
+    H100 launch would specialize them (scripts/sm90_call_compile.py)."""
     import json
     import subprocess
     code = (
-        "import json, sys; sys.path.insert(0, 'scripts'); sys.path.insert(0, 'tests');"
-        "import test_compile_sm90 as t, compile_check as c\n"
-        "rows = []\n"
-        "for config in t.CASES:\n"
-        "    plan = t.dispatch.plan_for(config, t.MIXED, device='cuda')\n"
-        "    for part in (plan, plan.decode_part):\n"
-        "        shared, regs, stack, _ = c.compile_plan(config, part, context=False, seq_grid=part.phase == 'decode')\n"
-        "        rows.append(dict(config=config.label(), params=part.params(), warps=part.num_warps,\n"
-        "                         shared=shared, regs=regs, stack=stack))\n"
-        "print(json.dumps(rows))\n"
+        "import json, sys; sys.path[:0] = ['scripts', 'tests']\n"
+        "import sm90_call_compile as s, test_compile_sm90 as t\n"
+        f"print(json.dumps([s.compile_case(*case) for case in {cases_expr}]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).parent.parent
     env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_every_chosen_kernel_is_launchable_on_sm90():
-    rows = _compile_all()
-    assert len(rows) == 2 * len(CASES)
-    for r in rows:
-        where = f"{r['config']} [{r['params']}]"
-        assert r["shared"] <= compile_check.SHARED_PER_BLOCK, f"{where}: shared {r['shared']}"
-        assert r["regs"] * 32 * r["warps"] <= compile_check.REGISTERS_PER_SM, f"{where}: {r['regs']} regs"
-        assert r["stack"] <= 1024, f"{where}: {r['stack']} B of stack per thread (spilled registers)"
+    calls = _compile_calls("[(c, t.MIXED, 'full') for c in t.CASES]")
+    assert len(calls) == len(CASES)
+    for config, rows in zip(CASES, calls):
+        attention = [r for r in rows if r["kernel"] == "_paged_attention_kernel"]
+        assert len(attention) == 2, f"{config.label()}: expected a prefill and a decode launch, got {rows}"
+        for r in rows:
+            where = f"{config.label()} {r['kernel']} [{r['params']}]"
+            assert r["shared"] <= compile_check.SHARED_PER_BLOCK, f"{where}: shared {r['shared']}"
+            assert r["regs"] * 32 * r["warps"] <= compile_check.REGISTERS_PER_SM, f"{where}: {r['regs']} regs"
+            assert r["stack"] <= 1024, f"{where}: {r['stack']} B of stack per thread (spilled registers)"
 
 
 # Calls whose exact kernels once crashed ptxas (SIGSEGV) on the H100; compiled with the launch's
@@ -78,19 +76,7 @@ PTXAS_CRASHES = [
 
 
 def test_calls_that_crashed_ptxas_compile():
-    import json
-    import subprocess
-    code = (
-        "import json, sys; sys.path[:0] = ['scripts', 'tests']\n"
-        "import sm90_call_compile as s, test_compile_sm90 as t\n"
-        "print(json.dumps([s.compile_case(*case) for case in t.PTXAS_CRASHES]))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).parent.parent
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for (config, shape, contract), rows in zip(PTXAS_CRASHES, json.loads(done.stdout.strip().splitlines()[-1])):
+    for (config, shape, contract), rows in zip(PTXAS_CRASHES, _compile_calls("t.PTXAS_CRASHES")):
         assert rows, f"{config.label()} {contract}: nothing was launched"
         for r in rows:
             assert r["stack"] <= 1024, f"{config.label()} {contract} [{r['params']}]: {r['stack']} B stack"
