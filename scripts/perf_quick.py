@@ -66,7 +66,8 @@ def accounting(w):
 
 
 def apply_variant(spec: str) -> None:
-    """spec like 'prefill128=128,128,8,3;decode128=64,4,3;ppsm=8' (dispatch tables, for sweeps)."""
+    """spec like 'prefill128=128,128,8,3;decode128=64,4,3;ppsm=8;fp8f=2;fp8n=4;fp8s=2' (dispatch
+    tables and constants, for sweeps)."""
     for part in filter(None, spec.split(";")):
         key, value = part.split("=")
         nums = tuple(int(x) for x in value.split(","))
@@ -78,6 +79,12 @@ def apply_variant(spec: str) -> None:
             dispatch.PROGRAMS_PER_SM = nums[0]
         elif key == "fp8f":
             dispatch.FP8_SPLIT_FACTOR = nums[0]
+        elif key == "fp8n":
+            dispatch.FP8_BLOCK_N_FACTOR = nums[0]
+        elif key == "fp8s":
+            dispatch.FP8_EXTRA_STAGES = nums[0]
+        else:
+            raise SystemExit(f"perf_quick: unknown variant key {key!r}")
 
 
 
@@ -88,11 +95,13 @@ def main():
     if variants:
         base_p, base_d, base_s = dict(dispatch.PREFILL_TILES), dict(dispatch.DECODE_TILES), dispatch.PROGRAMS_PER_SM
         base_f = dispatch.FP8_SPLIT_FACTOR
+        base_fn, base_fs = dispatch.FP8_BLOCK_N_FACTOR, dispatch.FP8_EXTRA_STAGES
         for spec in variants:
             dispatch.PREFILL_TILES.clear(); dispatch.PREFILL_TILES.update(base_p)
             dispatch.DECODE_TILES.clear(); dispatch.DECODE_TILES.update(base_d)
             dispatch.PROGRAMS_PER_SM = base_s
             dispatch.FP8_SPLIT_FACTOR = base_f
+            dispatch.FP8_BLOCK_N_FACTOR, dispatch.FP8_EXTRA_STAGES = base_fn, base_fs
             apply_variant(spec)
             print(f"=== variant {spec}")
             run(names)

@@ -40,6 +40,8 @@ DECODE_MIN_ROWS = 16  # tl.dot needs M >= 16: decode tiles are padded up to this
 PARTITION_MIN_TOKENS = 256  # a split-KV partition never covers fewer keys than this
 PROGRAMS_PER_SM = 2  # split-KV: enough programs that every SM holds several (memory-bound: bytes in flight)
 FP8_SPLIT_FACTOR = 1  # fp8 programs convert as they read: more of them hide it (see BENCHMARKS.md)
+FP8_BLOCK_N_FACTOR = 2  # fp8 decode tiles: this many times the keys per tile (half the bytes per key)
+FP8_EXTRA_STAGES = 1  # and this many more pipeline stages
 MAX_SPLITS = 64
 # Known compiler failures and their workaround, checked offline by tests/test_compile_sm90.py.
 # Triton 3.6's bundled ptxas dies with SIGSEGV compiling the context-contract prefill kernel with
@@ -114,8 +116,8 @@ def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block
         block_n, warps, stages = DECODE_TILES[head_pad]
         block_m = max(DECODE_MIN_ROWS, next_pow2(num_queries_per_kv))
         if fp8:  # half the bytes per key: twice the keys per tile keeps as many bytes in flight
-            block_n *= 2
-            stages += 1
+            block_n *= FP8_BLOCK_N_FACTOR
+            stages += FP8_EXTRA_STAGES
     else:
         block_m, block_n, warps, stages = PREFILL_TILES[head_pad]
         block_m = max(block_m, next_pow2(num_queries_per_kv))
