@@ -126,6 +126,19 @@ def test_option_combinations(config, contract):
         assert_close_to_reference(out, ref, config.dtype, f"{config.label()} {contract}")
 
 
+# fp32 queries over an fp8 cache: plans of their own (8 warps; at 4 warps the d192/d256 kernels
+# spilled kilobytes per thread on sm_90), and the fp8 conversion feeding IEEE fp32 dots
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("head_size", [64, 192, 256])
+@pytest.mark.parametrize("contract", ["full", "context-decode"])
+def test_fp32_queries_over_fp8_cache(kv_dtype, head_size, contract):
+    config = BASE.replace(dtype=torch.float32, kv_dtype=kv_dtype, head_size=head_size, num_q_heads=4,
+                          num_kv_heads=2, use_alibi=head_size == 192)
+    for shape in (MIXED, DECODE):
+        out, ref = run_both(config, shape, contract, seed=head_size)
+        assert_close_to_reference(out, ref, config.dtype, f"{config.label()} {contract}")
+
+
 # --------------------------------------------------------------------------- the seed's grid
 @pytest.mark.parametrize("case", seed_grid(quick=True), ids=lambda c: c.config.label())
 @pytest.mark.parametrize("contract", ["full", "context-decode"])
