@@ -364,6 +364,7 @@ def _merge_splits_kernel(
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _FP8_CODE = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_retired_workspaces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # never freed
 _scalars: dict[tuple, torch.Tensor] = {}
 
 
@@ -384,14 +385,23 @@ def _scalar_tensor(value, device: torch.device) -> torch.Tensor:
 
 
 def workspace(num_tokens: int, num_q_heads: int, num_splits: int, head_pad: int, device: torch.device):
-    """Split-KV scratch, preallocated and reused: grows only, bounded by tokens x heads x splits x head."""
+    """Split-KV scratch, preallocated and reused: (partial outputs, running max, sum-exp) with room
+    for tokens x heads x splits rows (x head_pad floats for the outputs).
+
+    It grows by powers of two, and a buffer it outgrows is kept alive rather than freed: a captured
+    CUDA graph may still hold its address, and a freed buffer would go back to the caching
+    allocator for another tensor to take. Scratch held in all is under twice the largest need.
+    """
     key = (str(device), head_pad)
     need = num_tokens * num_q_heads * num_splits
     ws = _workspaces.get(key)
     if ws is None or ws[1].numel() < need:
-        ws = (torch.empty(need * head_pad, dtype=torch.float32, device=device),
-              torch.empty(need, dtype=torch.float32, device=device),
-              torch.empty(need, dtype=torch.float32, device=device))
+        if ws is not None:
+            _retired_workspaces.append(ws)
+        rows = triton.next_power_of_2(need)
+        ws = (torch.empty(rows * head_pad, dtype=torch.float32, device=device),
+              torch.empty(rows, dtype=torch.float32, device=device),
+              torch.empty(rows, dtype=torch.float32, device=device))
         _workspaces[key] = ws
     return ws
 

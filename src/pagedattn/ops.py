@@ -1,0 +1,195 @@
+"""The entry points as PyTorch custom ops, for torch.compile and CUDA graphs.
+
+    import pagedattn.ops      # registers torch.ops.pagedattn.{write_kv, paged_attention, prefix_prefill}
+
+Importing this module registers three ops in the `pagedattn` namespace (`import pagedattn` alone
+does not: the registration is global state and an engine asks for it):
+
+    pagedattn::write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache,
+        Tensor slot_mapping, Tensor? k_scale=None, Tensor? v_scale=None, *,
+        ScalarType? fp8_dtype=None, bool checked=False) -> ()
+    pagedattn::paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q,
+        Tensor seq_lens, Tensor block_table, Tensor(a!) out, Tensor? alibi_slopes=None,
+        Tensor? sinks=None, Tensor? k_scale=None, Tensor? v_scale=None, *,
+        SymInt? max_query_len=None, SymInt? max_seq_len=None, float? scale=None,
+        SymInt? sliding_window=None, float? softcap=None, str kv_layout="nhd",
+        str backend="auto", bool checked=False) -> ()
+    pagedattn::prefix_prefill(Tensor q, Tensor k_new, Tensor v_new, Tensor k_cache, Tensor v_cache,
+        Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_table, Tensor(a!) out, <the same
+        optional tensors>, *, bool decode_from_cache=False, <the same options>) -> ()
+
+Each op mutates what its schema marks `!` and returns nothing (an op may not return an alias of
+its input); the Python functions below (`write_kv`, `paged_attention`, `prefix_prefill`) keep the
+library's signatures, allocate `out` when it is not given, and return it. Their real
+implementations call the public functions of `pagedattn.attention` and `pagedattn.kernels.write`,
+so every host-side check runs as in eager code; their fake implementations only describe shapes,
+so torch.compile traces a model step through them without running a kernel or reading a value.
+
+Differences from the plain functions, all forced by the op schema language:
+- fp8 scales are one-element float32 tensors on the cache's device (as vLLM's ops take them). The
+  wrappers turn a float into such a tensor; under CUDA-graph capture pass tensors made once.
+- `query_lens_host` is not an op argument: a host tuple that changes every step would be a
+  recompilation guard under torch.compile, and a captured graph cannot skip launches anyway.
+- Optional tensors come before the keyword-only options (custom ops take no keyword-only tensors).
+
+See docs/torch-integration.md for which arguments must stay fixed when a graph is replayed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .attention import paged_attention as _paged_attention
+from .attention import prefix_prefill as _prefix_prefill
+from .config import FP8_DTYPES
+from .errors import DTypeError, ShapeError
+from .kernels.write import resolve_fp8_dtype
+from .kernels.write import write_kv as _write_kv
+
+NAMESPACE = "pagedattn"
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops: real implementations call the public functions, so all input validation stays
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{NAMESPACE}::write_kv", mutates_args=("k_cache", "v_cache"))
+def write_kv_op(
+    k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
+    *, fp8_dtype: Optional[torch.dtype] = None, checked: bool = False,
+) -> None:
+    _write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale,
+                    fp8_dtype=fp8_dtype, checked=checked)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::paged_attention", mutates_args=("out",))
+def paged_attention_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor,
+    block_table: Tensor, out: Tensor,
+    alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
+    *, max_query_len: Optional[int] = None, max_seq_len: Optional[int] = None,
+    scale: Optional[float] = None, sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None, kv_layout: str = "nhd", backend: str = "auto",
+    checked: bool = False,
+) -> None:
+    _paged_attention(
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, max_query_len=max_query_len,
+        max_seq_len=max_seq_len, scale=scale, sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
+        out=out, kv_layout=kv_layout, backend=backend, checked=checked)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::prefix_prefill", mutates_args=("out",))
+def prefix_prefill_op(
+    q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
+    cu_seqlens_q: Tensor, seq_lens: Tensor, block_table: Tensor, out: Tensor,
+    alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
+    *, decode_from_cache: bool = False, max_query_len: Optional[int] = None,
+    max_seq_len: Optional[int] = None, scale: Optional[float] = None,
+    sliding_window: Optional[int] = None, softcap: Optional[float] = None,
+    kv_layout: str = "nhd", backend: str = "auto", checked: bool = False,
+) -> None:
+    _prefix_prefill(
+        q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table,
+        decode_from_cache=decode_from_cache, max_query_len=max_query_len, max_seq_len=max_seq_len,
+        scale=scale, sliding_window=sliding_window, alibi_slopes=alibi_slopes, softcap=softcap,
+        sinks=sinks, k_scale=k_scale, v_scale=v_scale, out=out, kv_layout=kv_layout,
+        backend=backend, checked=checked)
+
+
+# ---------------------------------------------------------------------------------------------
+# fake implementations: shapes only (no data, no kernel). The ops return nothing, so these only
+# catch at trace time the shape errors the real checks would raise at run time.
+# ---------------------------------------------------------------------------------------------
+def _fake_check(name: str, t: Tensor, rank: int) -> None:
+    if t.dim() != rank:
+        raise ShapeError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::write_kv")
+def _write_kv_fake(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
+                   fp8_dtype=None, checked=False) -> None:
+    for name, t, rank in (("k", k, 3), ("v", v, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
+                          ("slot_mapping", slot_mapping, 1)):
+        _fake_check(name, t, rank)
+    if slot_mapping.shape[0] != k.shape[0]:
+        raise ShapeError(f"slot_mapping must have num_tokens = {k.shape[0]} entries, got {slot_mapping.shape[0]}")
+
+
+def _fake_attention(q, out) -> None:
+    _fake_check("q", q, 3)
+    if out.shape != q.shape:
+        raise ShapeError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if out.dtype != q.dtype:
+        raise DTypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::paged_attention")
+def _paged_attention_fake(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, *args,
+                          **kwargs) -> None:
+    _fake_attention(q, out)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::prefix_prefill")
+def _prefix_prefill_fake(q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table,
+                         out, *args, **kwargs) -> None:
+    _fake_attention(q, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python wrappers with the library's signatures (traced through by torch.compile)
+# ---------------------------------------------------------------------------------------------
+def _scale_arg(scale, cache: Tensor, device: torch.device) -> Optional[Tensor]:
+    """A scale as the ops take it: a float32 tensor for an fp8 cache, None otherwise (ignored)."""
+    if scale is None or isinstance(scale, Tensor):
+        return scale
+    if cache.dtype not in FP8_DTYPES and cache.dtype != torch.uint8:
+        return None
+    return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+
+
+def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, *,
+             k_scale: float | Tensor | None = None, v_scale: float | Tensor | None = None,
+             fp8_dtype: torch.dtype | None = None, checked: bool = False) -> None:
+    """`pagedattn.kernels.write.write_kv` through `torch.ops.pagedattn.write_kv`: k[i], v[i] to
+    slot slot_mapping[i] of the caches (in place); slot -1 is skipped."""
+    if isinstance(fp8_dtype, str):
+        fp8_dtype = resolve_fp8_dtype(k_cache.dtype, fp8_dtype)
+    write_kv_op(k, v, k_cache, v_cache, slot_mapping, _scale_arg(k_scale, k_cache, k_cache.device),
+                _scale_arg(v_scale, k_cache, k_cache.device), fp8_dtype=fp8_dtype, checked=checked)
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor,
+                    seq_lens: Tensor, block_table: Tensor, *, out: Tensor | None = None,
+                    alibi_slopes: Tensor | None = None, sinks: Tensor | None = None,
+                    k_scale: float | Tensor | None = None, v_scale: float | Tensor | None = None,
+                    **options) -> Tensor:
+    """`pagedattn.paged_attention` through `torch.ops.pagedattn.paged_attention`; returns `out`
+    (allocated like q when not given). `options`: the op's keyword-only arguments."""
+    out = torch.empty_like(q) if out is None else out
+    paged_attention_op(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, alibi_slopes,
+                       sinks, _scale_arg(k_scale, k_cache, q.device),
+                       _scale_arg(v_scale, k_cache, q.device), **options)
+    return out
+
+
+def prefix_prefill(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   cu_seqlens_q: Tensor, seq_lens: Tensor, block_table: Tensor, *,
+                   out: Tensor | None = None, alibi_slopes: Tensor | None = None,
+                   sinks: Tensor | None = None, k_scale: float | Tensor | None = None,
+                   v_scale: float | Tensor | None = None, **options) -> Tensor:
+    """`pagedattn.prefix_prefill` through `torch.ops.pagedattn.prefix_prefill`; returns `out`."""
+    out = torch.empty_like(q) if out is None else out
+    prefix_prefill_op(q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out,
+                      alibi_slopes, sinks, _scale_arg(k_scale, k_cache, q.device),
+                      _scale_arg(v_scale, k_cache, q.device), **options)
+    return out
+
+
+OPS = {"write_kv": write_kv_op, "paged_attention": paged_attention_op,
+       "prefix_prefill": prefix_prefill_op}
