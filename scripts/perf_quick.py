@@ -65,8 +65,22 @@ def accounting(w):
     return kv_bytes, flops
 
 
+_CHOOSE_SPLITS = dispatch.choose_splits
+
+
+def _forced_splits(n: int):
+    def choose(*, num_seqs, num_kv_heads, max_seq_len, block_n, sm_count, programs_per_sm=None):
+        splits, _, _ = _CHOOSE_SPLITS(num_seqs=num_seqs, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
+                                      block_n=block_n, sm_count=sm_count, programs_per_sm=programs_per_sm)
+        if splits == 1:
+            return splits, 0, "not split"
+        partition = math.ceil(math.ceil(max_seq_len / n) / block_n) * block_n
+        return math.ceil(max_seq_len / partition), partition, f"forced {n} splits"
+    return choose
+
+
 def apply_variant(spec: str) -> None:
-    """spec like 'prefill128=128,128,8,3;decode128=64,4,3;ppsm=8;fp8f=2;fp8n=4;fp8s=2' (dispatch
+    """spec like 'prefill128=128,128,8,3;decode128=64,4,3;ppsm=2,3;splits=12;fp8n=4;fp8s=2' (dispatch
     tables and constants, for sweeps)."""
     for part in filter(None, spec.split(";")):
         key, value = part.split("=")
@@ -75,14 +89,14 @@ def apply_variant(spec: str) -> None:
             dispatch.PREFILL_TILES[int(key[7:])] = nums
         elif key.startswith("decode"):
             dispatch.DECODE_TILES[int(key[6:])] = nums
-        elif key == "ppsm":
-            dispatch.PROGRAMS_PER_SM = nums[0]
-        elif key == "fp8f":
-            dispatch.FP8_SPLIT_FACTOR = nums[0]
+        elif key == "ppsm":  # split search range: programs per SM, at least and at most
+            dispatch.SPLIT_PROGRAMS_PER_SM = (nums[0], nums[-1])
         elif key == "fp8n":
             dispatch.FP8_BLOCK_N_FACTOR = nums[0]
         elif key == "fp8s":
             dispatch.FP8_EXTRA_STAGES = nums[0]
+        elif key == "splits":  # force this many KV splits on decode batches that split at all
+            dispatch.choose_splits = _forced_splits(nums[0])
         else:
             raise SystemExit(f"perf_quick: unknown variant key {key!r}")
 
@@ -93,15 +107,14 @@ def main():
     variants = [a[2:] for a in args if a.startswith("v:")]
     names = [a for a in args if not a.startswith("v:")] or [w["name"] for w in WORKLOADS["workloads"]]
     if variants:
-        base_p, base_d, base_s = dict(dispatch.PREFILL_TILES), dict(dispatch.DECODE_TILES), dispatch.PROGRAMS_PER_SM
-        base_f = dispatch.FP8_SPLIT_FACTOR
+        base_p, base_d, base_s = dict(dispatch.PREFILL_TILES), dict(dispatch.DECODE_TILES), dispatch.SPLIT_PROGRAMS_PER_SM
         base_fn, base_fs = dispatch.FP8_BLOCK_N_FACTOR, dispatch.FP8_EXTRA_STAGES
         for spec in variants:
             dispatch.PREFILL_TILES.clear(); dispatch.PREFILL_TILES.update(base_p)
             dispatch.DECODE_TILES.clear(); dispatch.DECODE_TILES.update(base_d)
-            dispatch.PROGRAMS_PER_SM = base_s
-            dispatch.FP8_SPLIT_FACTOR = base_f
+            dispatch.SPLIT_PROGRAMS_PER_SM = base_s
             dispatch.FP8_BLOCK_N_FACTOR, dispatch.FP8_EXTRA_STAGES = base_fn, base_fs
+            dispatch.choose_splits = _CHOOSE_SPLITS
             apply_variant(spec)
             print(f"=== variant {spec}")
             run(names)

@@ -23,8 +23,26 @@ def test_long_context_decode_splits_keys_to_fill_the_sms(monkeypatch):
     assert p.kernel == "split_kv" and p.phase == "decode"
     assert p.num_splits > 1 and p.partition_size % p.block_n == 0
     assert p.num_splits * p.partition_size >= 32768
-    assert 4 * 8 * p.num_splits >= dispatch.PROGRAMS_PER_SM * 132
+    low, high = dispatch.SPLIT_PROGRAMS_PER_SM
+    assert low * 132 <= 4 * 8 * p.num_splits <= high * 132  # one wave of at least 2 programs per SM
     assert "32 programs would leave most of 132 SMs idle" in p.rule
+    # the measured best on the H100 (run 11): 12 splits of 2752 keys, 384 programs, 2.91 per SM
+    assert (p.num_splits, p.partition_size) == (12, 2752)
+
+
+def test_split_count_spreads_programs_evenly_over_the_sms():
+    assert dispatch.spread(384, 132) == 384 / 396 and dispatch.spread(264, 132) == 1.0
+    # 32 (sequence, KV head) items on 132 SMs: of 9..12 splits (288..384 programs), 12 is the most even
+    splits, _, _ = dispatch.choose_splits(num_seqs=4, num_kv_heads=8, max_seq_len=32768, block_n=64, sm_count=132)
+    assert splits == 12
+    # a tie goes to fewer splits (fewer partials to merge): 8 items on 8 SMs fill them at 2 and at 3 per SM
+    splits, _, _ = dispatch.choose_splits(num_seqs=1, num_kv_heads=8, max_seq_len=32768, block_n=64, sm_count=8)
+    assert splits == 2
+    # the length caps the split: partitions never cover fewer than PARTITION_MIN_TOKENS keys
+    splits, partition, _ = dispatch.choose_splits(num_seqs=1, num_kv_heads=1, max_seq_len=1024, block_n=64, sm_count=132)
+    assert splits == 1024 // dispatch.PARTITION_MIN_TOKENS and partition == 256
+    # enough (sequence, KV head) items already: no split
+    assert dispatch.choose_splits(num_seqs=33, num_kv_heads=8, max_seq_len=32768, block_n=64, sm_count=132)[0] == 1
 
 
 def test_many_decodes_need_no_split(monkeypatch):

@@ -38,8 +38,12 @@ DECODE_TILES = {  # fp8 caches: twice block_n and one more stage (measured, see 
 }
 DECODE_MIN_ROWS = 16  # tl.dot needs M >= 16: decode tiles are padded up to this many rows
 PARTITION_MIN_TOKENS = 256  # a split-KV partition never covers fewer keys than this
-PROGRAMS_PER_SM = 2  # split-KV: enough programs that every SM holds several (memory-bound: bytes in flight)
-FP8_SPLIT_FACTOR = 1  # fp8 programs convert as they read: more of them hide it (see BENCHMARKS.md)
+# split-KV: how many programs per SM the split search aims for, (at least, at most). At least 2 so
+# each SM has enough bytes in flight; at most 3 so every program is resident at once (4 decode
+# programs fit an SM at bf16, 3 with fp8's deeper tiles): one wave, no tail of late programs.
+# Within that range the count that spreads programs most evenly over the SMs wins (H100 run 11,
+# decode-b4-ctx32k: 12 splits 88.5%, 9 splits 86.3%, 13 splits 85.6%; fp8 71.5% vs 64.7%).
+SPLIT_PROGRAMS_PER_SM = (2, 3)
 FP8_BLOCK_N_FACTOR = 2  # fp8 decode tiles: this many times the keys per tile (half the bytes per key)
 FP8_EXTRA_STAGES = 1  # and this many more pipeline stages
 MAX_SPLITS = 64
@@ -133,23 +137,36 @@ def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block
     return block_m, block_q, block_n, warps, stages
 
 
+def spread(programs: int, sm_count: int) -> float:
+    """How evenly `programs` equal programs load `sm_count` SMs: 1.0 when every SM runs as many as
+    the busiest one (programs / (waves of one program per SM x SMs))."""
+    return programs / (math.ceil(programs / sm_count) * sm_count)
+
+
 def choose_splits(*, num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int,
-                  sm_count: int, programs_per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int, str]:
-    """(num_splits, partition_size, why) for a decode-like batch."""
+                  sm_count: int, programs_per_sm: tuple[int, int] | None = None) -> tuple[int, int, str]:
+    """(num_splits, partition_size, why) for a decode-like batch: one program per (sequence, KV
+    head, split). Splits only when the batch alone gives fewer than programs_per_sm[0] programs
+    per SM; then the split count in that range that spreads programs most evenly (fewest on a tie)."""
+    low, high = programs_per_sm or SPLIT_PROGRAMS_PER_SM
     programs = num_seqs * num_kv_heads
-    target = programs_per_sm * sm_count
-    if programs >= target:
+    if programs >= low * sm_count:
         return 1, 0, f"{num_seqs} seqs x {num_kv_heads} KV heads = {programs} programs fill {sm_count} SMs"
-    by_occupancy = math.ceil(target / programs)
     by_length = max(1, max_seq_len // PARTITION_MIN_TOKENS)
-    splits = min(by_occupancy, by_length, MAX_SPLITS)
-    if splits <= 1:
+    limit = min(by_length, MAX_SPLITS)
+    if limit <= 1:
         return 1, 0, f"seq_len {max_seq_len} is too short to split (< 2 x {PARTITION_MIN_TOKENS} tokens)"
+    first = math.ceil(low * sm_count / programs)
+    last = max(first, high * sm_count // programs)
+    candidates = range(min(first, limit), min(last, limit) + 1)
+    splits = max(candidates, key=lambda s: (spread(s * programs, sm_count), -s))
     partition = math.ceil(math.ceil(max_seq_len / splits) / block_n) * block_n
     splits = math.ceil(max_seq_len / partition)
+    total = splits * programs
     return splits, partition, (
         f"{num_seqs} seqs x {num_kv_heads} KV heads = {programs} programs would leave most of "
-        f"{sm_count} SMs idle: split each sequence's keys into {splits} partitions of {partition} tokens"
+        f"{sm_count} SMs idle: split each sequence's keys into {splits} partitions of {partition} tokens "
+        f"({total} programs, {total / sm_count:.2f} per SM: the most even spread of {low}-{high} per SM)"
     )
 
 
@@ -171,8 +188,7 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
         decode=True, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size, fp32=fp32, fp8=fp8)
     splits, partition, why = (1, 0, "context-cache contract: keys are not split") if context_contract else \
         choose_splits(num_seqs=num_seqs, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
-                      block_n=d_n, sm_count=sms or sm_count(device),
-                      programs_per_sm=PROGRAMS_PER_SM * (FP8_SPLIT_FACTOR if fp8 else 1))
+                      block_n=d_n, sm_count=sms or sm_count(device))
     decode_plan = Plan("split_kv" if splits > 1 else "unified", "decode", d_m, d_q, d_n, d_warps, d_stages,
                        splits, partition, max_query_len=d_q)
     if max_query_len <= d_q:
