@@ -337,9 +337,12 @@ def metadata(device, *, dry_run: bool = False) -> dict:
 
 
 def write_results(results: dict, out_dir: Path) -> Path:
+    """results.json, and results.md for timed runs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
     path.write_text(json.dumps(results, indent=1, default=str))
+    if not results.get("dry_run"):
+        (out_dir / "results.md").write_text(markdown_report(results))
     return path
 
 
@@ -400,6 +403,42 @@ def sweep_table(results: dict):
     return table
 
 
+def _md_peer(row: dict, backend: str) -> str:
+    peer = row.get("peers", {}).get(backend) or {}
+    return "err" if peer.get("error") else _fmt(peer.get("ratio"), ".2f")
+
+
+def markdown_report(results: dict) -> str:
+    """results.md: the run's metadata, ceilings and both tables as Markdown (for BENCHMARKS.md)."""
+    meta, c = results["meta"], results.get("ceilings") or {}
+    lines = [f"# pagedattn bench: {meta.get('device')}", "",
+             f"{meta.get('date')}, torch {meta.get('torch')}, triton {meta.get('triton')}, options {results.get('options')}", ""]
+    if c:
+        lines += [f"Ceilings in this run: read {c['read_tbs']:.3f} TB/s, copy {c['copy_tbs']:.3f} TB/s, "
+                  f"bf16 matmul {c['mm_tflops']:.1f} TFLOP/s.", ""]
+    lines += ["| workload | ms | TB/s | % read BW | TFLOP/s | % matmul | x vLLM anchor | x SDPA flash | x SDPA cuDNN | check | plan |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in results["rows"]:
+        if r["kind"] != "workload":
+            continue
+        check = "error: " + r["error"][:80] if r.get("error") else ("ok" if r.get("check", {}).get("ok") else "FAILED")
+        anchor = r.get("anchors", {}).get("vllm-unified", {}).get("ratio")
+        lines.append(f"| {r['name']} | {_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('tb_per_s'), '.3f')} | "
+                     f"{_fmt(r.get('pct_read_bw'), '.1f')} | {_fmt(r.get('tflop_per_s'), '.1f')} | "
+                     f"{_fmt(r.get('pct_mm'), '.1f')} | {_fmt(anchor, '.2f')} | {_md_peer(r, 'flash')} | "
+                     f"{_md_peer(r, 'cudnn')} | {check} | {r.get('plan', '')} |")
+    sweep_rows = [r for r in results["rows"] if r["kind"] == "sweep"]
+    if sweep_rows:
+        lines += ["", "| sweep | variant | ms | TB/s | TFLOP/s | % roofline | vs best | x fastest | check | plan |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        for r in sweep_rows:
+            check = "error: " + r["error"][:80] if r.get("error") else ("ok" if r.get("check", {}).get("ok") else "FAILED")
+            lines.append(f"| {r['sweep']} | {r['name']} | {_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('tb_per_s'), '.3f')} | "
+                         f"{_fmt(r.get('tflop_per_s'), '.1f')} | {_fmt(r.get('pct_roofline'), '.1f')} | "
+                         f"{_fmt(r.get('vs_best'), '.2f')} | {_fmt(r.get('vs_fastest'), '.2f')} | {check} | {r.get('plan', '')} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +461,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from rich.console import Console
 
-    console = Console()
+    # a log file gets the tables whole: rich would wrap them to 80 columns off a terminal
+    console = Console() if sys.stdout.isatty() else Console(width=240)
     workloads = load_workloads()
     names = [w.name for w in workloads]
     if args.workloads:
@@ -488,7 +528,7 @@ def run_gpu(args, selected: list[Workload], sweep_list: list[Sweep], console, *,
         console.print(f"[red]roofline.png failed: {_error(e)}[/]")
     c = results["ceilings"]
     console.print(f"ceilings: read {c['read_tbs']:.3f} TB/s, copy {c['copy_tbs']:.3f} TB/s, "
-                  f"bf16 mm {c['mm_tflops']:.1f} TFLOP/s; wrote {path} and roofline.png")
+                  f"bf16 mm {c['mm_tflops']:.1f} TFLOP/s; wrote {path}, results.md and roofline.png")
     for r in results["rows"]:
         if r.get("error") or (r.get("check") and not r["check"].get("ok")):
             console.print(f"[red]{r['name']}: {r.get('error') or r['check']}[/]")

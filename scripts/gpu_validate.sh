@@ -35,6 +35,6 @@ case "${1:-}" in
     echo "exit $?"; grep -E "mismatch|NaN|UnwrittenKVError|never written|top diagnosis|ok:" "$OUT/seed.log" | head -12 ;;
   bench)
     timeout "${TIMEOUT:-560}" python3 -m pagedattn bench --out "$OUT/bench" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-    echo "exit $?"; tail -40 "$OUT/bench.log" ;;
+    echo "exit $?"; grep -E "^ceilings|rror" "$OUT/bench.log" | head -20; cat "$OUT/bench/results.md" ;;
   *) echo "usage: $0 tests|bigmem|sanitize|seed|bench" >&2; exit 2 ;;
 esac

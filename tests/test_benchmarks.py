@@ -165,6 +165,9 @@ def test_timed_run_end_to_end_with_a_fake_timer(tmp_path, capsys):
     assert all("ms" in r and r["check"]["ok"] for r in results["rows"])
     assert all("error" in r["peers"]["cudnn"] for r in results["rows"][:2])  # no cuDNN on the CPU
     assert (tmp_path / "roofline.png").read_bytes()[:4] == b"\x89PNG"
+    report = (tmp_path / "results.md").read_text()
+    assert report.count("| decode-b4-ctx32k |") == 1 and "| block_size |" in report
+    assert "| 2.0000 |" in report and "| ok |" in report and "| err |" in report  # cuDNN failed on the CPU
     out = capsys.readouterr().out
     assert out.index("sweeps (vs best") < out.index("x SDPA cuDNN")  # the workload table comes last
     assert "SDPA cudnn: RuntimeError" in out
