@@ -39,8 +39,9 @@ def test_split_count_spreads_programs_evenly_over_the_sms():
     splits, _, _ = dispatch.choose_splits(num_seqs=1, num_kv_heads=8, max_seq_len=32768, block_n=64, sm_count=8)
     assert splits == 2
     # the length caps the split: partitions never cover fewer than PARTITION_MIN_TOKENS keys
-    splits, partition, _ = dispatch.choose_splits(num_seqs=1, num_kv_heads=1, max_seq_len=1024, block_n=64, sm_count=132)
+    splits, partition, why = dispatch.choose_splits(num_seqs=1, num_kv_heads=1, max_seq_len=1024, block_n=64, sm_count=132)
     assert splits == 1024 // dispatch.PARTITION_MIN_TOKENS and partition == 256
+    assert "allows no more partitions" in why
     # enough (sequence, KV head) items already: no split
     assert dispatch.choose_splits(num_seqs=33, num_kv_heads=8, max_seq_len=32768, block_n=64, sm_count=132)[0] == 1
 

@@ -163,10 +163,12 @@ def choose_splits(*, num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n
     partition = math.ceil(math.ceil(max_seq_len / splits) / block_n) * block_n
     splits = math.ceil(max_seq_len / partition)
     total = splits * programs
+    how = (f"the most even spread of {low}-{high} per SM" if limit >= first else
+           f"fewer than {low} per SM: seq_len {max_seq_len} allows no more partitions of >= {PARTITION_MIN_TOKENS} keys")
     return splits, partition, (
         f"{num_seqs} seqs x {num_kv_heads} KV heads = {programs} programs would leave most of "
         f"{sm_count} SMs idle: split each sequence's keys into {splits} partitions of {partition} tokens "
-        f"({total} programs, {total / sm_count:.2f} per SM: the most even spread of {low}-{high} per SM)"
+        f"({total} programs, {total / sm_count:.2f} per SM: {how})"
     )
 
 
