@@ -403,6 +403,12 @@ def sweep_table(results: dict):
     return table
 
 
+def _md_check(row: dict) -> str:
+    if row.get("error"):
+        return "error: " + row["error"][:80]
+    return "ok" if row.get("check", {}).get("ok") else "FAILED"
+
+
 def _md_peer(row: dict, backend: str) -> str:
     peer = row.get("peers", {}).get(backend) or {}
     return "err" if peer.get("error") else _fmt(peer.get("ratio"), ".2f")
@@ -421,21 +427,19 @@ def markdown_report(results: dict) -> str:
     for r in results["rows"]:
         if r["kind"] != "workload":
             continue
-        check = "error: " + r["error"][:80] if r.get("error") else ("ok" if r.get("check", {}).get("ok") else "FAILED")
         anchor = r.get("anchors", {}).get("vllm-unified", {}).get("ratio")
         lines.append(f"| {r['name']} | {_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('tb_per_s'), '.3f')} | "
                      f"{_fmt(r.get('pct_read_bw'), '.1f')} | {_fmt(r.get('tflop_per_s'), '.1f')} | "
                      f"{_fmt(r.get('pct_mm'), '.1f')} | {_fmt(anchor, '.2f')} | {_md_peer(r, 'flash')} | "
-                     f"{_md_peer(r, 'cudnn')} | {check} | {r.get('plan', '')} |")
+                     f"{_md_peer(r, 'cudnn')} | {_md_check(r)} | {r.get('plan', '')} |")
     sweep_rows = [r for r in results["rows"] if r["kind"] == "sweep"]
     if sweep_rows:
         lines += ["", "| sweep | variant | ms | TB/s | TFLOP/s | % roofline | vs best | x fastest | check | plan |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
         for r in sweep_rows:
-            check = "error: " + r["error"][:80] if r.get("error") else ("ok" if r.get("check", {}).get("ok") else "FAILED")
             lines.append(f"| {r['sweep']} | {r['name']} | {_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('tb_per_s'), '.3f')} | "
                          f"{_fmt(r.get('tflop_per_s'), '.1f')} | {_fmt(r.get('pct_roofline'), '.1f')} | "
-                         f"{_fmt(r.get('vs_best'), '.2f')} | {_fmt(r.get('vs_fastest'), '.2f')} | {check} | {r.get('plan', '')} |")
+                         f"{_fmt(r.get('vs_best'), '.2f')} | {_fmt(r.get('vs_fastest'), '.2f')} | {_md_check(r)} | {r.get('plan', '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -74,8 +74,7 @@ def _forced_splits(n: int):
                                       block_n=block_n, sm_count=sm_count, programs_per_sm=programs_per_sm)
         if splits == 1:
             return splits, 0, "not split"
-        partition = math.ceil(math.ceil(max_seq_len / n) / block_n) * block_n
-        return math.ceil(max_seq_len / partition), partition, f"forced {n} splits"
+        return (*dispatch.partition_for(max_seq_len, n, block_n), f"forced {n} splits")
     return choose
 
 

@@ -19,11 +19,16 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 @pytest.fixture(autouse=True)
 def _seeded_torch():
-    """Every test starts from the same random state, so a failure reproduces. On a GPU, a test's
-    cached blocks go back to the device afterwards: many xdist workers share one GPU, and each
-    worker's caching allocator would otherwise keep its largest test's memory (H100 run 11: 16
-    workers holding 5-7 GiB each ran the full-size tests out of memory)."""
+    """Every test starts from the same random state, so a failure reproduces."""
     torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_cache():
+    """On a GPU, a test's cached blocks go back to the device afterwards: many xdist workers share
+    one GPU, and each worker's caching allocator would otherwise keep its largest test's memory
+    (H100 run 11: 16 workers holding 5-7 GiB each ran the full-size tests out of memory)."""
     yield
     if CUDA:
         torch.cuda.empty_cache()

@@ -143,6 +143,13 @@ def spread(programs: int, sm_count: int) -> float:
     return programs / (math.ceil(programs / sm_count) * sm_count)
 
 
+def partition_for(max_seq_len: int, splits: int, block_n: int) -> tuple[int, int]:
+    """(num_splits, partition_size): keys per split rounded up to whole key tiles, and the split
+    count that partition size really gives."""
+    partition = math.ceil(math.ceil(max_seq_len / splits) / block_n) * block_n
+    return math.ceil(max_seq_len / partition), partition
+
+
 def choose_splits(*, num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int,
                   sm_count: int, programs_per_sm: tuple[int, int] | None = None) -> tuple[int, int, str]:
     """(num_splits, partition_size, why) for a decode-like batch: one program per (sequence, KV
@@ -160,8 +167,7 @@ def choose_splits(*, num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n
     last = max(first, high * sm_count // programs)
     candidates = range(min(first, limit), min(last, limit) + 1)
     splits = max(candidates, key=lambda s: (spread(s * programs, sm_count), -s))
-    partition = math.ceil(math.ceil(max_seq_len / splits) / block_n) * block_n
-    splits = math.ceil(max_seq_len / partition)
+    splits, partition = partition_for(max_seq_len, splits, block_n)
     total = splits * programs
     how = (f"the most even spread of {low}-{high} per SM" if limit >= first else
            f"fewer than {low} per SM: seq_len {max_seq_len} allows no more partitions of >= {PARTITION_MIN_TOKENS} keys")

@@ -390,7 +390,8 @@ def workspace(num_tokens: int, num_q_heads: int, num_splits: int, head_pad: int,
 
     It grows by powers of two, and a buffer it outgrows is kept alive rather than freed: a captured
     CUDA graph may still hold its address, and a freed buffer would go back to the caching
-    allocator for another tensor to take. Scratch held in all is under twice the largest need.
+    allocator for another tensor to take. The kept buffers total less than the current one, which
+    is under twice the largest need: all scratch stays under 4x the largest need.
     """
     key = (str(device), head_pad)
     need = num_tokens * num_q_heads * num_splits
