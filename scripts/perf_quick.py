@@ -79,21 +79,26 @@ def _forced_splits(n: int):
 
 
 def apply_variant(spec: str) -> None:
-    """spec like 'prefill128=128,128,8,3;decode128=64,4,3;ppsm=2,3;splits=12;fp8n=4;fp8s=2' (dispatch
-    tables and constants, for sweeps)."""
+    """spec like 'prefill128=128,128,8,3;decode128=64,4,3;fp8decode128=256,4,2;ppsm=2,3;splits=12;
+    kv=bf16|fp8|both;q=fp16' (dispatch tables and constants, and which runs, for sweeps)."""
+    global KV_RUNS, Q_DTYPE
     for part in filter(None, spec.split(";")):
         key, value = part.split("=")
+        if key == "kv":  # which caches to time on decode workloads
+            KV_RUNS = {"bf16": ("bf16",), "fp8": ("fp8",), "both": ("bf16", "fp8")}[value]
+            continue
+        if key == "q":  # query (and 16-bit cache) dtype
+            Q_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}[value]
+            continue
         nums = tuple(int(x) for x in value.split(","))
-        if key.startswith("prefill"):
+        if key.startswith("fp8decode"):
+            dispatch.DECODE_TILES_FP8[int(key[9:])] = nums
+        elif key.startswith("prefill"):
             dispatch.PREFILL_TILES[int(key[7:])] = nums
         elif key.startswith("decode"):
             dispatch.DECODE_TILES[int(key[6:])] = nums
         elif key == "ppsm":  # split search range: programs per SM, at least and at most
             dispatch.SPLIT_PROGRAMS_PER_SM = (nums[0], nums[-1])
-        elif key == "fp8n":
-            dispatch.FP8_BLOCK_N_FACTOR = nums[0]
-        elif key == "fp8s":
-            dispatch.FP8_EXTRA_STAGES = nums[0]
         elif key == "splits":  # force this many KV splits on decode batches that split at all
             dispatch.choose_splits = _forced_splits(nums[0])
         else:
@@ -102,17 +107,19 @@ def apply_variant(spec: str) -> None:
 
 
 def main():
+    global KV_RUNS, Q_DTYPE
     args = sys.argv[1:]
     variants = [a[2:] for a in args if a.startswith("v:")]
     names = [a for a in args if not a.startswith("v:")] or [w["name"] for w in WORKLOADS["workloads"]]
     if variants:
         base_p, base_d, base_s = dict(dispatch.PREFILL_TILES), dict(dispatch.DECODE_TILES), dispatch.SPLIT_PROGRAMS_PER_SM
-        base_fn, base_fs = dispatch.FP8_BLOCK_N_FACTOR, dispatch.FP8_EXTRA_STAGES
+        base_f = dict(dispatch.DECODE_TILES_FP8)
         for spec in variants:
             dispatch.PREFILL_TILES.clear(); dispatch.PREFILL_TILES.update(base_p)
             dispatch.DECODE_TILES.clear(); dispatch.DECODE_TILES.update(base_d)
             dispatch.SPLIT_PROGRAMS_PER_SM = base_s
-            dispatch.FP8_BLOCK_N_FACTOR, dispatch.FP8_EXTRA_STAGES = base_fn, base_fs
+            dispatch.DECODE_TILES_FP8.clear(); dispatch.DECODE_TILES_FP8.update(base_f)
+            KV_RUNS, Q_DTYPE = ("bf16", "fp8"), torch.bfloat16
             dispatch.choose_splits = _CHOOSE_SPLITS
             apply_variant(spec)
             print(f"=== variant {spec}")
@@ -122,6 +129,8 @@ def main():
 
 
 _CEIL = None
+KV_RUNS = ("bf16", "fp8")  # decode workloads: time the 16-bit cache, fp8 e4m3, or both
+Q_DTYPE = torch.bfloat16
 
 
 def run(names):
@@ -137,7 +146,9 @@ def run(names):
         for variant, kv in (("bf16", None), ("fp8", torch.float8_e4m3fn)):
             if variant == "fp8" and not w["name"].startswith("decode"):
                 continue
-            q, k, v, cu, sl, bt, mq, ms, opts = build(w, kv_dtype=kv)
+            if w["name"].startswith("decode") and variant not in KV_RUNS:
+                continue
+            q, k, v, cu, sl, bt, mq, ms, opts = build(w, dtype=Q_DTYPE, kv_dtype=kv)
             out = torch.empty_like(q)
             fn = lambda: paged_attention(q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out, **opts)
             fn()

@@ -30,11 +30,19 @@ PREFILL_TILES = {
     256: (64, 32, 4, 2),
 }
 # Decode tiles (few query rows per KV head): (BLOCK_N, num_warps, num_stages) by padded head size
-DECODE_TILES = {  # fp8 caches: twice block_n and one more stage (measured, see BENCHMARKS.md)
+DECODE_TILES = {
     32: (64, 4, 2),
     64: (64, 4, 2),
     128: (64, 4, 2),
     256: (32, 4, 2),
+}
+# fp8 caches: half the bytes per key, so twice the keys per tile and one more stage keep as many
+# bytes in flight per program (measured, see BENCHMARKS.md)
+DECODE_TILES_FP8 = {
+    32: (128, 4, 3),
+    64: (128, 4, 3),
+    128: (128, 4, 3),
+    256: (64, 4, 3),
 }
 DECODE_MIN_ROWS = 16  # tl.dot needs M >= 16: decode tiles are padded up to this many rows
 PARTITION_MIN_TOKENS = 256  # a split-KV partition never covers fewer keys than this
@@ -44,8 +52,6 @@ PARTITION_MIN_TOKENS = 256  # a split-KV partition never covers fewer keys than 
 # Within that range the count that spreads programs most evenly over the SMs wins (H100 run 11,
 # decode-b4-ctx32k: 12 splits 88.5%, 9 splits 86.3%, 13 splits 85.6%; fp8 71.5% vs 64.7%).
 SPLIT_PROGRAMS_PER_SM = (2, 3)
-FP8_BLOCK_N_FACTOR = 2  # fp8 decode tiles: this many times the keys per tile (half the bytes per key)
-FP8_EXTRA_STAGES = 1  # and this many more pipeline stages
 MAX_SPLITS = 64
 # Known compiler failures and their workaround, checked offline by tests/test_compile_sm90.py.
 # Triton 3.6's bundled ptxas dies with SIGSEGV compiling the context-contract prefill kernel with
@@ -117,11 +123,8 @@ def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block
     """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps, num_stages) for a decode-like or prefill batch."""
     head_pad = max(32, next_pow2(head_size))
     if decode:
-        block_n, warps, stages = DECODE_TILES[head_pad]
+        block_n, warps, stages = (DECODE_TILES_FP8 if fp8 else DECODE_TILES)[head_pad]
         block_m = max(DECODE_MIN_ROWS, next_pow2(num_queries_per_kv))
-        if fp8:  # half the bytes per key: twice the keys per tile keeps as many bytes in flight
-            block_n *= FP8_BLOCK_N_FACTOR
-            stages += FP8_EXTRA_STAGES
     else:
         block_m, block_n, warps, stages = PREFILL_TILES[head_pad]
         block_m = max(block_m, next_pow2(num_queries_per_kv))

@@ -68,21 +68,25 @@ def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.con
 def _attend_tile(
     acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi, key_start, key_end,
     qk_scale, softcap, sliding_window,
-    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr, SLIDING: tl.constexpr, MASK: tl.constexpr,
 ):
-    """One online-softmax step over a key tile. q: [BLOCK_M, HEAD_PAD], k, v: [BLOCK_N, HEAD_PAD].
-    Scores are kept in log2 units (qk_scale folds log2(e)). MASK=False is for tiles every row sees
-    whole (below the causal diagonal, inside the window, inside the sequence): no compare, no where."""
+    """One online-softmax step over a key tile. q: [BLOCK_M, HEAD_PAD], k: [BLOCK_N, HEAD_PAD] in
+    DOT_DTYPE, v: [BLOCK_N, HEAD_PAD] in PV_DTYPE (P is cast to it for the second dot). Scores are in
+    log2 units (qk_scale folds log2(e)). MASK=False is for tiles every row sees whole (below the
+    causal diagonal, inside the window, inside the sequence): no compare, no where."""
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision=FP32_PRECISION)
     else:
         s = tl.dot(q, tl.trans(k))
+    # Without softcap or ALiBi the scale is folded into the exponent's argument (one FMA per score,
+    # s * qk_scale - m, instead of a multiply and a subtract); the row max scales with it (qk_scale > 0).
+    FOLD: tl.constexpr = not (USE_SOFTCAP or USE_ALIBI)
     if USE_SOFTCAP:
         # cap * tanh(x / cap) in natural units, then to log2 units; tanh via exp (stable at +-inf)
         x = s * (qk_scale / 1.4426950408889634) / softcap
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * 1.4426950408889634
-    else:
+    elif USE_ALIBI:
         s = s * qk_scale
     if USE_ALIBI:
         s += head_alibi[:, None] * (key_pos[None, :] - row_pos[:, None]).to(tl.float32) * 1.4426950408889634
@@ -92,20 +96,26 @@ def _attend_tile(
         if SLIDING:
             visible &= (row_pos[:, None] - key_pos[None, :]) < sliding_window
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if FOLD:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASK:
         # a row that has seen no visible key yet keeps m = -inf: subtract 0 instead (no inf - inf)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
-    p = tl.math.exp2(s - m_safe[:, None])
+    if FOLD:
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    else:
+        p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if IEEE:
-        acc += tl.dot(p.to(DOT_DTYPE), v, input_precision=FP32_PRECISION)
+        acc += tl.dot(p.to(PV_DTYPE), v, input_precision=FP32_PRECISION)
     else:
-        acc += tl.dot(p.to(DOT_DTYPE), v)
+        acc += tl.dot(p.to(PV_DTYPE), v)
     return acc, m_new, l_i
 
 
@@ -115,7 +125,7 @@ def _cache_tiles(
     stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
     dims, dim_valid, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
     sliding_window, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
     SLIDING: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, IDX64: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -144,10 +154,11 @@ def _cache_tiles(
             k = tl.load(k_cache_ptr + k_offs, mask=dim_valid[None, :], other=0.0)
             v = tl.load(v_cache_ptr + v_offs, mask=dim_valid[None, :], other=0.0)
         k = _load_kv_fp(k, KV_FP8, DOT_DTYPE, INTERPRET)
-        v = _load_kv_fp(v, KV_FP8, DOT_DTYPE, INTERPRET)
+        v = _load_kv_fp(v, KV_FP8, PV_DTYPE, INTERPRET)
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi, key_start, key_end,
-            qk_scale, softcap, sliding_window, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, MASK,
+            qk_scale, softcap, sliding_window, DOT_DTYPE, PV_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI,
+            SLIDING, MASK,
         )
     return acc, m_i, l_i
 
@@ -174,7 +185,7 @@ def _paged_attention_kernel(
     QPK: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, K_X: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    IEEE: tl.constexpr, CONTEXT: tl.constexpr, DECODE_FROM_CACHE: tl.constexpr,
+    PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, CONTEXT: tl.constexpr, DECODE_FROM_CACHE: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
     SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
     SEQ_GRID: tl.constexpr,
@@ -269,21 +280,21 @@ def _paged_attention_kernel(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, tile_start, full_lo, kv_head,
         stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
         dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
-        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
+        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, PV_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
         HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
     )
     acc, m_i, l_i = _cache_tiles(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_lo, full_hi, kv_head,
         stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
         dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
-        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, False,
+        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, PV_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, False,
         HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
     )
     acc, m_i, l_i = _cache_tiles(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_hi, cache_stop, kv_head,
         stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
         dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
-        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
+        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, PV_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
         HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
     )
 
@@ -304,7 +315,7 @@ def _paged_attention_kernel(
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi,
                 key_start, key_end, qk_scale, softcap, sliding_window,
-                DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
+                DOT_DTYPE, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
             )
 
     out_rows = (q_start + row_tok).to(tl.int64)
@@ -444,6 +455,10 @@ def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, 
         k_new = v_new = q
         nt = nh = 0
     interp = _interpreting()
+    dot_dtype = tl.float32 if interp else _TL_DTYPES[q.dtype]
+    # fp8 V converts to fp16 in hardware and is exact there (e4m3 and e5m2 both fit), and P in [0, 1]
+    # keeps more bits in fp16 than in bf16: the P.V dot runs in fp16 with no fp16 -> bf16 step
+    pv_dtype = tl.float16 if fp8 and dot_dtype in (tl.float16, tl.bfloat16) else dot_dtype
     for part in (plan, plan.decode_part):
         if part is None:
             continue
@@ -470,7 +485,7 @@ def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, 
             int(part.partition_size or 1), part.min_query_len, min(part.max_query_len, 2**31 - 1),
             QPK=num_q_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=head_pad,
             BLOCK_M=part.block_m, BLOCK_Q=part.block_q, BLOCK_N=part.block_n, PAGE=page, K_X=k_x,
-            KV_FP8=fp8, DOT_DTYPE=tl.float32 if interp else _TL_DTYPES[q.dtype],
+            KV_FP8=fp8, DOT_DTYPE=dot_dtype, PV_DTYPE=pv_dtype,
             IEEE=(q.dtype == torch.float32 and not interp), CONTEXT=context,
             DECODE_FROM_CACHE=bool(decode_from_cache), USE_SOFTCAP=bool(softcap),
             USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None,
