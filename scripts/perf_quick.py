@@ -81,11 +81,14 @@ def _forced_splits(n: int):
 def apply_variant(spec: str) -> None:
     """spec like 'prefill128=128,128,8,3;decode128=64,4,3;fp8decode128=256,4,2;ppsm=2,3;splits=12;
     kv=bf16|fp8|both;q=fp16' (dispatch tables and constants, and which runs, for sweeps)."""
-    global KV_RUNS, Q_DTYPE
+    global KV_RUNS, Q_DTYPE, GRAPH
     for part in filter(None, spec.split(";")):
         key, value = part.split("=")
         if key == "kv":  # which caches to time on decode workloads
             KV_RUNS = {"bf16": ("bf16",), "fp8": ("fp8",), "both": ("bf16", "fp8")}[value]
+            continue
+        if key == "graph":  # time CUDA-graph replays (no host launch cost in the timed interval)
+            GRAPH = value == "1"
             continue
         if key == "q":  # query (and 16-bit cache) dtype
             Q_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}[value]
@@ -107,7 +110,7 @@ def apply_variant(spec: str) -> None:
 
 
 def main():
-    global KV_RUNS, Q_DTYPE
+    global KV_RUNS, Q_DTYPE, GRAPH
     args = sys.argv[1:]
     variants = [a[2:] for a in args if a.startswith("v:")]
     names = [a for a in args if not a.startswith("v:")] or [w["name"] for w in WORKLOADS["workloads"]]
@@ -119,7 +122,7 @@ def main():
             dispatch.DECODE_TILES.clear(); dispatch.DECODE_TILES.update(base_d)
             dispatch.SPLIT_PROGRAMS_PER_SM = base_s
             dispatch.DECODE_TILES_FP8.clear(); dispatch.DECODE_TILES_FP8.update(base_f)
-            KV_RUNS, Q_DTYPE = ("bf16", "fp8"), torch.bfloat16
+            KV_RUNS, Q_DTYPE, GRAPH = ("bf16", "fp8"), torch.bfloat16, False
             dispatch.choose_splits = _CHOOSE_SPLITS
             apply_variant(spec)
             print(f"=== variant {spec}")
@@ -131,6 +134,26 @@ def main():
 _CEIL = None
 KV_RUNS = ("bf16", "fp8")  # decode workloads: time the 16-bit cache, fp8 e4m3, or both
 Q_DTYPE = torch.bfloat16
+GRAPH = False
+
+
+def time_ms(fn) -> float:
+    if GRAPH:
+        return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Host time per call: enqueue `calls` calls behind a long GPU sleep, so none waits on the GPU."""
+    import time
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1 << 30)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return t / calls * 1e6
 
 
 def run(names):
@@ -152,7 +175,8 @@ def run(names):
             out = torch.empty_like(q)
             fn = lambda: paged_attention(q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out, **opts)
             fn()
-            t = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+            t = time_ms(fn)
+            host = host_us(fn)
             kv_bytes, flops = accounting(w)
             if kv is not None:
                 kv_bytes //= 2
@@ -162,7 +186,7 @@ def run(names):
                                  cache_dtype=k.dtype, device="cuda")
             anchor = w["anchors_h100"]["vllm-unified"]["ms"]
             rows.append((w["name"] + ("" if kv is None else "-fp8"), t, kv_bytes / t / 1e9, kv_bytes / t / 1e9 / read_tbs * 100,
-                         flops / t / 1e9, anchor / t, plan.kernel + " " + plan.params()))
+                         flops / t / 1e9, anchor / t, f"host {host:5.1f} us  " + plan.kernel + " " + plan.params()))
             del q, k, v, out
             torch.cuda.empty_cache()
             if kv is None and 1 in w["query_lens"] and max(w["query_lens"]) > 1:
@@ -175,7 +199,7 @@ def run(names):
                     out = torch.empty_like(q)
                     f = lambda: paged_attention(q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out)
                     f()
-                    parts.append(triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median"))
+                    parts.append(time_ms(f))
                     del q, k, v, out
                 rows.append((w["name"] + "-as-2-launches", sum(parts), 0, 0, 0, anchor / sum(parts),
                              f"prefill part {parts[0]:.4f} ms + decode part {parts[1]:.4f} ms"))

@@ -65,23 +65,18 @@ def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.con
 
 
 @triton.jit
-def _attend_tile(
-    acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi, key_start, key_end,
-    qk_scale, softcap, sliding_window,
-    DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    USE_ALIBI: tl.constexpr, SLIDING: tl.constexpr, MASK: tl.constexpr,
+def _scores(
+    q, k, key_pos, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap, sliding_window,
+    IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, SLIDING: tl.constexpr,
+    MASK: tl.constexpr,
 ):
-    """One online-softmax step over a key tile. q: [BLOCK_M, HEAD_PAD], k: [BLOCK_N, HEAD_PAD] in
-    DOT_DTYPE, v: [BLOCK_N, HEAD_PAD] in PV_DTYPE (P is cast to it for the second dot). Scores are in
-    log2 units (qk_scale folds log2(e)). MASK=False is for tiles every row sees whole (below the
-    causal diagonal, inside the window, inside the sequence): no compare, no where."""
+    """Scores of a key tile, [BLOCK_M, BLOCK_N], masked with -inf where MASK. In log2 units with
+    softcap or ALiBi; otherwise raw q.k (the scale is folded into _softmax_pv's exp2 argument: one
+    FMA per score, s * qk_scale - m, instead of a multiply and a subtract)."""
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision=FP32_PRECISION)
     else:
         s = tl.dot(q, tl.trans(k))
-    # Without softcap or ALiBi the scale is folded into the exponent's argument (one FMA per score,
-    # s * qk_scale - m, instead of a multiply and a subtract); the row max scales with it (qk_scale > 0).
-    FOLD: tl.constexpr = not (USE_SOFTCAP or USE_ALIBI)
     if USE_SOFTCAP:
         # cap * tanh(x / cap) in natural units, then to log2 units; tanh via exp (stable at +-inf)
         x = s * (qk_scale / 1.4426950408889634) / softcap
@@ -96,8 +91,18 @@ def _attend_tile(
         if SLIDING:
             visible &= (row_pos[:, None] - key_pos[None, :]) < sliding_window
         s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _softmax_pv(
+    acc, m_i, l_i, s, v, qk_scale, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
+    MASK: tl.constexpr,
+):
+    """One online-softmax step: scores s of a key tile (raw when FOLD, else in log2 units) and its
+    values v [BLOCK_N, HEAD_PAD] in PV_DTYPE (P is cast to it for the dot)."""
     if FOLD:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0: the max scales with it
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASK:
@@ -120,46 +125,63 @@ def _attend_tile(
 
 
 @triton.jit
+def _tile_blocks(bt_row, start, key_start, key_end, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                 MASK: tl.constexpr, IDX64: tl.constexpr):
+    """Key positions of the tile at `start`, which of them are in range, their cache blocks (through
+    the block table: a tile may span several pages) and their slots within the blocks."""
+    key_pos = start + tl.arange(0, BLOCK_N)
+    if MASK:
+        key_ok = (key_pos < key_end) & (key_pos >= key_start)
+        block = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0)
+    else:
+        key_ok = key_pos >= 0
+        block = tl.load(bt_row + key_pos // PAGE)
+    if IDX64:  # only caches of 2^31 elements or more pay for 64-bit offset arithmetic
+        block = block.to(tl.int64)
+    return key_pos, key_ok, block, key_pos % PAGE
+
+
+@triton.jit
+def _load_tile(cache_ptr, block, in_block, key_ok, head_off, stride_b, stride_t, dim_off, dim_valid,
+               MASK: tl.constexpr, EVEN_D: tl.constexpr, KV_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """A [BLOCK_N, HEAD_PAD] K or V tile from the paged cache, converted to OUT_DTYPE."""
+    offs = block[:, None] * stride_b + in_block[:, None] * stride_t + head_off + dim_off[None, :]
+    if MASK:
+        x = tl.load(cache_ptr + offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0)
+    elif EVEN_D:
+        x = tl.load(cache_ptr + offs)
+    else:
+        x = tl.load(cache_ptr + offs, mask=dim_valid[None, :], other=0.0)
+    return _load_kv_fp(x, KV_FP8, OUT_DTYPE, INTERPRET)
+
+
+@triton.jit
 def _cache_tiles(
     acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, lo, hi, kv_head,
     stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
     dims, dim_valid, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
     sliding_window, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
-    SLIDING: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, IDX64: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr, SLIDING: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr,
+    IDX64: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Key tiles [lo, hi) (lo a multiple of BLOCK_N) gathered from the paged cache through the
-    block table: a tile may span several pages. Unmasked tiles (MASK=False) lie wholly in range."""
+    block table. Unmasked tiles (MASK=False) lie wholly in range."""
+    FOLD: tl.constexpr = not (USE_SOFTCAP or USE_ALIBI)
+    k_head = kv_head * stride_kh
+    v_head = kv_head * stride_vh
+    v_dim_off = dims * stride_vd
     for start in range(lo, hi, BLOCK_N):
-        key_pos = start + tl.arange(0, BLOCK_N)
-        if MASK:
-            key_ok = (key_pos < key_end) & (key_pos >= key_start)
-            block = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0)
-        else:
-            key_ok = key_pos >= 0
-            block = tl.load(bt_row + key_pos // PAGE)
-        if IDX64:  # only caches of 2^31 elements or more pay for 64-bit offset arithmetic
-            block = block.to(tl.int64)
-        in_block = key_pos % PAGE
-        k_offs = block[:, None] * stride_kb + in_block[:, None] * stride_kt + kv_head * stride_kh + k_dim_off[None, :]
-        v_offs = block[:, None] * stride_vb + in_block[:, None] * stride_vt + kv_head * stride_vh + dims[None, :] * stride_vd
-        if MASK:
-            k = tl.load(k_cache_ptr + k_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0)
-            v = tl.load(v_cache_ptr + v_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_cache_ptr + k_offs)
-            v = tl.load(v_cache_ptr + v_offs)
-        else:
-            k = tl.load(k_cache_ptr + k_offs, mask=dim_valid[None, :], other=0.0)
-            v = tl.load(v_cache_ptr + v_offs, mask=dim_valid[None, :], other=0.0)
-        k = _load_kv_fp(k, KV_FP8, DOT_DTYPE, INTERPRET)
-        v = _load_kv_fp(v, KV_FP8, PV_DTYPE, INTERPRET)
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi, key_start, key_end,
-            qk_scale, softcap, sliding_window, DOT_DTYPE, PV_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI,
-            SLIDING, MASK,
-        )
+        key_pos, key_ok, block, in_block = _tile_blocks(bt_row, start, key_start, key_end, BLOCK_N, PAGE,
+                                                        MASK, IDX64)
+        k = _load_tile(k_cache_ptr, block, in_block, key_ok, k_head, stride_kb, stride_kt, k_dim_off,
+                       dim_valid, MASK, EVEN_D, KV_FP8, DOT_DTYPE, INTERPRET)
+        v = _load_tile(v_cache_ptr, block, in_block, key_ok, v_head, stride_vb, stride_vt, v_dim_off,
+                       dim_valid, MASK, EVEN_D, KV_FP8, PV_DTYPE, INTERPRET)
+        s = _scores(q, k, key_pos, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
+                    sliding_window, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, MASK)
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PV_DTYPE, IEEE, FOLD, MASK)
     return acc, m_i, l_i
 
 
@@ -312,11 +334,10 @@ def _paged_attention_kernel(
             k = tl.load(k_new_ptr + k_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
             v_offs = tok[:, None] * stride_nt + kv_head * stride_nh + dims[None, :]
             v = tl.load(v_new_ptr + v_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, k, v, key_pos, row_pos, row_valid, head_alibi,
-                key_start, key_end, qk_scale, softcap, sliding_window,
-                DOT_DTYPE, DOT_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
-            )
+            s = _scores(q, k, key_pos, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
+                        sliding_window, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True)
+            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, DOT_DTYPE, IEEE,
+                                        not (USE_SOFTCAP or USE_ALIBI), True)
 
     out_rows = (q_start + row_tok).to(tl.int64)
     if NUM_SPLITS == 1:
