@@ -24,6 +24,7 @@ import json
 import math
 import platform
 import statistics
+import time
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,21 @@ def _free(device) -> None:
     if torch.device(device).type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def host_time_us(fn: Callable, device, calls: int = 20) -> float | None:
+    """Host time per call of fn: `calls` calls enqueued behind a GPU sleep, so none waits for the
+    GPU and the wall time is the host's alone (checks, planning, Triton's launch path). None off CUDA."""
+    if torch.device(device).type != "cuda" or not hasattr(torch.cuda, "_sleep"):
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(1 << 26)  # ~35 ms of GPU time at 1.98 GHz: longer than enqueueing the calls
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize(device)
+    return elapsed / calls * 1e6
 
 
 def _rotate(calls: list[Callable]) -> Callable:
@@ -182,6 +198,7 @@ class Bench:
             if self.timer:
                 row.update(self.timer(_rotate(calls)))
                 row.update(metrics(row["ms"], w.kv_bytes, w.flops, self.ceilings))
+                row["host_us"] = host_time_us(_rotate(calls), self.device)
                 anchors = {k: dict(ms=a["ms"], ratio=a["ms"] / row["ms"]) for k, a in w.anchors.items() if "ms" in a}
                 if anchors:
                     row["anchors"] = anchors
@@ -365,22 +382,23 @@ def workload_table(results: dict):
     from rich.table import Table
 
     table = Table(title=f"pagedattn bench — {results['meta'].get('device')}",
-                  caption="x peer = peer ms / our ms (>1: faster than the peer). vLLM anchors are H100 "
+                  caption="x peer = peer ms / our ms (>1: faster than the peer). host us = host time per call "
+                          "(enqueued behind a GPU sleep). vLLM anchors are H100 "
                           "times from workloads.json. * = K/V repeated for the peer. ✗ = output check failed.")
     for col in ("workload", "ms", "TB/s", "% read BW", "TFLOP/s", "% mm", "x vLLM anchor", "x SDPA flash",
-                "x SDPA cuDNN"):
+                "x SDPA cuDNN", "host us"):
         table.add_column(col, justify="left" if col == "workload" else "right")
     for r in results["rows"]:
         if r["kind"] != "workload":
             continue
         name = r["name"] + (" [red]✗[/]" if r.get("check") and not r["check"].get("ok") else "")
         if r.get("error") and "ms" not in r:
-            table.add_row(name, f"[red]{r['error'][:60]}[/]", *[""] * 7)
+            table.add_row(name, f"[red]{r['error'][:60]}[/]", *[""] * 8)
             continue
         anchor = r.get("anchors", {}).get("vllm-unified", {}).get("ratio")
         table.add_row(name, _fmt(r.get("ms"), ".4f"), _fmt(r.get("tb_per_s"), ".3f"), _fmt(r.get("pct_read_bw"), ".1f"),
                       _fmt(r.get("tflop_per_s"), ".1f"), _fmt(r.get("pct_mm"), ".1f"), _fmt(anchor, ".2f"),
-                      _peer_cell(r, "flash"), _peer_cell(r, "cudnn"))
+                      _peer_cell(r, "flash"), _peer_cell(r, "cudnn"), _fmt(r.get("host_us"), ".0f"))
     return table
 
 
@@ -422,8 +440,8 @@ def markdown_report(results: dict) -> str:
     if c:
         lines += [f"Ceilings in this run: read {c['read_tbs']:.3f} TB/s, copy {c['copy_tbs']:.3f} TB/s, "
                   f"bf16 matmul {c['mm_tflops']:.1f} TFLOP/s.", ""]
-    lines += ["| workload | ms | TB/s | % read BW | TFLOP/s | % matmul | x vLLM anchor | x SDPA flash | x SDPA cuDNN | check | plan |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines += ["| workload | ms | TB/s | % read BW | TFLOP/s | % matmul | x vLLM anchor | x SDPA flash | x SDPA cuDNN | host us | check | plan |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in results["rows"]:
         if r["kind"] != "workload":
             continue
@@ -431,7 +449,7 @@ def markdown_report(results: dict) -> str:
         lines.append(f"| {r['name']} | {_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('tb_per_s'), '.3f')} | "
                      f"{_fmt(r.get('pct_read_bw'), '.1f')} | {_fmt(r.get('tflop_per_s'), '.1f')} | "
                      f"{_fmt(r.get('pct_mm'), '.1f')} | {_fmt(anchor, '.2f')} | {_md_peer(r, 'flash')} | "
-                     f"{_md_peer(r, 'cudnn')} | {_md_check(r)} | {r.get('plan', '')} |")
+                     f"{_md_peer(r, 'cudnn')} | {_fmt(r.get('host_us'), '.0f')} | {_md_check(r)} | {r.get('plan', '')} |")
     sweep_rows = [r for r in results["rows"] if r["kind"] == "sweep"]
     if sweep_rows:
         lines += ["", "| sweep | variant | ms | TB/s | TFLOP/s | % roofline | vs best | x fastest | check | plan |",

@@ -168,6 +168,7 @@ def test_timed_run_end_to_end_with_a_fake_timer(tmp_path, capsys):
     report = (tmp_path / "results.md").read_text()
     assert report.count("| decode-b4-ctx32k |") == 1 and "| block_size |" in report
     assert "| 2.0000 |" in report and "| ok |" in report and "| err |" in report  # cuDNN failed on the CPU
+    assert "| host us |" in report  # host time per call: none measured off CUDA
     out = capsys.readouterr().out
     assert out.index("sweeps (vs best") < out.index("x SDPA cuDNN")  # the workload table comes last
     assert "SDPA cudnn: RuntimeError" in out
@@ -204,3 +205,21 @@ def test_cli_maps_bench_to_the_runner():
 
     assert SUBCOMMANDS["bench"][0] == "benchmarks.runner"
     assert callable(runner.add_arguments) and callable(runner.run)
+
+
+def test_host_time_is_none_off_cuda():
+    assert runner.host_time_us(lambda: None, "cpu") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_time_counts_the_host_only():
+    """Calls queued behind a GPU sleep return at once: a 2 ms GPU op costs microseconds of host time,
+    and a host-side 1 ms sleep shows as >= 1000 us."""
+    import time
+
+    x = torch.randn(1 << 24, device="cuda")
+    gpu_heavy = runner.host_time_us(lambda: torch.cuda._sleep(1 << 22) or x.sum(), "cuda")
+    host_heavy = runner.host_time_us(lambda: time.sleep(1e-3), "cuda", calls=5)
+    assert 0 < gpu_heavy < 500, gpu_heavy
+    assert host_heavy >= 1000
