@@ -103,19 +103,23 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def host_time_us(fn: Callable, device, calls: int = 20) -> float | None:
-    """Host time per call of fn: `calls` calls enqueued behind a GPU sleep, so none waits for the
-    GPU and the wall time is the host's alone (checks, planning, Triton's launch path). None off CUDA."""
+def host_time_us(fn: Callable, device, calls: int = 10, rounds: int = 5) -> float | None:
+    """Host time per call of fn, the median of `rounds` rounds of `calls` calls, each round enqueued
+    behind a GPU sleep so no call waits for the GPU: the wall time is the host's alone (checks,
+    planning, Triton's launch path). None off CUDA."""
     if torch.device(device).type != "cuda" or not hasattr(torch.cuda, "_sleep"):
         return None
+    fn()  # warm: the first launch of a kernel may load its module (milliseconds on the host)
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize(device)
+        torch.cuda._sleep(1 << 26)  # ~35 ms of GPU time at 1.98 GHz: longer than enqueueing the calls
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
     torch.cuda.synchronize(device)
-    torch.cuda._sleep(1 << 26)  # ~35 ms of GPU time at 1.98 GHz: longer than enqueueing the calls
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize(device)
-    return elapsed / calls * 1e6
+    return statistics.median(times)
 
 
 def _rotate(calls: list[Callable]) -> Callable:

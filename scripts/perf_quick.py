@@ -143,17 +143,10 @@ def time_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def host_us(fn, calls: int = 50) -> float:
-    """Host time per call: enqueue `calls` calls behind a long GPU sleep, so none waits on the GPU."""
-    import time
-    torch.cuda.synchronize()
-    torch.cuda._sleep(1 << 30)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return t / calls * 1e6
+def host_us(fn) -> float:
+    """Host time per call (median of 5 rounds of 10 calls queued behind a GPU sleep)."""
+    from benchmarks.runner import host_time_us
+    return host_time_us(fn, "cuda")
 
 
 def run(names):

@@ -221,5 +221,5 @@ def test_host_time_counts_the_host_only():
     x = torch.randn(1 << 24, device="cuda")
     gpu_heavy = runner.host_time_us(lambda: torch.cuda._sleep(1 << 22) or x.sum(), "cuda")
     host_heavy = runner.host_time_us(lambda: time.sleep(1e-3), "cuda", calls=5)
-    assert 0 < gpu_heavy < 500, gpu_heavy
+    assert 0 < gpu_heavy < 1000, gpu_heavy
     assert host_heavy >= 1000

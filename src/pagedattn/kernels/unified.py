@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastKernel
+
 LOG2E = 1.4426950408889634
 # fp32 inputs are the accuracy path: "ieee" dots on FMA units. They hold their operand tiles in
 # registers, so dispatch gives fp32 small tiles (scripts/compile_check.py reports each tile's
@@ -393,6 +395,8 @@ def _merge_splits_kernel(
 # ---------------------------------------------------------------------------------------------
 # launcher (inputs were validated by pagedattn.attention; launch parameters come from dispatch)
 # ---------------------------------------------------------------------------------------------
+_PAGED_ATTENTION = FastKernel(_paged_attention_kernel)
+_MERGE_SPLITS = FastKernel(_merge_splits_kernel)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _FP8_CODE = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -494,7 +498,7 @@ def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, 
         seq_grid = part.phase == "decode"
         tiles = num_seqs if seq_grid else num_tokens // part.block_q + num_seqs
         grid = (tiles, num_kv_heads, num_splits)
-        _paged_attention_kernel[grid](
+        _PAGED_ATTENTION[grid](
             q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
             k_cache, kb, kt, kh, kx, v_cache, vb, vt, vh, vd,
             k_new, v_new, nt, nh,
@@ -515,7 +519,7 @@ def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, 
             SEQ_GRID=seq_grid, num_warps=part.num_warps, num_stages=part.num_stages,
         )
         if num_splits > 1:
-            _merge_splits_kernel[(num_seqs, num_q_heads)](
+            _MERGE_SPLITS[(num_seqs, num_q_heads)](
                 out, out.stride(0), out.stride(1), part_acc, part_m, part_l,
                 num_q_heads, cu_seqlens_q, part.min_query_len, min(part.max_query_len, 2**31 - 1),
                 HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,

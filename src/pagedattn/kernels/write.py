@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FastKernel
 from ..config import FP8_DTYPES, MAX_HEAD_SIZE, QUERY_DTYPES, fp8_dtype_of
 from ..errors import (BatchMetadataError, DeviceError, DTypeError, LayoutError, ScaleError, ShapeError,
                       SlotConflictError, UnsupportedConfigError)
@@ -140,6 +141,9 @@ def write_kv(
         _write_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8)
 
 
+_WRITE_KV = FastKernel(_write_kv_kernel)
+
+
 def _use_triton(device: torch.device) -> bool:
     from ..dispatch import interpreter_enabled
     return device.type == "cuda" or interpreter_enabled()
@@ -166,7 +170,7 @@ def _launch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8):
         k_scale = v_scale = 1.0
     head_pad = triton.next_power_of_2(head_size)
     # one program per (token, KV head); a row is at most 256 elements, so a warp or two suffices
-    _write_kv_kernel[(num_tokens, num_kv_heads)](
+    _WRITE_KV[(num_tokens, num_kv_heads)](
         k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -1,0 +1,60 @@
+"""Host time per `paged_attention` call through the fast launch path and through Triton's own
+(`launch.ALWAYS_TRITON`), alternating in one process: rounds of calls queued behind a GPU sleep,
+so no call waits for the GPU. GPU only:
+
+    PYTHONPATH=src python3 scripts/host_time.py [workload ...]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).parent)]
+
+import perf_quick  # noqa: E402
+import torch  # noqa: E402
+
+from pagedattn import paged_attention  # noqa: E402
+from pagedattn.kernels import launch  # noqa: E402
+
+
+def rounds(fn, calls: int = 20, repeats: int = 15) -> tuple[float, float]:
+    """(min, median) over `repeats` rounds of the host time per call, in microseconds."""
+    per_call = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(1 << 27)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
+    return min(per_call), statistics.median(per_call)
+
+
+def main(names: list[str]) -> None:
+    for name in names:
+        w = next(w for w in perf_quick.WORKLOADS["workloads"] if w["name"] == name)
+        q, k, v, cu, sl, bt, mq, ms, opts = perf_quick.build(w)
+        out = torch.empty_like(q)
+        fn = lambda: paged_attention(q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out, **opts)  # noqa: E731
+        results: dict[bool, list] = {}
+        for _ in range(3):
+            for always_triton in (False, True):
+                launch.ALWAYS_TRITON = always_triton
+                fn()
+                torch.cuda.synchronize()
+                results.setdefault(always_triton, []).append(rounds(fn))
+        launch.ALWAYS_TRITON = False
+        for always_triton, values in results.items():
+            print(f"{name:20s} {'triton' if always_triton else 'fast  '} min {min(v[0] for v in values):6.1f} us  "
+                  f"median {statistics.median(v[1] for v in values):6.1f} us")
+        del q, k, v, out
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["decode-b64-ctx4k", "decode-b4-ctx32k", "prefill-b4-4k"])

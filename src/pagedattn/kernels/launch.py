@@ -1,0 +1,92 @@
+"""Launching Triton kernels without Triton's per-call argument binder.
+
+`JITFunction.run` binds every argument through generated code and `native_specialize_impl` on each
+call (19 us for the attention kernel's 38 runtime arguments on our development CPU, about twice
+that on the H100 host), then builds a cache key string. `FastKernel` computes an equivalent key
+itself, cheaper, and launches the kernel Triton compiled for it directly. The first call with a
+new key, and every call while a launch hook, debug mode or a pre-run hook is set, goes through
+Triton unchanged (so does the CPU interpreter).
+
+The key holds exactly what Triton specializes on (Triton 3.6; `tests/test_launch.py` checks
+the classes against `native_specialize_impl`): for each tensor its dtype and whether its address
+is a multiple of 16; for each int whether it is 1, whether it is a multiple of 16 and whether it
+fits 32 or 64 bits; the type of anything else; and every keyword (constexprs, num_warps,
+num_stages) with its value. Two calls with equal keys get the same compiled kernel from Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from triton import knobs
+
+# PAGEDATTN_TRITON_LAUNCH=1: every launch through Triton's own path (to compare, or to rule this out)
+ALWAYS_TRITON = os.environ.get("PAGEDATTN_TRITON_LAUNCH", "0") not in ("", "0")
+
+_I32 = (-(2**31), 2**31)
+_I64 = (-(2**63), 2**63)
+
+
+def arg_class(a):
+    """What Triton specializes on for one runtime argument (None: a type this module does not key)."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, (a.data_ptr() & 15) == 0
+    cls = a.__class__
+    if cls is int:
+        width = 0 if _I32[0] <= a < _I32[1] else 1 if _I64[0] <= a < _I64[1] else 2
+        return a == 1, (a & 15) == 0, width
+    if cls is float or cls is bool or a is None:
+        return cls
+    return None
+
+
+class FastKernel:
+    """`FastKernel(jit_fn)[grid](*args, **kwargs)` launches like `jit_fn[grid](*args, **kwargs)`:
+    runtime arguments positional (the first one a tensor: its device decides), constexprs and
+    launch options as keywords."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._kernels: dict[tuple, tuple] = {}
+
+    def __getitem__(self, grid: tuple[int, ...]):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        if ALWAYS_TRITON or not (args and getattr(args[0], "is_cuda", False)) or _interpreting() \
+                or _hooks_set(self.fn):
+            self.fn[grid](*args, **kwargs)
+            return
+        classes = tuple(arg_class(a) for a in args)
+        if None in classes:
+            self.fn[grid](*args, **kwargs)
+            return
+        device = torch.cuda.current_device()
+        key = (device, classes, tuple(kwargs.items()))
+        entry = self._kernels.get(key)
+        if entry is None:
+            kernel = self.fn[grid](*args, **kwargs)
+            if kernel is None:  # Triton's run was replaced (scripts/sm90_call_compile.py compiles only)
+                return
+            if hasattr(kernel, "result"):  # an asynchronous compile
+                kernel = kernel.result()
+            names = self.fn.arg_names[len(args):]  # the constexprs, in signature order
+            if set(names) <= kwargs.keys():
+                self._kernels[key] = (kernel, tuple(kwargs[n] for n in names))
+            return
+        kernel, constexprs = entry
+        stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's driver asks torch for
+        size = len(grid)
+        kernel.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, kernel.function,
+                   kernel.packed_metadata, None, None, None, *args, *constexprs)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _hooks_set(fn) -> bool:
+    runtime = knobs.runtime
+    return bool(runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls or runtime.debug
+                or knobs.compilation.instrumentation_mode or fn.pre_run_hooks or fn.debug)

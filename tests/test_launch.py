@@ -1,0 +1,112 @@
+"""The launch path that skips Triton's binder (kernels/launch.py) must pick exactly the kernel
+Triton would: its key classes must determine Triton's own specialization of every argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
+
+from pagedattn.kernels import launch
+from pagedattn.kernels.launch import FastKernel, arg_class
+
+INTS = [0, 1, 2, 15, 16, 17, 32, -1, -16, -17, 2**31 - 1, 2**31, 2**31 + 16, -(2**31), -(2**31) - 1,
+        -(2**31) - 16, 2**32, 2**63 - 1, 2**63 - 16, -(2**63), 2**63, 2**63 + 16, 2**64 - 1]
+
+
+def _triton_spec(a):
+    return native_specialize_impl(BaseBackend, a, False, True, True)
+
+
+def _values():
+    base = torch.empty(64, dtype=torch.uint8)
+    tensors = [base[i:].view(torch.uint8) for i in range(0, 33)]  # every offset: aligned and not
+    tensors += [torch.empty(8, dtype=d)[1:] for d in (torch.float16, torch.bfloat16, torch.float32, torch.int32,
+                                                       torch.int64, torch.float8_e4m3fn)]
+    tensors += [torch.empty(8, dtype=d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.int32)]
+    return tensors + INTS + [0.5, 1.0, -2.0, True, False, None]
+
+
+def test_key_classes_determine_tritons_specialization():
+    """Equal classes imply equal Triton specializations (the key is at least as fine as Triton's)."""
+    seen: dict = {}
+    for a in _values():
+        cls = arg_class(a)
+        assert cls is not None, a
+        spec = _triton_spec(a)
+        assert seen.setdefault(cls, spec) == spec, (a, cls, spec, seen[cls])
+
+
+def test_key_tells_apart_what_triton_tells_apart():
+    """And the key is no finer than needed where it matters: an int is 1 or not, a multiple of 16 or
+    not; a tensor is 16-byte aligned or not (so a decode loop keeps hitting one entry)."""
+    assert arg_class(1) != arg_class(3) and arg_class(3) == arg_class(5)
+    assert arg_class(32) == arg_class(48) != arg_class(40)
+    t = torch.empty(64, dtype=torch.float16)
+    assert arg_class(t) == arg_class(t[8:]) != arg_class(t[1:])
+    assert arg_class(object()) is None  # anything else goes through Triton's own path
+
+
+def test_interpreter_and_forced_paths_use_triton(monkeypatch):
+    calls = []
+
+    class Fake:
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append((grid, a, k))
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    FastKernel(Fake())[(1, 1, 1)](1, 2, X=3)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(launch, "ALWAYS_TRITON", True)
+    FastKernel(Fake())[(2, 1, 1)](4, X=5)
+    assert calls == [((1, 1, 1), (1, 2), {"X": 3}), ((2, 1, 1), (4,), {"X": 5})]
+
+
+@triton.jit
+def _probe_kernel(out_ptr, x_ptr, n, stride, f, BLOCK: tl.constexpr, SHIFT: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i * stride, mask=i < n, other=0.0)
+    tl.store(out_ptr + i, x * f + SHIFT, mask=i < n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_launch_matches_triton_on_cuda(monkeypatch):
+    """Each call's result is right, repeated classes skip Triton's run(), and the kernel launched is
+    the one Triton's own binder selects (warmup returns it) for aligned and unaligned pointers,
+    n == 1, multiples of 16 and not."""
+    fast = FastKernel(_probe_kernel)
+    slow_calls = []
+    original = type(_probe_kernel).run
+
+    def counting_run(self, *args, **kwargs):
+        slow_calls.append(kwargs.get("warmup"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(_probe_kernel), "run", counting_run)
+    x = torch.randn(4096, device="cuda")
+    cases = [(x, 1, 1), (x[1:], 1, 1), (x, 16, 1), (x, 17, 3), (x[4:], 100, 16), (x[3:], 100, 2), (x, 1, 7)]
+
+    def call(x_view, n, stride):
+        out = torch.full((128,), float("nan"), device="cuda")
+        fast[(1,)](out, x_view, n, stride, 2.5, BLOCK=128, SHIFT=1)  # a 1-d grid, as Triton allows
+        torch.testing.assert_close(out[:n], x_view[: n * stride: stride][:n] * 2.5 + 1)
+        assert out[n:].isnan().all()
+        return out
+
+    for case in cases:
+        call(*case)
+    first = len(slow_calls)
+    assert 1 <= first <= len(cases)  # one Triton launch per new key class at most
+    for case in cases:
+        call(*case)
+    assert len(slow_calls) == first  # the second pass went around Triton's run() entirely
+    for x_view, n, stride in cases:
+        out = torch.empty(128, device="cuda")
+        key = (torch.cuda.current_device(), tuple(arg_class(a) for a in (out, x_view, n, stride, 2.5)),
+               (("BLOCK", 128), ("SHIFT", 1)))
+        assert fast._kernels[key][0] is _probe_kernel.warmup(out, x_view, n, stride, 2.5, BLOCK=128, SHIFT=1,
+                                                             grid=(1,))
