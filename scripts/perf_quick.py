@@ -145,6 +145,7 @@ def time_ms(fn) -> float:
 
 def host_us(fn) -> float:
     """Host time per call (median of 5 rounds of 10 calls queued behind a GPU sleep)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent))  # the repository root: benchmarks/
     from benchmarks.runner import host_time_us
     return host_time_us(fn, "cuda")
 
