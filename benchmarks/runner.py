@@ -24,8 +24,8 @@ import json
 import math
 import platform
 import statistics
-import time
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -103,8 +103,8 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def host_time_us(fn: Callable, device, calls: int = 10, rounds: int = 5) -> float | None:
-    """Host time per call of fn, the median of `rounds` rounds of `calls` calls, each round enqueued
+def host_times_us(fn: Callable, device, calls: int = 10, rounds: int = 5) -> list[float] | None:
+    """Host time per call of fn in each of `rounds` rounds of `calls` calls, each round enqueued
     behind a GPU sleep so no call waits for the GPU: the wall time is the host's alone (checks,
     planning, Triton's launch path). None off CUDA."""
     if torch.device(device).type != "cuda" or not hasattr(torch.cuda, "_sleep"):
@@ -119,7 +119,13 @@ def host_time_us(fn: Callable, device, calls: int = 10, rounds: int = 5) -> floa
             fn()
         times.append((time.perf_counter() - start) / calls * 1e6)
     torch.cuda.synchronize(device)
-    return statistics.median(times)
+    return times
+
+
+def host_time_us(fn: Callable, device, calls: int = 10, rounds: int = 5) -> float | None:
+    """The median of host_times_us."""
+    times = host_times_us(fn, device, calls, rounds)
+    return None if times is None else statistics.median(times)
 
 
 def _rotate(calls: list[Callable]) -> Callable:

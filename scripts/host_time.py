@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).parent)]
 
-import perf_quick  # noqa: E402
+import perf_quick  # noqa: E402  (puts the repository root on sys.path too)
 import torch  # noqa: E402
+from benchmarks.runner import host_times_us  # noqa: E402
 
 from pagedattn import paged_attention  # noqa: E402
 from pagedattn.kernels import launch  # noqa: E402
@@ -23,15 +23,7 @@ from pagedattn.kernels import launch  # noqa: E402
 
 def rounds(fn, calls: int = 20, repeats: int = 15) -> tuple[float, float]:
     """(min, median) over `repeats` rounds of the host time per call, in microseconds."""
-    per_call = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(1 << 27)
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        per_call.append((time.perf_counter() - start) / calls * 1e6)
-    torch.cuda.synchronize()
+    per_call = host_times_us(fn, "cuda", calls=calls, rounds=repeats)
     return min(per_call), statistics.median(per_call)
 
 
@@ -45,8 +37,6 @@ def main(names: list[str]) -> None:
         for _ in range(3):
             for always_triton in (False, True):
                 launch.ALWAYS_TRITON = always_triton
-                fn()
-                torch.cuda.synchronize()
                 results.setdefault(always_triton, []).append(rounds(fn))
         launch.ALWAYS_TRITON = False
         for always_triton, values in results.items():

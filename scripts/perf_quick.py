@@ -14,6 +14,9 @@ import triton
 from pagedattn import paged_attention
 from pagedattn import dispatch
 
+sys.path.insert(0, str(Path(__file__).parent.parent))  # the repository root, for benchmarks/
+from benchmarks.runner import host_time_us  # noqa: E402
+
 WORKLOADS = json.loads((Path(__file__).parent.parent / "benchmarks" / "workloads.json").read_text())
 
 
@@ -84,6 +87,9 @@ def apply_variant(spec: str) -> None:
     global KV_RUNS, Q_DTYPE, GRAPH
     for part in filter(None, spec.split(";")):
         key, value = part.split("=")
+        choices = {"kv": ("bf16", "fp8", "both"), "graph": ("0", "1"), "q": ("fp16", "bf16")}
+        if key in choices and value not in choices[key]:
+            raise SystemExit(f"perf_quick: {key}= must be one of {choices[key]}, got {value!r}")
         if key == "kv":  # which caches to time on decode workloads
             KV_RUNS = {"bf16": ("bf16",), "fp8": ("fp8",), "both": ("bf16", "fp8")}[value]
             continue
@@ -145,8 +151,6 @@ def time_ms(fn) -> float:
 
 def host_us(fn) -> float:
     """Host time per call (median of 5 rounds of 10 calls queued behind a GPU sleep)."""
-    sys.path.insert(0, str(Path(__file__).parent.parent))  # the repository root: benchmarks/
-    from benchmarks.runner import host_time_us
     return host_time_us(fn, "cuda")
 
 

@@ -50,19 +50,32 @@ def test_key_tells_apart_what_triton_tells_apart():
     assert arg_class(object()) is None  # anything else goes through Triton's own path
 
 
-def test_interpreter_and_forced_paths_use_triton(monkeypatch):
+def test_interpreter_forced_and_cpu_calls_use_tritons_path(monkeypatch):
+    """The fast path is only for CUDA arguments it can key, with no interpreter, no forcing flag and
+    no hooks; every other call goes to the JIT function unchanged (a fake one here: runs on CPU)."""
     calls = []
 
     class Fake:
+        pre_run_hooks, debug = [], False
+
         def __getitem__(self, grid):
             return lambda *a, **k: calls.append((grid, a, k))
 
+    class CudaLike:  # what the fast path looks at first: the first argument's is_cuda
+        is_cuda = True
+
+    cuda_arg, cpu_arg = CudaLike(), torch.empty(4)
+    monkeypatch.setattr(launch, "ALWAYS_TRITON", False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    FastKernel(Fake())[(1, 1, 1)](1, 2, X=3)
+    FastKernel(Fake())[(1, 1, 1)](cuda_arg, 2, X=3)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    FastKernel(Fake())[(2,)](cpu_arg, X=4)
     monkeypatch.setattr(launch, "ALWAYS_TRITON", True)
-    FastKernel(Fake())[(2, 1, 1)](4, X=5)
-    assert calls == [((1, 1, 1), (1, 2), {"X": 3}), ((2, 1, 1), (4,), {"X": 5})]
+    FastKernel(Fake())[(3, 1)](cuda_arg, X=5)
+    assert calls == [((1, 1, 1), (cuda_arg, 2), {"X": 3}), ((2,), (cpu_arg,), {"X": 4}), ((3, 1), (cuda_arg,), {"X": 5})]
+    monkeypatch.setattr(launch, "ALWAYS_TRITON", False)
+    FastKernel(Fake())[(4,)](cuda_arg, 7)  # past the guards: an argument type the key does not know
+    assert calls[-1] == ((4,), (cuda_arg, 7), {})
 
 
 @triton.jit

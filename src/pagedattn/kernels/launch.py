@@ -21,6 +21,8 @@ import os
 import torch
 from triton import knobs
 
+from ..dispatch import interpreter_enabled
+
 # PAGEDATTN_TRITON_LAUNCH=1: every launch through Triton's own path (to compare, or to rule this out)
 ALWAYS_TRITON = os.environ.get("PAGEDATTN_TRITON_LAUNCH", "0") not in ("", "0")
 
@@ -54,7 +56,7 @@ class FastKernel:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
-        if ALWAYS_TRITON or not (args and getattr(args[0], "is_cuda", False)) or _interpreting() \
+        if ALWAYS_TRITON or not (args and getattr(args[0], "is_cuda", False)) or interpreter_enabled() \
                 or _hooks_set(self.fn):
             self.fn[grid](*args, **kwargs)
             return
@@ -80,10 +82,6 @@ class FastKernel:
         size = len(grid)
         kernel.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, kernel.function,
                    kernel.packed_metadata, None, None, None, *args, *constexprs)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _hooks_set(fn) -> bool:

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import interpreter_enabled
 from .launch import FastKernel
 
 LOG2E = 1.4426950408889634
@@ -404,11 +405,6 @@ _retired_workspaces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [] 
 _scalars: dict[tuple, torch.Tensor] = {}
 
 
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _scalar_tensor(value, device: torch.device) -> torch.Tensor:
     """A device float32 scalar for a scale given as float or tensor (cached: no per-call allocation)."""
     if isinstance(value, torch.Tensor):
@@ -479,7 +475,7 @@ def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, 
     else:
         k_new = v_new = q
         nt = nh = 0
-    interp = _interpreting()
+    interp = interpreter_enabled()
     dot_dtype = tl.float32 if interp else _TL_DTYPES[q.dtype]
     # fp8 V converts to fp16 in hardware and is exact there (e4m3 and e5m2 both fit), and P in [0, 1]
     # keeps more bits in fp16 than in bf16: the P.V dot runs in fp16 with no fp16 -> bf16 step

@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import FastKernel
 from ..config import FP8_DTYPES, MAX_HEAD_SIZE, QUERY_DTYPES, fp8_dtype_of
 from ..errors import (BatchMetadataError, DeviceError, DTypeError, LayoutError, ScaleError, ShapeError,
                       SlotConflictError, UnsupportedConfigError)
+from .launch import FastKernel
 
 # (exponent bits, mantissa bits) of each fp8 format
 _FP8_FORMATS = {torch.float8_e4m3fn: (4, 3), torch.float8_e5m2: (5, 2)}
