@@ -15,7 +15,6 @@ through the PyTorch reference, checks the accounting and the dense peers' masks,
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import gc
@@ -474,22 +473,6 @@ def markdown_report(results: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workloads", default=None, metavar="NAME,...",
-                        help="comma-separated workload names (default: all of benchmarks/workloads.json)")
-    parser.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=None,
-                        help="run the sweeps (default: on, off when --workloads is given)")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sweep variants")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="CPU, 1/64 scale, reference path: build everything, check the accounting, time nothing")
-    parser.add_argument("--no-check", dest="check", action="store_false",
-                        help="skip comparing outputs with the reference")
-    parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip the dense SDPA peers")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="time CUDA-graph replays (triton do_bench_cudagraph) instead of single launches")
-
-
 def run(args) -> int:
     from rich.console import Console
 
@@ -576,13 +559,3 @@ def run_gpu(args, selected: list[Workload], sweep_list: list[Sweep], console, *,
         console.print(sweep_table(results))
     console.print(workload_table(results))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pagedattn bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

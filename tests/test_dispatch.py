@@ -100,8 +100,8 @@ def test_explain_names_kernel_parameters_and_rule(monkeypatch):
     assert "partitions of" in text and "132 SMs" in text
 
 
-def test_explain_cli_prints_the_seed_grid_table(capsys):
-    assert cli_main(["explain", "--seed-grid"]) == 0
+def test_explain_cli_prints_the_vllm_grid_table(capsys):
+    assert cli_main(["explain", "--vllm-grid"]) == 0
     out = capsys.readouterr().out
     assert out.count("h64/") == len(seed_grid())
     assert "unified" in out

@@ -16,6 +16,7 @@ import torch
 import pagedattn.kernels.unified  # noqa: F401  (Triton decides at decoration time whether a kernel is
 import pagedattn.kernels.write  # noqa: F401   interpreted: decorate under the session's TRITON_INTERPRET,
 from pagedattn import scenarios  #              before `no_interpreter` turns it off for a test)
+from pagedattn.cli import scenario as scenario_cli
 from pagedattn.errors import UnwrittenKVError
 from pagedattn.scenarios import SCENARIOS, run_scenario
 from pagedattn.verify import make_step
@@ -68,12 +69,12 @@ def test_incomplete_cache_checked_mode_raises(no_interpreter):
 
 
 def test_cli(no_interpreter, capsys):
-    args = argparse.Namespace(name="gqa-head-mapping", device="cpu", seed=0, full=False, json=True)
-    assert scenarios.run(args) == 0
+    args = argparse.Namespace(name="gqa-head-mapping", device="cpu", rng_seed=0, full=False, json=True)
+    assert scenario_cli.run(args) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["ok"] and d["top"] == d["expected"] == "gqa-head-mapping"
     assert d["forensics"]["causes"][0]["id"] == "gqa-head-mapping"
-    args = argparse.Namespace(name="list", device="cpu", seed=0, full=False, json=False)
-    assert scenarios.run(args) == 0
+    args = argparse.Namespace(name="list", device="cpu", rng_seed=0, full=False, json=False)
+    assert scenario_cli.run(args) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in SCENARIOS)

@@ -1,18 +1,52 @@
-"""pagedattn: fast, verifiably correct attention over a paged KV cache."""
+"""pagedattn: fast, verifiably correct attention over a paged KV cache.
 
-from .attention import attention, paged_attention, prefix_prefill, reference_attention
-from .batch import BatchMetadata
-from .cache import PagedKVCache
-from .forensics import Report, compare
-from .config import AttentionConfig, BatchShape, Case
-from .errors import (BatchMetadataError, CacheFullError, ContractError, DeviceError, DTypeError,
-                     LayoutError, PagedAttentionError, ScaleError, SequenceError, ShapeError,
-                     SlotConflictError, UnsupportedConfigError, UnwrittenKVError)
+The public API, re-exported. Names load on first use (PEP 562), so `import pagedattn` and the
+`pagedattn` command start without importing torch or triton until something needs them.
+"""
 
-__all__ = [
-    "attention", "paged_attention", "prefix_prefill", "reference_attention", "PagedKVCache",
-    "compare", "Report", "BatchMetadata", "AttentionConfig",
-    "BatchShape", "Case", "PagedAttentionError", "ShapeError", "DTypeError", "DeviceError",
-    "LayoutError", "BatchMetadataError", "UnsupportedConfigError", "ScaleError", "CacheFullError",
-    "SequenceError", "ContractError", "UnwrittenKVError", "SlotConflictError",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "attention": ".attention", "paged_attention": ".attention", "prefix_prefill": ".attention",
+    "reference_attention": ".attention",
+    "BatchMetadata": ".batch",
+    "PagedKVCache": ".cache",
+    "Report": ".forensics", "compare": ".forensics",
+    "AttentionConfig": ".config", "BatchShape": ".config", "Case": ".config",
+    **{name: ".errors" for name in (
+        "BatchMetadataError", "CacheFullError", "ContractError", "DeviceError", "DTypeError", "LayoutError",
+        "PagedAttentionError", "ScaleError", "SequenceError", "ShapeError", "SlotConflictError",
+        "UnsupportedConfigError", "UnwrittenKVError")},
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pagedattn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static tools see the plain imports
+    from .attention import attention, paged_attention, prefix_prefill, reference_attention
+    from .batch import BatchMetadata
+    from .cache import PagedKVCache
+    from .config import AttentionConfig, BatchShape, Case
+    from .errors import (BatchMetadataError, CacheFullError, ContractError, DeviceError, DTypeError, LayoutError,
+                         PagedAttentionError, ScaleError, SequenceError, ShapeError, SlotConflictError,
+                         UnsupportedConfigError, UnwrittenKVError)
+    from .forensics import Report, compare

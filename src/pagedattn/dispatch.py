@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import FP8_DTYPES, AttentionConfig, BatchShape, parse_lengths, seed_grid
+from .config import FP8_DTYPES, AttentionConfig, BatchShape
 
 # ---------------------------------------------------------------------------------------------
 # the rules, as data
@@ -241,59 +241,3 @@ def explain(config: AttentionConfig, shape: BatchShape, *, device="cuda", contex
     return (f"num_queries_per_kv={config.num_queries_per_kv}, head_size={config.head_size}, "
             f"sliding_window={config.sliding_window}, {shape.label()} -> {p.kernel} "
             f"[{p.params()}]: {p.rule}")
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: pagedattn explain
-# ---------------------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    parser.add_argument("--seed-grid", action="store_true", help="explain every configuration of the seed's grid")
-    parser.add_argument("--num-q-heads", type=int, default=32)
-    parser.add_argument("--num-kv-heads", type=int, default=8)
-    parser.add_argument("--head-size", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--sliding-window", type=int, default=0)
-    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16")
-    parser.add_argument("--kv-dtype", default="auto")
-    parser.add_argument("--query-lens", type=parse_lengths, default=(1, 1, 1, 1), help="comma-separated, one per sequence")
-    parser.add_argument("--ctx-lens", type=parse_lengths, default=(32767,) * 4, help="comma-separated")
-    parser.add_argument("--sms", type=int, default=None, help="plan for this many SMs (default: the GPU's, or 132)")
-    parser.add_argument("--json", action="store_true")
-
-
-def run(args) -> int:
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from .config import DTYPE_NAMES
-    from .errors import UnsupportedConfigError
-
-    if args.sms is not None and args.sms <= 0:
-        raise SystemExit(f"pagedattn explain: --sms must be > 0, got {args.sms}")
-    device = "cuda" if torch.cuda.is_available() else "cpu-as-h100"
-    if args.seed_grid:
-        cases = [(c.config, c.shape) for c in seed_grid()]
-    else:
-        try:
-            shape = BatchShape(args.query_lens, args.ctx_lens)
-            config = AttentionConfig(args.num_q_heads, args.num_kv_heads, args.head_size, args.block_size,
-                                     DTYPE_NAMES[args.dtype], args.kv_dtype, args.sliding_window)
-        except (ValueError, UnsupportedConfigError) as e:
-            raise SystemExit(f"pagedattn explain: {e}")
-        cases = [(config, shape)]
-    rows = []
-    for config, shape in cases:
-        p = plan_for(config, shape, device="cuda", sms=args.sms)
-        rows.append(dict(config=config.label(), batch=shape.label(), kernel=p.kernel, params=p.params(), rule=p.rule))
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    table = Table(title=f"dispatch ({device}, {args.sms or sm_count('cuda')} SMs)")
-    for col in ("config", "batch", "kernel", "params", "rule"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(*r.values())
-    Console(width=200).print(table)
-    return 0

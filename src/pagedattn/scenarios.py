@@ -15,15 +15,12 @@ passes when the top diagnosis of `forensics` is the cause that was planted.
 
 from __future__ import annotations
 
-from .config import parse_device  # noqa: E402
-
 import dataclasses
-import json
 from dataclasses import dataclass
 
 import torch
 
-from . import checks, dispatch
+from . import checks
 from .attention import attention, paged_attention
 from .config import AttentionConfig, BatchShape
 from .errors import PagedAttentionError
@@ -223,57 +220,3 @@ SCENARIOS = {
 
 def run_scenario(name: str, device="cpu", seed: int = 0, full: bool = False) -> Result:
     return SCENARIOS[name][0](torch.device(device), seed=seed, full=full)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    parser.add_argument("name", choices=[*SCENARIOS, "list", "all"], help="a scenario, 'list' or 'all'")
-    parser.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--full", action="store_true",
-                        help="the seed's real sizes (64 heads x 128, lengths up to 1024); meant for CUDA")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON instead")
-
-
-def print_result(result: Result, console) -> None:
-    from rich.panel import Panel
-    from rich.text import Text
-
-    verdict = (f"[green]ok[/]: top diagnosis {result.top} = planted cause" if result.ok else
-               f"[red]FAILED[/]: top diagnosis {result.top}, planted {result.expected}"
-               + (", and checked mode did not refuse the inputs" if result.checked_raised is False else ""))
-    console.print(Panel(Text(result.planted), title=f"scenario {result.name}: planted", title_align="left"))
-    console.print(Panel(Text(result.checked), title="checked mode", title_align="left",
-                        border_style="green" if result.checked_raised else "yellow"))
-    console.print(Panel(result.report.render(), title="forensics (checked mode off)", title_align="left"))
-    if result.fixed:
-        console.print(Text(result.fixed, style="green" if "clean" in result.fixed else "red"))
-    console.print(verdict, highlight=False)
-
-
-def run(args) -> int:
-    from rich.console import Console
-
-    console = Console()
-    if args.name == "list":
-        for name, (_, about) in SCENARIOS.items():
-            console.print(f"{name:22} {about}", highlight=False)
-        return 0
-    device = torch.device(args.device)
-    plan = dispatch.choose_backend(device, "auto")[0]
-    backend = {"reference": "the PyTorch reference (no CUDA, TRITON_INTERPRET unset)"}.get(
-        plan, "Triton kernels" + (" (interpreter)" if device.type == "cpu" else ""))
-    names = list(SCENARIOS) if args.name == "all" else [args.name]
-    results = []
-    for name in names:
-        if not args.json:
-            console.rule(f"{name} on {device}: pagedattn.attention runs {backend}")
-        result = run_scenario(name, device, args.seed, args.full)
-        results.append(result)
-        if not args.json:
-            print_result(result, console)
-    if args.json:
-        print(json.dumps([r.to_dict() for r in results] if len(results) > 1 else results[0].to_dict(), indent=1))
-    return 0 if all(r.ok for r in results) else 1

@@ -15,9 +15,6 @@ Contracts:
 
 from __future__ import annotations
 
-from .config import parse_device  # noqa: E402
-
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,7 +24,7 @@ import torch
 from . import dispatch, reference
 from .attention import attention
 from .batch import BatchMetadata
-from .config import AttentionConfig, BatchShape, Case, dtype_name, seed_grid
+from .config import AttentionConfig, BatchShape, Case
 from .forensics import Report, compare
 
 # The one tolerance table, by query dtype: (atol, rtol) on outputs of unit scale. fp8 KV is compared
@@ -187,52 +184,3 @@ def run_case(case: Case, device="cpu", contract: str = "full", seed: int = 0) ->
     summary = report.summary() if not report.ok else "ok"
     return CaseResult(case.label(), contract, kernel, report.max_abs_err if not report.nan else math.inf,
                       report.ok, summary, time.perf_counter() - start, report)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    parser.add_argument("--quick", action="store_true", help="the CPU-sized grid (small heads and lengths)")
-    parser.add_argument("--contract", choices=["full", "context", "both"], default="both")
-    parser.add_argument("--device", type=parse_device, default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--filter", default="", help="only cases whose label contains this text")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
-
-
-def run(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    device, what = best_device()
-    if args.device and torch.device(args.device).type != device.type:
-        what = f"whatever dispatch picks on {args.device}"
-    device = torch.device(args.device) if args.device else device
-    contracts = CONTRACTS if args.contract == "both" else (args.contract,)
-    cases = [c for c in seed_grid(quick=args.quick, seed=args.seed) if args.filter in c.label()]
-    console.print(f"[bold]pagedattn verify[/]: {len(cases)} cases x {len(contracts)} contract(s) "
-                  f"on {device}: {what}")
-    results = []
-    for case in cases:
-        for contract in contracts:
-            r = run_case(case, device, contract, args.seed)
-            results.append(r)
-            mark = "[green]pass[/]" if r.passed else "[red]FAIL[/]"
-            console.print(f"  {mark} {r.contract:7} {r.case}  ({r.seconds:.1f}s)", highlight=False)
-    table = Table(title=f"verify ({device}; tolerances by dtype: "
-                        + ", ".join(f"{dtype_name(k)} {v[0]:g}" for k, v in TOLERANCES.items()) + ")")
-    for col in ("case", "contract", "kernel", "max abs err", "result", "forensics"):
-        table.add_column(col, overflow="fold")
-    for r in results:
-        table.add_row(r.case, r.contract, r.kernel, f"{r.max_abs_err:.2e}",
-                      "[green]pass[/]" if r.passed else "[red]FAIL[/]", "" if r.passed else r.summary)
-    console.print(table)
-    failed = [r for r in results if not r.passed]
-    console.print(f"{len(results) - len(failed)} / {len(results)} passed"
-                  + (f", {len(failed)} FAILED" if failed else ""), style="red" if failed else "green")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=str(device), backend=what, results=[r.to_dict() for r in results]), f, indent=1)
-    return 1 if failed else 0
