@@ -281,6 +281,24 @@ def test_poison_makes_unwritten_reads_nan_and_can_be_turned_off():
     assert not torch.isnan(quiet.k).any()  # no fill on allocate or free
 
 
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3", "fp8_e5m2"])
+def test_cache_poison_is_the_raw_poison_pattern(kv_dtype):
+    """PagedKVCache poisons with pagedattn.poison's bits, so check_cache_finite and forensics read
+    its unwritten slots as unwritten and a NaN written through it as the user's."""
+    from pagedattn.poison import is_poison
+    cache = small_cache(num_blocks=4, block_size=4, kv_dtype=kv_dtype, k_scale=0.5, v_scale=0.5)
+    assert is_poison(cache.k).all() and is_poison(cache.v).all()
+    s = cache.new_sequence()
+    k, v = kv(3)
+    k[1] = float("nan")
+    cache.append([s], k, v, [3])
+    block = cache.block_table(s)[0]
+    assert not is_poison(cache.k[block, :3]).any() and torch.isnan(cache.k[block, 1].float()).all()
+    assert is_poison(cache.k[block, 3:]).all()
+    cache.free(s)
+    assert is_poison(cache.k).all() and is_poison(cache.v).all()
+
+
 def test_reused_block_is_repoisoned():
     cache = small_cache(num_blocks=1, block_size=4)
     a = cache.new_sequence()

@@ -11,8 +11,9 @@ from pagedattn.batch import BatchMetadata
 from pagedattn.cache import PagedKVCache
 from pagedattn.checks import check_allocator, check_batch_against_cache, check_cache_finite
 from pagedattn.config import BatchShape
-from pagedattn.errors import (BatchMetadataError, ContractError, SequenceError, SlotConflictError,
-                              UnwrittenKVError)
+from pagedattn.errors import (BatchMetadataError, ContractError, NonFiniteKVError, SequenceError,
+                              SlotConflictError, UnwrittenKVError)
+from pagedattn.poison import POISON_BITS, empty_kv_cache, poison_
 
 HEADS, HEAD, BLOCK = 2, 8, 16
 SHAPE = BatchShape.seed_like(num_seqs=4, max_query_len=24, max_ctx_len=40, min_len=1, seed=3)  # last one decodes
@@ -184,15 +185,101 @@ def test_batch_without_seq_ids_falls_back_to_the_cache_contents():
 # ---------------------------------------------------------------------------------------------
 # check_cache_finite details
 # ---------------------------------------------------------------------------------------------
-def test_finite_check_sees_one_bad_element_in_v():
+def test_a_written_inf_is_not_an_unwritten_slot():
+    """+inf in v (e5m2): not the poison pattern, so a NonFiniteKVError naming the slot, not UnwrittenKVError."""
     cache, seqs = seed_cache(write_query_tokens=True, kv_dtype="fp8_e5m2")
     batch = cache.batch(seqs, SHAPE.query_lens)
     block = cache.block_table(seqs[1])[0]
     cache.v.view(torch.uint8)[block, 2, 1, 5] = 0x7C  # +inf in e5m2
-    with pytest.raises(UnwrittenKVError) as info:
-        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
-    assert f"sequence 1 (" in str(info.value)
-    assert f"position 2 (block {block}, slot {block * BLOCK + 2}) holds non-finite values in v_cache" in str(info.value)
+    args = (cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+    with pytest.raises(NonFiniteKVError) as info:
+        check_cache_finite(*args)
+    message = str(info.value)
+    assert not isinstance(info.value, UnwrittenKVError)
+    assert f"sequence 1 (" in message
+    assert f"position 2 (block {block}, slot {block * BLOCK + 2}) in v_cache was written with non-finite" in message
+    assert "not the poison pattern" in message and "full-cache contract" in message
+    check_cache_finite(*args, nonfinite="ignore")  # the caller's data: let it through
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("user_nan", ["nan", "-nan", "0*inf"])
+def test_a_user_nan_is_never_reported_as_unwritten(kv_dtype, user_nan):
+    """NaN written through the cache's write path (quantized for fp8) is told apart from poison.
+    (e4m3fn has two NaN codes: a negative NaN quantizes to 0xFF, the poison; see pagedattn.poison.)"""
+    cache, seqs = seed_cache(write_query_tokens=True, kv_dtype=kv_dtype)
+    batch = cache.batch(seqs, SHAPE.query_lens)
+    k, v = kv(3)
+    x = torch.tensor([0.0, float("inf")])
+    k[1, 0, 3] = {"nan": float("nan"), "-nan": -float("nan"), "0*inf": float(x[0] * x[1])}[user_nan]
+    extra = cache.new_sequence()
+    cache.append([extra], k, v, [3])
+    batch = cache.batch([*seqs, extra], [*SHAPE.query_lens, 3])
+    args = (cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+    negative_e4m3 = kv_dtype == "fp8_e4m3" and user_nan != "nan"
+    expected = UnwrittenKVError if negative_e4m3 else NonFiniteKVError
+    with pytest.raises(expected, match=f"sequence {extra} .*position 1 "):
+        check_cache_finite(*args)
+    if not negative_e4m3:
+        check_cache_finite(*args, nonfinite="ignore")
+
+
+def test_poison_is_reported_before_a_user_nan():
+    cache, seqs = seed_cache(write_query_tokens=False)
+    batch = seed_batch(cache, seqs)
+    cache.k[cache.block_table(seqs[0])[0], 0, 0, 0] = float("nan")  # the user's NaN in sequence 0
+    with pytest.raises(UnwrittenKVError, match=f"sequence {seqs[-1]} \\(decode"):
+        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table,
+                           contract="context", decode_from_cache=True)
+    with pytest.raises(NonFiniteKVError, match=f"sequence {seqs[0]} "):
+        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table,
+                           contract="context", decode_from_cache=False)
+
+
+@pytest.mark.parametrize("dtype", list(POISON_BITS))
+@pytest.mark.parametrize("layout", ["halves", "stacked", "hnd"])
+def test_raw_cache_views_are_checked_in_place(dtype, layout):
+    """Raw caches as views of larger buffers, any cache dtype: the unwritten slot is named, the
+    written ones pass; host copies of the lengths give the same verdict."""
+    nb, kvh = 6, HEADS
+    if layout == "halves":  # [num_blocks, block_size, num_kv_heads, 2 * head_size]: K | V
+        buf = torch.zeros(nb, BLOCK, kvh, 2 * HEAD).to(dtype)
+        k, v = buf[..., :HEAD], buf[..., HEAD:]
+    elif layout == "stacked":  # [2, num_blocks, ...]
+        buf = torch.zeros(2, nb, BLOCK, kvh, HEAD).to(dtype)
+        k, v = buf[0], buf[1]
+    else:  # HND storage, read through an NHD view
+        buf = torch.zeros(2, nb, kvh, BLOCK, HEAD).to(dtype)
+        k, v = buf[0].transpose(1, 2), buf[1].transpose(1, 2)
+    poison_(k), poison_(v)
+    table = torch.tensor([[4, 1], [2, 0]], dtype=torch.int32)
+    seq_lens = torch.tensor([20, 5], dtype=torch.int32)
+    cu = torch.tensor([0, 4, 5], dtype=torch.int32)
+    for b, n in ((4, BLOCK), (1, 4), (2, 4)):  # sequence 1's position 4 is left unwritten
+        k.view(torch.uint8 if dtype.itemsize == 1 else dtype)[b, :n] = 0
+        v.view(torch.uint8 if dtype.itemsize == 1 else dtype)[b, :n] = 0
+    for host in (None, dict(query_lens_host=[4, 1], seq_lens_host=[20, 5])):
+        with pytest.raises(UnwrittenKVError) as info:
+            check_cache_finite(k, v, cu, seq_lens, table, **(host or {}))
+        assert str(info.value).startswith("sequence 1 (decode, query_len 1, seq_len 5): position 4 "
+                                          f"(block 2, slot {2 * BLOCK + 4}) in k_cache and v_cache was never written")
+        assert "full-cache contract" in str(info.value)
+    check_cache_finite(k, v, cu, seq_lens, table, contract="context")  # reads 16 + 4 positions: all written
+    assert (buf == 0).sum() == 2 * (BLOCK + 4 + 4) * kvh * HEAD  # nothing outside the views was poisoned
+
+
+def test_raw_caches_from_empty_kv_cache():
+    k, v = empty_kv_cache(4, BLOCK, HEADS, HEAD, dtype=torch.bfloat16)
+    cu, lens, table = (torch.tensor(x, dtype=torch.int32) for x in ([0, 1], [3], [[2]]))
+    k[2, :2] = 1.0
+    v[2, :3] = 1.0
+    with pytest.raises(UnwrittenKVError, match=r"position 2 \(block 2, slot 34\) in k_cache was never written"):
+        check_cache_finite(k, v, cu, lens, table)
+    k[2, 2] = 1.0
+    check_cache_finite(k, v, cu, lens, table)
+    table[0, 0] = 9
+    with pytest.raises(BatchMetadataError, match=r"block_table\[0, 0\] = 9 is out of range for a cache of 4"):
+        check_cache_finite(k, v, cu, lens, table)
 
 
 def test_finite_check_reads_only_what_the_kernel_reads():

@@ -12,8 +12,10 @@ copy of that block first, so no write ever lands in a block another sequence can
 Every operation checks first and mutates after: an error (CacheFullError, SequenceError, ...) leaves
 tables, lengths, refcounts, the free list and the data exactly as they were.
 
-Poison mode (default): the cache starts as NaN, and blocks are refilled with NaN when they are
-handed out and when they are freed, so a read of a slot nobody wrote surfaces as NaN.
+Poison mode (default): the cache starts poisoned, and blocks are re-poisoned when they are handed
+out and when they are freed, so a read of a slot nobody wrote surfaces as NaN. The poison is
+`pagedattn.poison`'s NaN bit pattern (the same one `poison_` and `empty_kv_cache` write into raw
+tensors), which checked mode and forensics tell apart from a NaN the user wrote.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from .batch import BatchMetadata
 from .config import MAX_HEAD_SIZE, QUERY_DTYPES, SUPPORTED_BLOCK_SIZES, fp8_dtype_of
 from .errors import (LayoutError, BatchMetadataError, CacheFullError, DeviceError, DTypeError, ScaleError,
                      SequenceError, ShapeError, SlotConflictError, UnsupportedConfigError)
+from . import checks
 from .kernels.write import write_kv
+from .poison import int_view, poison_fill_value
 
 CONTRACTS = ("full", "context")
 
@@ -342,9 +346,9 @@ class PagedKVCache:
 
     def _poison(self, blocks: list[int]) -> None:
         index = torch.tensor(blocks, dtype=torch.long, device=self.device)
-        nan = _nan_bits(self.cache_dtype) if self.is_fp8 else float("nan")
+        bits = poison_fill_value(self.cache_dtype)
         for t in (self.k, self.v):
-            self._raw(t).index_fill_(0, index, nan)
+            int_view(t).index_fill_(0, index, bits)  # the bit pattern: a float fill would lose the payload
 
     def _raw(self, t: torch.Tensor) -> torch.Tensor:
         # fp8 tensors lack index_fill_/index_put_ on some backends: move their bytes instead
@@ -352,8 +356,7 @@ class PagedKVCache:
 
     def _after_mutation(self) -> None:
         if self.checked:
-            from .checks import check_allocator
-            check_allocator(self)
+            checks.check_allocator(self)
 
     def _check_seq(self, seq_id) -> None:
         if seq_id not in self._tables:
@@ -403,7 +406,3 @@ class PagedKVCache:
             if t.numel() and t.stride(-1) != 1:
                 raise LayoutError(f"{name} must be contiguous in head_size, got strides {t.stride()}")
 
-
-def _nan_bits(fp8_dtype: torch.dtype) -> int:
-    """The byte of fp8 NaN (0x7F for both e4m3fn and e5m2)."""
-    return int(torch.tensor(float("nan")).to(fp8_dtype).view(torch.uint8))

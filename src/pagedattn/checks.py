@@ -2,9 +2,10 @@
 
     check_batch_against_cache  a PagedKVCache and its batch: the cache's bookkeeping (which slots
                                were written, which blocks each sequence owns) is the proof
-    check_cache_finite         the functional API (no bookkeeping): every position to be read must
-                               hold finite K and V, which catches unwritten slots when the cache
-                               was poisoned with NaN
+    check_cache_finite         raw caches (no bookkeeping): no position to be read holds the poison
+                               pattern (never written; `pagedattn.poison`) or, by default, a NaN/inf
+                               the user wrote (a different error); one device pass, one sync
+    scan_reads                 the same pass, returning the flagged reads (forensics uses it)
     check_allocator            the allocator's invariants (refcounts, free list, block tables)
 
 Which positions a kernel reads (per sequence, seq_len = ctx_len + query_len):
@@ -19,15 +20,15 @@ Nothing here runs unless asked for (`checked=True`); unchecked calls pay nothing
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from .errors import (BatchMetadataError, ContractError, SlotConflictError, UnsupportedConfigError,
-                     UnwrittenKVError)
-
-if TYPE_CHECKING:
-    from .cache import PagedKVCache
+from .errors import (BatchMetadataError, ContractError, LayoutError, NonFiniteKVError, SlotConflictError,
+                     UnsupportedConfigError, UnwrittenKVError)
+from .poison import int_view, nonfinite_mask_value, poison_fill_value
+from .text import runs
 
 CONTRACT_NAMES = {"full": "full-cache", "context": "context-cache"}
 MAX_LISTED = 4  # positions named in one message
@@ -51,7 +52,7 @@ def read_lengths(query_lens: torch.Tensor, seq_lens: torch.Tensor, contract: str
 # ---------------------------------------------------------------------------------------------
 # with a PagedKVCache
 # ---------------------------------------------------------------------------------------------
-def check_batch_against_cache(cache: "PagedKVCache", batch, contract: str = "full",
+def check_batch_against_cache(cache, batch, contract: str = "full",
                               decode_from_cache: bool = False) -> None:
     """Every position the kernel will read, for every sequence in `batch`, was written through
     `cache`, and the batch's block table rows are the sequences' own blocks.
@@ -129,81 +130,167 @@ def check_batch_against_cache(cache: "PagedKVCache", batch, contract: str = "ful
 # ---------------------------------------------------------------------------------------------
 # functional API: the cache contents are the only evidence
 # ---------------------------------------------------------------------------------------------
-def check_cache_finite(k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                       seq_lens: torch.Tensor, block_table: torch.Tensor, contract: str = "full",
-                       decode_from_cache: bool = False) -> None:
-    """Every K and V element the kernel will read is finite. In a poisoned cache (NaN until
-    written) a non-finite value means the slot was never written, or was written with NaN/inf;
-    in an unpoisoned one, unwritten slots hold whatever was there and may pass.
-    Vectorised: one gather per chunk of positions, no Python loop over tokens."""
-    cu = cu_seqlens_q.detach().cpu().long()
-    lens = seq_lens.detach().cpu().long()
-    query_lens = cu[1:] - cu[:-1]
-    reads = read_lengths(query_lens, lens, contract, decode_from_cache).clamp_min(0)
-    total = int(reads.sum())
-    if total == 0:
-        return
+K_POISON, V_POISON, K_NONFINITE, V_NONFINITE, BAD_BLOCK = 1, 2, 4, 8, 16
+
+
+@dataclass
+class ReadScan:
+    """The reads `scan_reads` flagged, one entry each (host tensors, in read order): the batch row,
+    the position in the sequence, the physical block, the offset in the block and the flags
+    (K_POISON | V_POISON: never written; K_NONFINITE | V_NONFINITE: NaN/inf that is not the poison,
+    i.e. written with non-finite values; BAD_BLOCK: the block id is outside the cache)."""
+
+    seq: torch.Tensor
+    pos: torch.Tensor
+    block: torch.Tensor
+    offset: torch.Tensor
+    code: torch.Tensor
+    block_size: int
+
+    def select(self, mask: torch.Tensor) -> "ReadScan":
+        return ReadScan(self.seq[mask], self.pos[mask], self.block[mask], self.offset[mask], self.code[mask],
+                        self.block_size)
+
+    def __len__(self) -> int:
+        return self.seq.numel()
+
+
+def scan_reads(k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+               block_table: torch.Tensor, contract: str = "full", decode_from_cache: bool = False, *,
+               query_lens_host: Sequence[int] | None = None,
+               seq_lens_host: Sequence[int] | None = None) -> ReadScan | None:
+    """Classify every (sequence, position) the kernel will read: poisoned (never written), written
+    with NaN/inf, or fine. None when every read is fine.
+
+    k_cache, v_cache: NHD views [num_blocks, block_size, num_kv_heads, head_size], any strides, any
+    cache dtype (fp8 as torch fp8 dtypes). Cost: the read positions are built on the cache's device
+    from the device metadata; one gather of the slots to be read (chunked to GATHER_ELEMENTS
+    elements at a time, all on the device), integer compares against the poison bits, and one
+    device -> host sync for the verdict. Without `query_lens_host` / `seq_lens_host` (host copies of
+    the lengths, which a planner already holds) the lengths are copied to the host first: one more
+    sync. Only when something is flagged do the flagged reads come back to the host."""
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(c, torch.Tensor) or c.dim() != 4:
+            raise LayoutError(f"{name} must be an NHD view [num_blocks, block_size, num_kv_heads, head_size], "
+                              f"got {getattr(c, 'shape', type(c).__name__)}")
     num_blocks, bs = k_cache.shape[0], k_cache.shape[1]
-    table = block_table.detach().cpu().long()
-    needed = -(-reads // bs)
-    if int(needed.max()) > table.shape[1]:
+    device = k_cache.device
+    if query_lens_host is None or seq_lens_host is None:
+        both = torch.cat([cu_seqlens_q.detach().reshape(-1).long(), seq_lens.detach().reshape(-1).long()]).cpu()
+        cu, lens = both[:cu_seqlens_q.numel()], both[cu_seqlens_q.numel():]
+        query_lens_host, seq_lens_host = (cu[1:] - cu[:-1]).tolist(), lens.tolist()
+    reads_host = read_lengths(torch.tensor(query_lens_host, dtype=torch.long),
+                              torch.tensor(seq_lens_host, dtype=torch.long), contract, decode_from_cache).clamp_min(0)
+    total = int(reads_host.sum())
+    if total == 0:
+        return None
+    needed = -(-reads_host // bs)
+    if int(needed.max()) > block_table.shape[1]:
         row = int(needed.argmax())
         raise BatchMetadataError(
-            f"sequence {row}: reading {int(reads[row])} positions needs {int(needed[row])} blocks of {bs} "
-            f"tokens, but block_table has only {table.shape[1]} columns"
+            f"sequence {row}: reading {int(reads_host[row])} positions needs {int(needed[row])} blocks of {bs} "
+            f"tokens, but block_table has only {block_table.shape[1]} columns"
         )
-    # every (sequence, position) read, flattened
-    seq = torch.repeat_interleave(torch.arange(len(reads)), reads)
-    pos = torch.arange(total) - torch.repeat_interleave(reads.cumsum(0) - reads, reads)
-    blocks = table[seq, pos // bs]
+    # every (sequence, position) read, flattened, built on the device (no host round trip)
+    cu_d = cu_seqlens_q.detach().to(device).long()
+    reads = read_lengths(cu_d[1:] - cu_d[:-1], seq_lens.detach().to(device).long(), contract,
+                         decode_from_cache).clamp_min(0)
+    seq = torch.repeat_interleave(torch.arange(reads.numel(), device=device), reads, output_size=total)
+    pos = torch.arange(total, device=device) - (reads.cumsum(0) - reads)[seq]
+    blocks = block_table.detach().to(device).long()[seq, pos // bs]
     offsets = pos % bs
-    out_of_range = ((blocks < 0) | (blocks >= num_blocks)).nonzero().flatten()
-    if out_of_range.numel():
-        i = int(out_of_range[0])
-        raise BatchMetadataError(
-            f"block_table[{int(seq[i])}, {int(pos[i]) // bs}] = {int(blocks[i])} is out of range for a "
-            f"cache of {num_blocks} blocks"
-        )
-    k_bad = _nonfinite_rows(k_cache, blocks, offsets)
-    v_bad = _nonfinite_rows(v_cache, blocks, offsets)
-    bad = (k_bad | v_bad).nonzero().flatten()
-    if not bad.numel():
-        return
-    first_seq = int(seq[bad[0]])
-    mine = bad[seq[bad] == first_seq]
-    in_k, in_v = bool(k_bad[mine].any()), bool(v_bad[mine].any())
-    where = "k_cache and v_cache" if in_k and in_v else ("k_cache" if in_k else "v_cache")
-    reason = f"non-finite values in {where}: never written (poisoned NaN) or holds NaN/inf"
-    what = (f"holds {reason}", f"hold {reason}")
-    others = len(torch.unique(seq[bad]))
-    message = _unwritten_message(first_seq, first_seq, int(query_lens[first_seq]), int(lens[first_seq]),
-                                 pos[mine], blocks[mine], offsets[mine], bs, what, contract, decode_from_cache)
-    if others > 1:
-        message += f" ({bad.numel()} positions in {others} sequences in all)"
-    raise UnwrittenKVError(message)
-
-
-def _nonfinite_rows(cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[len(blocks)] bool (host): slot (block, offset) holds a non-finite value in some head/dim."""
-    fp8 = cache.dtype.itemsize == 1 and cache.dtype.is_floating_point
-    raw = cache.view(torch.uint8) if fp8 else cache  # fp8 advanced indexing is not implemented everywhere
-    per_slot = max(1, cache.shape[2] * cache.shape[3])
+    code = ((blocks < 0) | (blocks >= num_blocks)).to(torch.uint8) * BAD_BLOCK
+    safe = blocks.clamp(0, num_blocks - 1)
+    per_slot = max(1, k_cache.shape[2] * k_cache.shape[3])
     chunk = max(1, GATHER_ELEMENTS // per_slot)
-    blocks, offsets = blocks.to(cache.device), offsets.to(cache.device)
-    out = []
-    for start in range(0, blocks.numel(), chunk):
-        values = raw[blocks[start:start + chunk], offsets[start:start + chunk]]
-        if fp8:
-            values = values.view(cache.dtype).float()
-        out.append((~torch.isfinite(values)).flatten(1).any(1).cpu())
-    return torch.cat(out)
+    for cache, poison_flag, nonfinite_flag in ((k_cache, K_POISON, K_NONFINITE), (v_cache, V_POISON, V_NONFINITE)):
+        raw = int_view(cache)
+        bits, exponent = poison_fill_value(cache.dtype), nonfinite_mask_value(cache.dtype)
+        for start in range(0, total, chunk):
+            values = raw[safe[start:start + chunk], offsets[start:start + chunk]].flatten(1)
+            poisoned = (values == bits).any(1)
+            other = (((values & exponent) == exponent) & (values != bits)).any(1)
+            code[start:start + chunk] |= poisoned.to(torch.uint8) * poison_flag | other.to(torch.uint8) * nonfinite_flag
+    if not bool(code.any()):  # the one sync of the clean path
+        return None
+    flagged = code.nonzero().flatten()
+    return ReadScan(*(t[flagged].cpu() for t in (seq, pos, blocks, offsets, code)), block_size=bs)
+
+
+def check_cache_finite(k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                       seq_lens: torch.Tensor, block_table: torch.Tensor, contract: str = "full",
+                       decode_from_cache: bool = False, *, nonfinite: str = "raise",
+                       query_lens_host: Sequence[int] | None = None,
+                       seq_lens_host: Sequence[int] | None = None) -> None:
+    """Checked reads over raw caches: no slot the kernel will read holds poison (was never written)
+    and, with nonfinite="raise" (the default), none holds a NaN/inf the user wrote.
+
+    The entry point checked mode calls before launching, for every entry point and the compat ops:
+    k_cache, v_cache as NHD views [num_blocks, block_size, num_kv_heads, head_size] (any strides,
+    fp8 as torch fp8 dtypes), the batch metadata on any device, the contract ("full" or "context")
+    and decode_from_cache. Raises, in this order:
+      BatchMetadataError  a block id the read needs is outside the cache, or the table is too narrow
+      UnwrittenKVError    a read slot holds pagedattn's poison pattern: never written since it was
+                          poisoned (`poison_`, `empty_kv_cache`, `PagedKVCache(poison=True)`); the
+                          message names sequence, position, block, slot and the contract
+      NonFiniteKVError    a read slot holds NaN/inf that is NOT the poison: it was written, with
+                          non-finite values (nonfinite="ignore" lets those through: NaN in K/V is
+                          then the caller's data, and the kernel propagates it as torch would)
+    A cache that was never poisoned holds whatever memory held, and unwritten slots pass unseen.
+    Cost: see `scan_reads` (one device pass over the slots to be read, one sync when clean; pass
+    `query_lens_host` / `seq_lens_host` to save the sync that copies the lengths)."""
+    if nonfinite not in ("raise", "ignore"):
+        raise UnsupportedConfigError(f"nonfinite must be 'raise' or 'ignore', got {nonfinite!r}")
+    scan = scan_reads(k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, contract, decode_from_cache,
+                      query_lens_host=query_lens_host, seq_lens_host=seq_lens_host)
+    if scan is None:
+        return
+    bad_block = (scan.code & BAD_BLOCK) != 0
+    if bool(bad_block.any()):
+        i = int(bad_block.nonzero()[0])
+        raise BatchMetadataError(
+            f"block_table[{int(scan.seq[i])}, {int(scan.pos[i]) // scan.block_size}] = {int(scan.block[i])} "
+            f"is out of range for a cache of {k_cache.shape[0]} blocks"
+        )
+    lens = torch.cat([cu_seqlens_q.detach().reshape(-1).long(), seq_lens.detach().reshape(-1).long()]).cpu()
+    cu, lens = lens[:cu_seqlens_q.numel()], lens[cu_seqlens_q.numel():]
+    query_lens = cu[1:] - cu[:-1]
+    poisoned = (scan.code & (K_POISON | V_POISON)) != 0
+    if bool(poisoned.any()):
+        raise UnwrittenKVError(_scan_message(scan.select(poisoned), query_lens, lens, K_POISON, V_POISON,
+                                             "never written (poisoned NaN)", contract, decode_from_cache))
+    written_nan = (scan.code & (K_NONFINITE | V_NONFINITE)) != 0
+    if nonfinite == "raise" and bool(written_nan.any()):
+        raise NonFiniteKVError(_scan_message(
+            scan.select(written_nan), query_lens, lens, K_NONFINITE, V_NONFINITE,
+            "written with non-finite values (NaN/inf that is not the poison pattern, so not an unwritten slot)",
+            contract, decode_from_cache,
+            advice=(f"the kernel would read them under the {CONTRACT_NAMES[contract]} contract; check the K/V "
+                    "written there, or pass nonfinite='ignore' if NaN/inf in K/V is expected")))
+
+
+def _scan_message(scan: ReadScan, query_lens, seq_lens, k_flag, v_flag, state, contract, decode_from_cache,
+                  advice=None) -> str:
+    """The message for the first flagged sequence, with a count of the rest."""
+    first = int(scan.seq[0])
+    mine = scan.seq == first
+    in_k, in_v = bool((scan.code[mine] & k_flag).any()), bool((scan.code[mine] & v_flag).any())
+    where = "k_cache and v_cache" if in_k and in_v else ("k_cache" if in_k else "v_cache")
+    what = (f"in {where} was {state}", f"in {where} were {state}")
+    message = _unwritten_message(first, first, int(query_lens[first]), int(seq_lens[first]), scan.pos[mine],
+                                 scan.block[mine], scan.offset[mine], scan.block_size, what, contract,
+                                 decode_from_cache, advice=advice)
+    others = len(torch.unique(scan.seq))
+    if others > 1:
+        message += f" ({len(scan)} positions in {others} sequences in all)"
+    return message
 
 
 # ---------------------------------------------------------------------------------------------
 # messages
 # ---------------------------------------------------------------------------------------------
 def _unwritten_message(seq_id, row, query_len, seq_len, positions, blocks, offsets, block_size, what,
-                       contract, decode_from_cache, note="") -> str:
+                       contract, decode_from_cache, note="", advice=None) -> str:
     """`what`: (verb phrase for one position, for several), e.g. ("was never written", "were never written")."""
     positions, blocks, offsets = (t.tolist() for t in (positions, blocks, offsets))
     kind = "decode" if query_len == 1 else "prefill"
@@ -215,20 +302,9 @@ def _unwritten_message(seq_id, row, query_len, seq_len, positions, blocks, offse
         body = f"{items[0]} {what[0]}"
     else:
         more = ", ..." if len(positions) > MAX_LISTED else ""
-        body = f"{len(positions)} positions ({_runs(positions)}) {what[1]}: {', '.join(items)}{more}"
-    return f"{head}: {body}{note}; {_advice(query_len, seq_len, positions, contract, decode_from_cache)}"
-
-
-def _runs(positions: Sequence[int], limit: int = MAX_LISTED) -> str:
-    """Sorted positions as runs: "0..19, 37, 40..45"."""
-    runs = []
-    for p in positions:
-        if runs and p == runs[-1][1] + 1:
-            runs[-1][1] = p
-        else:
-            runs.append([p, p])
-    text = [f"{a}..{b}" if b > a else f"{a}" for a, b in runs[:limit]]
-    return ", ".join(text) + (", ..." if len(runs) > limit else "")
+        body = f"{len(positions)} positions ({runs(positions, MAX_LISTED)}) {what[1]}: {', '.join(items)}{more}"
+    advice = advice or _advice(query_len, seq_len, positions, contract, decode_from_cache)
+    return f"{head}: {body}{note}; {advice}"
 
 
 def _advice(query_len: int, seq_len: int, positions: Sequence[int], contract: str, decode_from_cache: bool) -> str:
@@ -253,7 +329,7 @@ def _advice(query_len: int, seq_len: int, positions: Sequence[int], contract: st
 # ---------------------------------------------------------------------------------------------
 # allocator invariants
 # ---------------------------------------------------------------------------------------------
-def check_allocator(cache: "PagedKVCache") -> None:
+def check_allocator(cache) -> None:
     """Refcount of every block = the number of block tables holding it; free blocks are exactly the
     blocks at refcount 0, each listed once; no table holds a block twice; every table covers its
     sequence's length exactly. Raises ContractError naming the first violation."""

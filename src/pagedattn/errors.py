@@ -61,3 +61,8 @@ class UnwrittenKVError(ContractError):
 
 class SlotConflictError(ContractError):
     """Checked mode: a write maps two tokens to one slot, or a block is not owned by the sequence."""
+
+
+class NonFiniteKVError(PagedAttentionError, ValueError):
+    """Checked mode: a position the kernel will read holds NaN/inf that is not the poison pattern
+    (the slot was written, with non-finite values): the caller's data, not an unwritten slot."""
