@@ -17,12 +17,13 @@ _EXPORTS = {
     "reference_attention": ".attention",
     "BatchMetadata": ".batch",
     "PagedKVCache": ".cache",
-    "Report": ".forensics", "compare": ".forensics",
+    "Report": ".forensics", "compare": ".forensics", "compare_saved": ".forensics",
+    "poison_": ".poison", "empty_kv_cache": ".poison",
     "AttentionConfig": ".config", "BatchShape": ".config", "Case": ".config",
     **{name: ".errors" for name in (
         "BatchMetadataError", "CacheFullError", "ContractError", "DeviceError", "DTypeError", "LayoutError",
         "PagedAttentionError", "ScaleError", "SequenceError", "ShapeError", "SlotConflictError",
-        "UnsupportedConfigError", "UnwrittenKVError")},
+        "UnsupportedConfigError", "UnwrittenKVError", "NonFiniteKVError")},
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -48,5 +49,6 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from .config import AttentionConfig, BatchShape, Case
     from .errors import (BatchMetadataError, CacheFullError, ContractError, DeviceError, DTypeError, LayoutError,
                          PagedAttentionError, ScaleError, SequenceError, ShapeError, SlotConflictError,
-                         UnsupportedConfigError, UnwrittenKVError)
-    from .forensics import Report, compare
+                         UnsupportedConfigError, UnwrittenKVError, NonFiniteKVError)
+    from .forensics import Report, compare, compare_saved
+    from .poison import empty_kv_cache, poison_

@@ -12,45 +12,64 @@ Every pass over the elements is a vectorised torch op on the outputs' device; on
 ([num_tokens]), per-head and per-dim aggregates come back to the host, so a 43.7M-element
 comparison costs a handful of tensor passes and no per-element Python.
 
-Cause ids are stable (tests and the CLI key on them): see `CAUSES`.
+Default tolerances come from `tolerances` (by out's dtype, the table `verify` uses). Given the
+inputs (`q`, `k_new`/`v_new`, the caches `k_cache`/`v_cache`), compare also records where NaN/inf sit
+in them (`Report.inputs`), so the diagnosis tells a NaN the user wrote from a read of poisoned,
+never-written memory (`pagedattn.poison`). `compare_saved` does all of it from files a failing test
+saved with torch.save, plus a small JSON of batch metadata (`pagedattn compare` on the command line).
+
+Cause ids are stable (tests and the CLI key on them): see `CAUSES` (defined in `diagnosis`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .batch import BatchMetadata
-from .errors import ShapeError
+from .checks import K_NONFINITE, K_POISON, V_NONFINITE, V_POISON, scan_reads
+from .diagnosis import CAUSES, Cause, diagnose
+from .errors import BatchMetadataError, ShapeError
+from .text import runs
+from .tolerances import default_tolerance
 
-# id -> what it means. The evidence sentence of each diagnosis says why it was chosen.
-CAUSES = {
-    "missing-decode-kv": "a decode token's own K/V is not in the cache (write-before-attend contract)",
-    "unwritten-read": "the kernel read poisoned (never-written) cache memory",
-    "causal-off-by-one": "the causal mask is off by one (a future key admitted, or the diagonal mishandled)",
-    "sliding-window-edge": "the sliding-window bound is off by one (W + 1 or W - 1 keys)",
-    "gqa-head-mapping": "query head -> KV head mapping (h // num_queries_per_kv) is wrong for some heads",
-    "block-table": "a sequence read another sequence's blocks (block table / sequence indexing)",
-    "block-boundary": "block table or slot arithmetic at block boundaries (p % block_size == 0)",
-    "scale": "a scale is wrong (uniform factor: fp8 v_scale / output scale; otherwise softmax scale / k_scale)",
-    "numerical-noise": "accumulation order or precision: errors just above tolerance, no structure",
-    "unclassified": "no known pattern: read the groups",
-}
+__all__ = ["compare", "compare_saved", "load_batch", "Report", "InputEvidence", "Cause", "CAUSES"]
 
 TOKENS_LISTED = 1000  # bad tokens kept in to_dict(); render() shows fewer
+READS_LISTED = 64  # flagged cache reads kept in InputEvidence
 
 
 @dataclass
-class Cause:
-    id: str
-    score: float  # 0..1, how well the pattern fits; causes are ranked by it
-    evidence: str
+class InputEvidence:
+    """Where the inputs hold NaN/inf, for the inputs compare() was given.
+
+    Reads are (sequence, position, block, slot) of cache slots the kernel reads under the contract;
+    poisoned = the poison pattern (never written), nonfinite = NaN/inf that is not the poison (the
+    user wrote it). Lists hold the first READS_LISTED; the num_ fields count all."""
+
+    given: list[str]  # which inputs were scanned: "q", "k_new", "v_new", "cache"
+    contract: str | None = None
+    decode_from_cache: bool = False
+    q_nonfinite_tokens: list[int] = field(default_factory=list)
+    new_kv_nonfinite_tokens: list[int] = field(default_factory=list)
+    poisoned_reads: list[tuple[int, int, int, int]] = field(default_factory=list)
+    num_poisoned_reads: int = 0
+    nonfinite_reads: list[tuple[int, int, int, int]] = field(default_factory=list)
+    num_nonfinite_reads: int = 0
+    nonfinite_read_seqs: list[int] = field(default_factory=list)
+    poisoned_read_seqs: list[int] = field(default_factory=list)
 
     @property
-    def meaning(self) -> str:
-        return CAUSES[self.id]
+    def cache_scanned(self) -> bool:
+        return "cache" in self.given
+
+    def explains_nan(self, seqs: set[int], tokens: list[int]) -> bool:
+        """Some input NaN the user wrote can reach these sequences / tokens."""
+        return bool(set(self.nonfinite_read_seqs) & seqs or set(self.q_nonfinite_tokens) & set(tokens)
+                    or set(self.new_kv_nonfinite_tokens))
 
 
 @dataclass
@@ -102,8 +121,13 @@ class Report:
     bad_dims: list[int]
     uniform_scale: float | None  # out ~= s * ref over the mismatches, when one s fits them
     zeroed: bool  # the mismatched outputs are exactly 0 (an empty-row guard fired, e.g. on a NaN)
-    # per-token / per-head aggregates the diagnosis reads (host tensors, [num_tokens] / [num_q_heads])
-    _tok: dict = field(default_factory=dict, repr=False)
+    shared_nonfinite: int = 0  # mismatched elements where out AND ref are NaN/inf (the inputs hold it)
+    inputs: InputEvidence | None = None  # where the inputs hold NaN/inf, when compare() had them
+    # Per-token aggregates (host tensors of [num_tokens]), the public input of the diagnosis rules:
+    # seq, i (index in the sequence's query), pos (position p), from_end, qlen, bad (elements),
+    # heads (bad heads), nonfinite, max, full (every element bad); block_off and window_dist when
+    # block_size / sliding_window were given.
+    per_token: dict = field(default_factory=dict, repr=False)
     _causes: list[Cause] | None = field(default=None, repr=False)
 
     @property
@@ -131,8 +155,8 @@ class Report:
             toks = f"1 token (seq {t.seq}, {kind}, position {t.position})"
         else:
             toks = f"{self.num_bad_tokens} tokens in {len(self.sequences)} sequences"
-        heads = f"all {h} heads" if len(self.bad_heads) == h else f"heads {_span(self.bad_heads)}"
-        dims = f"all {d} dims" if len(self.bad_dims) == d else f"dims {_span(self.bad_dims)}"
+        heads = f"all {h} heads" if len(self.bad_heads) == h else f"heads {runs(self.bad_heads)}"
+        dims = f"all {d} dims" if len(self.bad_dims) == d else f"dims {runs(self.bad_dims)}"
         return f"{toks} x {heads} x {dims}"
 
     def summary(self) -> str:
@@ -147,7 +171,7 @@ class Report:
         return "; ".join(bits) + (f" -> {top.id}" if top else "")
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_") and k != "per_token"}
         d["tokens"] = d["tokens"][:TOKENS_LISTED]
         d["ok"] = self.ok
         d["summary"] = self.summary()
@@ -166,13 +190,30 @@ class Report:
 # ---------------------------------------------------------------------------------------------
 # compare: all the per-element work, vectorised
 # ---------------------------------------------------------------------------------------------
-def compare(out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata, *, atol: float = 1e-3,
-            rtol: float = 1e-3, num_kv_heads: int | None = None, block_size: int | None = None,
-            sliding_window: int | None = None) -> Report:
+def compare(out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata, *, atol: float | None = None,
+            rtol: float | None = None, num_kv_heads: int | None = None, block_size: int | None = None,
+            sliding_window: int | None = None, q: torch.Tensor | None = None, k_new: torch.Tensor | None = None,
+            v_new: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+            v_cache: torch.Tensor | None = None, contract: str | None = None,
+            decode_from_cache: bool = False) -> Report:
     """Compare `out` with `ref` ([num_tokens, num_q_heads, head_size], rows as in `batch`).
 
-    `num_kv_heads`, `block_size` and `sliding_window` are optional: with them the report also
-    groups heads by KV group, tokens by block offset and by distance to the window edge."""
+    atol/rtol default to `tolerances.default_tolerance(out.dtype)` (fp32 2e-5, fp16 2e-3, bf16
+    1.5e-2: the table `verify` uses). `num_kv_heads`, `block_size` and `sliding_window` are
+    optional: with them the report also groups heads by KV group, tokens by block offset and by
+    distance to the window edge.
+
+    The inputs are optional too: `q` [num_tokens, ...], `k_new`/`v_new` (the context contract's new
+    K/V) and the caches `k_cache`/`v_cache` (NHD views [num_blocks, block_size, num_kv_heads,
+    head_size], as the kernel read them, with `batch.block_table`). With them, `Report.inputs` says
+    which rows hold NaN/inf and which read slots hold the poison pattern (never written) or a NaN
+    the user wrote, and the diagnosis uses it. `contract` ("full" or "context"; default: the
+    batch's own `contract` attribute, else "context" when k_new is given, else "full") and
+    `decode_from_cache` say which slots the kernel read. Scanning the caches costs one pass over the
+    read slots (`checks.scan_reads`)."""
+    default_atol, default_rtol = default_tolerance(out.dtype)
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
     if out.dim() != 3 or tuple(out.shape) != tuple(ref.shape):
         raise ShapeError(f"out {tuple(out.shape)} and ref {tuple(ref.shape)} must both be "
                          f"[num_tokens, num_q_heads, head_size]")
@@ -193,7 +234,7 @@ def compare(out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata, *, atol:
         # the tolerance, then |out - ref| / tolerance (in r's buffer when r is our own copy)
         ratio = (r.abs_() if r.data_ptr() != ref.data_ptr() else r.abs()).mul_(rtol).add_(atol)
         del r
-        nan = inf = 0
+        nan = inf = shared_nonfinite = 0
         tok_nonfinite = torch.zeros(num_tokens, dtype=torch.long)
         nonfinite = None
         if not bool(torch.isfinite(diff.sum())):  # rare path: some element is not finite
@@ -202,6 +243,8 @@ def compare(out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata, *, atol:
             o_rows = o[rows].view(len(rows), -1)  # only the affected tokens: usually few
             nan = int(torch.isnan(o_rows).sum())
             inf = int(torch.isinf(o_rows).sum())
+            r_rows = ref.detach()[rows.to(ref.device)].float().view(len(rows), -1).to(o_rows.device)
+            shared_nonfinite = int((~torch.isfinite(o_rows) & ~torch.isfinite(r_rows)).sum())
             tok_nonfinite[rows.cpu()] = (~torch.isfinite(o_rows)).sum(1).cpu()
             diff.masked_fill_(nonfinite, -1.0)  # -1: "no finite difference here"
         tok_max = diff.amax(dim=(1, 2)).cpu() if num_tokens else torch.zeros(0)
@@ -270,8 +313,123 @@ def compare(out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata, *, atol:
         sequences=sequences, tokens=tokens, num_bad_tokens=len(bad_tokens),
         bad_heads=(head_bad > 0).nonzero().flatten().tolist(),
         bad_dims=(dim_bad > 0).nonzero().flatten().tolist(),
-        uniform_scale=uniform, zeroed=zero_share >= 0.95, _tok=tok,
+        uniform_scale=uniform, zeroed=zero_share >= 0.95, shared_nonfinite=shared_nonfinite,
+        inputs=_input_evidence(batch, q, k_new, v_new, k_cache, v_cache, contract, decode_from_cache),
+        per_token=tok,
     )
+
+
+def _nonfinite_rows(t: torch.Tensor) -> list[int]:
+    """Rows (dim 0) of t holding a NaN/inf anywhere."""
+    if t.dtype.itemsize == 1 and t.dtype.is_floating_point:
+        t = t.float()
+    return (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist()
+
+
+def _input_evidence(batch, q, k_new, v_new, k_cache, v_cache, contract, decode_from_cache) -> InputEvidence | None:
+    if q is None and k_new is None and v_new is None and k_cache is None and v_cache is None:
+        return None
+    if (k_cache is None) != (v_cache is None):
+        raise ShapeError("pass both k_cache and v_cache (or neither)")
+    if contract is None:
+        contract = getattr(batch, "contract", None) or ("context" if k_new is not None else "full")
+    e = InputEvidence(given=[], contract=contract, decode_from_cache=decode_from_cache)
+    if q is not None:
+        e.given.append("q")
+        e.q_nonfinite_tokens = _nonfinite_rows(q.detach())
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t is not None:
+            e.given.append(name)
+            e.new_kv_nonfinite_tokens = sorted(set(e.new_kv_nonfinite_tokens) | set(_nonfinite_rows(t.detach())))
+    if k_cache is not None:
+        e.given.append("cache")
+        scan = scan_reads(k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_table, contract,
+                          decode_from_cache, query_lens_host=batch.host_query_lens(),
+                          seq_lens_host=batch.host_seq_lens())
+        if scan is not None:
+            bs = scan.block_size
+            for flags, kind in ((K_POISON | V_POISON, "poisoned"), (K_NONFINITE | V_NONFINITE, "nonfinite")):
+                mask = (scan.code & flags) != 0
+                sel = scan.select(mask)
+                reads = [(int(s), int(p), int(b), int(b) * bs + int(o))
+                         for s, p, b, o in zip(sel.seq[:READS_LISTED], sel.pos[:READS_LISTED],
+                                               sel.block[:READS_LISTED], sel.offset[:READS_LISTED])]
+                setattr(e, f"{kind}_reads", reads)
+                setattr(e, f"num_{kind}_reads", int(mask.sum()))
+                setattr(e, f"{kind}_read_seqs", sorted(set(sel.seq.tolist())))
+    return e
+
+
+# ---------------------------------------------------------------------------------------------
+# from saved tensors
+# ---------------------------------------------------------------------------------------------
+def load_batch(meta) -> tuple[BatchMetadata, dict]:
+    """Batch metadata from a dict (a JSON file's contents, or saved tensors): `query_lens` or
+    `cu_seqlens_q`, and `seq_lens` (or `ctx_lens`, seq_len = ctx_len + query_len); optional
+    `block_table`. Returns the batch and the other keys compare() takes (contract, decode_from_cache,
+    num_kv_heads, block_size, sliding_window, atol, rtol)."""
+    def ints(x):
+        return [int(v) for v in (x.flatten().tolist() if isinstance(x, torch.Tensor) else x)]
+
+    if "query_lens" in meta:
+        query_lens = ints(meta["query_lens"])
+    elif "cu_seqlens_q" in meta:
+        cu = ints(meta["cu_seqlens_q"])
+        query_lens = [b - a for a, b in zip(cu, cu[1:])]
+    else:
+        raise BatchMetadataError("the batch metadata needs query_lens or cu_seqlens_q (vLLM: query_start_loc)")
+    if "seq_lens" in meta:
+        seq_lens = ints(meta["seq_lens"])
+    elif "ctx_lens" in meta:
+        seq_lens = [c + q for c, q in zip(ints(meta["ctx_lens"]), query_lens)]
+    else:
+        raise BatchMetadataError("the batch metadata needs seq_lens (or ctx_lens)")
+    if len(seq_lens) != len(query_lens):
+        raise BatchMetadataError(f"seq_lens has {len(seq_lens)} entries but the batch has {len(query_lens)} sequences")
+    table = meta.get("block_table")
+    rows = ([ints(r) for r in table] if table is not None else [[0] for _ in query_lens])
+    batch = BatchMetadata.from_lens(query_lens, seq_lens, rows)
+    if "contract" in meta:
+        batch.contract = meta["contract"]
+    options = {k: meta[k] for k in ("contract", "decode_from_cache", "num_kv_heads", "block_size",
+                                    "sliding_window", "atol", "rtol") if meta.get(k) is not None}
+    return batch, options
+
+
+TENSOR_KEYS = ("q", "k_new", "v_new", "k_cache", "v_cache")
+
+
+def _load(path):
+    if isinstance(path, torch.Tensor):
+        return path
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def compare_saved(out_path, ref_path, batch_path, **options) -> Report:
+    """`compare` on tensors a failing test saved: `torch.save(out, ...)`, `torch.save(ref, ...)` and
+    the batch metadata, a JSON file (see `load_batch`; it may also name saved input tensors, paths
+    relative to it: "q", "k_new", "v_new", "k_cache", "v_cache" as NHD views) or a torch.save'd dict
+    of tensors and values with the same keys. Outputs of shape [num_tokens, num_q_heads * head_size]
+    are reshaped with the metadata's `num_q_heads`. Keyword `options` override the file's."""
+    if str(batch_path).endswith(".json"):
+        with open(batch_path) as f:
+            meta = json.load(f)
+        base = os.path.dirname(os.path.abspath(batch_path))
+        for key in TENSOR_KEYS:
+            if isinstance(meta.get(key), str):
+                meta[key] = _load(os.path.join(base, meta[key]))
+    else:
+        meta = dict(_load(batch_path))
+    batch, file_options = load_batch(meta)
+    out, ref = _load(out_path), _load(ref_path)
+    for name, t in (("out", out), ("ref", ref)):
+        if not isinstance(t, torch.Tensor):
+            raise ShapeError(f"{name} file must hold one tensor (torch.save(tensor, path)), got {type(t).__name__}")
+    heads = meta.get("num_q_heads")
+    if out.dim() == 2 and heads:
+        out, ref = out.reshape(out.shape[0], int(heads), -1), ref.reshape(ref.shape[0], int(heads), -1)
+    inputs = {k: meta[k] for k in TENSOR_KEYS if isinstance(meta.get(k), torch.Tensor)}
+    return compare(out, ref, batch, **{**file_options, **inputs, **options})
 
 
 def _fit_scale(o: torch.Tensor, r: torch.Tensor, bad: torch.Tensor, mismatched: int, atol: float,
@@ -297,27 +455,6 @@ def _fit_scale(o: torch.Tensor, r: torch.Tensor, bad: torch.Tensor, mismatched: 
     if float(fits.double().mean()) < 0.95 or abs(s - 1.0) < 4 * rtol or abs(s) < 1e-3:
         return None, zero_share
     return s, zero_share
-
-
-# ---------------------------------------------------------------------------------------------
-# diagnose: small host-side rules over the aggregates
-# ---------------------------------------------------------------------------------------------
-def diagnose(report: Report) -> list[Cause]:
-    """Likely causes of the report's mismatch pattern, best first (the rules live in `diagnosis`)."""
-    from .diagnosis import diagnose as run_rules
-    return run_rules(report)
-
-
-def _span(xs: list[int], limit: int = 12) -> str:
-    """[1, 2, 3, 7] -> '1-3, 7'"""
-    runs, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        runs.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ", ".join(runs[:limit]) + (" ..." if len(runs) > limit else "")
 
 
 def render(report: Report, max_rows: int = 12):
@@ -355,11 +492,11 @@ def render(report: Report, max_rows: int = 12):
         row += [tg.window_distance] if report.sliding_window else []
         row += [f"{tg.bad_heads}/{h}", tg.bad_elements, tg.nonfinite, _fmt(tg.max_abs_err)]
         toks.add_row(*map(str, row))
-    heads = "all" if len(report.bad_heads) == h else _span(report.bad_heads)
+    heads = "all" if len(report.bad_heads) == h else runs(report.bad_heads)
     if report.num_kv_heads and len(report.bad_heads) < h:
         qpk = h // report.num_kv_heads
         heads += f" (KV groups {sorted({x // qpk for x in report.bad_heads})})"
-    dims = "all" if len(report.bad_dims) == d else _span(report.bad_dims)
+    dims = "all" if len(report.bad_dims) == d else runs(report.bad_dims)
     scale = f"out ~= {report.uniform_scale:.4g} x ref" if report.uniform_scale else "no uniform factor"
     scale += "; the mismatched outputs are exactly 0" if report.zeroed else ""
     lines.append(Text(f"heads: {heads} of {h}; dims: {dims} of {d}; {scale}"))

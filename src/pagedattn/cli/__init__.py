@@ -1,6 +1,6 @@
 """The `pagedattn` command (also `python -m pagedattn`).
 
-One module per subcommand (`verify`, `scenario`, `explain`, `bench`, `demo`), each with
+One module per subcommand (`verify`, `scenario`, `explain`, `compare`, `bench`, `demo`), each with
 `add_arguments(parser)` and `run(args) -> int`: argument parsing and rendering live here, the
 library modules they call return data. Nothing here imports torch or triton until a subcommand
 runs, so `pagedattn --help` is instant.
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "verify": "run vLLM's test grid (or its CPU-sized copy) against the reference and print a table",
     "scenario": "plant a known fault and show its detection and diagnosis",
     "explain": "show which kernel runs for a configuration and batch, and why",
+    "compare": "forensics from saved tensors: where OUT and REF differ, and the likely causes",
     "bench": "benchmark the standard workloads on the current GPU",
 }
 
