@@ -26,7 +26,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx-lens", type=lengths, default="32767,32767,32767,32767", metavar="N,...",
                         help="tokens already in the cache per sequence, comma-separated")
     parser.add_argument("--sms", type=int, default=None, help="plan for this many SMs (default: the GPU's, or 132)")
+    parser.add_argument("--platform", type=platforms, default=(), metavar="{cuda,rocm-cdna,rocm-gfx1x,all}[,...]",
+                        help="also show the kernel vLLM 0.33 itself picks on these platforms for its decode rows "
+                             "(use_rocm_custom_paged_attention; comma-separated, or all)")
+    parser.add_argument("--vllm-op", default="chunked_prefill_paged_decode",
+                        choices=["chunked_prefill_paged_decode", "context_attention_fwd", "unified_attention"],
+                        help="the vLLM op whose choice --platform shows")
     parser.add_argument("--json", action="store_true", help="print the plans as JSON")
+
+
+def platforms(value: str) -> tuple[str, ...]:
+    """--platform: comma-separated names from pagedattn.platforms.PLATFORMS, or all."""
+    names = ("cuda", "rocm-cdna", "rocm-gfx1x")
+    chosen = names if value == "all" else tuple(v.strip() for v in value.split(","))
+    bad = [v for v in chosen if v not in names]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--platform takes {', '.join(names)} or all, got {', '.join(bad)}")
+    return chosen
 
 
 def plans(args) -> tuple[list[dict], str]:
@@ -53,8 +69,19 @@ def plans(args) -> tuple[list[dict], str]:
     rows = []
     for config, shape in cases:
         p = dispatch.plan_for(config, shape, device="cuda", sms=args.sms)
-        rows.append(dict(config=config.label(), batch=shape.label(), kernel=p.kernel, params=p.params(), rule=p.rule))
-    return rows, f"dispatch ({device}, {args.sms or dispatch.sm_count('cuda')} SMs)"
+        row = dict(config=config.label(), batch=shape.label(), kernel=p.kernel, params=p.params(), rule=p.rule)
+        for name in getattr(args, "platform", ()):
+            from ..platforms import VllmCase, vllm_kernel
+
+            choice = vllm_kernel(name, VllmCase.from_config(config, max(shape.seq_lens)), args.vllm_op)
+            row[f"vllm {name}"] = f"decode: {choice.decode_kernel}; prefill: {choice.prefill_kernel} ({choice.why})"
+        rows.append(row)
+    title = f"dispatch ({device}, {args.sms or dispatch.sm_count('cuda')} SMs)"
+    if getattr(args, "platform", ()):
+        from ..platforms import VLLM_VERSION
+
+        title += f"; vLLM {VLLM_VERSION}'s own choice in {args.vllm_op} per platform"
+    return rows, title
 
 
 def run(args) -> int:
@@ -68,7 +95,9 @@ def run(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     table = Table(title=title, expand=True)
-    for col, ratio in (("config", 1), ("batch", 1), ("kernel", None), ("params", 2), ("rule", 4)):
+    columns = [("config", 1), ("batch", 1), ("kernel", None), ("params", 2), ("rule", 4)]
+    columns += [(f"vllm {name}", 3) for name in args.platform]
+    for col, ratio in columns:
         table.add_column(col, overflow="fold", ratio=ratio, no_wrap=ratio is None)
     for r in rows:
         table.add_row(*r.values())
