@@ -66,7 +66,8 @@ class Generation:
 
 @torch.no_grad()
 def reference_generate(model, prompts, max_new_tokens: int) -> Generation:
-    """transformers' generate() one prompt at a time (no padding), with the model's own attention."""
+    """transformers' generate() with sdpa, one prompt at a time (no padding)."""
+    model.set_attn_implementation("sdpa")
     tokens, logprobs, margins = [], [], []
     start = time.perf_counter()
     device = next(model.parameters()).device
