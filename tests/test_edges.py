@@ -13,18 +13,14 @@ import math
 import pytest
 import torch
 
-from kernel_inputs import assert_close_to_reference, make_inputs, poisoned_like
 from pagedattn import dispatch, paged_attention, prefix_prefill, reference
 from pagedattn.config import AttentionConfig, BatchShape
-from pagedattn.kernels import unified
+from pagedattn.options import AttentionOptions
+from pagedattn.planner import PagedAttention
 from pagedattn.kernels.write import quantize_fp8, write_kv
-from test_kernels import run_both
+from pagedattn.testing import DEVICE, assert_close_to_reference, make_inputs, poisoned_like, run_both
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-pytestmark = pytest.mark.skipif(not (CUDA or dispatch.interpreter_enabled()),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.kernels
 
 BASE = AttentionConfig(num_q_heads=4, num_kv_heads=2, head_size=32, block_size=16, dtype=torch.float32)
 FP8_FORMATS = (("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2))
@@ -117,7 +113,6 @@ def test_windowed_prefill_and_decode_at_131k_positions():
 
 
 @pytest.mark.bigmem
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("query_lens", [(1, 1), (37, 1)], ids=["decode", "mixed"])
 def test_cache_past_2_31_elements(query_lens):
@@ -308,8 +303,9 @@ def test_split_kv_forced_tiny_partitions():
                          cache_dtype=torch.float32, device=DEVICE)
     plan = dataclasses.replace(base, kernel="split_kv", num_splits=16, partition_size=base.block_n)
     out = poisoned_like(x.q)
-    unified.launch(plan, x.q, x.k_cache, x.v_cache, out, x.cu_seqlens_q, x.seq_lens, x.block_table,
-                   scale=1 / math.sqrt(32), sinks=x.options["sinks"])
+    attn = PagedAttention(AttentionOptions(scale=1 / math.sqrt(32), sinks=x.options["sinks"]), num_q_heads=4,
+                          num_kv_heads=2, head_size=32, block_size=16, dtype=torch.float32, device=DEVICE)
+    attn.plan(x.cu_seqlens_q, x.seq_lens, x.block_table, dispatch_plan=plan).run(x.q, x.k_cache, x.v_cache, out=out)
     assert_close_to_reference(out, ref_of(x, "full"), config.dtype, "16 tiny partitions")
 
 
@@ -327,5 +323,5 @@ def test_understated_max_seq_len_still_exact():
                          cache_dtype=torch.float32, device=DEVICE)
     assert plan.num_splits * plan.partition_size < 1501, plan  # the hint plans too few keys
     out = poisoned_like(x.q)
-    kernel(x, "full", out, max_seq_len=700)
+    kernel(x, "full", out, max_seq_len=700, validate=False)  # on CPU the hint would be refused
     assert_close_to_reference(out, ref_of(x, "full"), BASE.dtype, "max_seq_len hint 700 for 1501 keys")

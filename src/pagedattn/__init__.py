@@ -16,6 +16,7 @@ _EXPORTS = {
     "attention": ".attention", "paged_attention": ".attention", "prefix_prefill": ".attention",
     "reference_attention": ".attention",
     "BatchMetadata": ".batch",
+    "PagedAttention": ".planner", "AttentionOptions": ".options", "write_kv": ".kernels.write",
     "PagedKVCache": ".cache",
     "Report": ".forensics", "compare": ".forensics", "compare_saved": ".forensics",
     "poison_": ".poison", "empty_kv_cache": ".poison",
@@ -45,6 +46,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static tools see the plain imports
     from .attention import attention, paged_attention, prefix_prefill, reference_attention
     from .batch import BatchMetadata
+    from .kernels.write import write_kv
+    from .options import AttentionOptions
+    from .planner import PagedAttention
     from .cache import PagedKVCache
     from .config import AttentionConfig, BatchShape, Case
     from .errors import (BatchMetadataError, CacheFullError, ContractError, DeviceError, DTypeError, LayoutError,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.launch import interpreter_enabled  # noqa: F401  (re-exported)
 from .config import FP8_DTYPES, AttentionConfig, BatchShape
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +79,16 @@ class Plan:
     decode_part: "Plan | None" = None  # the second launch of a mixed batch (decode tiles)
     rule: str = ""
 
+    @property
+    def seq_grid(self) -> bool:
+        """Decode launches run one program per sequence (every sequence fits one tile)."""
+        return self.phase == "decode"
+
+    @property
+    def launches(self) -> tuple["Plan", ...]:
+        """The kernel launches of this plan, in order (a mixed batch: prefill tiles, then decode)."""
+        return (self,) if self.decode_part is None else (self, self.decode_part)
+
     def params(self) -> str:
         if self.kernel == "reference":
             return "-"
@@ -99,10 +110,6 @@ def sm_count(device: torch.device | str) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # no GPU: plan as for an H100 so explain() reads the same everywhere
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def choose_backend(device: torch.device, backend: str) -> tuple[str, str]:
@@ -204,7 +211,9 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
                        splits, partition, max_query_len=d_q)
     if max_query_len <= d_q:
         # one decode tile per sequence: max_query_len must hold (checked mode verifies it)
-        return dataclasses.replace(decode_plan, rule=(
+        # the decode launch takes every sequence: one whose query_len exceeds the tile (a
+        # max_query_len below the real one) gets NaN rows rather than being skipped
+        return dataclasses.replace(decode_plan, max_query_len=1 << 30, rule=(
             f"decode batch (max_query_len {max_query_len} <= {d_q}: {qpk} query heads per KV head "
             f"fit one {d_m}-row tile): {why}"))
     block_m, block_q, block_n, warps, stages = choose_tiles(

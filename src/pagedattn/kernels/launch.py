@@ -21,7 +21,11 @@ import os
 import torch
 from triton import knobs
 
-from ..dispatch import interpreter_enabled
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 
 # PAGEDATTN_TRITON_LAUNCH=1: every launch through Triton's own path (to compare, or to rule this out)
 ALWAYS_TRITON = os.environ.get("PAGEDATTN_TRITON_LAUNCH", "0") not in ("", "0")
@@ -55,7 +59,9 @@ class FastKernel:
     def __getitem__(self, grid: tuple[int, ...]):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+    def launch(self, grid: tuple[int, ...], args, kwargs: dict):
+        """Launch; returns (compiled kernel, constexpr values, device) when the launch went through
+        the fast path or compiled for it (what `BoundLaunch` keeps), else None."""
         if ALWAYS_TRITON or not (args and getattr(args[0], "is_cuda", False)) or interpreter_enabled() \
                 or _hooks_set(self.fn):
             self.fn[grid](*args, **kwargs)
@@ -75,12 +81,53 @@ class FastKernel:
                 kernel = kernel.result()
             names = self.fn.arg_names[len(args):]  # the constexprs, in signature order
             if set(names) <= kwargs.keys():
-                self._kernels[key] = (kernel, tuple(kwargs[n] for n in names))
-            return
-        kernel, constexprs = entry
+                entry = self._kernels[key] = (kernel, tuple(kwargs[n] for n in names), device)
+            return entry
+        kernel, constexprs, _ = entry
         stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's driver asks torch for
         size = len(grid)
         kernel.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, kernel.function,
+                   kernel.packed_metadata, None, None, None, *args, *constexprs)
+        return entry
+
+
+class BoundLaunch:
+    """One launch with every argument bound except a few tensors, given per call: what a plan
+    holds for each of its kernels so that `PagedAttention.run` does nothing but launch.
+
+    `slots` are the argument positions the per-call tensors fill; `uses` picks, from the tensors a
+    call passes, those that go into the slots (default: the first len(slots)). The compiled kernel
+    is looked up once per alignment pattern of those tensors (what Triton specializes pointers
+    on; their dtypes and strides are part of the binding, fixed by the caller)."""
+
+    __slots__ = ("kernel", "grid", "args", "slots", "uses", "kwargs", "_compiled")
+
+    def __init__(self, kernel: FastKernel, grid: tuple[int, ...], args: list, slots: tuple[int, ...],
+                 kwargs: dict, uses: tuple[int, ...] | None = None):
+        self.kernel = kernel
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.args = list(args)
+        self.slots = slots
+        self.uses = tuple(range(len(slots))) if uses is None else uses
+        self.kwargs = kwargs
+        self._compiled: dict[int, tuple] = {}
+
+    def __call__(self, tensors) -> None:
+        args = self.args.copy()
+        aligned = 0
+        for slot, i in zip(self.slots, self.uses):
+            t = tensors[i]
+            args[slot] = t
+            aligned = (aligned << 1) | ((t.data_ptr() & 15) == 0)
+        entry = self._compiled.get(aligned)
+        if entry is None:
+            entry = self.kernel.launch(self.grid, args, self.kwargs)
+            if entry is not None:
+                self._compiled[aligned] = entry
+            return
+        kernel, constexprs, device = entry
+        g0, g1, g2 = self.grid
+        kernel.run(g0, g1, g2, torch._C._cuda_getCurrentRawStream(device), kernel.function,
                    kernel.packed_metadata, None, None, None, *args, *constexprs)
 
 

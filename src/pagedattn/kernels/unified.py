@@ -13,7 +13,18 @@ Keys are read in tiles of BLOCK_N tokens gathered across pages (BLOCK_N may span
 blocks). Under the context-cache contract the keys past ctx_len come from k_new/v_new instead.
 Softmax runs online in fp32, in the log2 domain (scale pre-multiplied by log2(e), exp2).
 
+Every tensor is addressed with its own strides (q, out, k_new, v_new, both caches), so strided
+views (fused QKV, K|V halves of one buffer, HND caches) are read in place.
+
+Memory safety does not depend on the metadata being valid. Every load and store is bounded by
+the tensors' real extents: token rows by num_tokens, block-table columns by its width, block ids
+by num_blocks. A sequence whose metadata is inconsistent (negative or decreasing offsets, rows
+past num_tokens, seq_len < query_len, a block id outside the cache, a table too narrow, more
+query tokens than its launch's tile holds) gets NaN in all its output rows: never plausible
+numbers. Validation proper happens on the host, at plan time (`pagedattn.validate`).
+
 Semantics are exactly those of `pagedattn.reference` (its docstring is the specification).
+This module imports nothing from pagedattn above `kernels/`.
 """
 
 from __future__ import annotations
@@ -22,10 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import interpreter_enabled
-from .launch import FastKernel
+from .launch import BoundLaunch, FastKernel, interpreter_enabled
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 # fp32 inputs are the accuracy path: "ieee" dots on FMA units. They hold their operand tiles in
 # registers, so dispatch gives fp32 small tiles (scripts/compile_check.py reports each tile's
 # stack frame); "tf32x3" (three tf32 terms on the tensor cores) would spill far less.
@@ -38,7 +48,8 @@ FP32_PRECISION: tl.constexpr = tl.constexpr("ieee")
 @triton.jit
 def _find_sequence(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q: tl.constexpr):
     """The sequence whose query tiles contain global tile `tile_idx`: tiles of sequence s start at
-    cu_seqlens_q[s] // BLOCK_Q + s (an upper bound on tiles before it), so binary-search that."""
+    cu_seqlens_q[s] // BLOCK_Q + s (an upper bound on tiles before it), so binary-search that.
+    Returns -1 only for invalid offsets (cu_seqlens_q[0] > 0)."""
     lo = 0
     hi = num_seqs
     while lo < hi:
@@ -49,6 +60,40 @@ def _find_sequence(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q: tl.constexpr):
         else:
             hi = mid
     return lo - 1
+
+
+@triton.jit
+def _sequence(cu_seqlens_q_ptr, seq_lens_ptr, seq, num_seqs, num_tokens):
+    """(q_start, query_len, seq_len, bad) of sequence `seq`. `bad`: its metadata cannot be served
+    (rows outside [0, num_tokens), a negative length, seq_len < query_len, or offsets that
+    decrease next to it so its rows overlap a neighbour's)."""
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_end = tl.load(cu_seqlens_q_ptr + seq + 1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    query_len = q_end - q_start
+    prev_end = tl.load(cu_seqlens_q_ptr + seq - 1, mask=seq > 0, other=0)
+    next_end = tl.load(cu_seqlens_q_ptr + seq + 2, mask=seq + 1 < num_seqs, other=num_tokens)
+    bad = (q_start < 0) | (query_len < 0) | (q_end > num_tokens) | (seq_len < query_len)
+    bad = bad | (prev_end > q_start) | (next_end < q_end)
+    return q_start, query_len, seq_len, bad
+
+
+@triton.jit
+def _store_nan_rows(out_ptr, stride_ot, stride_oh, stride_od, tok_lo, tok_hi, num_tokens, kv_head,
+                    QPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """NaN into rows [tok_lo, tok_hi) (clipped to [0, num_tokens)) of this KV head's query heads."""
+    rows = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_PAD)
+    heads = kv_head * QPK + rows % QPK
+    lo = tl.maximum(tok_lo, 0)
+    hi = tl.minimum(tok_hi, num_tokens)
+    nan = tl.full([BLOCK_M, HEAD_PAD], float("nan"), dtype=tl.float32)
+    for t0 in range(lo, hi, BLOCK_Q):
+        tok = t0 + rows // QPK
+        ok = (rows < BLOCK_Q * QPK) & (tok < hi)
+        offs = tok.to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :] * stride_od
+        tl.store(out_ptr + offs, nan.to(out_ptr.dtype.element_ty), mask=ok[:, None] & (dims[None, :] < HEAD_SIZE))
 
 
 @triton.jit
@@ -82,12 +127,12 @@ def _scores(
         s = tl.dot(q, tl.trans(k))
     if USE_SOFTCAP:
         # cap * tanh(x / cap) in natural units, then to log2 units; tanh via exp (stable at +-inf)
-        x = s * (qk_scale / 1.4426950408889634) / softcap
-        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * 1.4426950408889634
+        x = s * (qk_scale / LOG2E) / softcap
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * LOG2E
     elif USE_ALIBI:
         s = s * qk_scale
     if USE_ALIBI:
-        s += head_alibi[:, None] * (key_pos[None, :] - row_pos[:, None]).to(tl.float32) * 1.4426950408889634
+        s += head_alibi[:, None] * (key_pos[None, :] - row_pos[:, None]).to(tl.float32) * LOG2E
     if MASK:
         in_range = (key_pos >= key_start) & (key_pos < key_end)
         visible = (key_pos[None, :] <= row_pos[:, None]) & in_range[None, :] & row_valid[:, None]
@@ -128,20 +173,24 @@ def _softmax_pv(
 
 
 @triton.jit
-def _tile_blocks(bt_row, start, key_start, key_end, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                 MASK: tl.constexpr, IDX64: tl.constexpr):
+def _tile_blocks(bt_row, start, key_start, key_end, num_blocks, max_blocks, BLOCK_N: tl.constexpr,
+                 PAGE: tl.constexpr, MASK: tl.constexpr, IDX64: tl.constexpr):
     """Key positions of the tile at `start`, which of them are in range, their cache blocks (through
-    the block table: a tile may span several pages) and their slots within the blocks."""
+    the block table: a tile may span several pages), their slots within the blocks, and whether
+    any in-range key has no valid block (an id outside [0, num_blocks), or a column past the
+    table's width). Such keys read block 0 instead; the caller turns their rows into NaN."""
     key_pos = start + tl.arange(0, BLOCK_N)
+    col = key_pos // PAGE
     if MASK:
         key_ok = (key_pos < key_end) & (key_pos >= key_start)
-        block = tl.load(bt_row + key_pos // PAGE, mask=key_ok, other=0)
     else:
         key_ok = key_pos >= 0
-        block = tl.load(bt_row + key_pos // PAGE)
+    block = tl.load(bt_row + col, mask=key_ok & (col < max_blocks), other=-1)
+    bad = key_ok & ((block < 0) | (block >= num_blocks))
+    block = tl.where(bad, 0, block)
     if IDX64:  # only caches of 2^31 elements or more pay for 64-bit offset arithmetic
         block = block.to(tl.int64)
-    return key_pos, key_ok, block, key_pos % PAGE
+    return key_pos, key_ok, block, key_pos % PAGE, tl.max(bad.to(tl.int32), 0)
 
 
 @triton.jit
@@ -161,23 +210,22 @@ def _load_tile(cache_ptr, block, in_block, key_ok, head_off, stride_b, stride_t,
 
 @triton.jit
 def _cache_tiles(
-    acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, lo, hi, kv_head,
-    stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
-    dims, dim_valid, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
-    sliding_window, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    USE_ALIBI: tl.constexpr, SLIDING: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr,
-    IDX64: tl.constexpr, INTERPRET: tl.constexpr,
+    acc, m_i, l_i, bad_seen, q, lo, hi,
+    k_cache_ptr, v_cache_ptr, bt_row, num_blocks, max_blocks, k_head, v_head, stride_kb, stride_kt,
+    stride_vb, stride_vt, k_dim_off, v_dim_off, dim_valid,
+    row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap, sliding_window,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+    SLIDING: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, IDX64: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Key tiles [lo, hi) (lo a multiple of BLOCK_N) gathered from the paged cache through the
     block table. Unmasked tiles (MASK=False) lie wholly in range."""
     FOLD: tl.constexpr = not (USE_SOFTCAP or USE_ALIBI)
-    k_head = kv_head * stride_kh
-    v_head = kv_head * stride_vh
-    v_dim_off = dims * stride_vd
     for start in range(lo, hi, BLOCK_N):
-        key_pos, key_ok, block, in_block = _tile_blocks(bt_row, start, key_start, key_end, BLOCK_N, PAGE,
-                                                        MASK, IDX64)
+        key_pos, key_ok, block, in_block, tile_bad = _tile_blocks(
+            bt_row, start, key_start, key_end, num_blocks, max_blocks, BLOCK_N, PAGE, MASK, IDX64)
+        bad_seen = tl.maximum(bad_seen, tile_bad)
         k = _load_tile(k_cache_ptr, block, in_block, key_ok, k_head, stride_kb, stride_kt, k_dim_off,
                        dim_valid, MASK, EVEN_D, KV_FP8, DOT_DTYPE, INTERPRET)
         v = _load_tile(v_cache_ptr, block, in_block, key_ok, v_head, stride_vb, stride_vt, v_dim_off,
@@ -185,7 +233,7 @@ def _cache_tiles(
         s = _scores(q, k, key_pos, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
                     sliding_window, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, MASK)
         acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PV_DTYPE, IEEE, FOLD, MASK)
-    return acc, m_i, l_i
+    return acc, m_i, l_i, bad_seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,20 +241,19 @@ def _cache_tiles(
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _paged_attention_kernel(
-    # q, out: [num_tokens, num_q_heads, head_size]
-    q_ptr, stride_qt, stride_qh,
-    out_ptr, stride_ot, stride_oh,
-    # k cache: element (block, token, head, d) at block*sb + token*st + head*sh + (d//K_X)*sx + d%K_X
-    k_cache_ptr, stride_kb, stride_kt, stride_kh, stride_kx,
-    # v cache: element (block, token, head, d) at block*sb + token*st + head*sh + d*sd
-    v_cache_ptr, stride_vb, stride_vt, stride_vh, stride_vd,
-    # k_new, v_new: [num_tokens, num_kv_heads, head_size] (context-cache contract only)
-    k_new_ptr, v_new_ptr, stride_nt, stride_nh,
-    cu_seqlens_q_ptr, seq_lens_ptr, block_table_ptr, stride_bt,
+    q_ptr, stride_qt, stride_qh, stride_qd,  # q: [num_tokens, num_q_heads, head_size]
+    out_ptr, stride_ot, stride_oh, stride_od,  # out: like q
+    # K cache element (block, slot, head, d) at block*sb + slot*st + head*sh + (d // K_X)*sx + (d % K_X)*sd
+    k_cache_ptr, stride_kb, stride_kt, stride_kh, stride_kx, stride_kd,
+    v_cache_ptr, stride_vb, stride_vt, stride_vh, stride_vd,  # V cache: (block, slot, head, d)
+    k_new_ptr, stride_knt, stride_knh, stride_knd,  # k_new: [num_tokens, num_kv_heads, head_size]
+    v_new_ptr, stride_vnt, stride_vnh, stride_vnd,  # v_new: like k_new (context contract only)
+    cu_seqlens_q_ptr, seq_lens_ptr,  # [num_seqs + 1], [num_seqs]
+    block_table_ptr, stride_bt, stride_bc,  # [num_seqs, max_blocks]
     k_scale_ptr, v_scale_ptr, alibi_ptr, sinks_ptr,
-    # split-KV partials: [num_tokens, num_q_heads, NUM_SPLITS, (HEAD_PAD | 1)] fp32
-    part_acc_ptr, part_m_ptr, part_l_ptr,
-    num_seqs, qk_scale, softcap, sliding_window, partition_size, min_query_len, max_query_len,
+    part_acc_ptr, part_m_ptr, part_l_ptr,  # split-KV partials [num_tokens, num_q_heads, NUM_SPLITS, (HEAD_PAD|1)]
+    num_seqs, num_tokens, num_blocks, max_blocks,  # the tensors' real extents
+    qk_scale, softcap, sliding_window, partition_size, min_query_len, max_query_len,
     QPK: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, K_X: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -219,22 +266,34 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
+    # ---- which sequence and query tile; invalid metadata -> NaN rows
     if SEQ_GRID:
-        # decode launches: every sequence they handle fits one tile, so program = sequence
-        seq = tile_idx
-        q_start = tl.load(cu_seqlens_q_ptr + seq)
-        query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-        tile_in_seq = 0
+        seq = tile_idx  # decode launches: every sequence they handle fits one tile
     else:
         seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, tile_idx, BLOCK_Q)
-        q_start = tl.load(cu_seqlens_q_ptr + seq)
-        query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-        tile_in_seq = tile_idx - (q_start // BLOCK_Q + seq)
-    if tile_in_seq * BLOCK_Q >= query_len:
+    if seq < 0:
         return
-    if (query_len < min_query_len) | (query_len > max_query_len):
-        return  # this sequence belongs to the other launch of a mixed batch
-    seq_len = tl.load(seq_lens_ptr + seq)
+    q_start, query_len, seq_len, bad = _sequence(cu_seqlens_q_ptr, seq_lens_ptr, seq, num_seqs, num_tokens)
+    if SEQ_GRID:
+        tile_in_seq = 0
+    else:
+        tile_in_seq = tile_idx - (q_start // BLOCK_Q + seq)
+    in_launch = (query_len >= min_query_len) & (query_len <= max_query_len)
+    if SEQ_GRID:
+        bad = bad | (in_launch & (query_len > BLOCK_Q))  # max_query_len below the real one
+    if bad:
+        if split == 0:
+            if SEQ_GRID:
+                _store_nan_rows(out_ptr, stride_ot, stride_oh, stride_od, q_start, q_start + query_len,
+                                num_tokens, kv_head, QPK, BLOCK_Q, BLOCK_M, HEAD_SIZE, HEAD_PAD)
+            else:
+                tok_lo = q_start + tile_in_seq * BLOCK_Q
+                tok_hi = tl.minimum(tok_lo + BLOCK_Q, q_start + query_len)
+                _store_nan_rows(out_ptr, stride_ot, stride_oh, stride_od, tok_lo, tok_hi, num_tokens,
+                                kv_head, QPK, BLOCK_Q, BLOCK_M, HEAD_SIZE, HEAD_PAD)
+        return
+    if (tile_in_seq * BLOCK_Q >= query_len) | (not in_launch):
+        return  # past the sequence's last tile, or a sequence of the other launch of a mixed batch
     ctx_len = seq_len - query_len
 
     # rows: BLOCK_Q query tokens x QPK heads of this KV head (row r -> token r // QPK, head r % QPK)
@@ -245,9 +304,11 @@ def _paged_attention_kernel(
     row_pos = ctx_len + row_tok
     dims = tl.arange(0, HEAD_PAD)
     dim_valid = dims < HEAD_SIZE
+    io_mask = row_valid[:, None] & dim_valid[None, :]
 
-    q_offs = (q_start + row_tok).to(tl.int64)[:, None] * stride_qt + row_head[:, None] * stride_qh + dims[None, :]
-    q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
+    q_offs = (q_start + row_tok).to(tl.int64)[:, None] * stride_qt + row_head[:, None] * stride_qh \
+        + dims[None, :] * stride_qd
+    q = tl.load(q_ptr + q_offs, mask=io_mask, other=0.0).to(DOT_DTYPE)
 
     # keys this tile needs: up to its last row's position; with a window, from its first row's
     first_pos = ctx_len + tile_in_seq * BLOCK_Q
@@ -277,7 +338,7 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_SINKS:
         if split == 0:  # the sink joins the denominator once, in the first split
-            m_i = tl.load(sinks_ptr + row_head, mask=row_valid, other=float("-inf")) * 1.4426950408889634
+            m_i = tl.load(sinks_ptr + row_head, mask=row_valid, other=float("-inf")) * LOG2E
             l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
 
@@ -288,40 +349,36 @@ def _paged_attention_kernel(
         v_scale = tl.load(v_scale_ptr)
     tile_scale = qk_scale * k_scale
 
-    # ---- keys from the paged cache
+    # ---- keys from the paged cache, in three ranges of key tiles: [tile_start, full_lo) and
+    # [full_hi, cache_stop) need masks (window edge, causal diagonal, sequence end); every row sees
+    # every key of [full_lo, full_hi) whole
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     cache_stop = tl.minimum(key_end, cache_end)
-    k_dim_off = (dims // K_X) * stride_kx + dims % K_X
+    k_dim_off = (dims // K_X) * stride_kx + (dims % K_X) * stride_kd
+    v_dim_off = dims * stride_vd
+    k_head = kv_head * stride_kh
+    v_head = kv_head * stride_vh
     tile_start = (key_start // BLOCK_N) * BLOCK_N
-    # the key range loop below is split for speed; see _cache_tiles
-    # Three ranges of key tiles: [tile_start, full_lo) and [full_hi, cache_stop) need masks (window
-    # edge, causal diagonal, sequence end); every row sees every key of [full_lo, full_hi) whole.
     full_lo = key_start
     if SLIDING:
         full_lo = tl.maximum(full_lo, last_pos - sliding_window + 1)
     full_lo = tl.minimum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, cache_stop)
     full_hi = tl.maximum(tl.minimum(first_pos + 1, cache_stop) // BLOCK_N * BLOCK_N, full_lo)
-    acc, m_i, l_i = _cache_tiles(
-        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, tile_start, full_lo, kv_head,
-        stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
-        dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
-        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, PV_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
-        HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
-    )
-    acc, m_i, l_i = _cache_tiles(
-        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_lo, full_hi, kv_head,
-        stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
-        dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
-        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, PV_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, False,
-        HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
-    )
-    acc, m_i, l_i = _cache_tiles(
-        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, bt_row, full_hi, cache_stop, kv_head,
-        stride_kb, stride_kt, stride_kh, k_dim_off, stride_vb, stride_vt, stride_vh, stride_vd,
-        dims, dim_valid, row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap,
-        sliding_window, BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, PV_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True,
-        HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
-    )
+    bad_seen = tl.full([], 0, tl.int32)
+    for r in tl.static_range(3):
+        # r = 0, 2: the masked edges; r = 1: the unmasked middle
+        lo = tile_start if r == 0 else (full_lo if r == 1 else full_hi)
+        hi = full_lo if r == 0 else (full_hi if r == 1 else cache_stop)
+        acc, m_i, l_i, bad_seen = _cache_tiles(
+            acc, m_i, l_i, bad_seen, q, lo, hi,
+            k_cache_ptr, v_cache_ptr, bt_row, num_blocks, max_blocks, k_head, v_head, stride_kb,
+            stride_kt, stride_vb, stride_vt, k_dim_off, v_dim_off, dim_valid,
+            row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap, sliding_window,
+            BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, PV_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, r != 1,
+            HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
+        )
+    # a key with no valid block makes every row of the tile NaN (never a plausible number)
+    l_i = tl.where(bad_seen > 0, float("nan"), l_i)
 
     if KV_FP8 != 0:
         acc = acc * v_scale
@@ -333,10 +390,11 @@ def _paged_attention_kernel(
             key_pos = start + tl.arange(0, BLOCK_N)
             key_ok = key_pos < key_end
             tok = (q_start + key_pos - ctx_len).to(tl.int64)
-            k_offs = tok[:, None] * stride_nt + kv_head * stride_nh + dims[None, :]
-            k = tl.load(k_new_ptr + k_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
-            v_offs = tok[:, None] * stride_nt + kv_head * stride_nh + dims[None, :]
-            v = tl.load(v_new_ptr + v_offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
+            new_mask = key_ok[:, None] & dim_valid[None, :]
+            k_offs = tok[:, None] * stride_knt + kv_head * stride_knh + dims[None, :] * stride_knd
+            k = tl.load(k_new_ptr + k_offs, mask=new_mask, other=0.0).to(DOT_DTYPE)
+            v_offs = tok[:, None] * stride_vnt + kv_head * stride_vnh + dims[None, :] * stride_vnd
+            v = tl.load(v_new_ptr + v_offs, mask=new_mask, other=0.0).to(DOT_DTYPE)
             s = _scores(q, k, key_pos, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
                         sliding_window, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True)
             acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, DOT_DTYPE, IEEE,
@@ -347,31 +405,30 @@ def _paged_attention_kernel(
         # a row that saw no key has l == 0 and gives 0; NaN read from a poisoned slot must stay
         # NaN (never test `l > 0`, which is false for NaN and would hide the unwritten read)
         out = tl.where(l_i[:, None] == 0, 0.0, acc / tl.where(l_i == 0, 1.0, l_i)[:, None])
-        o_offs = out_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
-        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+        o_offs = out_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :] * stride_od
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
         # partial results: raw accumulator, running max (log2 units) and sum of exp2
         slot = (out_rows * (QPK * tl.num_programs(1)) + row_head) * NUM_SPLITS + split
         tl.store(part_m_ptr + slot, m_i, mask=row_valid)
         tl.store(part_l_ptr + slot, l_i, mask=row_valid)
-        tl.store(part_acc_ptr + slot[:, None] * HEAD_PAD + dims[None, :], acc,
-                 mask=row_valid[:, None] & dim_valid[None, :])
+        tl.store(part_acc_ptr + slot[:, None] * HEAD_PAD + dims[None, :], acc, mask=io_mask)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    out_ptr, stride_ot, stride_oh, part_acc_ptr, part_m_ptr, part_l_ptr,
-    num_q_heads, cu_seqlens_q_ptr, min_query_len, max_query_len,
+    out_ptr, stride_ot, stride_oh, stride_od, part_acc_ptr, part_m_ptr, part_l_ptr,
+    cu_seqlens_q_ptr, seq_lens_ptr, num_seqs, num_tokens, num_q_heads, min_query_len, max_query_len,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """out[t, h] = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M), M = max_s m_s; 0 if empty.
-    One program per (sequence, query head), over the sequence's few query tokens."""
+    One program per (sequence, query head), over the sequence's few query tokens. Sequences with
+    invalid metadata were given NaN rows by the attention kernel and are skipped here."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    q_start = tl.load(cu_seqlens_q_ptr + seq)
-    query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    if (query_len < min_query_len) | (query_len > max_query_len):
+    q_start, query_len, seq_len, bad = _sequence(cu_seqlens_q_ptr, seq_lens_ptr, seq, num_seqs, num_tokens)
+    if bad | (query_len < min_query_len) | (query_len > max_query_len) | (query_len > BLOCK_Q):
         return
     splits = tl.arange(0, SPLITS_PAD)
     split_ok = splits < NUM_SPLITS
@@ -389,31 +446,21 @@ def _merge_splits_kernel(
                       mask=split_ok[:, None] & (dims[None, :] < HEAD_SIZE), other=0.0)
         num = tl.sum(acc * w[:, None], 0)
         out = tl.where(denom == 0, 0.0, num / tl.where(denom == 0, 1.0, denom))  # NaN stays NaN
-        tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
+        tl.store(out_ptr + token * stride_ot + head * stride_oh + dims * stride_od,
                  out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_SIZE)
 
 
 # ---------------------------------------------------------------------------------------------
-# launcher (inputs were validated by pagedattn.attention; launch parameters come from dispatch)
+# launchers: every argument bound at plan time except the per-layer tensors
 # ---------------------------------------------------------------------------------------------
 _PAGED_ATTENTION = FastKernel(_paged_attention_kernel)
 _MERGE_SPLITS = FastKernel(_merge_splits_kernel)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-_FP8_CODE = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
+FP8_CODES = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
+# the per-layer tensors, in this order, fill these argument slots of the attention kernel
+ATTENTION_SLOTS = (0, 4, 8, 14, 19, 23)  # q, out, k_cache, v_cache, k_new, v_new
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 _retired_workspaces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # never freed
-_scalars: dict[tuple, torch.Tensor] = {}
-
-
-def _scalar_tensor(value, device: torch.device) -> torch.Tensor:
-    """A device float32 scalar for a scale given as float or tensor (cached: no per-call allocation)."""
-    if isinstance(value, torch.Tensor):
-        return value.reshape(1).to(device=device, dtype=torch.float32)
-    key = (float(value), str(device))
-    t = _scalars.get(key)
-    if t is None:
-        t = _scalars[key] = torch.tensor([float(value)], dtype=torch.float32, device=device)
-    return t
 
 
 def workspace(num_tokens: int, num_q_heads: int, num_splits: int, head_pad: int, device: torch.device):
@@ -439,86 +486,74 @@ def workspace(num_tokens: int, num_q_heads: int, num_splits: int, head_pad: int,
     return ws
 
 
-def cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_layout: str, head_pad: int):
-    """(k strides (block, token, head, dim-chunk), K_X, v strides (block, token, head, dim))."""
-    if kv_layout == "nhd":  # [num_blocks, block_size, num_kv_heads, head_size]
-        kb, kt, kh, _ = k_cache.stride()
-        vb, vt, vh, vd = v_cache.stride()
-        return (kb, kt, kh, 0), head_pad, (vb, vt, vh, vd)
-    # vllm_v0: k [num_blocks, num_kv_heads, head_size // x, block_size, x], v [num_blocks, num_kv_heads, head_size, block_size]
-    kb, kh, kx, kt, _ = k_cache.stride()
-    vb, vh, vd, vt = v_cache.stride()
-    return (kb, kt, kh, kx), k_cache.shape[4], (vb, vt, vh, vd)
+def head_pad_for(head_size: int) -> int:
+    return max(16, triton.next_power_of_2(head_size))
 
 
-def launch(plan, q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_table, *, k_new=None,
-           v_new=None, decode_from_cache=False, scale, sliding_window=0, alibi_slopes=None,
-           softcap=0.0, sinks=None, k_scale=None, v_scale=None, kv_layout="nhd",
-           query_lens_host=None):
-    """Launch `plan` (and its `decode_part`, the second launch of a mixed batch). With host query
-    lengths, a launch that would have no sequence to work on is skipped."""
-    num_tokens, num_q_heads, head_size = q.shape
-    num_kv_heads = k_cache.shape[2] if kv_layout == "nhd" else k_cache.shape[1]
-    page = k_cache.shape[1] if kv_layout == "nhd" else k_cache.shape[3]
-    head_pad = max(16, triton.next_power_of_2(head_size))
+def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, device: torch.device):
+    """The launches of one plan, as `BoundLaunch`es called with (q, out, k_cache, v_cache, k_new,
+    v_new) (k_new/v_new: any tensor when absent; their strides are unused then).
+
+    parts:    the plan's launches (`dispatch.Launch`: tiles, warps, stages, splits, query-length range)
+    strides:  q (t, h, d), out (t, h, d), k_cache (block, slot, head, dim-chunk, dim), v_cache
+              (block, slot, head, dim), k_new (t, h, d), v_new (t, h, d)
+    shapes:   num_tokens, num_q_heads, num_kv_heads, head_size, page, k_x, num_blocks, q_dtype,
+              cache_dtype
+    metadata: cu_seqlens_q, seq_lens, block_table (device tensors)
+    options:  scale, softcap, sliding_window, alibi, sinks, k_scale, v_scale (device tensors or
+              None), context, decode_from_cache
+    """
+    num_tokens, num_q_heads, num_kv_heads, head_size, page, k_x, num_blocks, q_dtype, cache_dtype = shapes
+    cu_seqlens_q, seq_lens, block_table = metadata
+    (sq, so, sk, sv, skn, svn) = strides
+    head_pad = head_pad_for(head_size)
     num_seqs = seq_lens.shape[0]
-    fp8 = _FP8_CODE.get(k_cache.dtype, 0)
-    if fp8:
-        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
-        k_scale_t, v_scale_t = _scalar_tensor(k_scale, q.device), _scalar_tensor(v_scale, q.device)
-    else:
-        k_scale_t = v_scale_t = q  # unused
-    (kb, kt, kh, kx), k_x, (vb, vt, vh, vd) = cache_strides(k_cache, v_cache, kv_layout, head_pad)
-    context = k_new is not None
-    if context:
-        nt, nh = k_new.stride(0), k_new.stride(1)
-    else:
-        k_new = v_new = q
-        nt = nh = 0
+    fp8 = FP8_CODES.get(cache_dtype, 0)
     interp = interpreter_enabled()
-    dot_dtype = tl.float32 if interp else _TL_DTYPES[q.dtype]
+    dot_dtype = tl.float32 if interp else _TL_DTYPES[q_dtype]
     # fp8 V converts to fp16 in hardware and is exact there (e4m3 and e5m2 both fit), and P in [0, 1]
     # keeps more bits in fp16 than in bf16: the P.V dot runs in fp16 with no fp16 -> bf16 step
     pv_dtype = tl.float16 if fp8 and dot_dtype in (tl.float16, tl.bfloat16) else dot_dtype
-    for part in (plan, plan.decode_part):
-        if part is None:
-            continue
-        if query_lens_host is not None and not any(
-                part.min_query_len <= n <= part.max_query_len for n in query_lens_host):
-            continue
+    placeholder = cu_seqlens_q  # for pointer arguments a launch never reads
+    k_scale = options["k_scale"] if fp8 else placeholder
+    v_scale = options["v_scale"] if fp8 else placeholder
+    alibi, sinks = options["alibi"], options["sinks"]
+    launches = []
+    for part in parts:
         num_splits = part.num_splits
         if num_splits > 1:
-            part_acc, part_m, part_l = workspace(num_tokens, num_q_heads, num_splits, head_pad, q.device)
+            part_acc, part_m, part_l = workspace(num_tokens, num_q_heads, num_splits, head_pad, device)
         else:
-            part_acc = part_m = part_l = q  # unused
-        seq_grid = part.phase == "decode"
-        tiles = num_seqs if seq_grid else num_tokens // part.block_q + num_seqs
-        grid = (tiles, num_kv_heads, num_splits)
-        _PAGED_ATTENTION[grid](
-            q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
-            k_cache, kb, kt, kh, kx, v_cache, vb, vt, vh, vd,
-            k_new, v_new, nt, nh,
-            cu_seqlens_q, seq_lens, block_table, block_table.stride(0),
-            k_scale_t, v_scale_t,
-            alibi_slopes if alibi_slopes is not None else q, sinks if sinks is not None else q,
-            part_acc, part_m, part_l,
-            num_seqs, scale * LOG2E, float(softcap or 1.0), int(sliding_window or 0),
-            int(part.partition_size or 1), part.min_query_len, min(part.max_query_len, 2**31 - 1),
+            part_acc = part_m = part_l = placeholder
+        tiles = num_seqs if part.seq_grid else num_tokens // part.block_q + num_seqs
+        max_query_len = min(part.max_query_len, 2**31 - 1)
+        args = [
+            None, *sq, None, *so, None, *sk, None, *sv, None, *skn, None, *svn,
+            cu_seqlens_q, seq_lens, block_table, block_table.stride(0), block_table.stride(1),
+            k_scale, v_scale, alibi if alibi is not None else placeholder,
+            sinks if sinks is not None else placeholder, part_acc, part_m, part_l,
+            num_seqs, num_tokens, num_blocks, block_table.shape[1],
+            options["scale"] * 1.4426950408889634, float(options["softcap"] or 1.0),
+            int(options["sliding_window"] or 0), int(part.partition_size or 1), part.min_query_len, max_query_len,
+        ]
+        kwargs = dict(
             QPK=num_q_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=head_pad,
             BLOCK_M=part.block_m, BLOCK_Q=part.block_q, BLOCK_N=part.block_n, PAGE=page, K_X=k_x,
             KV_FP8=fp8, DOT_DTYPE=dot_dtype, PV_DTYPE=pv_dtype,
-            IEEE=(q.dtype == torch.float32 and not interp), CONTEXT=context,
-            DECODE_FROM_CACHE=bool(decode_from_cache), USE_SOFTCAP=bool(softcap),
-            USE_ALIBI=alibi_slopes is not None, USE_SINKS=sinks is not None,
-            SLIDING=bool(sliding_window), NUM_SPLITS=num_splits,
-            IDX64=max(k_cache.numel(), v_cache.numel()) >= 2**31, INTERPRET=interp,
-            SEQ_GRID=seq_grid, num_warps=part.num_warps, num_stages=part.num_stages,
+            IEEE=(q_dtype == torch.float32 and not interp), CONTEXT=options["context"],
+            DECODE_FROM_CACHE=bool(options["decode_from_cache"]), USE_SOFTCAP=bool(options["softcap"]),
+            USE_ALIBI=alibi is not None, USE_SINKS=sinks is not None,
+            SLIDING=bool(options["sliding_window"]), NUM_SPLITS=num_splits, IDX64=idx64, INTERPRET=interp,
+            SEQ_GRID=part.seq_grid, num_warps=part.num_warps, num_stages=part.num_stages,
         )
+        launches.append(BoundLaunch(_PAGED_ATTENTION, (tiles, num_kv_heads, num_splits), args,
+                                    ATTENTION_SLOTS, kwargs))
         if num_splits > 1:
-            _MERGE_SPLITS[(num_seqs, num_q_heads)](
-                out, out.stride(0), out.stride(1), part_acc, part_m, part_l,
-                num_q_heads, cu_seqlens_q, part.min_query_len, min(part.max_query_len, 2**31 - 1),
-                HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-                SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
-            )
-    return out
+            merge_args = [None, *so, part_acc, part_m, part_l, cu_seqlens_q, seq_lens, num_seqs, num_tokens,
+                          num_q_heads, part.min_query_len, max_query_len]
+            merge_kwargs = dict(HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
+                                SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), BLOCK_Q=part.block_q,
+                                num_warps=4)
+            launches.append(BoundLaunch(_MERGE_SPLITS, (num_seqs, num_q_heads), merge_args, (0,), merge_kwargs,
+                                        uses=(1,)))
+    return launches

@@ -1,0 +1,413 @@
+"""`PagedAttention`: plan once per step, run once per layer.
+
+    attn = PagedAttention(options, num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16,
+                          dtype=torch.bfloat16, device="cuda")
+    attn.plan(cu_seqlens_q, seq_lens, block_table, query_lens_host=..., seq_lens_host=...)  # per step
+    for layer in range(num_layers):
+        out[layer] = attn.run(q[layer], k_cache[layer], v_cache[layer])                    # launches only
+
+`plan` does everything that depends on the batch: host checks of the metadata tensors, the value
+rules on host copies (no device sync), dispatch, and the kernels' argument lists. `run` checks
+what it is handed against the plan (host attributes only), then launches with pre-bound
+arguments. Different layers may pass different caches of the same geometry, with any strides.
+
+When are metadata values validated? At plan time, on host copies: always when the metadata is on
+the CPU (it costs nothing there), when `query_lens_host`/`seq_lens_host` (and
+`block_table_host` for block ids) are given, and in checked mode (one sync to read them). A GPU
+plan from device tensors alone is not validated: the kernels stay inside every tensor whatever
+the values, and a sequence whose metadata is inconsistent gets NaN rows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import dispatch, reference
+from .config import FP8_DTYPES, QUERY_DTYPES
+from .errors import BatchMetadataError, DTypeError, PagedAttentionError, ShapeError, UnsupportedConfigError
+from .kernels import unified
+from .options import AttentionOptions
+from .validate import (CONTRACTS, cache_geometry, cache_strides, check_caches, check_choice, check_geometry, check_metadata_tensors,
+                       check_metadata_values, check_new_kv, check_no_overlap, check_options, check_out, check_query,
+                       check_scale, extent, nhd_views)
+
+
+def checked_default(checked: bool | None) -> bool:
+    """`checked`, or the environment's PAGEDATTN_CHECKED=1 when it is None."""
+    if checked is None:
+        return os.environ.get("PAGEDATTN_CHECKED", "0") not in ("", "0")
+    return bool(checked)
+
+
+def _scalar_tensor(value, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(1).to(device=device, dtype=torch.float32)
+    return torch.tensor([float(value)], dtype=torch.float32, device=device)
+
+
+@dataclass
+class _Batch:
+    """What plan() knows about the step."""
+
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    num_tokens: int | None  # None: not known on the host (taken from q at the first run)
+    max_query_len: int | None
+    max_seq_len: int
+    query_lens: np.ndarray | None  # host copies, when there were some
+    validated: bool
+
+
+class _Binding:
+    """The launches of a plan for one layout of the per-layer tensors."""
+
+    __slots__ = ("launches", "spans", "fp8", "reference")
+
+    def __init__(self, launches, spans, fp8, reference=None):
+        self.launches = launches
+        self.spans = spans  # byte extents of (q, k_cache, v_cache, k_new, v_new) relative to their data_ptr
+        self.fp8 = fp8
+        self.reference = reference
+
+
+class PagedAttention:
+    """Paged attention planned once per step and run once per layer.
+
+    Parameters
+    ----------
+    options : AttentionOptions, optional
+        scale, sliding window, ALiBi, softcap, sinks, fp8 scales, cache layout.
+    num_q_heads, num_kv_heads, head_size, block_size : int
+        The geometry every layer shares.
+    dtype : torch.dtype
+        Query and output dtype (fp16, bf16 or fp32).
+    kv_cache_dtype : torch.dtype, optional
+        The caches' dtype when it differs from `dtype` (fp8 e4m3 / e5m2, or another float dtype).
+    num_blocks : int, optional
+        Cache size in blocks; bounds block ids at plan time (otherwise checked at the first run).
+    device : torch.device or str
+    contract : {"full", "context"}
+        "full": every sequence's seq_len tokens are in the cache before `run` (vLLM v1, FlashInfer).
+        "context": the cache holds ctx_len = seq_len - query_len tokens and `run` takes the query
+        tokens' K/V as `k_new`/`v_new` (vLLM's context_attention_fwd).
+    decode_from_cache : bool
+        Context contract only: sequences with query_len == 1 read all seq_len tokens from the cache
+        (vLLM's chunked_prefill_paged_decode), so their own K/V must be in the cache.
+    checked : bool, optional
+        Validate metadata values at plan time (one sync when there are no host copies) and prove,
+        before each run, that every cache slot to be read holds no poison. Default: the
+        environment's PAGEDATTN_CHECKED.
+    backend : {"auto", "triton", "reference"}
+    cuda_graph : bool
+        Capturable runs that stay valid across plans: plan() copies the metadata into buffers this
+        object owns (allocated by the first plan), and the launches depend on shapes and bounds
+        only (max_query_len / max_seq_len as given, never the host lengths). Every later plan must
+        have the first one's num_seqs, num_tokens and bounds.
+    """
+
+    def __init__(self, options: AttentionOptions | None = None, *, num_q_heads: int, num_kv_heads: int,
+                 head_size: int, block_size: int, dtype: torch.dtype = torch.bfloat16,
+                 kv_cache_dtype: torch.dtype | None = None, num_blocks: int | None = None,
+                 device: torch.device | str = "cuda", contract: str = "full", decode_from_cache: bool = False,
+                 checked: bool | None = None, backend: str = "auto", cuda_graph: bool = False):
+        options = AttentionOptions() if options is None else options
+        if not isinstance(options, AttentionOptions):
+            raise UnsupportedConfigError(f"options must be an AttentionOptions, got {type(options).__name__}")
+        check_geometry(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                       block_size=block_size)
+        check_choice("contract", contract, CONTRACTS)
+        check_choice("backend", backend, ("auto", "triton", "reference"))
+        if dtype not in QUERY_DTYPES:
+            raise DTypeError(f"dtype (of q) must be one of {QUERY_DTYPES}, got {dtype}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        check_options(options, num_q_heads=num_q_heads, device=self.device)
+        self.options = options
+        self.num_q_heads, self.num_kv_heads, self.head_size, self.block_size = (
+            num_q_heads, num_kv_heads, head_size, block_size)
+        self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype or dtype
+        self.num_blocks = num_blocks
+        self.contract = contract
+        self.decode_from_cache = bool(decode_from_cache) and contract == "context"
+        self.checked = checked_default(checked)
+        self.cuda_graph = bool(cuda_graph)
+        self.fp8 = self.kv_cache_dtype in FP8_DTYPES
+        self.scale = 1.0 / math.sqrt(head_size) if options.scale is None else float(options.scale)
+        self._kernel_options = dict(
+            scale=self.scale, softcap=float(options.softcap or 0.0), sliding_window=int(options.sliding_window or 0),
+            alibi=options.alibi_slopes, sinks=options.sinks, context=contract == "context",
+            decode_from_cache=self.decode_from_cache, k_scale=None, v_scale=None)
+        if self.fp8:
+            check_scale("k_scale", options.k_scale, self.device, checked=self.checked)
+            check_scale("v_scale", options.v_scale, self.device, checked=self.checked)
+            self._kernel_options["k_scale"] = _scalar_tensor(options.k_scale, self.device)
+            self._kernel_options["v_scale"] = _scalar_tensor(options.v_scale, self.device)
+        self.backend = backend
+        self._batch: _Batch | None = None
+        self._plans: dict[int, dispatch.Plan] = {}
+        self._bindings: dict[tuple, _Binding] = {}
+        self._graph_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._forced: dispatch.Plan | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # plan: once per step
+    # ------------------------------------------------------------------------------------------
+    def plan(self, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
+             query_lens_host: Sequence[int] | None = None, seq_lens_host: Sequence[int] | None = None,
+             block_table_host: torch.Tensor | np.ndarray | None = None, max_query_len: int | None = None,
+             max_seq_len: int | None = None, num_tokens: int | None = None,
+             validate: bool | None = None, dispatch_plan: dispatch.Plan | None = None) -> "PagedAttention":
+        """Plan a step from its metadata.
+
+        Parameters
+        ----------
+        cu_seqlens_q : torch.Tensor
+            [num_seqs + 1] int32 on the device: query-token offsets (vLLM's query_start_loc).
+        seq_lens : torch.Tensor
+            [num_seqs] int32: tokens each sequence attends to (ctx_len + query_len).
+        block_table : torch.Tensor
+            [num_seqs, max_blocks_per_seq] int32: logical block -> physical block.
+        query_lens_host, seq_lens_host : sequences of int, optional
+            Host copies of the lengths (an engine has them): plan reads nothing from the device.
+        block_table_host : CPU tensor or array, optional
+            Host copy of the block table: block ids are then checked at plan time too.
+        max_query_len, max_seq_len : int, optional
+            Bounds; default the host maxima, else num_tokens and the block table's capacity.
+        num_tokens : int, optional
+            Query tokens of the step, when no host lengths are given (else taken from q at run).
+        validate : bool, optional
+            Check metadata values (default: whenever host copies exist, or in checked mode).
+            False trusts them: a GPU call then never syncs, and inconsistent sequences give NaN rows.
+
+        Returns self. Raises BatchMetadataError (or ShapeError/DTypeError/DeviceError) naming the
+        argument."""
+        check_metadata_tensors(cu_seqlens_q, seq_lens, block_table, self.device)
+        num_seqs = seq_lens.shape[0]
+        on_cpu = self.device.type == "cpu"
+        cu_host = cu_seqlens_q.numpy() if on_cpu else None
+        if on_cpu:
+            seq_lens_host = seq_lens.numpy() if seq_lens_host is None else seq_lens_host
+            block_table_host = block_table if block_table_host is None else block_table_host
+        have_host = (cu_host is not None or query_lens_host is not None) and seq_lens_host is not None
+        if validate is None:
+            validate = have_host or self.checked
+        if validate and not have_host:  # checked mode without host copies: one sync
+            cu_host, seq_lens_host = cu_seqlens_q.cpu().numpy(), seq_lens.cpu().numpy()
+            block_table_host = block_table.cpu() if block_table_host is None else block_table_host
+            have_host = True
+        query_lens = None
+        if have_host:
+            if query_lens_host is not None and len(query_lens_host) != num_seqs:
+                raise BatchMetadataError(f"query_lens_host has {len(query_lens_host)} entries but seq_lens has "
+                                         f"{num_seqs} sequences")
+            if len(seq_lens_host) != num_seqs:
+                raise BatchMetadataError(f"seq_lens_host has {len(seq_lens_host)} entries but seq_lens has "
+                                         f"{num_seqs} sequences")
+            if validate:
+                query_lens, seqs = check_metadata_values(
+                    cu_seqlens_q=cu_host, query_lens=None if cu_host is not None else query_lens_host,
+                    seq_lens=seq_lens_host, block_table=block_table_host, block_size=self.block_size,
+                    num_blocks=self.num_blocks, num_tokens=num_tokens, max_query_len=max_query_len,
+                    max_seq_len=max_seq_len, contract=self.contract, decode_from_cache=self.decode_from_cache)
+            else:
+                query_lens = np.diff(np.asarray(cu_host)) if cu_host is not None else np.asarray(query_lens_host)
+                seqs = np.asarray(seq_lens_host)
+            if num_tokens is None:
+                num_tokens = int(query_lens.sum())
+            if not self.cuda_graph:
+                max_query_len = int(query_lens.max()) if max_query_len is None else max_query_len
+                max_seq_len = int(seqs.max()) if max_seq_len is None else max_seq_len
+        if max_seq_len is None:
+            max_seq_len = block_table.shape[1] * self.block_size
+        if self.cuda_graph:
+            cu_seqlens_q, seq_lens, block_table = self._into_graph_buffers(
+                cu_seqlens_q, seq_lens, block_table, (num_tokens, max_query_len, max_seq_len))
+        else:
+            self._bindings.clear()
+            self._plans.clear()
+        self._batch = _Batch(cu_seqlens_q, seq_lens, block_table, num_tokens, max_query_len, max_seq_len,
+                             None if self.cuda_graph else query_lens, bool(validate))
+        self._forced = dispatch_plan
+        return self
+
+    def _into_graph_buffers(self, cu_seqlens_q, seq_lens, block_table, bounds):
+        if self._graph_buffers is None:
+            self._graph_buffers = (cu_seqlens_q.clone(), seq_lens.clone(), block_table.clone())
+            self._graph_bounds = bounds
+            return self._graph_buffers
+        buffers = self._graph_buffers
+        for name, buf, new in zip(("cu_seqlens_q", "seq_lens", "block_table"), buffers,
+                                  (cu_seqlens_q, seq_lens, block_table)):
+            if buf.shape != new.shape:
+                raise ShapeError(f"cuda_graph=True: {name} has shape {tuple(new.shape)}, but this PagedAttention "
+                                 f"was first planned with {tuple(buf.shape)} (captured graphs keep their shapes: "
+                                 "make one PagedAttention per captured batch size)")
+        if bounds != self._graph_bounds:
+            raise ShapeError(f"cuda_graph=True: (num_tokens, max_query_len, max_seq_len) = {bounds}, but the first "
+                             f"plan had {self._graph_bounds}; pass the same bounds every step")
+        for buf, new in zip(buffers, (cu_seqlens_q, seq_lens, block_table)):
+            if buf.data_ptr() != new.data_ptr():
+                buf.copy_(new, non_blocking=True)
+        return buffers
+
+    def _dispatch(self, num_tokens: int) -> dispatch.Plan:
+        if self._forced is not None:
+            return self._forced
+        plan = self._plans.get(num_tokens)
+        if plan is None:
+            b = self._batch
+            plan = dispatch.plan(
+                num_seqs=b.seq_lens.shape[0], num_tokens=num_tokens,
+                max_query_len=num_tokens if b.max_query_len is None else b.max_query_len,
+                max_seq_len=b.max_seq_len, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
+                head_size=self.head_size, block_size=self.block_size, dtype=self.dtype,
+                cache_dtype=self.kv_cache_dtype, sliding_window=int(self.options.sliding_window or 0),
+                context_contract=self.contract == "context", alibi=self.options.alibi_slopes is not None,
+                device=self.device, backend=self.backend)
+            self._plans[num_tokens] = plan
+        return plan
+
+    def explain(self, num_tokens: int | None = None) -> str:
+        """The plan of the current step: kernel, parameters and the rule that chose them."""
+        if self._batch is None:
+            raise PagedAttentionError("explain() before plan()")
+        p = self._dispatch(num_tokens or self._batch.num_tokens or 1)
+        launches = [part for part in p.launches if self._has_work(part)] if p.kernel != "reference" else []
+        return f"{p.kernel} [{p.params()}] ({len(launches)} launch(es) with work): {p.rule}"
+
+    def _has_work(self, part) -> bool:
+        q = self._batch.query_lens
+        return q is None or bool(((q >= part.min_query_len) & (q <= part.max_query_len)).any())
+
+    # ------------------------------------------------------------------------------------------
+    # run: once per layer
+    # ------------------------------------------------------------------------------------------
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, out: torch.Tensor | None = None,
+            k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of `q` over the caches, for the planned step.
+
+        Parameters
+        ----------
+        q : torch.Tensor
+            [num_tokens, num_q_heads, head_size] in the planned dtype; any strides.
+        k_cache, v_cache : torch.Tensor
+            In the options' kv_layout (NHD: [num_blocks, block_size, num_kv_heads, head_size]); any
+            strides: K and V may be views into one tensor.
+        out : torch.Tensor, optional
+            Like q (any strides); allocated when not given.
+        k_new, v_new : torch.Tensor, optional
+            Context contract: [num_tokens, num_kv_heads, head_size], the query tokens' K/V.
+
+        Returns out."""
+        b = self._batch
+        if b is None:
+            raise PagedAttentionError("run() before plan(): plan the step first")
+        key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.shape,
+               v_cache.stride(), k_cache.dtype, v_cache.dtype, k_cache.device, v_cache.device,
+               None if out is None else (out.shape, out.stride(), out.dtype, out.device),
+               None if k_new is None else (k_new.shape, k_new.stride(), k_new.dtype, k_new.device),
+               None if v_new is None else (v_new.shape, v_new.stride(), v_new.dtype, v_new.device))
+        binding = self._bindings.get(key)
+        if binding is None:  # a new layout: full host checks (and the checked reads) first
+            binding = self._bind(q, k_cache, v_cache, out, k_new, v_new)
+            self._bindings[key] = binding
+        elif self.checked:
+            self._check_reads(k_cache, v_cache)
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            if not b.validated and b.num_tokens is None:
+                out.fill_(float("nan"))  # rows no sequence covers (unvalidated offsets) stay NaN
+        else:
+            self._check_overlap(binding, out, q, k_cache, v_cache, k_new, v_new)
+        if binding.reference is not None:
+            return binding.reference(q, k_cache, v_cache, out, k_new, v_new)
+        if binding.fp8:
+            k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        tensors = (q, out, k_cache, v_cache, q if k_new is None else k_new, q if v_new is None else v_new)
+        for launch in binding.launches:
+            launch(tensors)
+        return out
+
+    def _bind(self, q, k_cache, v_cache, out, k_new, v_new) -> _Binding:
+        """Full host checks of a new layout, then the launches with its strides bound."""
+        b = self._batch
+        check_query(q, num_q_heads=self.num_q_heads, head_size=self.head_size, dtype=self.dtype, device=self.device,
+                    num_tokens=b.num_tokens)
+        num_tokens = q.shape[0]
+        layout = self.options.kv_layout
+        check_caches(k_cache, v_cache, kv_layout=layout, device=self.device,
+                     geometry=(self.num_blocks, self.block_size, self.num_kv_heads, self.head_size),
+                     cache_dtype=self.kv_cache_dtype)
+        check_new_kv(k_new, v_new, num_tokens=num_tokens, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
+                     device=self.device, context=self.contract == "context")
+        if out is not None:
+            check_out(out, q)
+        spans = tuple(None if t is None else extent(t)[1] - t.data_ptr() for t in (q, k_cache, v_cache, k_new, v_new))
+        if out is not None:
+            spans = spans + (extent(out)[1] - out.data_ptr(),)
+            self._check_overlap(_Binding(None, spans, False), out, q, k_cache, v_cache, k_new, v_new)
+        if self.checked:
+            self._check_reads(k_cache, v_cache)
+        num_blocks = self.num_blocks
+        if num_blocks is None:
+            num_blocks = cache_geometry(k_cache, v_cache, layout)[0]
+        plan = self._dispatch(num_tokens)
+        if plan.kernel == "reference":
+            return _Binding([], spans, False, reference=self._reference)
+        fp8 = k_cache.dtype in FP8_DTYPES
+        kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)
+        head_pad = unified.head_pad_for(self.head_size)
+        k_strides, k_x, v_strides = cache_strides(kc, vc, layout, head_pad)
+        o_strides = q.stride() if out is None else out.stride()  # out=None: a contiguous tensor like q
+        if out is None and not q.is_contiguous():
+            o_strides = torch.empty(q.shape, dtype=q.dtype, device="meta").stride()
+        zero = (0, 0, 0)
+        strides = (q.stride(), o_strides, k_strides, v_strides,
+                   zero if k_new is None else k_new.stride(), zero if v_new is None else v_new.stride())
+        parts = [p for p in plan.launches if self.cuda_graph or self._has_work(p)]
+        idx64 = max(kc.numel(), vc.numel(), extent(kc)[1] - kc.data_ptr(), extent(vc)[1] - vc.data_ptr()) >= 2**31
+        launches = unified.bind_attention(
+            parts, strides=strides,
+            shapes=(num_tokens, self.num_q_heads, self.num_kv_heads, self.head_size, self.block_size, k_x,
+                    num_blocks, self.dtype, k_cache.dtype),
+            metadata=(b.cu_seqlens_q, b.seq_lens, b.block_table), options=self._kernel_options, idx64=idx64,
+            device=self.device)
+        return _Binding(launches, spans, fp8)
+
+    @staticmethod
+    def _check_overlap(binding, out, q, k_cache, v_cache, k_new, v_new) -> None:
+        o0 = out.data_ptr()
+        o1 = o0 + binding.spans[-1] if len(binding.spans) == 6 else extent(out)[1]
+        for name, t, span in zip(("q", "k_cache", "v_cache", "k_new", "v_new"), (q, k_cache, v_cache, k_new, v_new),
+                                 binding.spans):
+            if t is not None:
+                t0 = t.data_ptr()
+                if o0 < t0 + span and t0 < o1:
+                    check_no_overlap(out, {name: t})
+
+    def _check_reads(self, k_cache, v_cache) -> None:
+        from . import checks  # checked mode only
+        b = self._batch
+        k, v = nhd_views(k_cache, v_cache, self.options.kv_layout)
+        checks.check_cache_finite(k, v, b.cu_seqlens_q, b.seq_lens, b.block_table, contract=self.contract,
+                                  decode_from_cache=self.decode_from_cache)
+
+    def _reference(self, q, k_cache, v_cache, out, k_new, v_new) -> torch.Tensor:
+        b = self._batch
+        o = self.options
+        ref = reference.attention(
+            q, *nhd_views(k_cache, v_cache, o.kv_layout), b.cu_seqlens_q, b.seq_lens, b.block_table,
+            scale=self.scale, sliding_window=o.sliding_window, alibi_slopes=o.alibi_slopes, softcap=o.softcap,
+            sinks=o.sinks, k_scale=o.k_scale, v_scale=o.v_scale, k_new=k_new, v_new=v_new,
+            decode_from_cache=self.decode_from_cache)
+        out.copy_(ref)
+        return out
