@@ -1,8 +1,8 @@
 """A toy decoder served through pagedattn: chunked prefill and decode over a PagedKVCache, through
 the custom ops of `pagedattn.ops`, optionally torch.compile'd and CUDA-graph captured.
 
-    TRITON_INTERPRET=1 PYTHONPATH=src python examples/toy_decoder.py       # CPU, tiny, Triton interpreter
-    PYTHONPATH=src python examples/toy_decoder.py --device cuda --compile --cuda-graphs
+    TRITON_INTERPRET=1 python examples/toy_decoder.py       # CPU, tiny, Triton interpreter (pip install -e . first)
+    python examples/toy_decoder.py --device cuda --compile --cuda-graphs
 
 The model: random weights, token + position embeddings, `--layers` pre-norm blocks of GQA
 attention (`--num-q-heads` query heads over `--num-kv-heads` KV heads) and a gated MLP. Every
@@ -29,15 +29,12 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # run from a checkout
-
-import pagedattn.ops as ops  # noqa: E402  (registers torch.ops.pagedattn.*)
-from pagedattn import PagedKVCache  # noqa: E402
+import pagedattn.ops as ops  # registers torch.ops.pagedattn.*
+from pagedattn import PagedKVCache
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |logit - dense fp32 reference| allowed; logits have a standard deviation of about 2

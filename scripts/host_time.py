@@ -2,23 +2,26 @@
 (`launch.ALWAYS_TRITON`), alternating in one process: rounds of calls queued behind a GPU sleep,
 so no call waits for the GPU. GPU only:
 
-    PYTHONPATH=src python3 scripts/host_time.py [workload ...]
+    python3 scripts/host_time.py [workload ...]      (pagedattn installed: pip install -e .)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).parent)]
+import torch
 
-import perf_quick  # noqa: E402  (puts the repository root on sys.path too)
-import torch  # noqa: E402
-from benchmarks.runner import host_times_us  # noqa: E402
+from pagedattn import paged_attention
+from pagedattn.bench.runner import host_times_us
+from pagedattn.kernels import launch
 
-from pagedattn import paged_attention  # noqa: E402
-from pagedattn.kernels import launch  # noqa: E402
+# perf_quick.py beside this file builds the inputs (loaded by path: scripts/ is not a package)
+_spec = importlib.util.spec_from_file_location("perf_quick", Path(__file__).with_name("perf_quick.py"))
+perf_quick = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(perf_quick)
 
 
 def rounds(fn, calls: int = 20, repeats: int = 15) -> tuple[float, float]:

@@ -1,61 +1,41 @@
 """Quick GPU timing of the standard workloads (the lead's kernel-iteration loop; the full suite
-with peers, sweeps and plots is `pagedattn bench`). Usage: PYTHONPATH=src python3 scripts/perf_quick.py [names]"""
+with peers, sweeps and plots is `pagedattn bench`). Usage: python3 scripts/perf_quick.py [names]
+(with pagedattn installed: `pip install -e .`)."""
 
 from __future__ import annotations
 
 import json
-import math
 import sys
-from pathlib import Path
 
 import torch
 import triton
 
-from pagedattn import paged_attention
-from pagedattn import dispatch
+from pagedattn import dispatch, paged_attention
+from pagedattn.bench.runner import host_time_us, make_timer, measure_ceilings
+from pagedattn.bench.workloads import WORKLOADS_JSON
+from pagedattn.config import AttentionConfig, BatchShape
+from pagedattn.testing import build_paged
 
-sys.path.insert(0, str(Path(__file__).parent.parent))  # the repository root, for benchmarks/
-from benchmarks.runner import host_time_us  # noqa: E402
-
-WORKLOADS = json.loads((Path(__file__).parent.parent / "benchmarks" / "workloads.json").read_text())
+WORKLOADS = json.loads(WORKLOADS_JSON.read_text())
 
 
-def ceilings():
-    x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
-    t = triton.testing.do_bench(lambda: x.sum(dtype=torch.float32), warmup=50, rep=300, return_mode="median")
-    read_tbs = x.numel() * 2 / t / 1e9
-    del x
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
-    return read_tbs, 2 * 8192**3 / t / 1e9
+def ceilings() -> tuple[float, float]:
+    """(read TB/s, bf16 matmul TFLOP/s): the bench's own ceiling measurement."""
+    c = measure_ceilings(make_timer(quick=False, cuda_graph=False), "cuda")
+    return c["read_tbs"], c["mm_tflops"]
 
 
 def build(w, dtype=torch.bfloat16, kv_dtype=None, block_size=None, seed=0):
-    torch.manual_seed(seed)
-    bs = block_size or w["block_size"]
-    q_lens, c_lens = w["query_lens"], w["ctx_lens"]
-    seq_lens = [q + c for q, c in zip(q_lens, c_lens)]
-    nblk = [math.ceil(s / bs) for s in seq_lens]
-    num_blocks = sum(nblk)
-    kvh, d, h = w["num_kv_heads"], w["head_size"], w["num_q_heads"]
-    k = torch.randn(num_blocks, bs, kvh, d, device="cuda", dtype=dtype)
-    v = torch.randn(num_blocks, bs, kvh, d, device="cuda", dtype=dtype)
-    opts = {}
-    if kv_dtype is not None:
-        k, v = k.to(kv_dtype), v.to(kv_dtype)
-        opts = dict(k_scale=0.5, v_scale=0.5)
-    perm = torch.randperm(num_blocks, device="cuda").to(torch.int32)
-    width = max(nblk)
-    bt = torch.zeros(len(seq_lens), width, dtype=torch.int32, device="cuda")
-    used = 0
-    for i, n in enumerate(nblk):
-        bt[i, :n] = perm[used:used + n]
-        used += n
-    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
-    sl = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
-    q = torch.randn(sum(q_lens), h, d, device="cuda", dtype=dtype)
-    return q, k, v, cu, sl, bt, max(q_lens), max(seq_lens), opts
+    """One batch of workload `w` (a workloads.json entry) on the GPU, through pagedattn.testing.build_paged."""
+    kv = {None: "auto", torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}[kv_dtype]
+    config = AttentionConfig(w["num_q_heads"], w["num_kv_heads"], w["head_size"], block_size or w["block_size"],
+                             dtype, kv_dtype=kv)
+    shape = BatchShape(tuple(w["query_lens"]), tuple(w["ctx_lens"]))
+    x = build_paged(config, shape, "cuda", num_sets=1, seed=seed)
+    s = x.sets[0]
+    opts = dict(k_scale=x.k_scale, v_scale=x.v_scale) if kv_dtype is not None else {}
+    return (s.q, x.k_cache, x.v_cache, s.cu_seqlens_q, s.seq_lens, s.block_table, max(shape.query_lens),
+            max(shape.seq_lens), opts)
 
 
 def accounting(w):

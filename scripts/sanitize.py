@@ -9,16 +9,12 @@ against the reference, so a run that "passes" the sanitizer computed the right t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from kernel_inputs import assert_close_to_reference  # noqa: E402
-from test_kernels import run_both  # noqa: E402
-
-from pagedattn.config import AttentionConfig, BatchShape  # noqa: E402
-from pagedattn.kernels.write import write_kv  # noqa: E402
+from pagedattn.config import AttentionConfig, BatchShape
+from pagedattn.kernels.write import write_kv
+from pagedattn.testing import assert_close_to_reference, run_both
 
 CASES = [
     (AttentionConfig(8, 2, 128, 16, torch.bfloat16), BatchShape((37, 1, 64, 1), (0, 500, 33, 7)), "full"),

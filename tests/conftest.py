@@ -14,7 +14,18 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # small CPU ops of the interpreter and the reference contend and run 10-25x slower.
 torch.set_num_threads(1)
 
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The one place for device markers: `@pytest.mark.gpu` skips without CUDA; `@pytest.mark.kernels`
+    (the Triton kernels themselves) skips without CUDA or TRITON_INTERPRET=1."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    no_kernels = pytest.mark.skip(reason="needs CUDA or TRITON_INTERPRET=1")
+    for item in items:
+        if not CUDA and item.get_closest_marker("gpu"):
+            item.add_marker(no_gpu)
+        elif not (CUDA or INTERPRETER) and item.get_closest_marker("kernels"):
+            item.add_marker(no_kernels)
 
 
 @pytest.fixture(autouse=True)

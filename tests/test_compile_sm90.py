@@ -1,12 +1,13 @@
 """Every kernel configuration dispatch can choose must be launchable on an H100. Triton ships
 ptxas, so the kernels compile for sm_90 here without a GPU, specialized on the real launch
-arguments as a native launch would be (scripts/sm90_call_compile.py): check each representative
+arguments as a native launch would be (pagedattn.tools.sm90): check each representative
 call's stack frame (spilled registers: kilobytes of it made fp32 launches fail on the H100), shared memory
 (227 KB per block) and registers x threads (64K per SM)."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -16,9 +17,7 @@ import triton
 
 from pagedattn import dispatch
 from pagedattn.config import AttentionConfig, BatchShape
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
-compile_check = pytest.importorskip("compile_check")
+from pagedattn.tools import compile_check
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing")
@@ -34,27 +33,26 @@ CASES = [
 ]
 
 
-def _compile_calls(cases_expr: str) -> list[list[dict]]:
+def _compile_calls(cases: list) -> list[list[dict]]:
     """Compile, in a fresh interpreter without TRITON_INTERPRET (under the interpreter the kernels
     are not compilable objects), the launches of each (config, shape, contract) case exactly as an
-    H100 launch would specialize them (scripts/sm90_call_compile.py)."""
+    H100 launch would specialize them (pagedattn.tools.sm90)."""
     import json
     import subprocess
     code = (
-        "import json, sys; sys.path[:0] = ['scripts', 'tests']\n"
-        "import sm90_call_compile as s, test_compile_sm90 as t\n"
-        f"print(json.dumps([s.compile_case(*case) for case in {cases_expr}]))\n"
+        "import json, pickle, sys\n"
+        "from pagedattn.tools import sm90\n"
+        "print(json.dumps([sm90.compile_case(*case) for case in pickle.loads(sys.stdin.buffer.read())]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).parent.parent
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(cases), env=env, capture_output=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
 
 def test_every_chosen_kernel_is_launchable_on_sm90():
-    calls = _compile_calls("[(c, t.MIXED, 'full') for c in t.CASES]")
+    calls = _compile_calls([(c, MIXED, "full") for c in CASES])
     assert len(calls) == len(CASES)
     for config, rows in zip(CASES, calls):
         attention = [r for r in rows if r["kernel"] == "_paged_attention_kernel"]
@@ -76,7 +74,7 @@ PTXAS_CRASHES = [
 
 
 def test_calls_that_crashed_ptxas_compile():
-    for (config, shape, contract), rows in zip(PTXAS_CRASHES, _compile_calls("t.PTXAS_CRASHES")):
+    for (config, shape, contract), rows in zip(PTXAS_CRASHES, _compile_calls(PTXAS_CRASHES)):
         assert rows, f"{config.label()} {contract}: nothing was launched"
         for r in rows:
             assert r["stack"] <= 1024, f"{config.label()} {contract} [{r['params']}]: {r['stack']} B stack"

@@ -35,7 +35,6 @@ def test_toy_decoder_cpu(extra, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_toy_decoder_cuda_graphs(capsys):
     small = ["--layers", "2", "--hidden", "256", "--requests", "4", "--prompt-len", "600",
              "--new-tokens", "16", "--step-tokens", "256", "--bench-iters", "10"]

@@ -18,16 +18,13 @@ import torch
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
-from kernel_inputs import assert_close_to_reference
 from pagedattn import dispatch
 from pagedattn.config import AttentionConfig, BatchShape
-from test_kernels import run_both
+from pagedattn.testing import DEVICE, assert_close_to_reference, run_both
 
 CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 
-pytestmark = pytest.mark.skipif(not (CUDA or dispatch.interpreter_enabled()),
-                                reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.kernels
 
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

@@ -9,19 +9,13 @@ import random
 import pytest
 import torch
 
-from kernel_inputs import assert_close_to_reference, make_inputs, poisoned_like
 from pagedattn import dispatch, paged_attention, prefix_prefill, reference
 from pagedattn.attention import to_nhd
 from pagedattn.config import AttentionConfig, BatchShape, seed_grid
+from pagedattn.testing import DEVICE, assert_close_to_reference, make_inputs, poisoned_like
+from pagedattn.testing import run_both as _run_both
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_kernels = pytest.mark.skipif(
-    not (CUDA or dispatch.interpreter_enabled()), reason="needs CUDA or TRITON_INTERPRET=1"
-)
-gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-
-pytestmark = needs_kernels
+pytestmark = pytest.mark.kernels
 
 # Small shapes for the interpreter: a mix of prefill with/without prefix and decodes (mixed), and
 # decode-only batches with longer contexts (split-KV).
@@ -32,34 +26,7 @@ SPEC = BatchShape((3, 2, 4), (60, 33, 200))  # short multi-token queries: decode
 
 def run_both(config: AttentionConfig, shape: BatchShape, contract: str, seed: int = 0, device=DEVICE):
     """Run kernel and reference on fresh inputs; contract: full | context | context-decode."""
-    x = make_inputs(config, shape, device=device, seed=seed,
-                    contract="full" if contract == "full" else "context")
-    if contract == "context-decode":
-        # decode sequences read their own token from the cache: write it there as an engine would
-        bs = config.block_size
-        k32, v32 = x.k_new.float(), x.v_new.float()
-        cu = x.cu_seqlens_q.tolist()
-        for i, (ql, sl) in enumerate(zip(shape.query_lens, shape.seq_lens)):
-            if ql == 1:
-                blk = int(x.block_table[i, (sl - 1) // bs])
-                ks, vs = (x.options["k_scale"] or 1.0), (x.options["v_scale"] or 1.0)
-                x.k_cache[blk, (sl - 1) % bs] = (k32[cu[i]] / ks).to(x.k_cache.dtype)
-                x.v_cache[blk, (sl - 1) % bs] = (v32[cu[i]] / vs).to(x.v_cache.dtype)
-    context = contract != "full"
-    decode_from_cache = contract == "context-decode"
-    ref = reference.attention(
-        x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table,
-        k_new=x.k_new if context else None, v_new=x.v_new if context else None,
-        decode_from_cache=decode_from_cache, **x.options,
-    )
-    out = poisoned_like(x.q)
-    common = dict(out=out, max_query_len=x.max_query_len, max_seq_len=x.max_seq_len, backend="triton", **x.options)
-    if context:
-        prefix_prefill(x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens,
-                       x.block_table, decode_from_cache=decode_from_cache, **common)
-    else:
-        paged_attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, **common)
-    return out, ref
+    return _run_both(config, shape, contract, seed=seed, device=device)
 
 
 # --------------------------------------------------------------------------- one option at a time
@@ -147,7 +114,6 @@ def test_seed_grid_quick(case, contract):
     assert_close_to_reference(out, ref, case.config.dtype, case.label())
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", seed_grid(quick=False), ids=lambda c: c.config.label())
 @pytest.mark.parametrize("contract", ["full", "context-decode"])
@@ -156,7 +122,6 @@ def test_seed_grid_full(case, contract):
     assert_close_to_reference(out, ref, case.config.dtype, case.label())
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("contract", ["full", "context", "context-decode"])
 @pytest.mark.parametrize("option", list(SINGLE_OPTIONS))

@@ -11,14 +11,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import pagedattn
 import pagedattn.ops as ops
-from kernel_inputs import make_inputs
 from pagedattn import dispatch
 from pagedattn.config import AttentionConfig, BatchShape
 from pagedattn.errors import ShapeError
+from pagedattn.testing import DEVICE, make_inputs
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 MIXED = BatchShape((5, 1, 9, 1), (11, 40, 0, 3))  # prefill with and without prefix, decodes
 SPLIT = BatchShape((1, 1), (700, 300))  # decode long enough for split-KV (2 partitions)
@@ -289,7 +286,6 @@ GPU_CONFIGS = {
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("name", sorted(GPU_CONFIGS))
 @pytest.mark.parametrize("shape", [BatchShape((1, 1, 1, 1), (900, 5, 1500, 60)),
                                    BatchShape((300, 1, 40, 1), (0, 2000, 500, 7))], ids=["decode", "mixed"])
@@ -367,7 +363,6 @@ REPLAY_LENS = [[1800, 7, 2048, 300], [1, 1, 1, 1], [2048, 2048, 2048, 2048], [17
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 @pytest.mark.parametrize("name", sorted(GPU_CONFIGS))
 def test_cuda_graph_replay_matches_eager(name, compiled):
@@ -409,7 +404,6 @@ def test_cuda_graph_replay_matches_eager(name, compiled):
 
 
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("name", sorted(GPU_CONFIGS))
 def test_hot_path_has_no_sync_and_no_allocation(name):
     """After warm-up, a decode step through the ops (out given, checked=False) neither synchronizes

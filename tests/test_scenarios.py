@@ -19,7 +19,7 @@ from pagedattn import scenarios  #              before `no_interpreter` turns it
 from pagedattn.cli import scenario as scenario_cli
 from pagedattn.errors import UnwrittenKVError
 from pagedattn.scenarios import SCENARIOS, run_scenario
-from pagedattn.verify import make_step
+from pagedattn.testing import make_step
 
 FAST = [name for name in SCENARIOS if name != "incomplete-cache"]
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pagedattn.config import seed_grid
-from pagedattn.verify import TOLERANCES, make_step, run_case
+from pagedattn.testing import TOLERANCES, make_step
+from pagedattn.verify import run_case
 
 GRID = seed_grid(quick=True)
 # fp16 cache at one query head per KV head (the seed's failing geometry), and an fp8 cache at 8 query

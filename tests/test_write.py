@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import requires_cuda
 from pagedattn.errors import (BatchMetadataError, DeviceError, DTypeError, LayoutError, ScaleError, ShapeError,
                               SlotConflictError, UnsupportedConfigError)
 from pagedattn.kernels import write
@@ -234,7 +233,6 @@ def test_checked_write_finds_out_of_range_slots(slot):
 # GPU
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
 def test_gpu_kernel_matches_torch_path(dtype):
     num_tokens, num_kv_heads, head_size, block_size, num_blocks = 300, 8, 80, 16, 64
@@ -255,7 +253,6 @@ def test_gpu_kernel_matches_torch_path(dtype):
 
 @pytest.mark.bigmem
 @pytest.mark.gpu
-@requires_cuda
 def test_gpu_offsets_past_2_31_elements():
     """A cache of more than 2^31 elements: the last block's address overflows int32 arithmetic."""
     block_size, num_kv_heads, head_size = 16, 8, 128

@@ -25,7 +25,7 @@ from .attention import attention, paged_attention
 from .config import AttentionConfig, BatchShape
 from .errors import PagedAttentionError
 from .forensics import Report
-from .verify import Step, make_step
+from .testing import Step, make_step
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Benchmarks behind `pagedattn bench`: workloads.py (the standard workloads, sweeps, accounting, inputs), runner.py (the command), plot.py (roofline.png)."""
+"""`pagedattn bench`: workloads.py (the standard workloads, sweeps, accounting, inputs), runner.py (the timed run and its tables), plot.py (roofline.png). The arguments live in `pagedattn.cli.bench`."""

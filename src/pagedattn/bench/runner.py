@@ -31,9 +31,10 @@ from typing import Callable
 
 import torch
 
-from benchmarks.workloads import (Sweep, Workload, build_dense, build_paged, dense_attention, input_bytes,
-                                  load_workloads, lower_right_mask, paged_rows, random_tensor,
-                                  reference_ceilings, rel_err, repeat_kv, sweeps)
+from ..testing import random_tensor
+from .workloads import (Sweep, Workload, build_dense, build_paged, dense_attention, input_bytes,
+                         load_workloads, lower_right_mask, paged_rows,
+                         reference_ceilings, rel_err, repeat_kv, sweeps)
 
 GiB = 1 << 30
 PEER_BACKENDS = ("flash", "cudnn")
@@ -188,7 +189,7 @@ class Bench:
         return row
 
     def plan(self, w: Workload) -> str:
-        from pagedattn import dispatch
+        from .. import dispatch
 
         try:
             p = dispatch.plan_for(w.config, w.shape, device=self.device, backend=self.backend)
@@ -222,9 +223,9 @@ class Bench:
 
     def check_output(self, inputs) -> dict:
         """Relative error of the first and last CHECK_SEQS sequences of set 0 against the reference."""
-        from pagedattn import reference
+        from .. import reference
 
-        s, n = inputs.sets[0], inputs.workload.shape.num_seqs
+        s, n = inputs.sets[0], inputs.shape.num_seqs
         ids = sorted(set(range(min(CHECK_SEQS, n))) | set(range(max(0, n - CHECK_SEQS), n)))
         cu = s.cu_seqlens_q.tolist()
         rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in ids]).to(s.q.device)
@@ -236,7 +237,7 @@ class Bench:
                                   torch.tensor(sub_cu, dtype=torch.int32, device=s.q.device),
                                   s.seq_lens[index], s.block_table[index],
                                   k_scale=inputs.k_scale, v_scale=inputs.v_scale)
-        err, tol = rel_err(s.out[rows], ref), TOLERANCE[inputs.workload.config.dtype]
+        err, tol = rel_err(s.out[rows], ref), TOLERANCE[inputs.config.dtype]
         return dict(ok=err <= tol, rel_err=err, tol=tol, seqs=ids)
 
     def run_peers(self, inputs, row: dict) -> dict:
@@ -515,7 +516,7 @@ def run_gpu(args, selected: list[Workload], sweep_list: list[Sweep], console, *,
     the CPU reference exercises everything but the GPU)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from benchmarks.plot import roofline
+    from .plot import roofline
 
     timer = timer or make_timer(quick=args.quick, cuda_graph=args.cuda_graph)
     results = dict(meta=metadata(device), options=dict(quick=args.quick, cuda_graph=args.cuda_graph,

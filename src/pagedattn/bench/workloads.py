@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from pagedattn.config import AttentionConfig, BatchShape, DTYPE_NAMES
+from .. import testing
+from ..config import DTYPE_NAMES, AttentionConfig, BatchShape
+from ..testing import PagedInputs
 
 WORKLOADS_JSON = Path(__file__).with_name("workloads.json")
 DECODE_BASE = "decode-b64-ctx4k"  # the sweeps vary these two
 PREFILL_BASE = "prefill-b4-4k"
-FP8_SCALE = 0.5  # k_scale = v_scale for fp8 caches: dequantized value = fp8 * 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,36 +180,6 @@ def _gqa_variant(base: Workload, ratio: int, num_q_heads: int = 64) -> Workload:
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class PagedSet:
-    """One batch over its own blocks: q/out [num_tokens, num_q_heads, head_size], metadata int32."""
-
-    q: torch.Tensor
-    out: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    seq_lens: torch.Tensor
-    block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq]
-
-
-@dataclass
-class PagedInputs:
-    workload: Workload
-    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_size]
-    v_cache: torch.Tensor
-    sets: list[PagedSet]
-    k_scale: float | None
-    v_scale: float | None
-
-    def call(self, i: int, backend: str = "auto") -> torch.Tensor:
-        """paged_attention on set i (full-cache contract), writing its `out`."""
-        from pagedattn.attention import paged_attention
-
-        s, shape = self.sets[i], self.workload.shape
-        return paged_attention(s.q, self.k_cache, self.v_cache, s.cu_seqlens_q, s.seq_lens, s.block_table,
-                               max_query_len=max(shape.query_lens), max_seq_len=max(shape.seq_lens),
-                               k_scale=self.k_scale, v_scale=self.v_scale, out=s.out, backend=backend)
-
-
 def blocks_per_seq(w: Workload) -> list[int]:
     return [-(-s // w.config.block_size) for s in w.shape.seq_lens]
 
@@ -223,44 +194,9 @@ def input_bytes(w: Workload, num_sets: int) -> int:
     return num_sets * (cache + q)
 
 
-def random_tensor(shape, dtype: torch.dtype, device, chunk: int = 1 << 26) -> torch.Tensor:
-    """torch.randn in any dtype (fp8 included), filled in chunks so big caches need no fp32 copy."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    flat = t.view(-1)
-    for start in range(0, flat.numel(), chunk):
-        part = flat[start:start + chunk]
-        part.copy_(torch.randn(part.numel(), dtype=torch.float32, device=device))
-    return t
-
-
 def build_paged(w: Workload, device, *, num_sets: int = 2, seed: int = 0, fill: bool = True) -> PagedInputs:
-    """`num_sets` batches over disjoint, randomly permuted blocks of one cache. `fill=False` leaves
-    the cache and queries uninitialized (for code that only reads the metadata)."""
-    c, shape = w.config, w.shape
-    make = random_tensor if fill else (lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
-    torch.manual_seed(seed)
-    per_seq = blocks_per_seq(w)
-    needed = sum(per_seq)
-    num_blocks = needed * num_sets
-    cache_shape = (num_blocks, c.block_size, c.num_kv_heads, c.head_size)
-    k_cache = make(cache_shape, c.cache_dtype, device)
-    v_cache = make(cache_shape, c.cache_dtype, device)
-    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).to(torch.int32)
-    cu = [0]
-    for q in shape.query_lens:
-        cu.append(cu[-1] + q)
-    sets = []
-    for i in range(num_sets):
-        table = torch.zeros(shape.num_seqs, max(per_seq), dtype=torch.int32)
-        for row, ids in enumerate(torch.split(perm[i * needed:(i + 1) * needed], per_seq)):
-            table[row, :len(ids)] = ids
-        q = make((shape.num_tokens, c.num_q_heads, c.head_size), c.dtype, device)
-        sets.append(PagedSet(q=q, out=torch.full_like(q, float("nan")),
-                             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
-                             seq_lens=torch.tensor(shape.seq_lens, dtype=torch.int32, device=device),
-                             block_table=table.to(device)))
-    scale = FP8_SCALE if c.fp8_dtype is not None else None
-    return PagedInputs(w, k_cache, v_cache, sets, scale, scale)
+    """`pagedattn.testing.build_paged` for a workload: `num_sets` batches over disjoint blocks of one cache."""
+    return testing.build_paged(w.config, w.shape, device, num_sets=num_sets, seed=seed, fill=fill)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,17 +231,17 @@ def group_sequences(shape: BatchShape) -> dict[tuple[int, int], list[int]]:
 def build_dense(inputs: PagedInputs, set_index: int = 0, dtype: torch.dtype | None = None) -> list[DenseGroup]:
     """One DenseGroup per distinct (query_len, ctx_len), holding the same K/V and queries as set
     `set_index` of the paged inputs (so the dense output must equal the paged output)."""
-    w, s = inputs.workload, inputs.sets[set_index]
-    bs = w.config.block_size
+    s, config = inputs.sets[set_index], inputs.config
+    bs = config.block_size
     cu = s.cu_seqlens_q.tolist()
     groups = []
-    for (query_len, ctx_len), ids in group_sequences(w.shape).items():
+    for (query_len, ctx_len), ids in group_sequences(inputs.shape).items():
         seq_len, nb = query_len + ctx_len, -(-(query_len + ctx_len) // bs)
         index = s.block_table[torch.tensor(ids, device=s.block_table.device), :nb].long()  # [B, nb]
 
         def gather(cache, scale):
             t = cache[index].flatten(1, 2)[:, :seq_len]  # [B, seq_len, num_kv_heads, head_size]
-            t = t.to(dtype or w.config.dtype)
+            t = t.to(dtype or config.dtype)
             return (t * scale if scale is not None else t).contiguous().transpose(1, 2)
 
         rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in ids]).to(s.q.device)

@@ -23,6 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from benchmarks.runner import run as run_bench
+    from ..bench.runner import run as run_bench
 
     return run_bench(args)

@@ -26,12 +26,13 @@ def run_grid(args, console, *, progress_lines: bool = True) -> tuple[list, objec
 
     from .. import verify
     from ..config import seed_grid
+    from ..testing import CONTRACTS
 
     device, what = verify.best_device()
     if args.device and torch.device(args.device).type != device.type:
         what = f"whatever dispatch picks on {args.device}"
     device = torch.device(args.device) if args.device else device
-    contracts = verify.CONTRACTS if args.contract == "both" else (args.contract,)
+    contracts = CONTRACTS if args.contract == "both" else (args.contract,)
     cases = [c for c in seed_grid(quick=args.quick, seed=args.rng_seed) if args.filter in c.label()]
     jobs = [(case, contract) for case in cases for contract in contracts]
     console.print(f"[bold]pagedattn verify[/]: {plural(len(cases), 'case')} x {plural(len(contracts), 'contract')} "
@@ -55,11 +56,11 @@ def failure_table(results: list, device):
     """The failed cases only (a passing row would say 'pass' and nothing else)."""
     from rich.table import Table
 
-    from .. import verify
     from ..config import dtype_name
+    from ..testing import TOLERANCES
 
     table = Table(title=f"failures ({device}; tolerances by dtype: "
-                  + ", ".join(f"{dtype_name(k)} {v[0]:g}" for k, v in verify.TOLERANCES.items()) + ")")
+                  + ", ".join(f"{dtype_name(k)} {v[0]:g}" for k, v in TOLERANCES.items()) + ")")
     for col in ("case", "contract", "kernel", "max abs err", "forensics"):
         table.add_column(col, overflow="fold")
     for r in results:

@@ -2,12 +2,12 @@
 report registers, spills and shared memory per configuration, flagging launches an H100 would
 refuse: registers x threads over the 64K register file, or shared memory over 227 KB.
 
-    PYTHONPATH=src python3 scripts/compile_check.py
+    python -m pagedattn.tools.compile_check
 
 Caveat: this compiles from a bare signature, without the argument specializations a launch gets
 (pointer alignment, integers divisible by 16 or equal to 1). Without known alignment Triton emits
 no cp.async, so loads, shared memory and register use differ from the real kernel. For figures
-that match a launch use scripts/sm90_call_compile.py (what tests/test_compile_sm90.py uses).
+that match a launch use pagedattn.tools.sm90 (what tests/test_compile_sm90.py uses).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pagedattn import dispatch
-from pagedattn.config import AttentionConfig, BatchShape
-from pagedattn.kernels.unified import _paged_attention_kernel
+from .. import dispatch
+from ..config import AttentionConfig, BatchShape
+from ..kernels.unified import _paged_attention_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 REGISTERS_PER_SM = 65536

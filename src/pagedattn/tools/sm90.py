@@ -4,7 +4,7 @@ H100: the same arguments go through Triton's own binder, so integer and pointer 
 bundled ptxas and its registers / stack / shared memory are printed. Used to reproduce a ptxas
 failure seen on the GPU from the failing case alone.
 
-    PYTHONPATH=src:tests python3 scripts/sm90_call_compile.py
+    python -m pagedattn.tools.sm90
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ def compile_case(config, shape, contract: str = "full") -> list[dict]:
     kernel tests build them); one row per launch: registers, stack frame and shared memory."""
     import torch
 
-    from compile_check import _resource_usage
-    from kernel_inputs import make_inputs
-    from pagedattn import dispatch
-    from pagedattn.kernels import unified
+    from .. import dispatch
+    from ..kernels import unified
+    from ..testing import make_inputs
+    from .compile_check import _resource_usage
 
     x = make_inputs(config, shape, contract=contract)
     context = contract != "full"
@@ -75,7 +75,7 @@ def compile_case(config, shape, contract: str = "full") -> list[dict]:
 def main() -> None:
     import torch
 
-    from pagedattn.config import AttentionConfig, BatchShape
+    from ..config import AttentionConfig, BatchShape
 
     # the GPU fuzz failure of run 9: ptxas died with SIGSEGV (before dispatch's workaround)
     config = AttentionConfig(num_q_heads=8, num_kv_heads=1, head_size=64, block_size=8, dtype=torch.float16,
