@@ -138,8 +138,8 @@ def test_window_not_a_multiple_of_the_block_size_is_refused():
 # ---------------------------------------------------------------------------------------------
 # end to end: generate_batch through pagedattn == generate() with sdpa
 # ---------------------------------------------------------------------------------------------
-PROMPT_LENGTHS = [5, 37, 18, 70]        # 70 > max_batch_tokens and > the window: chunked prefill
-NEW_TOKENS = 5
+PROMPT_LENGTHS = [5, 37, 70]            # 70 > max_batch_tokens and > the window: chunked prefill
+NEW_TOKENS = 4
 CB_OPTIONS = dict(block_size=16, num_blocks=64, max_batch_tokens=48)
 TOLERANCE = {torch.float32: 1e-4}       # |logprob difference| of the chosen tokens
 
@@ -150,6 +150,13 @@ def test_generate_batch_matches_generate(kind, monkeypatch):
     plans, calls = [], []
     group_plan, forward = pa_hf._group_plan, pa_hf.paged_attention_forward
     monkeypatch.setattr(pa_hf, "_group_plan", lambda *a: plans.append(a[1]) or group_plan(*a))
+    windows, sliding_metadata = [], pa_hf.sliding_window_metadata
+
+    def recording_sliding_metadata(read, cu_q, cu_k, *rest):
+        query_lens = cu_q[1:] - cu_q[:-1]
+        windows.extend(zip(query_lens.tolist(), (cu_k[1:] - cu_k[:-1] - query_lens).tolist()))
+        return sliding_metadata(read, cu_q, cu_k, *rest)
+    monkeypatch.setattr(pa_hf, "sliding_window_metadata", recording_sliding_metadata)
 
     def counting_forward(module, *args, **kwargs):
         calls.append(module.layer_idx)
@@ -172,3 +179,6 @@ def test_generate_batch_matches_generate(kind, monkeypatch):
     num_groups = 2 if kind == "qwen2-sliding" else 1
     steps = len(calls) // config.num_hidden_layers
     assert steps >= NEW_TOKENS + 1 and len(plans) == steps * num_groups
+    if kind == "qwen2-sliding":  # the case a write-then-read order gets wrong: a chunk over a full window
+        window = config.sliding_window
+        assert any(q > 1 and cached == window - 1 for q, cached in windows), windows

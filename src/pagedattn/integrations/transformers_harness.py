@@ -22,7 +22,7 @@ CONFIGS = {
                                     num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
                                     sliding_window=32, max_window_layers=1)),
     "neox-mha": ("gpt_neox", dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                  num_attention_heads=4, rotary_pct=0.5)),
+                                  num_attention_heads=2, rotary_pct=0.5)),
     # 1B-class (Llama 3.2 1B shapes): 16 layers, 32 query / 8 KV heads of 64, hidden 2048
     "llama-1b": ("llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                num_attention_heads=32, num_key_value_heads=8, head_dim=64,
