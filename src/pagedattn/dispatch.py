@@ -122,7 +122,29 @@ def choose_backend(device: torch.device, backend: str) -> tuple[str, str]:
         raise UnsupportedConfigError(
             f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1, got tensors on {device}"
         )
+    _warn_reference_once(device)
     return "reference", f"tensors on {device.type} and TRITON_INTERPRET is not set: the PyTorch reference runs"
+
+
+_warned_reference = False
+
+
+def _warn_reference_once(device: torch.device) -> None:
+    """Once per process: without CUDA or the interpreter no kernel runs, and a comparison with the
+    reference then checks the reference against itself."""
+    global _warned_reference
+    if not _warned_reference:
+        _warned_reference = True
+        import sys
+        import warnings
+
+        # point at the caller's line: the first frame outside this package
+        package, frame, level = os.path.dirname(__file__), sys._getframe(0), 1
+        while frame is not None and frame.f_code.co_filename.startswith(package):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(f"pagedattn: tensors on {device.type} and TRITON_INTERPRET is not set, so the PyTorch "
+                      "reference runs, not a Triton kernel; set TRITON_INTERPRET=1 to run the kernels through "
+                      "Triton's interpreter on the CPU", UserWarning, stacklevel=level)
 
 
 def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block_size: int,
