@@ -158,10 +158,18 @@ def main(argv=None) -> dict:
     results = {"model": args.model_config, "dtype": str(dtype), "device": args.device, "world_size": world,
                "requests": len(prompts), "prompt_lengths": [len(p) for p in prompts], "new_tokens": new_tokens,
                "cb_options": options, "runs": {}, "comparisons": {}}
+    def dump():  # after every stage, so a run cut short still leaves what it measured
+        if args.json and rank == 0:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
     ours = harness.batch_generate(model, name, prompts, new_tokens, **options)
     ours = harness.batch_generate(model, name, prompts, new_tokens, **options) if args.device != "cpu" else ours
     runs = {name: ours}
+    results["runs"][name] = {"seconds": ours.seconds, "generated_tokens_per_s": len(prompts) * new_tokens / ours.seconds}
+    dump()
     for other in filter(None, args.against.split(",")):
+        dump()
         if other == "generate":
             runs[other] = harness.reference_generate(model, prompts, new_tokens)
             continue
@@ -208,14 +216,13 @@ def main(argv=None) -> dict:
         with profile(activities=activities) as prof:
             run = harness.batch_generate(model, name, prompts, new_tokens, **options)
         results["profile"] = attention_share(prof, args.device, ATTENTION_SECONDS[0], run.seconds)
+        dump()
         say(f"attention share of {results['profile']['basis']}: {results['profile']['share']:.1%} "
             f"({results['profile']['attention_us'] / 1e3:.1f} of {results['profile']['total_us'] / 1e3:.1f} ms)")
     for impl, r in results["runs"].items():
         if "seconds" in r:
             say(f"{impl:28s} {r['seconds']:8.2f} s  {r['generated_tokens_per_s']:10.1f} generated tokens/s")
-    if args.json and rank == 0:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    dump()
     return results
 
 
