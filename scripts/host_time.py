@@ -7,6 +7,7 @@ so no call waits for the GPU. GPU only:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import statistics
 import sys
@@ -35,7 +36,7 @@ def main(names: list[str]) -> None:
         w = next(w for w in perf_quick.WORKLOADS["workloads"] if w["name"] == name)
         q, k, v, cu, sl, bt, mq, ms, opts = perf_quick.build(w)
         out = torch.empty_like(q)
-        fn = lambda: paged_attention(q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out, **opts)  # noqa: E731
+        fn = functools.partial(paged_attention, q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out, **opts)
         results: dict[bool, list] = {}
         for _ in range(3):
             for always_triton in (False, True):
@@ -43,8 +44,10 @@ def main(names: list[str]) -> None:
                 results.setdefault(always_triton, []).append(rounds(fn))
         launch.ALWAYS_TRITON = False
         for always_triton, values in results.items():
-            print(f"{name:20s} {'triton' if always_triton else 'fast  '} min {min(v[0] for v in values):6.1f} us  "
-                  f"median {statistics.median(v[1] for v in values):6.1f} us")
+            print(
+                f"{name:20s} {'triton' if always_triton else 'fast  '} min {min(v[0] for v in values):6.1f} us  "
+                f"median {statistics.median(v[1] for v in values):6.1f} us"
+            )
         del q, k, v, out
         torch.cuda.empty_cache()
 

@@ -4,6 +4,7 @@ with peers, sweeps and plots is `pagedattn bench`). Usage: python3 scripts/perf_
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -28,14 +29,24 @@ def ceilings() -> tuple[float, float]:
 def build(w, dtype=torch.bfloat16, kv_dtype=None, block_size=None, seed=0):
     """One batch of workload `w` (a workloads.json entry) on the GPU, through pagedattn.testing.build_paged."""
     kv = {None: "auto", torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}[kv_dtype]
-    config = AttentionConfig(w["num_q_heads"], w["num_kv_heads"], w["head_size"], block_size or w["block_size"],
-                             dtype, kv_dtype=kv)
+    config = AttentionConfig(
+        w["num_q_heads"], w["num_kv_heads"], w["head_size"], block_size or w["block_size"], dtype, kv_dtype=kv
+    )
     shape = BatchShape(tuple(w["query_lens"]), tuple(w["ctx_lens"]))
     x = build_paged(config, shape, "cuda", num_sets=1, seed=seed)
     s = x.sets[0]
     opts = dict(k_scale=x.k_scale, v_scale=x.v_scale) if kv_dtype is not None else {}
-    return (s.q, x.k_cache, x.v_cache, s.cu_seqlens_q, s.seq_lens, s.block_table, max(shape.query_lens),
-            max(shape.seq_lens), opts)
+    return (
+        s.q,
+        x.k_cache,
+        x.v_cache,
+        s.cu_seqlens_q,
+        s.seq_lens,
+        s.block_table,
+        max(shape.query_lens),
+        max(shape.seq_lens),
+        opts,
+    )
 
 
 def accounting(w):
@@ -53,11 +64,18 @@ _CHOOSE_SPLITS = dispatch.choose_splits
 
 def _forced_splits(n: int):
     def choose(*, num_seqs, num_kv_heads, max_seq_len, block_n, sm_count, programs_per_sm=None):
-        splits, _, _ = _CHOOSE_SPLITS(num_seqs=num_seqs, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
-                                      block_n=block_n, sm_count=sm_count, programs_per_sm=programs_per_sm)
+        splits, _, _ = _CHOOSE_SPLITS(
+            num_seqs=num_seqs,
+            num_kv_heads=num_kv_heads,
+            max_seq_len=max_seq_len,
+            block_n=block_n,
+            sm_count=sm_count,
+            programs_per_sm=programs_per_sm,
+        )
         if splits == 1:
             return splits, 0, "not split"
         return (*dispatch.partition_for(max_seq_len, n, block_n), f"forced {n} splits")
+
     return choose
 
 
@@ -94,20 +112,26 @@ def apply_variant(spec: str) -> None:
             raise SystemExit(f"perf_quick: unknown variant key {key!r}")
 
 
-
 def main():
     global KV_RUNS, Q_DTYPE, GRAPH
     args = sys.argv[1:]
     variants = [a[2:] for a in args if a.startswith("v:")]
     names = [a for a in args if not a.startswith("v:")] or [w["name"] for w in WORKLOADS["workloads"]]
     if variants:
-        base_p, base_d, base_s = dict(dispatch.PREFILL_TILES), dict(dispatch.DECODE_TILES), dispatch.SPLIT_PROGRAMS_PER_SM
+        base_p, base_d, base_s = (
+            dict(dispatch.PREFILL_TILES),
+            dict(dispatch.DECODE_TILES),
+            dispatch.SPLIT_PROGRAMS_PER_SM,
+        )
         base_f = dict(dispatch.DECODE_TILES_FP8)
         for spec in variants:
-            dispatch.PREFILL_TILES.clear(); dispatch.PREFILL_TILES.update(base_p)
-            dispatch.DECODE_TILES.clear(); dispatch.DECODE_TILES.update(base_d)
+            dispatch.PREFILL_TILES.clear()
+            dispatch.PREFILL_TILES.update(base_p)
+            dispatch.DECODE_TILES.clear()
+            dispatch.DECODE_TILES.update(base_d)
             dispatch.SPLIT_PROGRAMS_PER_SM = base_s
-            dispatch.DECODE_TILES_FP8.clear(); dispatch.DECODE_TILES_FP8.update(base_f)
+            dispatch.DECODE_TILES_FP8.clear()
+            dispatch.DECODE_TILES_FP8.update(base_f)
             KV_RUNS, Q_DTYPE, GRAPH = ("bf16", "fp8"), torch.bfloat16, False
             dispatch.choose_splits = _CHOOSE_SPLITS
             apply_variant(spec)
@@ -151,20 +175,40 @@ def run(names):
                 continue
             q, k, v, cu, sl, bt, mq, ms, opts = build(w, dtype=Q_DTYPE, kv_dtype=kv)
             out = torch.empty_like(q)
-            fn = lambda: paged_attention(q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out, **opts)
+            fn = functools.partial(
+                paged_attention, q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out, **opts
+            )
             fn()
             t = time_ms(fn)
             host = host_us(fn)
             kv_bytes, flops = accounting(w)
             if kv is not None:
                 kv_bytes //= 2
-            plan = dispatch.plan(num_seqs=len(w["query_lens"]), num_tokens=q.shape[0], max_query_len=mq,
-                                 max_seq_len=ms, num_q_heads=q.shape[1], num_kv_heads=k.shape[2],
-                                 head_size=q.shape[2], block_size=k.shape[1], dtype=q.dtype,
-                                 cache_dtype=k.dtype, device="cuda")
+            plan = dispatch.plan(
+                num_seqs=len(w["query_lens"]),
+                num_tokens=q.shape[0],
+                max_query_len=mq,
+                max_seq_len=ms,
+                num_q_heads=q.shape[1],
+                num_kv_heads=k.shape[2],
+                head_size=q.shape[2],
+                block_size=k.shape[1],
+                dtype=q.dtype,
+                cache_dtype=k.dtype,
+                device="cuda",
+            )
             anchor = w["anchors_h100"]["vllm-unified"]["ms"]
-            rows.append((w["name"] + ("" if kv is None else "-fp8"), t, kv_bytes / t / 1e9, kv_bytes / t / 1e9 / read_tbs * 100,
-                         flops / t / 1e9, anchor / t, f"host {host:5.1f} us  " + plan.kernel + " " + plan.params()))
+            rows.append(
+                (
+                    w["name"] + ("" if kv is None else "-fp8"),
+                    t,
+                    kv_bytes / t / 1e9,
+                    kv_bytes / t / 1e9 / read_tbs * 100,
+                    flops / t / 1e9,
+                    anchor / t,
+                    f"host {host:5.1f} us  " + plan.kernel + " " + plan.params(),
+                )
+            )
             del q, k, v, out
             torch.cuda.empty_cache()
             if kv is None and 1 in w["query_lens"] and max(w["query_lens"]) > 1:
@@ -172,15 +216,28 @@ def run(names):
                 parts = []
                 for pick in (lambda n: n > 1, lambda n: n == 1):
                     idx = [i for i, n in enumerate(w["query_lens"]) if pick(n)]
-                    sub = dict(w, query_lens=[w["query_lens"][i] for i in idx], ctx_lens=[w["ctx_lens"][i] for i in idx])
+                    sub = dict(
+                        w, query_lens=[w["query_lens"][i] for i in idx], ctx_lens=[w["ctx_lens"][i] for i in idx]
+                    )
                     q, k, v, cu, sl, bt, mq, ms, opts = build(sub)
                     out = torch.empty_like(q)
-                    f = lambda: paged_attention(q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out)
+                    f = functools.partial(
+                        paged_attention, q, k, v, cu, sl, bt, max_query_len=mq, max_seq_len=ms, out=out
+                    )
                     f()
                     parts.append(time_ms(f))
                     del q, k, v, out
-                rows.append((w["name"] + "-as-2-launches", sum(parts), 0, 0, 0, anchor / sum(parts),
-                             f"prefill part {parts[0]:.4f} ms + decode part {parts[1]:.4f} ms"))
+                rows.append(
+                    (
+                        w["name"] + "-as-2-launches",
+                        sum(parts),
+                        0,
+                        0,
+                        0,
+                        anchor / sum(parts),
+                        f"prefill part {parts[0]:.4f} ms + decode part {parts[1]:.4f} ms",
+                    )
+                )
     print(f"{'workload':32s} {'ms':>8s} {'TB/s':>6s} {'%rd':>5s} {'TF/s':>7s} {'xvllm':>6s}  plan")
     for r in rows:
         print(f"{r[0]:32s} {r[1]:8.4f} {r[2]:6.3f} {r[3]:5.1f} {r[4]:7.1f} {r[5]:6.2f}  {r[6]}")

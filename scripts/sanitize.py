@@ -20,8 +20,16 @@ CASES = [
     (AttentionConfig(8, 2, 128, 16, torch.bfloat16), BatchShape((37, 1, 64, 1), (0, 500, 33, 7)), "full"),
     (AttentionConfig(8, 2, 128, 16, torch.bfloat16), BatchShape((1, 1), (3000, 4097)), "full"),  # split-KV
     (AttentionConfig(4, 4, 80, 8, torch.float16, sliding_window=13), BatchShape((29, 1, 3), (17, 90, 0)), "context"),
-    (AttentionConfig(16, 2, 96, 32, torch.float16, kv_dtype="fp8_e4m3"), BatchShape((20, 1, 1), (40, 700, 1)), "context-decode"),
-    (AttentionConfig(6, 2, 24, 256, torch.float32, use_alibi=True, softcap=4.0, use_sinks=True), BatchShape((9, 1), (250, 300)), "full"),
+    (
+        AttentionConfig(16, 2, 96, 32, torch.float16, kv_dtype="fp8_e4m3"),
+        BatchShape((20, 1, 1), (40, 700, 1)),
+        "context-decode",
+    ),
+    (
+        AttentionConfig(6, 2, 24, 256, torch.float32, use_alibi=True, softcap=4.0, use_sinks=True),
+        BatchShape((9, 1), (250, 300)),
+        "full",
+    ),
     (AttentionConfig(64, 1, 256, 64, torch.bfloat16, kv_dtype="fp8_e5m2"), BatchShape((1, 17), (2000, 3)), "full"),
     (AttentionConfig(4, 1, 192, 128, torch.bfloat16, sliding_window=100), BatchShape((1,) * 3, (5000, 129, 1)), "full"),
 ]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pagedattn.bench import runner
-from pagedattn.cli import bench as bench_cli
 from pagedattn.bench.plot import roofline
 from pagedattn.bench.workloads import DECODE_BASE, PREFILL_BASE, build_paged, load_workloads, sweeps
+from pagedattn.cli import bench as bench_cli
 
 WORKLOADS = load_workloads()
 BY_NAME = {w.name: w for w in WORKLOADS}

@@ -16,10 +16,14 @@ import pytest
 import torch
 
 from pagedattn import reference
-from pagedattn.compat.vllm import (chunked_prefill_paged_decode, context_attention_fwd,
-                                   reshape_and_cache, reshape_and_cache_flash, unified_attention)
-from pagedattn.errors import (DTypeError, LayoutError, ScaleError, ShapeError,
-                              UnsupportedConfigError)
+from pagedattn.compat.vllm import (
+    chunked_prefill_paged_decode,
+    context_attention_fwd,
+    reshape_and_cache,
+    reshape_and_cache_flash,
+    unified_attention,
+)
+from pagedattn.errors import DTypeError, LayoutError, ScaleError, ShapeError, UnsupportedConfigError
 from pagedattn.testing import assert_close_to_reference
 
 FP8_NAN = 0x7F  # a NaN bit pattern in both float8_e4m3fn and float8_e5m2

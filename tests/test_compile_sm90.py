@@ -74,7 +74,7 @@ PTXAS_CRASHES = [
 
 
 def test_calls_that_crashed_ptxas_compile():
-    for (config, shape, contract), rows in zip(PTXAS_CRASHES, _compile_calls(PTXAS_CRASHES)):
+    for (config, _shape, contract), rows in zip(PTXAS_CRASHES, _compile_calls(PTXAS_CRASHES)):
         assert rows, f"{config.label()} {contract}: nothing was launched"
         for r in rows:
             assert r["stack"] <= 1024, f"{config.label()} {contract} [{r['params']}]: {r['stack']} B stack"

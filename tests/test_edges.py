@@ -15,9 +15,9 @@ import torch
 
 from pagedattn import dispatch, paged_attention, prefix_prefill, reference
 from pagedattn.config import AttentionConfig, BatchShape
+from pagedattn.kernels.write import quantize_fp8, write_kv
 from pagedattn.options import AttentionOptions
 from pagedattn.planner import PagedAttention
-from pagedattn.kernels.write import quantize_fp8, write_kv
 from pagedattn.testing import DEVICE, assert_close_to_reference, make_inputs, poisoned_like, run_both
 
 pytestmark = pytest.mark.kernels

@@ -16,7 +16,6 @@ from pagedattn.config import AttentionConfig, BatchShape
 from pagedattn.errors import ShapeError
 from pagedattn.testing import DEVICE, make_inputs
 
-
 MIXED = BatchShape((5, 1, 9, 1), (11, 40, 0, 3))  # prefill with and without prefix, decodes
 SPLIT = BatchShape((1, 1), (700, 300))  # decode long enough for split-KV (2 partitions)
 

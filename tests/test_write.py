@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedattn.errors import (BatchMetadataError, DeviceError, DTypeError, LayoutError, ScaleError, ShapeError,
-                              SlotConflictError, UnsupportedConfigError)
+from pagedattn.errors import (
+    BatchMetadataError,
+    DeviceError,
+    DTypeError,
+    LayoutError,
+    ScaleError,
+    ShapeError,
+    SlotConflictError,
+    UnsupportedConfigError,
+)
 from pagedattn.kernels import write
 from pagedattn.kernels.write import quantize_fp8, write_kv
 

@@ -46,13 +46,26 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static tools see the plain imports
     from .attention import attention, paged_attention, prefix_prefill, reference_attention
     from .batch import BatchMetadata
+    from .cache import PagedKVCache
+    from .config import AttentionConfig, BatchShape, Case
+    from .errors import (
+        BatchMetadataError,
+        CacheFullError,
+        ContractError,
+        DeviceError,
+        DTypeError,
+        LayoutError,
+        NonFiniteKVError,
+        PagedAttentionError,
+        ScaleError,
+        SequenceError,
+        ShapeError,
+        SlotConflictError,
+        UnsupportedConfigError,
+        UnwrittenKVError,
+    )
+    from .forensics import Report, compare, compare_saved
     from .kernels.write import write_kv
     from .options import AttentionOptions
     from .planner import PagedAttention
-    from .cache import PagedKVCache
-    from .config import AttentionConfig, BatchShape, Case
-    from .errors import (BatchMetadataError, CacheFullError, ContractError, DeviceError, DTypeError, LayoutError,
-                         PagedAttentionError, ScaleError, SequenceError, ShapeError, SlotConflictError,
-                         UnsupportedConfigError, UnwrittenKVError, NonFiniteKVError)
-    from .forensics import Report, compare, compare_saved
     from .poison import empty_kv_cache, poison_

@@ -29,9 +29,28 @@ from .poison import empty_kv_cache, is_poison, poison_
 from .tolerances import TOLERANCES  # by query dtype; fp8 KV shares its query dtype's row
 
 __all__ = [
-    "TOLERANCES", "FP8_SCALES", "FP8_SCALE", "CONTRACTS", "DEVICE", "tolerance", "block_table_from", "cu_seqlens",
-    "poisoned_like", "assert_close_to_reference", "Inputs", "make_inputs", "run_both", "Step", "make_step",
-    "context_batch", "PagedSet", "PagedInputs", "random_tensor", "build_paged", "poison_", "is_poison",
+    "TOLERANCES",
+    "FP8_SCALES",
+    "FP8_SCALE",
+    "CONTRACTS",
+    "DEVICE",
+    "tolerance",
+    "block_table_from",
+    "cu_seqlens",
+    "poisoned_like",
+    "assert_close_to_reference",
+    "Inputs",
+    "make_inputs",
+    "run_both",
+    "Step",
+    "make_step",
+    "context_batch",
+    "PagedSet",
+    "PagedInputs",
+    "random_tensor",
+    "build_paged",
+    "poison_",
+    "is_poison",
     "empty_kv_cache",
 ]
 
@@ -53,7 +72,7 @@ def block_table_from(perm: torch.Tensor, blocks_per_seq: list[int], width: int |
     table = torch.zeros(len(blocks_per_seq), width or max(blocks_per_seq), dtype=torch.int32, device=perm.device)
     used = 0
     for i, n in enumerate(blocks_per_seq):
-        table[i, :n] = perm[used:used + n].to(torch.int32)
+        table[i, :n] = perm[used : used + n].to(torch.int32)
         used += n
     return table
 
@@ -107,8 +126,9 @@ class Inputs:
     max_seq_len: int
 
 
-def make_inputs(config: AttentionConfig, shape: BatchShape, *, device="cpu", seed=0,
-                contract: str = "full", extra_blocks: int = 3) -> Inputs:
+def make_inputs(
+    config: AttentionConfig, shape: BatchShape, *, device="cpu", seed=0, contract: str = "full", extra_blocks: int = 3
+) -> Inputs:
     """Caches in nhd layout with randomly permuted physical blocks; every slot not written is NaN.
     contract "full": all seq_len tokens written; "context": only ctx_len tokens, k_new/v_new carry
     the query tokens' K/V (their cache slots stay NaN)."""
@@ -139,12 +159,17 @@ def make_inputs(config: AttentionConfig, shape: BatchShape, *, device="cpu", see
         k_cache, v_cache = k_cache.to(config.dtype), v_cache.to(config.dtype)
     num_tokens = shape.num_tokens
     q = torch.randn(num_tokens, config.num_q_heads, d, generator=g).to(config.dtype)
-    k_new = torch.cat([full_k[i][s - ql:] for i, (s, ql) in enumerate(zip(seq_lens, shape.query_lens))]).to(config.dtype)
-    v_new = torch.cat([full_v[i][s - ql:] for i, (s, ql) in enumerate(zip(seq_lens, shape.query_lens))]).to(config.dtype)
-    options = dict(sliding_window=config.sliding_window or None, softcap=config.softcap or None,
-                   k_scale=k_scale, v_scale=v_scale)
+    k_new = torch.cat([full_k[i][s - ql :] for i, (s, ql) in enumerate(zip(seq_lens, shape.query_lens))]).to(
+        config.dtype
+    )
+    v_new = torch.cat([full_v[i][s - ql :] for i, (s, ql) in enumerate(zip(seq_lens, shape.query_lens))]).to(
+        config.dtype
+    )
+    options = dict(
+        sliding_window=config.sliding_window or None, softcap=config.softcap or None, k_scale=k_scale, v_scale=v_scale
+    )
     if config.use_alibi:
-        options["alibi_slopes"] = (torch.rand(config.num_q_heads, generator=g) * 0.5 + 0.01)
+        options["alibi_slopes"] = torch.rand(config.num_q_heads, generator=g) * 0.5 + 0.01
     if config.use_sinks:
         options["sinks"] = torch.randn(config.num_q_heads, generator=g) * 2
     dev = torch.device(device)
@@ -152,11 +177,17 @@ def make_inputs(config: AttentionConfig, shape: BatchShape, *, device="cpu", see
         if key in options:
             options[key] = options[key].to(dev)
     return Inputs(
-        q=q.to(dev), k_cache=k_cache.to(dev), v_cache=v_cache.to(dev),
+        q=q.to(dev),
+        k_cache=k_cache.to(dev),
+        v_cache=v_cache.to(dev),
         cu_seqlens_q=torch.tensor(cu_seqlens(shape.query_lens), dtype=torch.int32, device=dev),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-        block_table=block_table.to(dev), k_new=k_new.to(dev), v_new=v_new.to(dev), options=options,
-        max_query_len=max(shape.query_lens), max_seq_len=max(seq_lens),
+        block_table=block_table.to(dev),
+        k_new=k_new.to(dev),
+        v_new=v_new.to(dev),
+        options=options,
+        max_query_len=max(shape.query_lens),
+        max_seq_len=max(seq_lens),
     )
 
 
@@ -179,15 +210,32 @@ def run_both(config: AttentionConfig, shape: BatchShape, contract: str, seed: in
     context = contract != "full"
     decode_from_cache = contract == "context-decode"
     ref = reference.attention(
-        x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table,
-        k_new=x.k_new if context else None, v_new=x.v_new if context else None,
-        decode_from_cache=decode_from_cache, **x.options,
+        x.q,
+        x.k_cache,
+        x.v_cache,
+        x.cu_seqlens_q,
+        x.seq_lens,
+        x.block_table,
+        k_new=x.k_new if context else None,
+        v_new=x.v_new if context else None,
+        decode_from_cache=decode_from_cache,
+        **x.options,
     )
     out = poisoned_like(x.q)
     common = dict(out=out, max_query_len=x.max_query_len, max_seq_len=x.max_seq_len, backend="triton", **x.options)
     if context:
-        prefix_prefill(x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens,
-                       x.block_table, decode_from_cache=decode_from_cache, **common)
+        prefix_prefill(
+            x.q,
+            x.k_new,
+            x.v_new,
+            x.k_cache,
+            x.v_cache,
+            x.cu_seqlens_q,
+            x.seq_lens,
+            x.block_table,
+            decode_from_cache=decode_from_cache,
+            **common,
+        )
     else:
         paged_attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, **common)
     return out, ref
@@ -220,23 +268,45 @@ class Step:
     def reference(self, **changes) -> torch.Tensor:
         """The reference output on this step's cache (float32); `changes` override its arguments."""
         c = self.cache
-        args = dict(q=self.q, k_cache=c.k, v_cache=c.v, cu_seqlens_q=self.batch.cu_seqlens_q,
-                    seq_lens=self.batch.seq_lens, block_table=self.batch.block_table,
-                    sliding_window=self.config.sliding_window or None,
-                    k_scale=c.k_scale if c.is_fp8 else None, v_scale=c.v_scale if c.is_fp8 else None,
-                    **self.call_options())
+        args = dict(
+            q=self.q,
+            k_cache=c.k,
+            v_cache=c.v,
+            cu_seqlens_q=self.batch.cu_seqlens_q,
+            seq_lens=self.batch.seq_lens,
+            block_table=self.batch.block_table,
+            sliding_window=self.config.sliding_window or None,
+            k_scale=c.k_scale if c.is_fp8 else None,
+            v_scale=c.v_scale if c.is_fp8 else None,
+            **self.call_options(),
+        )
         args.update(changes)
         return reference.attention(**args)
 
     def compare(self, out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata | None = None) -> Report:
         atol, rtol = tolerance(self.config.dtype)
-        return compare(out, ref, batch or self.batch, atol=atol, rtol=rtol,
-                       num_kv_heads=self.config.num_kv_heads, block_size=self.config.block_size,
-                       sliding_window=self.config.sliding_window or None)
+        return compare(
+            out,
+            ref,
+            batch or self.batch,
+            atol=atol,
+            rtol=rtol,
+            num_kv_heads=self.config.num_kv_heads,
+            block_size=self.config.block_size,
+            sliding_window=self.config.sliding_window or None,
+        )
 
 
-def make_step(config: AttentionConfig, shape: BatchShape, *, device="cpu", seed: int = 0,
-              contract: str = "full", write_decode_kv: bool = True, checked: bool = False) -> Step:
+def make_step(
+    config: AttentionConfig,
+    shape: BatchShape,
+    *,
+    device="cpu",
+    seed: int = 0,
+    contract: str = "full",
+    write_decode_kv: bool = True,
+    checked: bool = False,
+) -> Step:
     """Random q/K/V (normal, on a seeded CPU generator, so every device sees the same numbers) written
     through `PagedKVCache.append` into a poisoned cache. Under the context contract decode sequences
     read from the cache (decode_from_cache=True); `write_decode_kv=False` reserves their token's slot
@@ -253,8 +323,19 @@ def make_step(config: AttentionConfig, shape: BatchShape, *, device="cpu", seed:
 
     k_scale, v_scale = FP8_SCALES if config.fp8_dtype else (1.0, 1.0)
     num_blocks = sum(-(-s // bs) for s in shape.seq_lens) + 2
-    cache = PagedKVCache(num_blocks, bs, kv, d, dtype=config.dtype, kv_dtype=config.kv_dtype,
-                         device=device, k_scale=k_scale, v_scale=v_scale, checked=checked, poison=True)
+    cache = PagedKVCache(
+        num_blocks,
+        bs,
+        kv,
+        d,
+        dtype=config.dtype,
+        kv_dtype=config.kv_dtype,
+        device=device,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        checked=checked,
+        poison=True,
+    )
     seq_ids = [cache.new_sequence() for _ in range(shape.num_seqs)]
     q = randn(shape.num_tokens, h, d)
     k_ctx, v_ctx = randn(sum(shape.ctx_lens), kv, d), randn(sum(shape.ctx_lens), kv, d)
@@ -315,9 +396,20 @@ class PagedInputs:
         from .attention import paged_attention
 
         s, shape = self.sets[i], self.shape
-        return paged_attention(s.q, self.k_cache, self.v_cache, s.cu_seqlens_q, s.seq_lens, s.block_table,
-                               max_query_len=max(shape.query_lens), max_seq_len=max(shape.seq_lens),
-                               k_scale=self.k_scale, v_scale=self.v_scale, out=s.out, backend=backend)
+        return paged_attention(
+            s.q,
+            self.k_cache,
+            self.v_cache,
+            s.cu_seqlens_q,
+            s.seq_lens,
+            s.block_table,
+            max_query_len=max(shape.query_lens),
+            max_seq_len=max(shape.seq_lens),
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+            out=s.out,
+            backend=backend,
+        )
 
 
 def random_tensor(shape, dtype: torch.dtype, device, chunk: int = 1 << 26) -> torch.Tensor:
@@ -325,13 +417,14 @@ def random_tensor(shape, dtype: torch.dtype, device, chunk: int = 1 << 26) -> to
     t = torch.empty(shape, dtype=dtype, device=device)
     flat = t.view(-1)
     for start in range(0, flat.numel(), chunk):
-        part = flat[start:start + chunk]
+        part = flat[start : start + chunk]
         part.copy_(torch.randn(part.numel(), dtype=torch.float32, device=device))
     return t
 
 
-def build_paged(config: AttentionConfig, shape: BatchShape, device, *, num_sets: int = 2, seed: int = 0,
-                fill: bool = True) -> PagedInputs:
+def build_paged(
+    config: AttentionConfig, shape: BatchShape, device, *, num_sets: int = 2, seed: int = 0, fill: bool = True
+) -> PagedInputs:
     """`num_sets` batches over disjoint, randomly permuted blocks of one cache. `fill=False` leaves
     the cache and queries uninitialized (for code that only reads the metadata)."""
     c = config
@@ -347,11 +440,16 @@ def build_paged(config: AttentionConfig, shape: BatchShape, device, *, num_sets:
     cu = cu_seqlens(shape.query_lens)
     sets = []
     for i in range(num_sets):
-        table = block_table_from(perm[i * needed:(i + 1) * needed], per_seq)
+        table = block_table_from(perm[i * needed : (i + 1) * needed], per_seq)
         q = make((shape.num_tokens, c.num_q_heads, c.head_size), c.dtype, device)
-        sets.append(PagedSet(q=q, out=torch.full_like(q, float("nan")),
-                             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
-                             seq_lens=torch.tensor(shape.seq_lens, dtype=torch.int32, device=device),
-                             block_table=table.to(device)))
+        sets.append(
+            PagedSet(
+                q=q,
+                out=torch.full_like(q, float("nan")),
+                cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+                seq_lens=torch.tensor(shape.seq_lens, dtype=torch.int32, device=device),
+                block_table=table.to(device),
+            )
+        )
     scale = FP8_SCALE if c.fp8_dtype is not None else None
     return PagedInputs(c, shape, k_cache, v_cache, sets, scale, scale)

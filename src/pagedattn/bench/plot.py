@@ -32,14 +32,27 @@ def roofline(results: dict, path: Path | str, *, with_sweeps: bool = True) -> Pa
     ax.loglog(grid, bw * grid, color="gray", lw=0.8, ls=":")
     ax.axhline(mm, color="gray", lw=0.8, ls=":")
     x_label = (x_lo * mm / bw) ** 0.5 / 3
-    ax.annotate(f"read bandwidth {bw:.2f} TB/s", (x_label, bw * x_label * 1.3), ha="right", va="bottom",
-                fontsize=8, color="dimgray")
-    ax.annotate(f"bf16 matmul {mm:.0f} TFLOP/s", (x_hi / 1.5, mm * 1.05), ha="right", va="bottom", fontsize=8,
-                color="dimgray")
+    ax.annotate(
+        f"read bandwidth {bw:.2f} TB/s",
+        (x_label, bw * x_label * 1.3),
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        color="dimgray",
+    )
+    ax.annotate(
+        f"bf16 matmul {mm:.0f} TFLOP/s", (x_hi / 1.5, mm * 1.05), ha="right", va="bottom", fontsize=8, color="dimgray"
+    )
 
     if variants:
-        ax.scatter([r["flops"] / r["kv_bytes"] for r in variants], [r["flops"] / r["ms"] / 1e9 for r in variants],
-                   s=14, color="silver", zorder=2, label="sweep variants")
+        ax.scatter(
+            [r["flops"] / r["kv_bytes"] for r in variants],
+            [r["flops"] / r["ms"] / 1e9 for r in variants],
+            s=14,
+            color="silver",
+            zorder=2,
+            label="sweep variants",
+        )
     colors = iter(matplotlib.colormaps["tab10"].colors)
     placed: list[tuple[float, float]] = []
     for r in sorted(workloads, key=lambda r: -r["flops"] / r["ms"]):
@@ -51,8 +64,15 @@ def roofline(results: dict, path: Path | str, *, with_sweeps: bool = True) -> Pa
             label += f"  {r['pct_roofline']:.0f}%"
         # a label near earlier ones (labels run ~1 decade right) goes one line below them
         near = sum(abs(np.log10(x / px)) < 1.0 and abs(np.log10(y / py)) < 0.35 for px, py in placed)
-        ax.annotate(label, (x, y), xytext=(8, 4 - 11 * near), textcoords="offset points", fontsize=8,
-                    color=color, arrowprops=dict(arrowstyle="-", color=color, lw=0.5) if near else None)
+        ax.annotate(
+            label,
+            (x, y),
+            xytext=(8, 4 - 11 * near),
+            textcoords="offset points",
+            fontsize=8,
+            color=color,
+            arrowprops=dict(arrowstyle="-", color=color, lw=0.5) if near else None,
+        )
         placed.append((x, y))
         anchor = r.get("anchors", {}).get("vllm-unified", {}).get("ms")
         if anchor:

@@ -25,16 +25,28 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..testing import random_tensor
-from .workloads import (Sweep, Workload, build_dense, build_paged, dense_attention, input_bytes,
-                         load_workloads, lower_right_mask, paged_rows,
-                         reference_ceilings, rel_err, repeat_kv, sweeps)
+from .workloads import (
+    Sweep,
+    Workload,
+    build_dense,
+    build_paged,
+    dense_attention,
+    input_bytes,
+    load_workloads,
+    lower_right_mask,
+    paged_rows,
+    reference_ceilings,
+    rel_err,
+    repeat_kv,
+    sweeps,
+)
 
 GiB = 1 << 30
 PEER_BACKENDS = ("flash", "cudnn")
@@ -72,18 +84,18 @@ def measure_ceilings(timer: Callable, device="cuda") -> dict:
     out = {}
     for dtype, name in ((torch.float32, "read_tbs_sum_fp32"), (torch.bfloat16, "read_tbs_sum_bf16")):
         x = random_tensor((2 * GiB // torch.empty(0, dtype=dtype).element_size(),), dtype, device)
-        out[name] = x.nbytes / timer(lambda: torch.sum(x))["ms"] / 1e9
+        out[name] = x.nbytes / timer(functools.partial(torch.sum, x))["ms"] / 1e9
         del x
         _free(device)
     src = random_tensor((GiB // 2,), torch.bfloat16, device)
     dst = torch.empty_like(src)
-    out["copy_tbs"] = 2 * src.nbytes / timer(lambda: dst.copy_(src))["ms"] / 1e9
+    out["copy_tbs"] = 2 * src.nbytes / timer(functools.partial(dst.copy_, src))["ms"] / 1e9
     del src, dst
     _free(device)
     n = 8192
     a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(2))
     c = torch.empty_like(a)
-    out["mm_tflops"] = 2 * n**3 / timer(lambda: torch.mm(a, b, out=c))["ms"] / 1e9
+    out["mm_tflops"] = 2 * n**3 / timer(functools.partial(torch.mm, a, b, out=c))["ms"] / 1e9
     del a, b, c
     _free(device)
     out["read_tbs"] = max(out["read_tbs_sum_fp32"], out["read_tbs_sum_bf16"])
@@ -93,8 +105,13 @@ def measure_ceilings(timer: Callable, device="cuda") -> dict:
 def metrics(ms: float, kv_bytes: int, flops: int, ceilings: dict) -> dict:
     tbs, tflops = kv_bytes / ms / 1e9, flops / ms / 1e9
     attainable = min(ceilings["mm_tflops"], flops / kv_bytes * ceilings["read_tbs"])  # the roofline
-    return dict(tb_per_s=tbs, pct_read_bw=100 * tbs / ceilings["read_tbs"], tflop_per_s=tflops,
-                pct_mm=100 * tflops / ceilings["mm_tflops"], pct_roofline=100 * tflops / attainable)
+    return dict(
+        tb_per_s=tbs,
+        pct_read_bw=100 * tbs / ceilings["read_tbs"],
+        tflop_per_s=tflops,
+        pct_mm=100 * tflops / ceilings["mm_tflops"],
+        pct_roofline=100 * tflops / attainable,
+    )
 
 
 def _free(device) -> None:
@@ -164,8 +181,15 @@ class Bench:
         return n
 
     def run_workload(self, w: Workload, *, sweep: Sweep | None = None) -> dict:
-        row = dict(name=w.name, kind="sweep" if sweep else "workload", config=w.describe(),
-                   kv_bytes=w.kv_bytes, flops=w.flops, intensity=w.intensity, plan=self.plan(w))
+        row = dict(
+            name=w.name,
+            kind="sweep" if sweep else "workload",
+            config=w.describe(),
+            kv_bytes=w.kv_bytes,
+            flops=w.flops,
+            intensity=w.intensity,
+            plan=self.plan(w),
+        )
         if sweep:
             row.update(sweep=sweep.name, base=sweep.base)
         if w.expected_flops is not None:
@@ -233,10 +257,16 @@ class Bench:
         for i in ids:
             sub_cu.append(sub_cu[-1] + cu[i + 1] - cu[i])
         index = torch.tensor(ids, device=s.q.device)
-        ref = reference.attention(s.q[rows], inputs.k_cache, inputs.v_cache,
-                                  torch.tensor(sub_cu, dtype=torch.int32, device=s.q.device),
-                                  s.seq_lens[index], s.block_table[index],
-                                  k_scale=inputs.k_scale, v_scale=inputs.v_scale)
+        ref = reference.attention(
+            s.q[rows],
+            inputs.k_cache,
+            inputs.v_cache,
+            torch.tensor(sub_cu, dtype=torch.int32, device=s.q.device),
+            s.seq_lens[index],
+            s.block_table[index],
+            k_scale=inputs.k_scale,
+            v_scale=inputs.v_scale,
+        )
         err, tol = rel_err(s.out[rows], ref), TOLERANCE[inputs.config.dtype]
         return dict(ok=err <= tol, rel_err=err, tol=tol, seqs=ids)
 
@@ -263,8 +293,11 @@ class Bench:
                 del first
                 if self.timer:
                     entry["ms"] = sum(
-                        self.timer(_rotate([functools.partial(dense_attention, groups[j], backend) for groups in dense]))["ms"]
-                        for j in range(len(dense[0])))
+                        self.timer(
+                            _rotate([functools.partial(dense_attention, groups[j], backend) for groups in dense])
+                        )["ms"]
+                        for j in range(len(dense[0]))
+                    )
                     if row.get("ms"):
                         entry["ratio"] = entry["ms"] / row["ms"]
             except Exception as e:
@@ -304,11 +337,16 @@ def count_accounting(w: Workload) -> dict:
     slots = torch.cat(slots)
     per_token = inputs.k_cache[0, 0].numel() * inputs.k_cache.element_size()
     pairs = sum(int(lower_right_mask(q, q + c, "cpu").sum()) for q, c in zip(w.shape.query_lens, w.shape.ctx_lens))
-    return dict(kv_bytes=2 * (slots.numel() // len(inputs.sets)) * per_token, pairs=pairs,
-                slots_distinct=torch.unique(slots).numel() == slots.numel())
+    return dict(
+        kv_bytes=2 * (slots.numel() // len(inputs.sets)) * per_token,
+        pairs=pairs,
+        slots_distinct=torch.unique(slots).numel() == slots.numel(),
+    )
 
 
-def dry_run(workloads: list[Workload], sweep_list: list[Sweep], console, factor: int = 64) -> tuple[list[dict], list[str]]:
+def dry_run(
+    workloads: list[Workload], sweep_list: list[Sweep], console, factor: int = 64
+) -> tuple[list[dict], list[str]]:
     bench = Bench(device="cpu", backend="reference", timer=None, check=True, peers=("math",))
     rows, problems = [], []
     threads = torch.get_num_threads()
@@ -321,8 +359,9 @@ def dry_run(workloads: list[Workload], sweep_list: list[Sweep], console, factor:
     return rows, problems
 
 
-def _dry_run_one(bench: Bench, w: Workload, sweep: Sweep | None, factor: int, rows: list, problems: list,
-                 console) -> None:
+def _dry_run_one(
+    bench: Bench, w: Workload, sweep: Sweep | None, factor: int, rows: list, problems: list, console
+) -> None:
     if w.expected_kv_bytes_bf16 is not None and w.kv_bytes_bf16 != w.expected_kv_bytes_bf16:
         problems.append(f"{w.name}: kv_bytes {w.kv_bytes_bf16} != workloads.json {w.expected_kv_bytes_bf16}")
     if w.expected_flops is not None and w.flops != w.expected_flops:
@@ -341,8 +380,11 @@ def _dry_run_one(bench: Bench, w: Workload, sweep: Sweep | None, factor: int, ro
         if peer.get("error") or not peer.get("rel_err_vs_ours", math.inf) <= 2e-2:
             problems.append(f"{small.name}: dense {backend} peer disagrees with paged output: {peer}")
     rows.append(row)
-    console.print(f"[dim]dry run[/] {small.name}: ok" if not any(p.startswith(small.name) for p in problems)
-                  else f"[red]dry run {small.name}: FAILED[/]")
+    console.print(
+        f"[dim]dry run[/] {small.name}: ok"
+        if not any(p.startswith(small.name) for p in problems)
+        else f"[red]dry run {small.name}: FAILED[/]"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,13 +393,22 @@ def _dry_run_one(bench: Bench, w: Workload, sweep: Sweep | None, factor: int, ro
 def metadata(device, *, dry_run: bool = False) -> dict:
     import triton
 
-    meta = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                host=platform.node())
+    meta = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        host=platform.node(),
+    )
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        meta.update(device=props.name, cuda=torch.version.cuda, sms=props.multi_processor_count,
-                    memory_gib=props.total_memory / GiB, l2_mib=getattr(props, "L2_cache_size", 0) / 2**20)
+        meta.update(
+            device=props.name,
+            cuda=torch.version.cuda,
+            sms=props.multi_processor_count,
+            memory_gib=props.total_memory / GiB,
+            l2_mib=getattr(props, "L2_cache_size", 0) / 2**20,
+        )
     else:
         meta["device"] = "cpu (dry run)" if dry_run else str(device)
     return meta
@@ -391,12 +442,24 @@ def _peer_cell(row: dict, backend: str) -> str:
 def workload_table(results: dict):
     from rich.table import Table
 
-    table = Table(title=f"pagedattn bench — {results['meta'].get('device')}",
-                  caption="x peer = peer ms / our ms (>1: faster than the peer). host us = host time per call "
-                          "(enqueued behind a GPU sleep). vLLM anchors are H100 "
-                          "times from workloads.json. * = K/V repeated for the peer. ✗ = output check failed.")
-    for col in ("workload", "ms", "TB/s", "% read BW", "TFLOP/s", "% mm", "x vLLM anchor", "x SDPA flash",
-                "x SDPA cuDNN", "host us"):
+    table = Table(
+        title=f"pagedattn bench — {results['meta'].get('device')}",
+        caption="x peer = peer ms / our ms (>1: faster than the peer). host us = host time per call "
+        "(enqueued behind a GPU sleep). vLLM anchors are H100 "
+        "times from workloads.json. * = K/V repeated for the peer. ✗ = output check failed.",
+    )
+    for col in (
+        "workload",
+        "ms",
+        "TB/s",
+        "% read BW",
+        "TFLOP/s",
+        "% mm",
+        "x vLLM anchor",
+        "x SDPA flash",
+        "x SDPA cuDNN",
+        "host us",
+    ):
         table.add_column(col, justify="left" if col == "workload" else "right")
     for r in results["rows"]:
         if r["kind"] != "workload":
@@ -406,9 +469,18 @@ def workload_table(results: dict):
             table.add_row(name, f"[red]{r['error'][:60]}[/]", *[""] * 8)
             continue
         anchor = r.get("anchors", {}).get("vllm-unified", {}).get("ratio")
-        table.add_row(name, _fmt(r.get("ms"), ".4f"), _fmt(r.get("tb_per_s"), ".3f"), _fmt(r.get("pct_read_bw"), ".1f"),
-                      _fmt(r.get("tflop_per_s"), ".1f"), _fmt(r.get("pct_mm"), ".1f"), _fmt(anchor, ".2f"),
-                      _peer_cell(r, "flash"), _peer_cell(r, "cudnn"), _fmt(r.get("host_us"), ".0f"))
+        table.add_row(
+            name,
+            _fmt(r.get("ms"), ".4f"),
+            _fmt(r.get("tb_per_s"), ".3f"),
+            _fmt(r.get("pct_read_bw"), ".1f"),
+            _fmt(r.get("tflop_per_s"), ".1f"),
+            _fmt(r.get("pct_mm"), ".1f"),
+            _fmt(anchor, ".2f"),
+            _peer_cell(r, "flash"),
+            _peer_cell(r, "cudnn"),
+            _fmt(r.get("host_us"), ".0f"),
+        )
     return table
 
 
@@ -422,12 +494,17 @@ def sweep_table(results: dict):
         if r["kind"] != "sweep":
             continue
         low = r.get("vs_best") is not None and r["vs_best"] < 0.8
-        table.add_row(r["sweep"], r["name"] + (" [red]✗[/]" if r.get("check") and not r["check"].get("ok") else ""),
-                      _fmt(r.get("ms"), ".4f") if not r.get("error") else f"[red]{r['error'][:40]}[/]",
-                      _fmt(r.get("tb_per_s"), ".3f"), _fmt(r.get("tflop_per_s"), ".1f"),
-                      _fmt(r.get("pct_roofline"), ".1f"),
-                      ("[red]" if low else "") + _fmt(r.get("vs_best"), ".2f") + ("[/]" if low else ""),
-                      _fmt(r.get("vs_fastest"), ".2f"), r.get("plan", ""))
+        table.add_row(
+            r["sweep"],
+            r["name"] + (" [red]✗[/]" if r.get("check") and not r["check"].get("ok") else ""),
+            _fmt(r.get("ms"), ".4f") if not r.get("error") else f"[red]{r['error'][:40]}[/]",
+            _fmt(r.get("tb_per_s"), ".3f"),
+            _fmt(r.get("tflop_per_s"), ".1f"),
+            _fmt(r.get("pct_roofline"), ".1f"),
+            ("[red]" if low else "") + _fmt(r.get("vs_best"), ".2f") + ("[/]" if low else ""),
+            _fmt(r.get("vs_fastest"), ".2f"),
+            r.get("plan", ""),
+        )
     return table
 
 
@@ -445,29 +522,47 @@ def _md_peer(row: dict, backend: str) -> str:
 def markdown_report(results: dict) -> str:
     """results.md: the run's metadata, ceilings and both tables as Markdown (for BENCHMARKS.md)."""
     meta, c = results["meta"], results.get("ceilings") or {}
-    lines = [f"# pagedattn bench: {meta.get('device')}", "",
-             f"{meta.get('date')}, torch {meta.get('torch')}, triton {meta.get('triton')}, options {results.get('options')}", ""]
+    lines = [
+        f"# pagedattn bench: {meta.get('device')}",
+        "",
+        f"{meta.get('date')}, torch {meta.get('torch')}, triton {meta.get('triton')}, options {results.get('options')}",
+        "",
+    ]
     if c:
-        lines += [f"Ceilings in this run: read {c['read_tbs']:.3f} TB/s, copy {c['copy_tbs']:.3f} TB/s, "
-                  f"bf16 matmul {c['mm_tflops']:.1f} TFLOP/s.", ""]
-    lines += ["| workload | ms | TB/s | % read BW | TFLOP/s | % matmul | x vLLM anchor | x SDPA flash | x SDPA cuDNN | host us | check | plan |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+        lines += [
+            f"Ceilings in this run: read {c['read_tbs']:.3f} TB/s, copy {c['copy_tbs']:.3f} TB/s, "
+            f"bf16 matmul {c['mm_tflops']:.1f} TFLOP/s.",
+            "",
+        ]
+    lines += [
+        "| workload | ms | TB/s | % read BW | TFLOP/s | % matmul | x vLLM anchor | x SDPA flash | x SDPA cuDNN "
+        "| host us | check | plan |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for r in results["rows"]:
         if r["kind"] != "workload":
             continue
         anchor = r.get("anchors", {}).get("vllm-unified", {}).get("ratio")
-        lines.append(f"| {r['name']} | {_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('tb_per_s'), '.3f')} | "
-                     f"{_fmt(r.get('pct_read_bw'), '.1f')} | {_fmt(r.get('tflop_per_s'), '.1f')} | "
-                     f"{_fmt(r.get('pct_mm'), '.1f')} | {_fmt(anchor, '.2f')} | {_md_peer(r, 'flash')} | "
-                     f"{_md_peer(r, 'cudnn')} | {_fmt(r.get('host_us'), '.0f')} | {_md_check(r)} | {r.get('plan', '')} |")
+        lines.append(
+            f"| {r['name']} | {_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('tb_per_s'), '.3f')} | "
+            f"{_fmt(r.get('pct_read_bw'), '.1f')} | {_fmt(r.get('tflop_per_s'), '.1f')} | "
+            f"{_fmt(r.get('pct_mm'), '.1f')} | {_fmt(anchor, '.2f')} | {_md_peer(r, 'flash')} | "
+            f"{_md_peer(r, 'cudnn')} | {_fmt(r.get('host_us'), '.0f')} | {_md_check(r)} | {r.get('plan', '')} |"
+        )
     sweep_rows = [r for r in results["rows"] if r["kind"] == "sweep"]
     if sweep_rows:
-        lines += ["", "| sweep | variant | ms | TB/s | TFLOP/s | % roofline | vs best | x fastest | check | plan |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        lines += [
+            "",
+            "| sweep | variant | ms | TB/s | TFLOP/s | % roofline | vs best | x fastest | check | plan |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
         for r in sweep_rows:
-            lines.append(f"| {r['sweep']} | {r['name']} | {_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('tb_per_s'), '.3f')} | "
-                         f"{_fmt(r.get('tflop_per_s'), '.1f')} | {_fmt(r.get('pct_roofline'), '.1f')} | "
-                         f"{_fmt(r.get('vs_best'), '.2f')} | {_fmt(r.get('vs_fastest'), '.2f')} | {_md_check(r)} | {r.get('plan', '')} |")
+            lines.append(
+                f"| {r['sweep']} | {r['name']} | {_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('tb_per_s'), '.3f')} | "
+                f"{_fmt(r.get('tflop_per_s'), '.1f')} | {_fmt(r.get('pct_roofline'), '.1f')} | "
+                f"{_fmt(r.get('vs_best'), '.2f')} | {_fmt(r.get('vs_fastest'), '.2f')} | {_md_check(r)} "
+                f"| {r.get('plan', '')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -498,20 +593,34 @@ def run(args) -> int:
         write_results(dict(meta=metadata("cpu", dry_run=True), dry_run=True, ceilings=None, rows=rows), args.out)
         for p in problems:
             console.print(f"[red]{p}[/]")
-        console.print(f"dry run: {len(rows)} workloads and variants built at 1/64 scale, "
-                      f"{'all checks passed' if not problems else f'{len(problems)} problem(s)'}; "
-                      f"wrote {args.out / 'results.json'}")
+        console.print(
+            f"dry run: {len(rows)} workloads and variants built at 1/64 scale, "
+            f"{'all checks passed' if not problems else f'{len(problems)} problem(s)'}; "
+            f"wrote {args.out / 'results.json'}"
+        )
         return 1 if problems else 0
     if not torch.cuda.is_available():
-        print("pagedattn bench: no CUDA GPU is available (torch.cuda.is_available() is False); the "
-              "benchmark times kernels on a GPU. Run it on a CUDA machine, or use --dry-run to check "
-              "the workloads and their accounting on the CPU.", file=sys.stderr)
+        print(
+            "pagedattn bench: no CUDA GPU is available (torch.cuda.is_available() is False); the "
+            "benchmark times kernels on a GPU. Run it on a CUDA machine, or use --dry-run to check "
+            "the workloads and their accounting on the CPU.",
+            file=sys.stderr,
+        )
         return 2
     return run_gpu(args, selected, sweep_list, console)
 
 
-def run_gpu(args, selected: list[Workload], sweep_list: list[Sweep], console, *, device="cuda", backend="auto",
-            timer: Callable | None = None, ceilings: dict | None = None) -> int:
+def run_gpu(
+    args,
+    selected: list[Workload],
+    sweep_list: list[Sweep],
+    console,
+    *,
+    device="cuda",
+    backend="auto",
+    timer: Callable | None = None,
+    ceilings: dict | None = None,
+) -> int:
     """The timed run. `device`, `backend`, `timer` and `ceilings` are for tests (a fake timer over
     the CPU reference exercises everything but the GPU)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -519,16 +628,27 @@ def run_gpu(args, selected: list[Workload], sweep_list: list[Sweep], console, *,
     from .plot import roofline
 
     timer = timer or make_timer(quick=args.quick, cuda_graph=args.cuda_graph)
-    results = dict(meta=metadata(device), options=dict(quick=args.quick, cuda_graph=args.cuda_graph,
-                                                      check=args.check, peers=args.peers),
-                   ceilings=None, ceilings_h100_reference=reference_ceilings(), rows=[])
+    results = dict(
+        meta=metadata(device),
+        options=dict(quick=args.quick, cuda_graph=args.cuda_graph, check=args.check, peers=args.peers),
+        ceilings=None,
+        ceilings_h100_reference=reference_ceilings(),
+        rows=[],
+    )
     jobs = [(w, None) for w in selected] + [(v, s) for s in sweep_list for v in s.variants]
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
         task = progress.add_task("ceilings", total=len(jobs) + 1)
         results["ceilings"] = ceilings or measure_ceilings(timer, device)
-        bench = Bench(device=device, backend=backend, timer=timer, ceilings=results["ceilings"], check=args.check,
-                      peers=PEER_BACKENDS if args.peers else ())
+        bench = Bench(
+            device=device,
+            backend=backend,
+            timer=timer,
+            ceilings=results["ceilings"],
+            check=args.check,
+            peers=PEER_BACKENDS if args.peers else (),
+        )
         progress.advance(task)
         for w, sweep in jobs:
             progress.update(task, description=w.name)
@@ -543,8 +663,10 @@ def run_gpu(args, selected: list[Workload], sweep_list: list[Sweep], console, *,
     except Exception as e:
         console.print(f"[red]roofline.png failed: {_error(e)}[/]")
     c = results["ceilings"]
-    console.print(f"ceilings: read {c['read_tbs']:.3f} TB/s, copy {c['copy_tbs']:.3f} TB/s, "
-                  f"bf16 mm {c['mm_tflops']:.1f} TFLOP/s; wrote {path}, results.md and roofline.png")
+    console.print(
+        f"ceilings: read {c['read_tbs']:.3f} TB/s, copy {c['copy_tbs']:.3f} TB/s, "
+        f"bf16 mm {c['mm_tflops']:.1f} TFLOP/s; wrote {path}, results.md and roofline.png"
+    )
     for r in results["rows"]:
         if r.get("error") or (r.get("check") and not r["check"].get("ok")):
             console.print(f"[red]{r['name']}: {r.get('error') or r['check']}[/]")
@@ -554,8 +676,10 @@ def run_gpu(args, selected: list[Workload], sweep_list: list[Sweep], console, *,
             if p.get("error") or p.get("note"):
                 console.print(f"[dim]{r['name']} SDPA {b}: {p.get('error') or p.get('note')}[/]")
             if p.get("rel_err_vs_ours", 0) > 2e-2:
-                console.print(f"[red]{r['name']} SDPA {b}: output differs from ours (rel err "
-                              f"{p['rel_err_vs_ours']:.2e}): a mask or a kernel is wrong[/]")
+                console.print(
+                    f"[red]{r['name']} SDPA {b}: output differs from ours (rel err "
+                    f"{p['rel_err_vs_ours']:.2e}): a mask or a kernel is wrong[/]"
+                )
     if sweep_list:
         console.print(sweep_table(results))
     console.print(workload_table(results))

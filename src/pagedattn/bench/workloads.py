@@ -92,14 +92,14 @@ class Workload:
     def is_decode(self) -> bool:
         return max(self.shape.query_lens) == 1
 
-    def with_config(self, name: str, **changes) -> "Workload":
+    def with_config(self, name: str, **changes) -> Workload:
         """A variant: same batch, changed configuration; anchors and expectations dropped."""
         return Workload(name, self.config.replace(**changes), self.shape)
 
-    def with_shape(self, name: str, shape: BatchShape, **changes) -> "Workload":
+    def with_shape(self, name: str, shape: BatchShape, **changes) -> Workload:
         return Workload(name, self.config.replace(**changes), shape)
 
-    def scaled(self, factor: int = 64) -> "Workload":
+    def scaled(self, factor: int = 64) -> Workload:
         """The same mix at 1/factor of the lengths (decodes stay decodes), for CPU dry runs."""
         query_lens = tuple(1 if q == 1 else max(1, q // factor) for q in self.shape.query_lens)
         ctx_lens = tuple(-(-c // factor) for c in self.shape.ctx_lens)
@@ -107,10 +107,19 @@ class Workload:
 
     def describe(self) -> dict:
         c, s = self.config, self.shape
-        return dict(num_q_heads=c.num_q_heads, num_kv_heads=c.num_kv_heads, head_size=c.head_size,
-                    block_size=c.block_size, dtype=_dtype_name(c.dtype), kv_dtype=c.kv_dtype,
-                    num_seqs=s.num_seqs, num_tokens=s.num_tokens, max_query_len=max(s.query_lens),
-                    max_seq_len=max(s.seq_lens), batch=s.label())
+        return dict(
+            num_q_heads=c.num_q_heads,
+            num_kv_heads=c.num_kv_heads,
+            head_size=c.head_size,
+            block_size=c.block_size,
+            dtype=_dtype_name(c.dtype),
+            kv_dtype=c.kv_dtype,
+            num_seqs=s.num_seqs,
+            num_tokens=s.num_tokens,
+            max_query_len=max(s.query_lens),
+            max_seq_len=max(s.seq_lens),
+            batch=s.label(),
+        )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -121,12 +130,17 @@ def load_workloads(path: Path | str = WORKLOADS_JSON) -> list[Workload]:
     data = json.loads(Path(path).read_text())
     out = []
     for w in data["workloads"]:
-        config = AttentionConfig(num_q_heads=w["num_q_heads"], num_kv_heads=w["num_kv_heads"],
-                                 head_size=w["head_size"], block_size=w["block_size"],
-                                 dtype=torch.bfloat16)
+        config = AttentionConfig(
+            num_q_heads=w["num_q_heads"],
+            num_kv_heads=w["num_kv_heads"],
+            head_size=w["head_size"],
+            block_size=w["block_size"],
+            dtype=torch.bfloat16,
+        )
         shape = BatchShape(tuple(w["query_lens"]), tuple(w["ctx_lens"]))
-        out.append(Workload(w["name"], config, shape, w.get("anchors_h100", {}),
-                            w.get("kv_bytes_bf16"), w.get("flops")))
+        out.append(
+            Workload(w["name"], config, shape, w.get("anchors_h100", {}), w.get("kv_bytes_bf16"), w.get("flops"))
+        )
     return out
 
 
@@ -153,15 +167,31 @@ def sweeps(workloads: list[Workload], *, quick: bool = False) -> list[Sweep]:
     block_sizes = (16, 64) if quick else (16, 32, 64)
     out = []
     for base in (decode, prefill):
-        out.append(Sweep("dtype", base.name, tuple(
-            base.with_config(f"{base.name} {n}", dtype=DTYPE_NAMES[n]) for n in ("fp16", "bf16"))))
-        out.append(Sweep("head_size", base.name, tuple(
-            base.with_config(f"{base.name} d{d}", head_size=d) for d in head_sizes)))
+        out.append(
+            Sweep(
+                "dtype",
+                base.name,
+                tuple(base.with_config(f"{base.name} {n}", dtype=DTYPE_NAMES[n]) for n in ("fp16", "bf16")),
+            )
+        )
+        out.append(
+            Sweep("head_size", base.name, tuple(base.with_config(f"{base.name} d{d}", head_size=d) for d in head_sizes))
+        )
         out.append(Sweep("gqa", base.name, tuple(_gqa_variant(base, r) for r in ratios)))
-        out.append(Sweep("block_size", base.name, tuple(
-            base.with_config(f"{base.name} bs{b}", block_size=b) for b in block_sizes)))
-    out.append(Sweep("kv_dtype", decode.name, tuple(
-        decode.with_config(f"{decode.name} kv {k}", kv_dtype=k) for k in ("auto", "fp8_e4m3"))))
+        out.append(
+            Sweep(
+                "block_size",
+                base.name,
+                tuple(base.with_config(f"{base.name} bs{b}", block_size=b) for b in block_sizes),
+            )
+        )
+    out.append(
+        Sweep(
+            "kv_dtype",
+            decode.name,
+            tuple(decode.with_config(f"{decode.name} kv {k}", kv_dtype=k) for k in ("auto", "fp8_e4m3")),
+        )
+    )
     return out
 
 
@@ -239,15 +269,23 @@ def build_dense(inputs: PagedInputs, set_index: int = 0, dtype: torch.dtype | No
         seq_len, nb = query_len + ctx_len, -(-(query_len + ctx_len) // bs)
         index = s.block_table[torch.tensor(ids, device=s.block_table.device), :nb].long()  # [B, nb]
 
-        def gather(cache, scale):
+        def gather(cache, scale, index=index, seq_len=seq_len):
             t = cache[index].flatten(1, 2)[:, :seq_len]  # [B, seq_len, num_kv_heads, head_size]
             t = t.to(dtype or config.dtype)
             return (t * scale if scale is not None else t).contiguous().transpose(1, 2)
 
         rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in ids]).to(s.q.device)
         q = s.q[rows].view(len(ids), query_len, *s.q.shape[1:]).to(dtype or s.q.dtype)
-        groups.append(DenseGroup(ids, query_len, ctx_len, q.transpose(1, 2),
-                                 gather(inputs.k_cache, inputs.k_scale), gather(inputs.v_cache, inputs.v_scale)))
+        groups.append(
+            DenseGroup(
+                ids,
+                query_len,
+                ctx_len,
+                q.transpose(1, 2),
+                gather(inputs.k_cache, inputs.k_scale),
+                gather(inputs.v_cache, inputs.v_scale),
+            )
+        )
     return groups
 
 
@@ -260,8 +298,9 @@ def lower_right_mask(query_len: int, seq_len: int, device) -> torch.Tensor:
 def repeat_kv(g: DenseGroup) -> DenseGroup:
     """The group with K/V heads expanded to num_q_heads (for a backend that refuses enable_gqa)."""
     r = g.q.shape[1] // g.k.shape[1]
-    return DenseGroup(g.seq_ids, g.query_len, g.ctx_len, g.q,
-                      g.k.repeat_interleave(r, dim=1), g.v.repeat_interleave(r, dim=1))
+    return DenseGroup(
+        g.seq_ids, g.query_len, g.ctx_len, g.q, g.k.repeat_interleave(r, dim=1), g.v.repeat_interleave(r, dim=1)
+    )
 
 
 def dense_attention(g: DenseGroup, backend: str) -> torch.Tensor:
@@ -278,8 +317,9 @@ def dense_attention(g: DenseGroup, backend: str) -> torch.Tensor:
     mask = lower_right_mask(g.query_len, k.shape[2], q.device) if g.mask_kind == "causal-lower-right" else None
     which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
     with sdpa_kernel([which]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=g.mask_kind == "causal",
-                                              enable_gqa=k.shape[1] != q.shape[1])
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=g.mask_kind == "causal", enable_gqa=k.shape[1] != q.shape[1]
+        )
 
 
 def paged_rows(out: torch.Tensor, cu_seqlens_q: list[int], g: DenseGroup) -> torch.Tensor:

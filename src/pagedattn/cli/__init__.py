@@ -34,10 +34,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pagedattn", formatter_class=HelpFormatter,
+        prog="pagedattn",
+        formatter_class=HelpFormatter,
         description="Attention over a paged KV cache: check it, break it on purpose, explain it, time it.",
         epilog="On a machine without a GPU, set TRITON_INTERPRET=1 to run the Triton kernels through "
-               "Triton's interpreter; otherwise the PyTorch reference runs. `pagedattn COMMAND --help` for more.")
+        "Triton's interpreter; otherwise the PyTorch reference runs. `pagedattn COMMAND --help` for more.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():

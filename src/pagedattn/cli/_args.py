@@ -12,7 +12,9 @@ def device(value: str):
     try:
         return torch.device(value)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"--device must be a torch device such as cpu or cuda, got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--device must be a torch device such as cpu or cuda, got {value!r}"
+        ) from None
 
 
 def lengths(value: str) -> tuple[int, ...]:
@@ -27,7 +29,9 @@ def lengths(value: str) -> tuple[int, ...]:
 
 
 def add_device_and_rng_seed(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", type=device, default=None, help="where to run (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device", type=device, default=None, help="where to run (default: cuda if available, else cpu)"
+    )
     parser.add_argument("--rng-seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--seed", type=int, dest="rng_seed", help=argparse.SUPPRESS)  # the old spelling
 

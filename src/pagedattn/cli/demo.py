@@ -31,14 +31,18 @@ def run(args) -> int:
     console.rule("pagedattn demo")
     console.print(
         f"on {device}, attention runs {backend}. "
-        + ("This takes about 5 minutes on 2 CPU cores (the interpreter runs each kernel program in Python). "
-           if interpreted else "This takes under a minute. ")
+        + (
+            "This takes about 5 minutes on 2 CPU cores (the interpreter runs each kernel program in Python). "
+            if interpreted
+            else "This takes under a minute. "
+        )
         + "What is checked:\n"
         f" 1. vLLM's chunked-prefill test grid ({num_configs} configurations, CPU-sized) x both cache contracts: "
         "each output against the PyTorch reference, with checked mode on and the cache and output NaN-poisoned\n"
         " 2. the bug that started this library (docs/origin-analysis.md): one decode token's K/V never written "
         "to the cache. Checked mode must refuse the inputs, and forensics must name the cause from the output alone",
-        highlight=False)
+        highlight=False,
+    )
     console.rule("1. verify --quick")
     start = time.perf_counter()
     grid = argparse.Namespace(quick=True, contract="both", device=device, rng_seed=args.rng_seed, filter="")
@@ -48,7 +52,10 @@ def run(args) -> int:
     result = run_scenario(SEED_SCENARIO, device, args.rng_seed)
     scenario.print_result(result, console)
     ok = verify_ok and result.ok
-    console.rule("[green]demo passed[/]" if ok else
-                 f"[red]demo FAILED[/] (verify {'ok' if verify_ok else 'failed'}, "
-                 f"scenario {'ok' if result.ok else 'failed'})")
+    console.rule(
+        "[green]demo passed[/]"
+        if ok
+        else f"[red]demo FAILED[/] (verify {'ok' if verify_ok else 'failed'}, "
+        f"scenario {'ok' if result.ok else 'failed'})"
+    )
     return 0 if ok else 1

@@ -24,11 +24,16 @@ class _ScenarioNames:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=_ScenarioNames(), metavar="NAME",
-                        help="a scenario ('pagedattn scenario list' names them), 'list' or 'all'")
+    parser.add_argument(
+        "name",
+        choices=_ScenarioNames(),
+        metavar="NAME",
+        help="a scenario ('pagedattn scenario list' names them), 'list' or 'all'",
+    )
     add_device_and_rng_seed(parser)
-    parser.add_argument("--full", action="store_true",
-                        help="vLLM's test sizes (64 heads x 128, lengths up to 1024); meant for CUDA")
+    parser.add_argument(
+        "--full", action="store_true", help="vLLM's test sizes (64 heads x 128, lengths up to 1024); meant for CUDA"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead")
 
 
@@ -45,12 +50,21 @@ def print_result(result, console) -> None:
     from rich.panel import Panel
     from rich.text import Text
 
-    verdict = (f"[green]ok[/]: top diagnosis {result.top} = planted cause" if result.ok else
-               f"[red]FAILED[/]: top diagnosis {result.top}, planted {result.expected}"
-               + (", and checked mode did not refuse the inputs" if result.checked_raised is False else ""))
+    verdict = (
+        f"[green]ok[/]: top diagnosis {result.top} = planted cause"
+        if result.ok
+        else f"[red]FAILED[/]: top diagnosis {result.top}, planted {result.expected}"
+        + (", and checked mode did not refuse the inputs" if result.checked_raised is False else "")
+    )
     console.print(Panel(Text(result.planted), title=f"scenario {result.name}: planted", title_align="left"))
-    console.print(Panel(Text(result.checked), title="checked mode", title_align="left",
-                        border_style="green" if result.checked_raised else "yellow"))
+    console.print(
+        Panel(
+            Text(result.checked),
+            title="checked mode",
+            title_align="left",
+            border_style="green" if result.checked_raised else "yellow",
+        )
+    )
     console.print(Panel(result.report.render(), title="forensics (checked mode off)", title_align="left"))
     if result.fixed:
         console.print(Text(result.fixed, style="green" if "clean" in result.fixed else "red"))

@@ -11,8 +11,9 @@ from ._args import add_device_and_rng_seed, plural
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help="the CPU-sized grid: vLLM's configurations at small heads and lengths")
+    parser.add_argument(
+        "--quick", action="store_true", help="the CPU-sized grid: vLLM's configurations at small heads and lengths"
+    )
     parser.add_argument("--contract", choices=["full", "context", "both"], default="both", help="cache contract(s)")
     add_device_and_rng_seed(parser)
     parser.add_argument("--filter", default="", help="only cases whose label contains this text")
@@ -35,8 +36,11 @@ def run_grid(args, console, *, progress_lines: bool = True) -> tuple[list, objec
     contracts = CONTRACTS if args.contract == "both" else (args.contract,)
     cases = [c for c in seed_grid(quick=args.quick, seed=args.rng_seed) if args.filter in c.label()]
     jobs = [(case, contract) for case in cases for contract in contracts]
-    console.print(f"[bold]pagedattn verify[/]: {plural(len(cases), 'case')} x {plural(len(contracts), 'contract')} "
-                  f"on {device}: {what}", highlight=False)
+    console.print(
+        f"[bold]pagedattn verify[/]: {plural(len(cases), 'case')} x {plural(len(contracts), 'contract')} "
+        f"on {device}: {what}",
+        highlight=False,
+    )
     results = []
     if progress_lines:
         for case, contract in jobs:
@@ -59,8 +63,11 @@ def failure_table(results: list, device):
     from ..config import dtype_name
     from ..testing import TOLERANCES
 
-    table = Table(title=f"failures ({device}; tolerances by dtype: "
-                  + ", ".join(f"{dtype_name(k)} {v[0]:g}" for k, v in TOLERANCES.items()) + ")")
+    table = Table(
+        title=f"failures ({device}; tolerances by dtype: "
+        + ", ".join(f"{dtype_name(k)} {v[0]:g}" for k, v in TOLERANCES.items())
+        + ")"
+    )
     for col in ("case", "contract", "kernel", "max abs err", "forensics"):
         table.add_column(col, overflow="fold")
     for r in results:
@@ -74,8 +81,11 @@ def summarize(results: list, device, console, seconds: float) -> bool:
     failed = [r for r in results if not r.passed]
     if failed:
         console.print(failure_table(results, device))
-    console.print(f"{len(results) - len(failed)} / {len(results)} passed in {seconds:.0f}s"
-                  + (f", {len(failed)} FAILED" if failed else ""), style="red" if failed else "green")
+    console.print(
+        f"{len(results) - len(failed)} / {len(results)} passed in {seconds:.0f}s"
+        + (f", {len(failed)} FAILED" if failed else ""),
+        style="red" if failed else "green",
+    )
     return not failed
 
 

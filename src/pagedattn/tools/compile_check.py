@@ -53,13 +53,26 @@ def compile_plan(config: AttentionConfig, part: dispatch.Plan, *, context: bool,
         else:
             types[n] = "i32"
     constexprs = dict(
-        QPK=config.num_queries_per_kv, HEAD_SIZE=config.head_size, HEAD_PAD=head_pad,
-        BLOCK_M=part.block_m, BLOCK_Q=part.block_q, BLOCK_N=part.block_n, PAGE=config.block_size,
-        K_X=head_pad, KV_FP8=fp8, DOT_DTYPE={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-                                              torch.float32: tl.float32}[config.dtype],
-        IEEE=config.dtype == torch.float32, CONTEXT=context, DECODE_FROM_CACHE=False,
-        USE_SOFTCAP=bool(config.softcap), USE_ALIBI=config.use_alibi, USE_SINKS=config.use_sinks,
-        SLIDING=bool(config.sliding_window), NUM_SPLITS=part.num_splits, IDX64=False, INTERPRET=False,
+        QPK=config.num_queries_per_kv,
+        HEAD_SIZE=config.head_size,
+        HEAD_PAD=head_pad,
+        BLOCK_M=part.block_m,
+        BLOCK_Q=part.block_q,
+        BLOCK_N=part.block_n,
+        PAGE=config.block_size,
+        K_X=head_pad,
+        KV_FP8=fp8,
+        DOT_DTYPE={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[config.dtype],
+        IEEE=config.dtype == torch.float32,
+        CONTEXT=context,
+        DECODE_FROM_CACHE=False,
+        USE_SOFTCAP=bool(config.softcap),
+        USE_ALIBI=config.use_alibi,
+        USE_SINKS=config.use_sinks,
+        SLIDING=bool(config.sliding_window),
+        NUM_SPLITS=part.num_splits,
+        IDX64=False,
+        INTERPRET=False,
         SEQ_GRID=seq_grid,
     )
     src = ASTSource(_paged_attention_kernel, types, constexprs)
@@ -74,6 +87,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     import re
     import subprocess
     import tempfile
+
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -93,23 +107,39 @@ def main() -> int:
             for qpk in (1, 4, 8):
                 for kv in ("auto", "fp8_e4m3"):
                     for window in (0, 7):
-                        configs.append(AttentionConfig(num_q_heads=8 * qpk if qpk < 8 else 8, num_kv_heads=8 if qpk < 8 else 1,
-                                                       head_size=head, dtype=dtype, kv_dtype=kv, sliding_window=window))
+                        configs.append(
+                            AttentionConfig(
+                                num_q_heads=8 * qpk if qpk < 8 else 8,
+                                num_kv_heads=8 if qpk < 8 else 1,
+                                head_size=head,
+                                dtype=dtype,
+                                kv_dtype=kv,
+                                sliding_window=window,
+                            )
+                        )
     shapes = {"mixed": BatchShape((700, 1, 1), (100, 3000, 9000)), "decode": BatchShape((1, 1), (20000, 30000))}
     bad = 0
     seen = set()
     for config in configs:
-        for shape_name, shape in shapes.items():
+        for shape in shapes.values():
             plan = dispatch.plan_for(config, shape, device="cuda")
             for part in (plan, plan.decode_part):
                 if part is None:
                     continue
-                key = (config.dtype, config.head_size, config.num_queries_per_kv, config.kv_dtype,
-                       config.sliding_window, part.params())
+                key = (
+                    config.dtype,
+                    config.head_size,
+                    config.num_queries_per_kv,
+                    config.kv_dtype,
+                    config.sliding_window,
+                    part.params(),
+                )
                 if key in seen:
                     continue
                 seen.add(key)
-                shared, regs, spills, kernel = compile_plan(config, part, context=False, seq_grid=part.phase == "decode")
+                shared, regs, spills, kernel = compile_plan(
+                    config, part, context=False, seq_grid=part.phase == "decode"
+                )
                 threads = 32 * part.num_warps
                 # ptxas allocates registers per warp in units of 256
                 regs_block = ((regs * 32 + 255) // 256) * 256 * part.num_warps if regs is not None else 0
@@ -122,8 +152,11 @@ def main() -> int:
                     problem.append(f"stack {spills} B/thread")
                 flag = "BAD " if problem else "ok  "
                 bad += bool(problem)
-                print(f"{flag}{config.label():40s} {part.phase:7s} {part.params()[:60]:60s} "
-                      f"regs={regs} stack={spills} shared={shared} {' '.join(problem)}", flush=True)
+                print(
+                    f"{flag}{config.label():40s} {part.phase:7s} {part.params()[:60]:60s} "
+                    f"regs={regs} stack={spills} shared={shared} {' '.join(problem)}",
+                    flush=True,
+                )
     print(f"{len(seen)} kernels compiled for sm_90, {bad} would not launch")
     return 1 if bad else 0
 

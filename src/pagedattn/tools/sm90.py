@@ -64,11 +64,31 @@ def compile_case(config, shape, contract: str = "full") -> list[dict]:
     options = {k: v for k, v in x.options.items() if v is not None}
     rows = []
     for name, grid, kernel in compile_call(
-            unified.launch, plan, x.q, x.k_cache, x.v_cache, torch.empty_like(x.q), x.cu_seqlens_q,
-            x.seq_lens, x.block_table, scale=config.head_size ** -0.5, **extra, **options):
+        unified.launch,
+        plan,
+        x.q,
+        x.k_cache,
+        x.v_cache,
+        torch.empty_like(x.q),
+        x.cu_seqlens_q,
+        x.seq_lens,
+        x.block_table,
+        scale=config.head_size**-0.5,
+        **extra,
+        **options,
+    ):
         regs, stack = _resource_usage(kernel.asm["cubin"])
-        rows.append(dict(kernel=name, grid=list(grid), regs=regs, stack=stack, shared=kernel.metadata.shared,
-                         warps=kernel.metadata.num_warps, params=plan.params()))
+        rows.append(
+            dict(
+                kernel=name,
+                grid=list(grid),
+                regs=regs,
+                stack=stack,
+                shared=kernel.metadata.shared,
+                warps=kernel.metadata.num_warps,
+                params=plan.params(),
+            )
+        )
     return rows
 
 
@@ -78,8 +98,9 @@ def main() -> None:
     from ..config import AttentionConfig, BatchShape
 
     # the GPU fuzz failure of run 9: ptxas died with SIGSEGV (before dispatch's workaround)
-    config = AttentionConfig(num_q_heads=8, num_kv_heads=1, head_size=64, block_size=8, dtype=torch.float16,
-                             use_alibi=True)
+    config = AttentionConfig(
+        num_q_heads=8, num_kv_heads=1, head_size=64, block_size=8, dtype=torch.float16, use_alibi=True
+    )
     for row in compile_case(config, BatchShape((1, 1, 1, 3), (0, 0, 0, 0)), "context"):
         print(row)
 
