@@ -1,8 +1,7 @@
 """Checked reads through each vLLM compat op over raw, poisoned caches (issue 18): an unwritten slot
 the op would read is named (UnwrittenKVError: sequence, position, block, slot, contract) before any
 kernel runs, turned on by `checked=True` or by PAGEDATTN_CHECKED=1 (an unmodified test suite); a
-fully written batch passes. The ops get `checked=` and the environment variable from the planner
-rewrite: until it lands, the cases that need it are xfail (strict=False)."""
+fully written batch passes."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from pagedattn.poison import empty_kv_cache
 HEADS, KV_HEADS, HEAD, BLOCK = 4, 2, 32, 16
 QUERY_LENS, CTX_LENS = [20, 1], [18, 21]  # a prefill and the seed's decode
 SENTINEL = 7.0
-needs_wiring = pytest.mark.xfail(strict=False, reason="needs planner wiring (checked= / PAGEDATTN_CHECKED on compat ops)")
 
 
 def harness(layout: str, write: str):
@@ -82,8 +80,6 @@ def turn_on(mode, monkeypatch) -> dict:
 @pytest.mark.parametrize("mode", ["kwarg", "env"])
 @pytest.mark.parametrize("op", list(BROKEN))
 def test_checked_read_names_the_unwritten_slot_before_any_kernel_runs(op, mode, monkeypatch, request):
-    if mode == "kwarg":
-        request.applymarker(needs_wiring)
     layout, write, (seq, position), contract = BROKEN[op]
     q, k, v, k_cache, v_cache, meta = harness(layout, write)
     out = torch.full_like(q, SENTINEL)
@@ -100,8 +96,6 @@ def test_checked_read_names_the_unwritten_slot_before_any_kernel_runs(op, mode, 
 @pytest.mark.parametrize("mode", ["kwarg", "env"])
 @pytest.mark.parametrize("op", list(BROKEN))
 def test_checked_read_passes_a_fully_written_batch(op, mode, monkeypatch, request):
-    if mode == "kwarg":
-        request.applymarker(needs_wiring)
     layout = BROKEN[op][0]
     q, k, v, k_cache, v_cache, meta = harness(layout, FIXED[op])
     out = torch.full_like(q, SENTINEL)

@@ -80,7 +80,7 @@ def paged_attention_op(
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, max_query_len=max_query_len,
         max_seq_len=max_seq_len, scale=scale, sliding_window=sliding_window,
         alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
-        out=out, kv_layout=kv_layout, backend=backend, checked=checked)
+        out=out, kv_layout=kv_layout, backend=backend, checked=checked or None)  # None: PAGEDATTN_CHECKED
 
 
 @torch.library.custom_op(f"{NAMESPACE}::prefix_prefill", mutates_args=("out",))
@@ -99,7 +99,7 @@ def prefix_prefill_op(
         decode_from_cache=decode_from_cache, max_query_len=max_query_len, max_seq_len=max_seq_len,
         scale=scale, sliding_window=sliding_window, alibi_slopes=alibi_slopes, softcap=softcap,
         sinks=sinks, k_scale=k_scale, v_scale=v_scale, out=out, kv_layout=kv_layout,
-        backend=backend, checked=checked)
+        backend=backend, checked=checked or None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class _Batch:
     max_seq_len: int
     query_lens: np.ndarray | None  # host copies, when there were some
     validated: bool
+    seq_lens_host: np.ndarray | None = None
 
 
 class _Binding:
@@ -221,6 +222,7 @@ class PagedAttention:
             else:
                 query_lens = np.diff(np.asarray(cu_host)) if cu_host is not None else np.asarray(query_lens_host)
                 seqs = np.asarray(seq_lens_host)
+            seqs = np.asarray(seqs)
             if num_tokens is None:
                 num_tokens = int(query_lens.sum())
             if not self.cuda_graph:
@@ -235,7 +237,8 @@ class PagedAttention:
             self._bindings.clear()
             self._plans.clear()
         self._batch = _Batch(cu_seqlens_q, seq_lens, block_table, num_tokens, max_query_len, max_seq_len,
-                             None if self.cuda_graph else query_lens, bool(validate))
+                             None if self.cuda_graph else query_lens, bool(validate),
+                             None if (self.cuda_graph or not have_host) else seqs)
         self._forced = dispatch_plan
         return self
 
@@ -399,7 +402,9 @@ class PagedAttention:
         b = self._batch
         k, v = nhd_views(k_cache, v_cache, self.options.kv_layout)
         checks.check_cache_finite(k, v, b.cu_seqlens_q, b.seq_lens, b.block_table, contract=self.contract,
-                                  decode_from_cache=self.decode_from_cache)
+                                  decode_from_cache=self.decode_from_cache,
+                                  query_lens_host=None if b.query_lens is None else b.query_lens.tolist(),
+                                  seq_lens_host=None if b.seq_lens_host is None else b.seq_lens_host.tolist())
 
     def _reference(self, q, k_cache, v_cache, out, k_new, v_new) -> torch.Tensor:
         b = self._batch

@@ -1,4 +1,4 @@
-"""vLLM's attention-op signatures over pagedattn's kernels: switch by changing an import.
+"""vLLM's attention-op signatures (as of vLLM 0.33) over pagedattn's kernels: switch by changing an import.
 
     context_attention_fwd         context-cache contract, vLLM's older cache layout
     chunked_prefill_paged_decode  the same, but decode sequences (query_len 1) read all seq_len
@@ -50,7 +50,8 @@ __all__ = [
 _FLOAT_CACHE_DTYPES = {"auto": None, "float16": torch.float16, "half": torch.float16,
                        "bfloat16": torch.bfloat16, "float": torch.float32, "float32": torch.float32}
 # unified_attention keywords that only size vLLM's own scratch buffers: accepted and ignored
-_SCRATCH_KWARGS = frozenset({"seq_threshold_3D", "num_par_softmax_segments", "softmax_segm_output",
+# (use_td: a tensor-descriptor load switch of vLLM's kernel; pagedattn chooses its own loads)
+_SCRATCH_KWARGS = frozenset({"use_td", "seq_threshold_3D", "num_par_softmax_segments", "softmax_segm_output",
                              "softmax_segm_max", "softmax_segm_expsum"})
 
 
@@ -195,7 +196,7 @@ def _decode_rows(cu_seqlens_q: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_table, query_start_loc,
              seq_lens, max_query_len, k_scale, v_scale, alibi_slopes, sliding_window, sm_scale, sinks,
-             decode_from_cache, skip_decode=False):
+             decode_from_cache, skip_decode=False, checked=None):
     """The shared body of context_attention_fwd and chunked_prefill_paged_decode; `names` maps
     pagedattn's argument names to the caller's."""
     k_cache, v_cache = _cache_views(kv_cache_dtype, k_cache, v_cache, fn,
@@ -223,7 +224,7 @@ def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_tabl
                        decode_from_cache=decode_from_cache, max_query_len=max_query_len,
                        max_seq_len=max_seq_len, scale=sm_scale, sliding_window=_window(sliding_window),
                        alibi_slopes=_float32("alibi_slopes", alibi_slopes), sinks=_float32("sinks", sinks),
-                       k_scale=k_scale, v_scale=v_scale, out=o, kv_layout="vllm_v0")
+                       k_scale=k_scale, v_scale=v_scale, out=o, kv_layout="vllm_v0", checked=checked)
     if saved is not None:
         decode = _decode_rows(query_start_loc, o.shape[0])
         o.copy_(torch.where(decode[:, None, None], saved, o))
@@ -236,7 +237,7 @@ def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_tabl
 def context_attention_fwd(q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc, b_start_loc, b_seq_len,
                           max_seq_len, max_input_len, k_scale, v_scale, alibi_slopes=None,
                           sliding_window=None, sm_scale=None, skip_decode=False, fp8_out_scale=None,
-                          sinks=None, is_block_table_ptr=False):
+                          sinks=None, is_block_table_ptr=False, *, checked=None):
     """vLLM's prefix-prefill op. Context-cache contract: the cache (older layout) holds the first
     ctx_len = b_seq_len - query_len tokens of each sequence; the query tokens' K/V are `k`/`v`
     ([num_tokens, num_kv_heads, head_size], rows aligned with `q`). b_loc is the block table,
@@ -252,31 +253,43 @@ def context_attention_fwd(q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc, b
                  block_table="b_loc")
     return _context("context_attention_fwd", names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc,
                     b_start_loc, b_seq_len, max_input_len, k_scale, v_scale, alibi_slopes,
-                    sliding_window, sm_scale, sinks, decode_from_cache=False, skip_decode=skip_decode)
+                    sliding_window, sm_scale, sinks, decode_from_cache=False, skip_decode=skip_decode,
+                    checked=checked)
 
 
 def chunked_prefill_paged_decode(query, key, value, output, kv_cache_dtype, key_cache, value_cache,
                                  block_table, query_start_loc, seq_lens, max_seq_len, max_query_len,
                                  k_scale, v_scale, alibi_slopes=None, sliding_window=None, sm_scale=None,
-                                 output_scale=None, sinks=None):
+                                 output_scale=None, sinks=None, is_block_table_ptr=False, causal=True, *,
+                                 checked=None):
     """vLLM's chunked-prefill op over the older cache layout, in one launch: sequences with
     query_len > 1 follow the context-cache contract (ctx_len tokens in the cache, their own K/V in
     `key`/`value`); sequences with query_len == 1 read all seq_len tokens from the cache, so the
     decode token's own K/V must have been written to the cache first (the seed's bug: if it was
     not, exactly that token's output rows read an unwritten slot). Writes `output` and returns it.
 
-    Refused: output_scale (fp8 output), sinks together with ALiBi."""
+    vLLM 0.33's keywords `causal` (True only: the op is causal) and `is_block_table_ptr` (False
+    only) are accepted. `checked` (default: PAGEDATTN_CHECKED) proves before launch that no cache
+    slot to be read holds poison. Refused: output_scale (fp8 output), sinks together with ALiBi."""
     _refuse("output_scale", output_scale, "pagedattn writes the output in the query's dtype")
+    if causal is not True:
+        raise UnsupportedConfigError(f"chunked_prefill_paged_decode: only causal attention is supported "
+                                     f"(causal=True), got causal={causal!r}")
+    if is_block_table_ptr:
+        raise UnsupportedConfigError("chunked_prefill_paged_decode: is_block_table_ptr=True (a block table of "
+                                     "raw pointers) is not supported")
     names = dict(q="query", k_new="key", v_new="value", out="output", cu_seqlens_q="query_start_loc",
                  seq_lens="seq_lens", block_table="block_table", k_cache="key_cache", v_cache="value_cache")
     return _context("chunked_prefill_paged_decode", names, query, key, value, output, kv_cache_dtype,
                     key_cache, value_cache, block_table, query_start_loc, seq_lens, max_query_len,
-                    k_scale, v_scale, alibi_slopes, sliding_window, sm_scale, sinks, decode_from_cache=True)
+                    k_scale, v_scale, alibi_slopes, sliding_window, sm_scale, sinks, decode_from_cache=True,
+                    checked=checked)
 
 
 def unified_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
                       causal, window_size, block_table, softcap, q_descale, k_descale, v_descale,
-                      alibi_slopes=None, output_scale=None, qq_bias=None, sinks=None, **scratch_kwargs):
+                      alibi_slopes=None, output_scale=None, qq_bias=None, sinks=None, *, checked=None,
+                      **scratch_kwargs):
     """vLLM v1's unified attention. Full-cache contract: `k`/`v` ARE the caches, flash layout
     [num_blocks, block_size, num_kv_heads, head_size] (fp8 as torch fp8 dtypes, dequantized with
     k_descale / v_descale), and hold all seqused_k tokens of every sequence. Writes `out`, returns it.
@@ -318,7 +331,8 @@ def unified_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_s
             _int32("block_table", block_table), max_query_len=int(max_seqlen_q), max_seq_len=int(max_seqlen_k),
             scale=float(softmax_scale), sliding_window=_window_from_window_size(window_size),
             alibi_slopes=_float32("alibi_slopes", alibi_slopes), softcap=float(softcap) if softcap else None,
-            sinks=_float32("sinks", sinks), k_scale=k_scale, v_scale=v_scale, out=out, kv_layout="nhd")
+            sinks=_float32("sinks", sinks), k_scale=k_scale, v_scale=v_scale, out=out, kv_layout="nhd",
+            checked=checked)
 
 
 # ---------------------------------------------------------------------------------------------
