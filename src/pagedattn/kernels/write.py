@@ -80,7 +80,9 @@ def _write_kv_kernel(
     block = slot // block_size
     offset = slot % block_size
     dims = tl.arange(0, HEAD_PAD)
-    mask = (dims < head_size) & valid
+    # not `(dims < head_size) & valid`: Triton 3.9's interpreter rejects a block mask & a scalar bool as a
+    # load mask ("mask has unsupported dtype"); this form is the same mask on every version
+    mask = dims < tl.where(valid, head_size, 0)
 
     k = tl.load(k_ptr + token * stride_k_token + head * stride_k_head + dims, mask=mask)
     v = tl.load(v_ptr + token * stride_v_token + head * stride_v_head + dims, mask=mask)
