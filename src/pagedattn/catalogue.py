@@ -109,7 +109,7 @@ class Case:
     name: str
     entry_points: tuple[str, ...]
     mutate: Callable[[Batch], Batch]
-    error: tuple[str, ...]  # names of pagedattn.errors classes; any one is right
+    error: tuple[str, ...]  # names of pagedattn.errors classes; any one is right (none: a valid variant)
     args: tuple[str, ...]  # the message names one of these (an entry point's own name for it counts)
     bad_seqs: tuple[int, ...] | None  # NaN when unvalidated; None = a host-side check, raised always
     bad_slots: tuple[int, ...] = ()  # write op: tokens whose slot is out of range (skipped unvalidated)
@@ -202,11 +202,11 @@ CASES: tuple[Case, ...] = (
       ("cu_seqlens_q",), (0,)),
     C("cu-ends-before-tokens", ATTENTION, _with(cu_seqlens_q=lambda b: _i32([0, 5, 6, 8], b)), (BME, SE),
       ("cu_seqlens_q", "q"), (), why="row 8 belongs to no sequence"),
-    C("cu-ends-after-tokens", ATTENTION, _both(_with(cu_seqlens_q=lambda b: _i32([0, 5, 6, 12], b)),
+    C("cu-ends-after-tokens", ATTENTION, _both(_with(cu_seqlens_q=lambda b: _i32([0, 5, 6, 12], b), max_query_len=6),
                                                _set("seq_lens", 2, 6)), (BME, SE), ("cu_seqlens_q", "q"), (2,),
       why="sequence 2 would read and write rows 9-11 past q and out"),
     C("cu-end-int32-max", ATTENTION, _with(cu_seqlens_q=lambda b: _i32([0, 5, 6, I32_MAX], b)), (BME, SE),
-      ("cu_seqlens_q", "q", "seq_lens[2]"), (2,)),
+      ("cu_seqlens_q", "q", "seq_lens[2]", "max_query_len"), (2,), why="several rules broken: any may be named"),
     # ---- the maxima
     C("max-query-len-too-small", ATTENTION, _with(max_query_len=2), (BME,), ("max_query_len",), (),
       nan_or_right=(0, 2), why="a kernel that does not rely on the bound may still compute the right rows"),
@@ -468,16 +468,18 @@ def _error_class(name: str):
     return getattr(errors, name)
 
 
-def check(case: Case | None, entry_name: str, device="cpu", *, validate: bool = False,
+def check(case: Case | None, entry_name: str, device="cpu", *, validate: bool | None = False,
           out_mode: str = "user", dtype=torch.float16) -> list[str]:
-    """Run `case` (None: the valid base batch) through an entry point; the broken promises."""
+    """Run `case` (None: the valid base batch) through an entry point; the broken promises.
+    validate=None: the library's default, which validates on the CPU and with host copies."""
     entry = ENTRY_POINTS[entry_name]
     b = base_batch(device, dtype)
     if case is not None:
         b = case.mutate(b)
     p = prepare(entry, b, out_mode)
     problems = []
-    expect_error = case is not None and (validate or case.host_check or _host_count_differs(p))
+    validated = validate if validate is not None else (torch.device(device).type == "cpu" or entry.host_copies)
+    expect_error = case is not None and bool(case.error) and (validated or case.host_check or _host_count_differs(p))
     try:
         out = call(p, validate)
     except Exception as e:  # noqa: BLE001  (the kind of exception is what is checked)
@@ -583,8 +585,41 @@ def applicable(entries=None, cases=None) -> list[tuple[Case, str]]:
             for e in c.entry_points if entries is None or e in entries]
 
 
+def planned_runs(entries=None, cases=None, out_mode: str = "both", select: str = "full") -> list[tuple]:
+    """The unvalidated runs, as (case or None, entry point, out_mode), in a fixed order.
+
+    select "full": every case over every entry point it applies to; "ci" (interpreter-sized): the
+    valid batch, the host-side checks and the write op everywhere, but each case that runs an
+    attention kernel through one entry point only, taken in turn from the list of those it applies
+    to. out_mode "both": `out` given by the caller, and also left to the library for the cases in
+    LIBRARY_OUT_CASES."""
+    entries = list(ENTRY_POINTS) if entries is None else list(entries)
+    runs = []
+    if cases is None or "valid" in cases:
+        runs += [(None, e, "library" if ENTRY_POINTS[e].library_out else "user") for e in entries]
+    turn = 0
+    for case in CASES:
+        if cases is not None and case.name not in cases:
+            continue
+        chosen = [e for e in case.entry_points if e in entries]
+        if select == "ci" and not case.host_check and chosen and ENTRY_POINTS[chosen[0]].contract != "write":
+            chosen = [chosen[turn % len(chosen)]]
+            turn += 1
+        for e in chosen:
+            if out_mode in ("user", "both"):
+                runs.append((case, e, "user"))
+            if out_mode != "user" and ENTRY_POINTS[e].library_out and not case.host_check and \
+                    (out_mode == "library" or case.name in LIBRARY_OUT_CASES):
+                runs.append((case, e, "library"))
+    return runs
+
+
+def run_label(case: Case | None, entry: str, out_mode: str) -> str:
+    return f"{case.name if case else 'valid'}/{entry}/{out_mode}"
+
+
 # ---------------------------------------------------------------------------------------------
-# command line: one JSON line per case (the tests run this in a subprocess)
+# command line: one line (or one JSON object) per run
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     import argparse
@@ -593,38 +628,34 @@ def main(argv=None) -> int:
     parser.add_argument("--case", action="append", help="case name(s) (default: all); 'valid' = the base batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--validate", action="store_true", help="the validated run (default: unvalidated)")
-    parser.add_argument("--out-mode", choices=("user", "library", "both"), default="both",
-                        help="`out` given by the caller (guarded) or left to the library; both = library as "
-                             "well where rows belong to no sequence")
-    parser.add_argument("--jsonl", action="store_true", help="one JSON object a line")
+    parser.add_argument("--out-mode", choices=("user", "library", "both"), default="both")
+    parser.add_argument("--skip", action="append", default=[], help="case name(s) to leave out")
+    parser.add_argument("--select", choices=("full", "ci"), default="full")
+    parser.add_argument("--from", dest="start", type=int, default=0, help="skip the first N runs (resume)")
+    parser.add_argument("--jsonl", action="store_true", help="one JSON object a line (a 'start' line before each run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    runs = []
-    wanted_entries = args.entry or list(ENTRY_POINTS)
-    if args.case is None or "valid" in args.case:
-        runs += [(None, e, "library" if ENTRY_POINTS[e].library_out else "user") for e in wanted_entries]
-    for case, e in applicable(wanted_entries, [c for c in args.case or CASES_BY_NAME if c != "valid"]):
-        runs.append((case, e, "user"))
-        if args.out_mode != "user" and ENTRY_POINTS[e].library_out and not case.host_check and \
-                (args.out_mode == "library" or case.name in LIBRARY_OUT_CASES):
-            runs.append((case, e, "library"))
+    cases = [c for c in (args.case or ["valid", *CASES_BY_NAME]) if c not in args.skip]
+    runs = planned_runs(args.entry, cases, args.out_mode, args.select)
     failed = 0
-    for case, e, out_mode in runs:
-        label = dict(case=case.name if case else "valid", entry=e, out_mode=out_mode)
+    for index, (case, e, out_mode) in enumerate(runs):
+        if index < args.start:
+            continue
+        label = dict(index=index, run=run_label(case, e, out_mode))
         if args.jsonl:
             print(json.dumps(dict(label, status="start")), flush=True)
         try:
-            problems = check(case, e, args.device, validate=args.validate, out_mode=out_mode)
-        except Exception as ex:  # noqa: BLE001  (a harness error is a failure of the case)
+            problems = check(case, e, args.device, validate=True if args.validate else False, out_mode=out_mode)
+        except Exception as ex:  # noqa: BLE001  (a harness error is a failure of the run)
             problems = [f"harness error {type(ex).__name__}: {ex}"]
         failed += bool(problems)
         if args.jsonl:
             print(json.dumps(dict(label, status="done", problems=problems)), flush=True)
         else:
-            print(f"{'FAIL' if problems else 'ok  '} {label['case']:28} {e:30} {out_mode:7} "
-                  f"{'; '.join(problems)}", flush=True)
+            print(f"{'FAIL' if problems else 'ok  '} {label['run']:62} {'; '.join(problems)}", flush=True)
     if not args.jsonl:
-        print(f"{len(runs) - failed} of {len(runs)} runs kept every promise; {failed} failed", flush=True)
+        print(f"{len(runs) - args.start - failed} of {len(runs) - args.start} runs kept every promise; "
+              f"{failed} failed", flush=True)
     return 1 if failed else 0
 
 
