@@ -1,12 +1,20 @@
 # Two commands, each doing all its own set-up on a fresh machine:
 #   make demo   the main job on this machine's default device
 #   make test   the whole test suite (what .ci/run calls)
+# and, for CI, `make test-triton-newest`: a subset of the tests on the newest Triton we support
+# (TRITON_NEWEST), in a second venv, so a Triton release that breaks the kernels shows at once.
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 JOBS    ?= 2
+TRITON_NEWEST ?= 3.9.0
+VENV_NEWEST   := .venv-triton-newest
+STAMP_NEWEST  := $(VENV_NEWEST)/.installed
+# the kernels on the write path, both contracts, every single option, the README example, verify's grid
+NEWEST_TESTS  := tests/test_write.py tests/test_readme.py tests/test_verify.py \
+                 tests/test_kernels.py::test_single_option tests/test_kernels.py::test_seed_grid_quick
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-triton-newest venv clean
 
 $(STAMP): requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,5 +36,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -n $(JOBS) -q
 
+$(STAMP_NEWEST): requirements.lock pyproject.toml
+	python3 -m venv $(VENV_NEWEST)
+	$(VENV_NEWEST)/bin/python -m pip install -q --upgrade pip
+	grep -v '^triton==' requirements.lock > $(VENV_NEWEST)/requirements.txt
+	$(VENV_NEWEST)/bin/python -m pip install -q -r $(VENV_NEWEST)/requirements.txt triton==$(TRITON_NEWEST)
+	$(VENV_NEWEST)/bin/python -m pip install -q --no-deps -e .
+	touch $(STAMP_NEWEST)
+
+test-triton-newest: $(STAMP_NEWEST)
+	TRITON_INTERPRET=1 $(VENV_NEWEST)/bin/python -m pytest -n $(JOBS) -q $(NEWEST_TESTS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_NEWEST) .pytest_cache .hypothesis

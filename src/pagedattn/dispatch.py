@@ -115,7 +115,10 @@ def sm_count(device: torch.device | str) -> int:
 def choose_backend(device: torch.device, backend: str) -> tuple[str, str]:
     if backend == "reference":
         return "reference", "backend='reference' was asked for"
-    if device.type == "cuda" or interpreter_enabled():
+    if device.type == "cuda":
+        return "triton", ""
+    if interpreter_enabled():
+        _check_interpreter_versions()
         return "triton", ""
     if backend == "triton":
         from .errors import UnsupportedConfigError
@@ -127,6 +130,26 @@ def choose_backend(device: torch.device, backend: str) -> tuple[str, str]:
 
 
 _warned_reference = False
+
+
+@functools.cache
+def _check_interpreter_versions() -> None:
+    """numpy 2.4 turned int() of a 1-element array into an error, and Triton 3.6's interpreter does
+    that on every scalar load: refuse the pair by name instead of failing inside a kernel."""
+    import numpy
+    import triton
+
+    def major_minor(version: str) -> tuple[int, int]:
+        return tuple(int(x) for x in version.split(".")[:2])
+
+    if major_minor(numpy.__version__) >= (2, 4) and major_minor(triton.__version__) < (3, 7):
+        from .errors import UnsupportedConfigError
+
+        raise UnsupportedConfigError(
+            f"TRITON_INTERPRET=1 with numpy {numpy.__version__} and triton {triton.__version__}: Triton's "
+            "interpreter before 3.7 fails on numpy >= 2.4 (InterpreterError: only 0-dimensional arrays can be "
+            "converted to Python scalars). Install numpy<2.4 (pip install 'numpy<2.4'), as pagedattn's "
+            "requirements say, or a newer triton")
 
 
 def _warn_reference_once(device: torch.device) -> None:
