@@ -423,7 +423,9 @@ def test_gpu_profile_is_the_big_one():
 def test_harness_catches_a_wrong_stride(monkeypatch):
     """The harness itself: an entry point that reads v_new with k_new's strides (the old bug, here
     as reading k_new's values for v_new) must fail it."""
-    import pagedattn.attention as api
+    import importlib
+
+    api = importlib.import_module("pagedattn.attention")  # the module: `pagedattn.attention` is the function
     real = api.prefix_prefill
     monkeypatch.setattr(api, "prefix_prefill", lambda q, k_new, v_new, *a, **k: real(q, k_new, k_new, *a, **k))
     with pytest.raises(AssertionError):

@@ -7,6 +7,8 @@ The public API, re-exported. Names load on first use (PEP 562), so `import paged
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -41,6 +43,20 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `pagedattn.attention` must not replace the function `pagedattn.attention`
+    (the import system sets the package attribute to the submodule). For the module itself use
+    `importlib.import_module("pagedattn.attention")`."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # static tools see the plain imports
