@@ -16,12 +16,14 @@ NEWEST_TESTS  := tests/test_write.py tests/test_readme.py tests/test_verify.py \
 
 .PHONY: demo test test-triton-newest venv clean
 
+# -qq: errors only (this machine's pip configuration warns once per package otherwise)
 $(STAMP): requirements.lock pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps -e .
-	touch $(STAMP)
+	@echo "installing requirements.lock into $(VENV) (once; about 2 minutes)"
+	@python3 -m venv $(VENV)
+	@$(PY) -m pip install -qq --upgrade pip
+	@$(PY) -m pip install -qq -r requirements.lock
+	@$(PY) -m pip install -qq --no-deps -e .
+	@touch $(STAMP)
 
 venv: $(STAMP)
 
@@ -37,12 +39,13 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -n $(JOBS) -q
 
 $(STAMP_NEWEST): requirements.lock pyproject.toml
-	python3 -m venv $(VENV_NEWEST)
-	$(VENV_NEWEST)/bin/python -m pip install -q --upgrade pip
-	grep -v '^triton==' requirements.lock > $(VENV_NEWEST)/requirements.txt
-	$(VENV_NEWEST)/bin/python -m pip install -q -r $(VENV_NEWEST)/requirements.txt triton==$(TRITON_NEWEST)
-	$(VENV_NEWEST)/bin/python -m pip install -q --no-deps -e .
-	touch $(STAMP_NEWEST)
+	@echo "installing requirements.lock with triton==$(TRITON_NEWEST) into $(VENV_NEWEST) (once)"
+	@python3 -m venv $(VENV_NEWEST)
+	@$(VENV_NEWEST)/bin/python -m pip install -qq --upgrade pip
+	@grep -v '^triton==' requirements.lock > $(VENV_NEWEST)/requirements.txt
+	@$(VENV_NEWEST)/bin/python -m pip install -qq -r $(VENV_NEWEST)/requirements.txt triton==$(TRITON_NEWEST)
+	@$(VENV_NEWEST)/bin/python -m pip install -qq --no-deps -e .
+	@touch $(STAMP_NEWEST)
 
 test-triton-newest: $(STAMP_NEWEST)
 	TRITON_INTERPRET=1 $(VENV_NEWEST)/bin/python -m pytest -n $(JOBS) -q $(NEWEST_TESTS)

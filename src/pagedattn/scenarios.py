@@ -57,9 +57,9 @@ class Result:
 # sizes
 # ---------------------------------------------------------------------------------------------
 def sizes(full: bool, seed: int, **config) -> tuple[AttentionConfig, BatchShape]:
-    """The seed's geometry: 10 sequences, the last a decode, one query head per KV head, fp16.
-    Small by default (seconds on CPU); `full` is the seed's real size (64 heads of 128, lengths up
-    to 1024), where one bad token is the seed's 8,192 elements."""
+    """The geometry of vLLM's test (docs/origin-analysis.md): 10 sequences, the last a decode, one query
+    head per KV head, fp16. Small by default (seconds on CPU); `full` is the test's real size (64 heads
+    of 128, lengths up to 1024), where one bad token is the analysis' 8,192 elements."""
     if full:
         base = dict(num_q_heads=64, num_kv_heads=64, head_size=128)
         shape = BatchShape.seed_like(seed=seed)
@@ -97,7 +97,7 @@ def incomplete_cache(device, seed: int = 0, full: bool = False) -> Result:
     row = shape.num_seqs - 1
     seq, ctx = step.seq_ids[row], shape.ctx_lens[row]
     slot = step.cache.slot_mapping([seq], [1]).item()
-    planted = (f"the seed's test bug: sequence {row} is a decode (query_len 1, ctx_len {ctx}, seq_len {ctx + 1}); "
+    planted = (f"the origin bug (docs/origin-analysis.md): sequence {row} is a decode (query_len 1, ctx_len {ctx}, seq_len {ctx + 1}); "
                f"only its {ctx} context tokens were written, its own token's slot ({slot}) was reserved but "
                f"never written (poisoned NaN). prefix_prefill(decode_from_cache=True) reads all seq_len tokens "
                f"of a decode from the cache.")
@@ -209,7 +209,7 @@ def gqa_head_mapping(device, seed: int = 0, full: bool = False) -> Result:
 
 
 SCENARIOS = {
-    "incomplete-cache": (incomplete_cache, "the seed's bug: a decode token's K/V never written to the cache"),
+    "incomplete-cache": (incomplete_cache, "the origin bug: a decode token's K/V never written to the cache"),
     "wrong-block-table": (wrong_block_table, "two block ids swapped in the batch's block table"),
     "wrong-scale": (wrong_scale, "fp8 v_scale passed at twice the quantization scale"),
     "off-by-one-causal": (off_by_one_causal, "mutant kernel: causal mask admits one future key"),

@@ -310,7 +310,7 @@ def make_step(
     """Random q/K/V (normal, on a seeded CPU generator, so every device sees the same numbers) written
     through `PagedKVCache.append` into a poisoned cache. Under the context contract decode sequences
     read from the cache (decode_from_cache=True); `write_decode_kv=False` reserves their token's slot
-    without writing it: the seed's bug."""
+    without writing it: the origin bug (docs/origin-analysis.md)."""
     from .cache import PagedKVCache
 
     if contract not in CONTRACTS:

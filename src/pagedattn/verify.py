@@ -9,7 +9,7 @@ exercise one matrix (`config.seed_grid`).
 Contracts:
     full     every sequence's seq_len tokens are appended to the cache, then attention reads them
     context  the cache holds ctx_len tokens, the query tokens' K/V come as k_new / v_new; decode
-             sequences read their own token from the cache (decode_from_cache=True, the seed's
+             sequences read their own token from the cache (decode_from_cache=True, vLLM's
              path), so it is appended before attending (write-before-attend)
 """
 

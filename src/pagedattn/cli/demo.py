@@ -50,7 +50,7 @@ def run(args) -> int:
     verify_ok = verify.summarize(results, device, console, time.perf_counter() - start)
     console.rule(f"2. scenario {SEED_SCENARIO}")
     result = run_scenario(SEED_SCENARIO, device, args.rng_seed)
-    scenario.print_result(result, console)
+    scenario.print_result(result, console, compact=True)
     ok = verify_ok and result.ok
     console.rule(
         "[green]demo passed[/]"

@@ -46,7 +46,9 @@ def backend_words(device) -> str:
     return "Triton kernels" + (" (interpreter)" if device.type == "cpu" else "")
 
 
-def print_result(result, console) -> None:
+def print_result(result, console, *, compact: bool = False) -> None:
+    """The planted fault, what checked mode said, forensics' report (`compact`: its one-line summary
+    and top cause instead of the tables), the repaired run and the verdict."""
     from rich.panel import Panel
     from rich.text import Text
 
@@ -65,7 +67,15 @@ def print_result(result, console) -> None:
             border_style="green" if result.checked_raised else "yellow",
         )
     )
-    console.print(Panel(result.report.render(), title="forensics (checked mode off)", title_align="left"))
+    report = result.report
+    if compact and report.top is not None:
+        body = Text(
+            f"{report.summary()}\nlikely cause: {report.top.id}: {report.top.evidence}\n"
+            f"(`pagedattn scenario {result.name}` prints the whole report)"
+        )
+    else:
+        body = report.render()
+    console.print(Panel(body, title="forensics (checked mode off)", title_align="left"))
     if result.fixed:
         console.print(Text(result.fixed, style="green" if "clean" in result.fixed else "red"))
     console.print(verdict, highlight=False)
