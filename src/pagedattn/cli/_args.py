@@ -43,8 +43,3 @@ def resolve_device(value):
     if value is not None:
         return torch.device(value)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def plural(n: int, word: str, words: str | None = None) -> str:
-    """'1 head', '2 heads'."""
-    return f"{n} {word if n == 1 else (words or word + 's')}"

@@ -7,7 +7,8 @@ import argparse
 import json
 import time
 
-from ._args import add_device_and_rng_seed, plural
+from ..text import plural
+from ._args import add_device_and_rng_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
