@@ -254,3 +254,42 @@ def test_query_dtype_differs_from_cache(entry, q_dtype, cache_dtype):
     coarser = max((q_dtype, cache_dtype), key=lambda d: TOLERANCES[d][0])  # the dot products run in q's dtype
     atol, rtol = TOLERANCES[coarser]
     torch.testing.assert_close(out.float().cpu(), ref, atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------
+# the harness can fail: each promise, broken on purpose, is reported
+# ---------------------------------------------------------------------------------------------
+def _patch_paged_attention(monkeypatch, fn):
+    import importlib
+    api = importlib.import_module("pagedattn.attention")  # the module (pagedattn.attention is the function)
+    real = api.paged_attention
+    monkeypatch.setattr(api, "paged_attention", lambda *a, **k: fn(real, *a, **k))
+
+
+def test_harness_reports_an_accepted_bad_input(monkeypatch):
+    _patch_paged_attention(monkeypatch, lambda real, *a, validate=None, **k: real(*a, validate=False, **k))
+    problems = cat.check(cat.CASES_BY_NAME["block-id-past-cache"], "paged_attention", DEVICE, validate=True)
+    assert problems and problems[0].startswith("accepted"), problems
+
+
+def test_harness_reports_plausible_rows_and_wrong_rows(monkeypatch):
+    def zeros(real, q, *a, out=None, **k):
+        out = torch.zeros_like(q) if out is None else out.zero_()
+        return out
+    _patch_paged_attention(monkeypatch, zeros)
+    problems = cat.check(cat.CASES_BY_NAME["seq-len-negative"], "paged_attention", DEVICE, validate=False)
+    assert any("not all NaN" in p for p in problems), problems
+    assert any("differ from the reference" in p for p in problems), problems
+
+
+def test_harness_reports_a_write_past_out_and_into_the_cache(monkeypatch):
+    def overrun(real, q, k_cache, v_cache, *a, out=None, **k):
+        result = real(q, k_cache, v_cache, *a, out=out, **k)
+        flat = torch.as_strided(out, (out.numel() + 1,), (1,))  # one element past the end
+        flat[-1] = 7.0
+        k_cache.view(-1)[0] = 7.0
+        return result
+    _patch_paged_attention(monkeypatch, overrun)
+    problems = cat.check(None, "paged_attention", DEVICE, validate=False, out_mode="user")
+    assert "written past the ends of out" in problems, problems
+    assert "k_cache changed (only out may be written)" in problems, problems

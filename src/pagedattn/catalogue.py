@@ -590,9 +590,9 @@ def planned_runs(entries=None, cases=None, out_mode: str = "both", select: str =
 
     select "full": every case over every entry point it applies to; "ci" (interpreter-sized): the
     valid batch, the host-side checks and the write op everywhere, but each case that runs an
-    attention kernel through one entry point only, taken in turn from the list of those it applies
-    to. out_mode "both": `out` given by the caller, and also left to the library for the cases in
-    LIBRARY_OUT_CASES."""
+    attention kernel through two entry points only, one per contract, taken in turn from those it
+    applies to (for LIBRARY_OUT_CASES, from those where the library may allocate `out`). out_mode
+    "both": `out` given by the caller, and also left to the library for LIBRARY_OUT_CASES."""
     entries = list(ENTRY_POINTS) if entries is None else list(entries)
     runs = []
     if cases is None or "valid" in cases:
@@ -603,7 +603,14 @@ def planned_runs(entries=None, cases=None, out_mode: str = "both", select: str =
             continue
         chosen = [e for e in case.entry_points if e in entries]
         if select == "ci" and not case.host_check and chosen and ENTRY_POINTS[chosen[0]].contract != "write":
-            chosen = [chosen[turn % len(chosen)]]
+            picks = []
+            for contract in ("full", "context"):
+                pool = [e for e in chosen if ENTRY_POINTS[e].contract == contract]
+                if case.name in LIBRARY_OUT_CASES:
+                    pool = [e for e in pool if ENTRY_POINTS[e].library_out] or pool
+                if pool:
+                    picks.append(pool[turn % len(pool)])
+            chosen = picks
             turn += 1
         for e in chosen:
             if out_mode in ("user", "both"):
