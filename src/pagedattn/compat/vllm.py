@@ -196,7 +196,7 @@ def _decode_rows(cu_seqlens_q: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_table, query_start_loc,
              seq_lens, max_query_len, k_scale, v_scale, alibi_slopes, sliding_window, sm_scale, sinks,
-             decode_from_cache, skip_decode=False, checked=None):
+             decode_from_cache, skip_decode=False, checked=None, validate=None):
     """The shared body of context_attention_fwd and chunked_prefill_paged_decode; `names` maps
     pagedattn's argument names to the caller's."""
     k_cache, v_cache = _cache_views(kv_cache_dtype, k_cache, v_cache, fn,
@@ -224,7 +224,8 @@ def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_tabl
                        decode_from_cache=decode_from_cache, max_query_len=max_query_len,
                        max_seq_len=max_seq_len, scale=sm_scale, sliding_window=_window(sliding_window),
                        alibi_slopes=_float32("alibi_slopes", alibi_slopes), sinks=_float32("sinks", sinks),
-                       k_scale=k_scale, v_scale=v_scale, out=o, kv_layout="vllm_v0", checked=checked)
+                       k_scale=k_scale, v_scale=v_scale, out=o, kv_layout="vllm_v0", checked=checked,
+                       validate=validate)
     if saved is not None:
         decode = _decode_rows(query_start_loc, o.shape[0])
         o.copy_(torch.where(decode[:, None, None], saved, o))
@@ -237,7 +238,7 @@ def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_tabl
 def context_attention_fwd(q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc, b_start_loc, b_seq_len,
                           max_seq_len, max_input_len, k_scale, v_scale, alibi_slopes=None,
                           sliding_window=None, sm_scale=None, skip_decode=False, fp8_out_scale=None,
-                          sinks=None, is_block_table_ptr=False, *, checked=None):
+                          sinks=None, is_block_table_ptr=False, *, checked=None, validate=None):
     """vLLM's prefix-prefill op. Context-cache contract: the cache (older layout) holds the first
     ctx_len = b_seq_len - query_len tokens of each sequence; the query tokens' K/V are `k`/`v`
     ([num_tokens, num_kv_heads, head_size], rows aligned with `q`). b_loc is the block table,
@@ -254,14 +255,14 @@ def context_attention_fwd(q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc, b
     return _context("context_attention_fwd", names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc,
                     b_start_loc, b_seq_len, max_input_len, k_scale, v_scale, alibi_slopes,
                     sliding_window, sm_scale, sinks, decode_from_cache=False, skip_decode=skip_decode,
-                    checked=checked)
+                    checked=checked, validate=validate)
 
 
 def chunked_prefill_paged_decode(query, key, value, output, kv_cache_dtype, key_cache, value_cache,
                                  block_table, query_start_loc, seq_lens, max_seq_len, max_query_len,
                                  k_scale, v_scale, alibi_slopes=None, sliding_window=None, sm_scale=None,
                                  output_scale=None, sinks=None, is_block_table_ptr=False, causal=True, *,
-                                 checked=None):
+                                 checked=None, validate=None):
     """vLLM's chunked-prefill op over the older cache layout, in one launch: sequences with
     query_len > 1 follow the context-cache contract (ctx_len tokens in the cache, their own K/V in
     `key`/`value`); sequences with query_len == 1 read all seq_len tokens from the cache, so the
@@ -283,13 +284,13 @@ def chunked_prefill_paged_decode(query, key, value, output, kv_cache_dtype, key_
     return _context("chunked_prefill_paged_decode", names, query, key, value, output, kv_cache_dtype,
                     key_cache, value_cache, block_table, query_start_loc, seq_lens, max_query_len,
                     k_scale, v_scale, alibi_slopes, sliding_window, sm_scale, sinks, decode_from_cache=True,
-                    checked=checked)
+                    checked=checked, validate=validate)
 
 
 def unified_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
                       causal, window_size, block_table, softcap, q_descale, k_descale, v_descale,
                       alibi_slopes=None, output_scale=None, qq_bias=None, sinks=None, *, checked=None,
-                      **scratch_kwargs):
+                      validate=None, **scratch_kwargs):
     """vLLM v1's unified attention. Full-cache contract: `k`/`v` ARE the caches, flash layout
     [num_blocks, block_size, num_kv_heads, head_size] (fp8 as torch fp8 dtypes, dequantized with
     k_descale / v_descale), and hold all seqused_k tokens of every sequence. Writes `out`, returns it.
@@ -332,7 +333,7 @@ def unified_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_s
             scale=float(softmax_scale), sliding_window=_window_from_window_size(window_size),
             alibi_slopes=_float32("alibi_slopes", alibi_slopes), softcap=float(softcap) if softcap else None,
             sinks=_float32("sinks", sinks), k_scale=k_scale, v_scale=v_scale, out=out, kv_layout="nhd",
-            checked=checked)
+            checked=checked, validate=validate)
 
 
 # ---------------------------------------------------------------------------------------------

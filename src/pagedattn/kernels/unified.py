@@ -178,7 +178,7 @@ def _tile_blocks(bt_row, start, key_start, key_end, num_blocks, max_blocks, BLOC
     """Key positions of the tile at `start`, which of them are in range, their cache blocks (through
     the block table: a tile may span several pages), their slots within the blocks, and whether
     any in-range key has no valid block (an id outside [0, num_blocks), or a column past the
-    table's width). Such keys read block 0 instead; the caller turns their rows into NaN."""
+    table's width). Such keys read block 0 instead (`_bad_blocks` turns the rows into NaN)."""
     key_pos = start + tl.arange(0, BLOCK_N)
     col = key_pos // PAGE
     if MASK:
@@ -190,7 +190,7 @@ def _tile_blocks(bt_row, start, key_start, key_end, num_blocks, max_blocks, BLOC
     block = tl.where(bad, 0, block)
     if IDX64:  # only caches of 2^31 elements or more pay for 64-bit offset arithmetic
         block = block.to(tl.int64)
-    return key_pos, key_ok, block, key_pos % PAGE, tl.max(bad.to(tl.int32), 0)
+    return key_pos, key_ok, block, key_pos % PAGE
 
 
 @triton.jit
@@ -210,7 +210,7 @@ def _load_tile(cache_ptr, block, in_block, key_ok, head_off, stride_b, stride_t,
 
 @triton.jit
 def _cache_tiles(
-    acc, m_i, l_i, bad_seen, q, lo, hi,
+    acc, m_i, l_i, q, lo, hi,
     k_cache_ptr, v_cache_ptr, bt_row, num_blocks, max_blocks, k_head, v_head, stride_kb, stride_kt,
     stride_vb, stride_vt, k_dim_off, v_dim_off, dim_valid,
     row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap, sliding_window,
@@ -223,9 +223,8 @@ def _cache_tiles(
     block table. Unmasked tiles (MASK=False) lie wholly in range."""
     FOLD: tl.constexpr = not (USE_SOFTCAP or USE_ALIBI)
     for start in range(lo, hi, BLOCK_N):
-        key_pos, key_ok, block, in_block, tile_bad = _tile_blocks(
+        key_pos, key_ok, block, in_block = _tile_blocks(
             bt_row, start, key_start, key_end, num_blocks, max_blocks, BLOCK_N, PAGE, MASK, IDX64)
-        bad_seen = tl.maximum(bad_seen, tile_bad)
         k = _load_tile(k_cache_ptr, block, in_block, key_ok, k_head, stride_kb, stride_kt, k_dim_off,
                        dim_valid, MASK, EVEN_D, KV_FP8, DOT_DTYPE, INTERPRET)
         v = _load_tile(v_cache_ptr, block, in_block, key_ok, v_head, stride_vb, stride_vt, v_dim_off,
@@ -233,7 +232,22 @@ def _cache_tiles(
         s = _scores(q, k, key_pos, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
                     sliding_window, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, MASK)
         acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PV_DTYPE, IEEE, FOLD, MASK)
-    return acc, m_i, l_i, bad_seen
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _bad_blocks(bt_row, key_start, key_stop, num_blocks, max_blocks, PAGE: tl.constexpr):
+    """Whether any block the keys [key_start, key_stop) live in is not a valid block: an id outside
+    [0, num_blocks) or a column past the table's width. One pass over the block-table row before
+    the key loop (a few hundred bytes), so the loop itself pays only for a clamp."""
+    COLS: tl.constexpr = 128
+    bad = tl.full([], 0, tl.int32)
+    for c0 in range(key_start // PAGE, tl.cdiv(key_stop, PAGE), COLS):
+        cols = c0 + tl.arange(0, COLS)
+        used = cols * PAGE < key_stop
+        ids = tl.load(bt_row + cols, mask=used & (cols < max_blocks), other=-1)
+        bad = tl.maximum(bad, tl.max((used & ((ids < 0) | (ids >= num_blocks))).to(tl.int32), 0))
+    return bad > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,13 +378,12 @@ def _paged_attention_kernel(
         full_lo = tl.maximum(full_lo, last_pos - sliding_window + 1)
     full_lo = tl.minimum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, cache_stop)
     full_hi = tl.maximum(tl.minimum(first_pos + 1, cache_stop) // BLOCK_N * BLOCK_N, full_lo)
-    bad_seen = tl.full([], 0, tl.int32)
     for r in tl.static_range(3):
         # r = 0, 2: the masked edges; r = 1: the unmasked middle
         lo = tile_start if r == 0 else (full_lo if r == 1 else full_hi)
         hi = full_lo if r == 0 else (full_hi if r == 1 else cache_stop)
-        acc, m_i, l_i, bad_seen = _cache_tiles(
-            acc, m_i, l_i, bad_seen, q, lo, hi,
+        acc, m_i, l_i = _cache_tiles(
+            acc, m_i, l_i, q, lo, hi,
             k_cache_ptr, v_cache_ptr, bt_row, num_blocks, max_blocks, k_head, v_head, stride_kb,
             stride_kt, stride_vb, stride_vt, k_dim_off, v_dim_off, dim_valid,
             row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap, sliding_window,
@@ -378,7 +391,8 @@ def _paged_attention_kernel(
             HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
         )
     # a key with no valid block makes every row of the tile NaN (never a plausible number)
-    l_i = tl.where(bad_seen > 0, float("nan"), l_i)
+    if _bad_blocks(bt_row, key_start, cache_stop, num_blocks, max_blocks, PAGE):
+        l_i = tl.full([BLOCK_M], float("nan"), dtype=tl.float32)
 
     if KV_FP8 != 0:
         acc = acc * v_scale
