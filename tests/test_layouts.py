@@ -9,7 +9,8 @@ nothing outside the views may change (out's buffer around the view, the caches).
 
 Profiles (PAGEDATTN_FUZZ_PROFILE, default "gpu" with CUDA, else "ci"):
     ci   derandomized, 40 examples at interpreter-sized shapes
-    gpu  2000 examples (PAGEDATTN_FUZZ_EXAMPLES overrides), larger batches, head sizes to 256
+    gpu  2000 random examples (PAGEDATTN_FUZZ_EXAMPLES overrides), larger batches, head sizes to 256,
+         split into PAGEDATTN_FUZZ_SHARDS (default 8) independent tests so xdist spreads them
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from pagedattn.errors import LayoutError
 from pagedattn.tolerances import TOLERANCES
 
 CUDA = torch.cuda.is_available()
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or INTERPRETER), reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.kernels  # skipped without CUDA or TRITON_INTERPRET=1 (tests/conftest.py)
 
 PROFILE = os.environ.get("PAGEDATTN_FUZZ_PROFILE", "gpu" if CUDA else "ci")
 if PROFILE not in ("ci", "gpu"):
@@ -39,6 +39,8 @@ BIG = PROFILE == "gpu"
 EXAMPLES = int(os.environ.get("PAGEDATTN_FUZZ_EXAMPLES", 2000 if BIG else 40))
 _COMMON = dict(deadline=None, print_blob=True, max_examples=EXAMPLES,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SHARDS = int(os.environ.get("PAGEDATTN_FUZZ_SHARDS", 8)) if BIG else 1
+_COMMON["max_examples"] = max(1, EXAMPLES // SHARDS)
 FUZZ = settings(derandomize=not BIG, **_COMMON)
 
 SENTINEL = 0.5
@@ -354,11 +356,12 @@ def shapes(draw) -> Shape:
         ctx_lens=tuple(draw(st.lists(st.integers(0, max_ctx), min_size=num_seqs, max_size=num_seqs))))
 
 
+@pytest.mark.parametrize("shard", range(SHARDS))
 @FUZZ
 @given(shape=shapes(), entry=st.sampled_from(ENTRIES), q_layout=st.sampled_from(ROW_LAYOUTS),
        kv_new_layout=st.sampled_from(ROW_LAYOUTS + ("kv_fused",)), cache_layout=st.sampled_from(CACHE_LAYOUTS),
        out_layout=st.sampled_from(OUT_LAYOUTS), seed=st.integers(0, 2 ** 16))
-def test_layouts_fuzz(shape, entry, q_layout, kv_new_layout, cache_layout, out_layout, seed):
+def test_layouts_fuzz(shard, shape, entry, q_layout, kv_new_layout, cache_layout, out_layout, seed):
     # "fused_qkv" views share one [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_size] buffer;
     # decode sequences of chunked_prefill_paged_decode find their own token in the cache (make_example)
     ex = make_example(shape, seed)
@@ -413,11 +416,11 @@ def test_write_into_strided_caches(entry, kv_new_layout, cache_layout):
     assert err is None, f"refused: {err}"
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_gpu_profile_is_the_big_one():
     """On CUDA the default profile is the 2,000-example one (unless asked otherwise)."""
     if "PAGEDATTN_FUZZ_PROFILE" not in os.environ and "PAGEDATTN_FUZZ_EXAMPLES" not in os.environ:
-        assert BIG and EXAMPLES == 2000
+        assert BIG and EXAMPLES == 2000 and SHARDS * _COMMON["max_examples"] == 2000
 
 
 def test_harness_catches_a_wrong_stride(monkeypatch):
