@@ -8,7 +8,7 @@ Each must give the reference's answer, or a LayoutError that names the tensor it
 nothing outside the views may change (out's buffer around the view, the caches).
 
 Profiles (PAGEDATTN_FUZZ_PROFILE, default "gpu" with CUDA, else "ci"):
-    ci   derandomized, 40 examples at interpreter-sized shapes
+    ci   derandomized, 60 examples at interpreter-sized shapes
     gpu  2000 random examples (PAGEDATTN_FUZZ_EXAMPLES overrides), larger batches, head sizes to 256,
          split into PAGEDATTN_FUZZ_SHARDS (default 8) independent tests so xdist spreads them
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from pagedattn import reference
@@ -36,7 +36,7 @@ PROFILE = os.environ.get("PAGEDATTN_FUZZ_PROFILE", "gpu" if CUDA else "ci")
 if PROFILE not in ("ci", "gpu"):
     raise ValueError(f"PAGEDATTN_FUZZ_PROFILE must be 'ci' or 'gpu', got {PROFILE!r}")
 BIG = PROFILE == "gpu"
-EXAMPLES = int(os.environ.get("PAGEDATTN_FUZZ_EXAMPLES", 2000 if BIG else 40))
+EXAMPLES = int(os.environ.get("PAGEDATTN_FUZZ_EXAMPLES", 2000 if BIG else 60))
 _COMMON = dict(deadline=None, print_blob=True, max_examples=EXAMPLES,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SHARDS = int(os.environ.get("PAGEDATTN_FUZZ_SHARDS", 8)) if BIG else 1
@@ -365,7 +365,9 @@ def test_layouts_fuzz(shard, shape, entry, q_layout, kv_new_layout, cache_layout
     # "fused_qkv" views share one [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_size] buffer;
     # decode sequences of chunked_prefill_paged_decode find their own token in the cache (make_example)
     ex = make_example(shape, seed)
-    check_layout(ex, entry, q_layout, kv_new_layout, cache_layout, out_layout)
+    event(f"entry {entry}")
+    err = check_layout(ex, entry, q_layout, kv_new_layout, cache_layout, out_layout)
+    event("refused with a LayoutError" if err is not None else "served")
 
 
 # ---------------------------------------------------------------------------------------------
