@@ -93,10 +93,11 @@ def base_batch(device="cpu", dtype=torch.float16, seed=0) -> Batch:
 # ---------------------------------------------------------------------------------------------
 # the cases
 # ---------------------------------------------------------------------------------------------
-FULL = ("paged_attention", "attention", "planner", "unified_attention")
+FULL = ("paged_attention", "paged_attention_hnd", "attention", "planner", "ops_paged_attention", "unified_attention")
 CONTEXT = ("prefix_prefill", "planner_context", "context_attention_fwd", "chunked_prefill_paged_decode")
 ATTENTION = FULL + CONTEXT
-NATIVE = ("paged_attention", "prefix_prefill", "attention", "planner", "planner_context")
+NATIVE = ("paged_attention", "paged_attention_hnd", "prefix_prefill", "attention", "planner", "planner_context",
+          "ops_paged_attention")
 WRITE = ("write_kv", "reshape_and_cache_flash")
 # cases that are also run with `out` left to the library: rows that no sequence covers must come
 # out NaN, and rows past q must not be written past the allocation
@@ -275,7 +276,9 @@ class EntryPoint:
 
 ENTRY_POINTS = {e.name: e for e in (
     EntryPoint("paged_attention", "full", library_out=True),
+    EntryPoint("paged_attention_hnd", "full", layout="hnd", library_out=True),  # kv_layout="hnd" caches
     EntryPoint("prefix_prefill", "context", library_out=True),
+    EntryPoint("ops_paged_attention", "full", library_out=True),  # torch.ops.pagedattn.paged_attention
     EntryPoint("attention", "full", library_out=True),
     EntryPoint("planner", "full", library_out=True, host_copies=True),
     EntryPoint("planner_context", "context", library_out=True),
@@ -359,6 +362,8 @@ def prepare(entry: EntryPoint, b: Batch, out_mode: str = "user") -> Prepared:
     k, v = b.k_cache, b.v_cache
     if entry.layout == "vllm_v0" and k.dim() == 4:
         k, v = _to_v0(k, v)
+    elif entry.layout == "hnd" and k.dim() == 4:
+        k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
     for name, t in (("k_cache", k), ("v_cache", v)):
         guards[name] = Guarded(t, 2 * row(t))
     for name in ("q", "k_new", "v_new", "cu_seqlens_q", "seq_lens", "block_table", "slot_mapping"):
@@ -387,8 +392,12 @@ def call(p: Prepared, validate):
     if kc.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2) and name not in ("planner", "planner_context"):
         scales = {}
     sizes = dict(max_query_len=b.max_query_len, max_seq_len=b.max_seq_len)
-    if name == "paged_attention":
-        return paged_attention(t("q"), kc, vc, *meta, **sizes, **scales, out=out, validate=validate)
+    if name in ("paged_attention", "paged_attention_hnd"):
+        return paged_attention(t("q"), kc, vc, *meta, **sizes, **scales, out=out, kv_layout=p.entry.layout,
+                               validate=validate)
+    if name == "ops_paged_attention":
+        from pagedattn import ops
+        return ops.paged_attention(t("q"), kc, vc, *meta, **sizes, **scales, out=out, validate=validate)
     if name == "prefix_prefill":
         return prefix_prefill(t("q"), t("k_new"), t("v_new"), kc, vc, *meta, **sizes, **scales, out=out,
                               validate=validate)
