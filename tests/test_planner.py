@@ -108,7 +108,7 @@ def test_run_checks_what_it_is_handed():
     attn = planner()
     with pytest.raises(PagedAttentionError, match="before plan"):
         attn.run(torch.randn(7, HQ, D), torch.randn(NB, BS, HKV, D), torch.randn(NB, BS, HKV, D))
-    attn.plan(cu, seq_lens, table)
+    attn.plan(cu, seq_lens, table, query_lens_host=QUERY_LENS, seq_lens_host=SEQ_LENS)  # host copies: q rows known
     k, v = torch.randn(NB, BS, HKV, D, device=DEVICE), torch.randn(NB, BS, HKV, D, device=DEVICE)
     with pytest.raises(ShapeError, match="q has 6 rows"):
         attn.run(torch.randn(6, HQ, D, device=DEVICE), k, v)

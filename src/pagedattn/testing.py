@@ -191,7 +191,7 @@ def make_inputs(
     )
 
 
-def run_both(config: AttentionConfig, shape: BatchShape, contract: str, seed: int = 0, device="cpu"):
+def run_both(config: AttentionConfig, shape: BatchShape, contract: str, seed: int = 0, device=DEVICE):
     """(kernel output, reference output) on fresh `make_inputs`; contract: full | context | context-decode
     (decode sequences read their own token from the cache, written there first as an engine would)."""
     from .attention import paged_attention, prefix_prefill
