@@ -21,7 +21,6 @@ import queue
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -124,7 +123,16 @@ def test_validated_by_default_on_cpu(case, entry, no_launches):
 RUNS = cat.planned_runs(select=SELECT)
 
 
-def run_isolated(select: str, device: str, timeout_s: float, module: str = "pagedattn.catalogue") -> dict[str, list[str]]:
+def _pump(stream, sink) -> None:
+    """A thread's body: every line of `stream` into `sink` (a queue gets None at the end)."""
+    for line in stream:
+        sink.put(line) if isinstance(sink, queue.Queue) else sink.append(line)
+    if isinstance(sink, queue.Queue):
+        sink.put(None)
+
+
+def run_isolated(select: str, device: str, timeout_s: float,
+                 module: str = "pagedattn.catalogue") -> dict[str, list[str]]:
     """Every planned unvalidated run, in subprocesses that are restarted after a crash or a hang."""
     results: dict[str, list[str]] = {}
     labels = [cat.run_label(*r) for r in cat.planned_runs(select=select)]
@@ -134,9 +142,9 @@ def run_isolated(select: str, device: str, timeout_s: float, module: str = "page
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
         stderr: list[str] = []
-        threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        threading.Thread(target=_pump, args=(proc.stderr, stderr), daemon=True).start()
         current = None
         while True:
             try:

@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -64,7 +63,7 @@ class Batch:
     k_scale: float | None = None
     v_scale: float | None = None
 
-    def replace(self, **changes) -> "Batch":
+    def replace(self, **changes) -> Batch:
         return dataclasses.replace(self, **changes)
 
 
