@@ -30,6 +30,7 @@ import time
 import torch
 
 from pagedattn import catalogue as cat
+from pagedattn.catalogue_run import check
 
 
 def main(argv=None) -> int:
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
         faulthandler.dump_traceback_later(args.timeout, exit=True)  # a hang ends the process, named
         t0 = time.perf_counter()
         try:
-            problems = cat.check(case, entry, device, validate=validated, out_mode=out_mode)
+            problems = check(case, entry, device, validate=validated, out_mode=out_mode)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001  (a harness error fails the run, the others go on)

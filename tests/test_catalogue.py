@@ -7,9 +7,10 @@
                  CASE_TIMEOUT_S fails as a hang: no crash, no write outside any tensor (guard
                  margins), NaN rows for the bad sequences, reference rows for the rest.
 
-PAGEDATTN_CATALOGUE=full runs every unvalidated case through every entry point (a few minutes
-under the interpreter); the default "ci" selection runs each kernel-running case through one entry
-point in turn (see `catalogue.planned_runs`), and every host-side check everywhere.
+PAGEDATTN_CATALOGUE=full runs every unvalidated case through every entry point (about a minute of
+one core under the interpreter); the default "ci" selection runs each kernel-running case through
+one entry point per contract in turn, and every host-side check everywhere (see
+`catalogue.planned_runs`; the runner is `pagedattn.catalogue_run`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pytest
 import torch
 
 from pagedattn import catalogue as cat
+from pagedattn import catalogue_run as run
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -102,7 +104,7 @@ PAIRS = [pytest.param(c, e, id=f"{c.name}-{e}") for c, e in cat.applicable()]
 
 @pytest.mark.parametrize("case, entry", PAIRS)
 def test_validated(case, entry, no_launches):
-    problems = cat.check(case, entry, DEVICE, validate=True)
+    problems = run.check(case, entry, DEVICE, validate=True)
     assert not problems, "\n".join(problems)
 
 
@@ -113,7 +115,7 @@ DEFAULT_CASES = ("block-id-past-cache", "seq-len-negative", "cu-decreasing", "q-
 @pytest.mark.parametrize("case, entry", [p for p in PAIRS if p.values[0].name in DEFAULT_CASES])
 def test_validated_by_default_on_cpu(case, entry, no_launches):
     """validate=None (the default) validates metadata values on the CPU, where it is free."""
-    problems = cat.check(case, entry, DEVICE, validate=None)
+    problems = run.check(case, entry, DEVICE, validate=None)
     assert not problems, "\n".join(problems)
 
 
@@ -204,13 +206,14 @@ def test_isolation_reports_a_crash_and_a_hang(tmp_path, monkeypatch):
     (tmp_path / "fake_catalogue.py").write_text(
         "import os, sys, time\n"
         "import pagedattn.catalogue as cat\n"
+        "import pagedattn.catalogue_run as run\n"
         "def check(case, entry, *a, **k):\n"
         "    label = cat.run_label(case, entry, k.get('out_mode', 'user'))\n"
         "    if label == os.environ['CRASH_RUN']: os.abort()\n"
         "    if label == os.environ['HANG_RUN']: time.sleep(60)\n"
         "    return ['a problem'] if label == os.environ['FAIL_RUN'] else []\n"
-        "cat.check = check\n"
-        "sys.exit(cat.main())\n")
+        "run.check = check\n"
+        "sys.exit(run.main())\n")
     runs = [cat.run_label(*r) for r in cat.planned_runs(select="ci")]
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv("CRASH_RUN", runs[2])
@@ -233,7 +236,7 @@ def test_isolation_reports_a_crash_and_a_hang(tmp_path, monkeypatch):
 def test_block_table_padding_beyond_seq_len_is_not_read(entry, padding, validate):
     """Entries past ceil(seq_len / block_size) are padding an engine may fill with anything."""
     case = cat.Case("padding", (entry,), cat._set("block_table", (slice(None), 2), padding), (), ("",), ())
-    problems = cat.check(case, entry, DEVICE, validate=validate)
+    problems = run.check(case, entry, DEVICE, validate=validate)
     assert not problems, "\n".join(problems)
 
 
@@ -275,7 +278,7 @@ def _patch_paged_attention(monkeypatch, fn):
 
 def test_harness_reports_an_accepted_bad_input(monkeypatch):
     _patch_paged_attention(monkeypatch, lambda real, *a, validate=None, **k: real(*a, validate=False, **k))
-    problems = cat.check(cat.CASES_BY_NAME["block-id-past-cache"], "paged_attention", DEVICE, validate=True)
+    problems = run.check(cat.CASES_BY_NAME["block-id-past-cache"], "paged_attention", DEVICE, validate=True)
     assert problems and problems[0].startswith("accepted"), problems
 
 
@@ -284,7 +287,7 @@ def test_harness_reports_plausible_rows_and_wrong_rows(monkeypatch):
         out = torch.zeros_like(q) if out is None else out.zero_()
         return out
     _patch_paged_attention(monkeypatch, zeros)
-    problems = cat.check(cat.CASES_BY_NAME["seq-len-negative"], "paged_attention", DEVICE, validate=False)
+    problems = run.check(cat.CASES_BY_NAME["seq-len-negative"], "paged_attention", DEVICE, validate=False)
     assert any("not all NaN" in p for p in problems), problems
     assert any("differ from the reference" in p for p in problems), problems
 
@@ -297,6 +300,6 @@ def test_harness_reports_a_write_past_out_and_into_the_cache(monkeypatch):
         k_cache.view(-1)[0] = 7.0
         return result
     _patch_paged_attention(monkeypatch, overrun)
-    problems = cat.check(None, "paged_attention", DEVICE, validate=False, out_mode="user")
+    problems = run.check(None, "paged_attention", DEVICE, validate=False, out_mode="user")
     assert "written past the ends of out" in problems, problems
     assert "k_cache changed (only out may be written)" in problems, problems
