@@ -4,8 +4,8 @@
     python scripts/import_graph.py --check    # only the problems; exit 1 if there are any
 
 Reads the source with `ast` (imports nothing). Two checks:
-- no circles among module-level imports (an import inside a function is deliberate laziness and
-  is left out of the circle check, but not of the layer check);
+- no circles among module-level imports (an import inside a function or an `if __name__ == "__main__"`
+  block is deliberate laziness and is left out of the circle check, but not of the layer check);
 - every import points down the layers: a module may import its own layer or lower ones, never higher.
 """
 
@@ -26,7 +26,7 @@ LAYERS = [
     ("planning", ["dispatch", "planner", "platforms"]),
     ("entry points", ["attention", "ops", "compat"]),
     ("diagnosis", ["forensics", "diagnosis"]),
-    ("harness", ["testing", "verify", "scenarios", "catalogue"]),
+    ("harness", ["testing", "verify", "scenarios", "catalogue", "catalogue_run"]),
     ("tools", ["bench", "tools", "integrations"]),
     ("cli", ["cli", "__main__", "__init__"]),
 ]
@@ -37,12 +37,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
 
 
-def layer_of(module: str) -> int:
+def layer_of(module: str) -> int | None:
+    """The index of the module's layer in LAYERS; None for a module in no layer."""
     for i, (_, names) in enumerate(LAYERS):
         for name in names:
             if module == name or module.startswith(name + "."):
                 return i
-    raise SystemExit(f"import_graph: {module} is in no layer; add it to LAYERS (and docs/DEVELOPING.md)")
+    return None
 
 
 def imports(path: Path) -> tuple[set[str], set[str]]:
@@ -69,7 +70,9 @@ def imports(path: Path) -> tuple[set[str], set[str]]:
 
     def visit(node, in_function: bool, in_type_checking: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            func = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            # a function body or an `if __name__ == "__main__":` block runs after the module is imported
+            main_block = isinstance(child, ast.If) and "__main__" in ast.unparse(child.test)
+            func = in_function or main_block or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
             typing_only = in_type_checking or (isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test))
             names: list[str] = []
             if isinstance(child, ast.ImportFrom):
@@ -126,8 +129,10 @@ def upward(g: dict[str, tuple[set[str], set[str]]]) -> list[str]:
     """'a (layer) -> b (higher layer)' for every import that points up."""
     out = []
     for a, (top, lazy) in g.items():
+        if layer_of(a) is None:
+            continue
         for b in sorted(top | lazy):
-            if b in g and layer_of(b) > layer_of(a):
+            if b in g and layer_of(b) is not None and layer_of(b) > layer_of(a):
                 how = "" if b in top else " (inside a function)"
                 out.append(f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]}){how}")
     return out
@@ -135,14 +140,16 @@ def upward(g: dict[str, tuple[set[str], set[str]]]) -> list[str]:
 
 def problems() -> list[str]:
     g = graph()
-    return [f"circle: {' <-> '.join(c)}" for c in circles(g)] + [f"upward: {u}" for u in upward(g)]
+    unlayered = [f"no layer: {m} (add it to LAYERS here and to docs/DEVELOPING.md)" for m in g if layer_of(m) is None]
+    return unlayered + [f"circle: {' <-> '.join(c)}" for c in circles(g)] + [f"upward: {u}" for u in upward(g)]
 
 
 def main(argv: list[str]) -> int:
     if "--check" not in argv:
         for module, (top, lazy) in graph().items():
+            layer = layer_of(module)
             print(
-                f"{module:28} [{LAYERS[layer_of(module)][0]}] -> {', '.join(sorted(top)) or '-'}"
+                f"{module:28} [{'?' if layer is None else LAYERS[layer][0]}] -> {', '.join(sorted(top)) or '-'}"
                 + (f"; lazily {', '.join(sorted(lazy - top))}" if lazy - top else "")
             )
     found = problems()
