@@ -5,9 +5,10 @@ every entry point it applies to, with what must happen.
                 `case.error`, its message names one of `case.args`, and nothing is touched.
     unvalidated (validate=False): host-side checks (`case.bad_seqs is None`) still raise; otherwise
                 the call runs and must not crash, must not read or write outside its tensors, must
-                give NaN rows for the sequences in `case.bad_seqs` and reference rows for the others,
-                and NaN rows that no sequence covers when the library allocated `out`. The write op
-                skips the tokens in `case.bad_slots` and writes the others.
+                give NaN rows for the sequences in `case.bad_seqs` and reference rows for the others
+                (NaN or reference rows, nothing else, for `case.nan_or_right`; rows two sequences
+                claim are unconstrained), and NaN rows that no sequence covers when the library
+                allocated `out`. The write op skips the tokens in `case.bad_slots`, writes the others.
 
 Every case starts from `base_batch()`, one small valid mixed batch, and changes it in one place:
 
