@@ -74,13 +74,14 @@ def paged_attention_op(
     *, max_query_len: Optional[int] = None, max_seq_len: Optional[int] = None,
     scale: Optional[float] = None, sliding_window: Optional[int] = None,
     softcap: Optional[float] = None, kv_layout: str = "nhd", backend: str = "auto",
-    checked: bool = False,
+    checked: bool = False, validate: Optional[bool] = None,
 ) -> None:
     _paged_attention(
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, max_query_len=max_query_len,
         max_seq_len=max_seq_len, scale=scale, sliding_window=sliding_window,
         alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
-        out=out, kv_layout=kv_layout, backend=backend, checked=checked or None)  # None: PAGEDATTN_CHECKED
+        out=out, kv_layout=kv_layout, backend=backend, checked=checked or None,  # None: PAGEDATTN_CHECKED
+        validate=validate)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::prefix_prefill", mutates_args=("out",))
@@ -92,14 +93,14 @@ def prefix_prefill_op(
     *, decode_from_cache: bool = False, max_query_len: Optional[int] = None,
     max_seq_len: Optional[int] = None, scale: Optional[float] = None,
     sliding_window: Optional[int] = None, softcap: Optional[float] = None,
-    kv_layout: str = "nhd", backend: str = "auto", checked: bool = False,
+    kv_layout: str = "nhd", backend: str = "auto", checked: bool = False, validate: Optional[bool] = None,
 ) -> None:
     _prefix_prefill(
         q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table,
         decode_from_cache=decode_from_cache, max_query_len=max_query_len, max_seq_len=max_seq_len,
         scale=scale, sliding_window=sliding_window, alibi_slopes=alibi_slopes, softcap=softcap,
         sinks=sinks, k_scale=k_scale, v_scale=v_scale, out=out, kv_layout=kv_layout,
-        backend=backend, checked=checked or None)
+        backend=backend, checked=checked or None, validate=validate)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -213,9 +213,10 @@ def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_tabl
                          f"and the total, [num_seqs + 1] = [{seq_lens.shape[0] + 1}] for {names['seq_lens']} "
                          f"of shape {list(seq_lens.shape)}; got shape {list(query_start_loc.shape)}")
     max_query_len = int(max_query_len)
-    # vLLM never relied on max_seq_len (its tests pass one below the true maximum): plan with a
-    # bound that holds whatever it says. The context contract does not split keys, so it is free.
-    max_seq_len = block_table.shape[1] * k_cache.shape[3] + max_query_len
+    # vLLM never relied on max_seq_len (its tests pass one below the true maximum): it is not
+    # passed on, so the planner takes the true maximum from host copies (or the table's capacity).
+    # The context contract does not split keys, so the bound costs nothing.
+    max_seq_len = None
     saved = None
     if skip_decode and isinstance(o, torch.Tensor) and o.dim() == 3 and o.shape[0] > 0:
         saved = o.clone()  # restore the decode rows afterwards
