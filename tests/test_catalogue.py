@@ -208,7 +208,7 @@ def worker_id(request) -> str:
 # past q in a library-allocated out) are not yet NaN. Listed so CI stays a gate for the rest; each
 # becomes an XPASS (reported) once fixed. See the issue 14 note.
 KNOWN_GAPS = ("/write_kv/", "/reshape_and_cache_flash/", "seq-len-int32-max/", "cu-ends-before-tokens/",
-              "q-more-rows/")
+              "q-more-rows/", "cu-not-starting-at-0/")  # the last: the same gap as cu-ends-before-tokens
 
 
 def _gap(label: str):
