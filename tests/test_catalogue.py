@@ -102,14 +102,7 @@ def no_launches(monkeypatch):
 PAIRS = [pytest.param(c, e, id=f"{c.name}-{e}") for c, e in cat.applicable()]
 
 
-def _write_gap(p):
-    """The write op's slot rules are not enforced by default on CPU yet (known gap, issue 14)."""
-    if p.values[1] in ("write_kv", "reshape_and_cache_flash"):
-        return pytest.param(*p.values, id=p.id, marks=pytest.mark.xfail(strict=False, reason="known gap, issue 14"))
-    return p
-
-
-@pytest.mark.parametrize("case, entry", [_write_gap(p) for p in PAIRS])
+@pytest.mark.parametrize("case, entry", PAIRS)
 def test_validated(case, entry, no_launches):
     problems = run.check(case, entry, DEVICE, validate=True)
     assert not problems, "\n".join(problems)
@@ -119,7 +112,7 @@ DEFAULT_CASES = ("block-id-past-cache", "seq-len-negative", "cu-decreasing", "q-
 
 
 @pytest.mark.skipif(CUDA, reason="the default validates on the CPU; on a GPU only with host copies")
-@pytest.mark.parametrize("case, entry", [_write_gap(p) for p in PAIRS if p.values[0].name in DEFAULT_CASES])
+@pytest.mark.parametrize("case, entry", [p for p in PAIRS if p.values[0].name in DEFAULT_CASES])
 def test_validated_by_default_on_cpu(case, entry, no_launches):
     """validate=None (the default) validates metadata values on the CPU, where it is free."""
     problems = run.check(case, entry, DEVICE, validate=None)
@@ -203,21 +196,7 @@ def worker_id(request) -> str:
     return getattr(request.config, "workerinput", {}).get("workerid", "master")
 
 
-# Gaps the library has not closed yet (2026-11-28): the write kernel does not yet bound slots by
-# the cache's size, and three planner cases (seq_len at int32 max, rows past cu_seqlens_q[-1] or
-# past q in a library-allocated out) are not yet NaN. Listed so CI stays a gate for the rest; each
-# becomes an XPASS (reported) once fixed. See the issue 14 note.
-KNOWN_GAPS = ("/write_kv/", "/reshape_and_cache_flash/", "seq-len-int32-max/", "cu-ends-before-tokens/",
-              "q-more-rows/", "cu-not-starting-at-0/")  # the last: the same gap as cu-ends-before-tokens
-
-
-def _gap(label: str):
-    if any(g in label for g in KNOWN_GAPS):
-        return pytest.param(label, marks=pytest.mark.xfail(strict=False, reason="known gap, issue 14"))
-    return label
-
-
-@pytest.mark.parametrize("label", [_gap(cat.run_label(*r)) for r in RUNS])
+@pytest.mark.parametrize("label", [cat.run_label(*r) for r in RUNS])
 def test_unvalidated(label, unvalidated_results):
     assert label in unvalidated_results, "the run produced no result"
     assert not unvalidated_results[label], "\n".join(unvalidated_results[label])

@@ -327,7 +327,7 @@ class PagedAttention:
             self._check_reads(k_cache, v_cache)
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            if not b.validated and b.num_tokens is None:
+            if not b.validated:
                 out.fill_(float("nan"))  # rows no sequence covers (unvalidated offsets) stay NaN
         else:
             self._check_overlap(binding, out, q, k_cache, v_cache, k_new, v_new)

@@ -368,7 +368,8 @@ def _check_write_args(fn, key, value, slot_mapping, kv_cache_dtype, key_cache, v
     return key[:n], value[:n], key_cache, value_cache, slot_mapping.long(), k_scale, v_scale
 
 
-def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
+def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, *,
+                            validate=None):
     """vLLM's cache write for the flash layout: token i of key/value goes to slot slot_mapping[i]
     (block slot // block_size, position slot % block_size); slots < 0 are padding and skipped. fp8
     caches (uint8 storage or fp8 dtype) store key / k_scale. Runs pagedattn's write kernel."""
@@ -378,7 +379,7 @@ def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv
                           f"head_size], got shape {list(key_cache.shape)} (older layouts: reshape_and_cache)")
     key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale = _check_write_args(
         fn, key, value, slot_mapping, kv_cache_dtype, key_cache, value_cache, k_scale, v_scale)
-    write_kv(key, value, key_cache, value_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+    write_kv(key, value, key_cache, value_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale, validate=validate)
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):

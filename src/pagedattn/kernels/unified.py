@@ -293,6 +293,16 @@ def _paged_attention_kernel(
     else:
         tile_in_seq = tile_idx - (q_start // BLOCK_Q + seq)
     in_launch = (query_len >= min_query_len) & (query_len <= max_query_len)
+    # keys read from the cache: more than the block table can address is invalid metadata (and
+    # would make the key loop run for as long as seq_len says, up to 2^31 keys)
+    cache_need = seq_len
+    if CONTEXT:
+        if DECODE_FROM_CACHE:
+            if query_len > 1:
+                cache_need = seq_len - query_len
+        else:
+            cache_need = seq_len - query_len
+    bad = bad | (cache_need > max_blocks * PAGE)
     if SEQ_GRID:
         bad = bad | (in_launch & (query_len > BLOCK_Q))  # max_query_len below the real one
     if bad:
@@ -432,7 +442,7 @@ def _paged_attention_kernel(
 @triton.jit
 def _merge_splits_kernel(
     out_ptr, stride_ot, stride_oh, stride_od, part_acc_ptr, part_m_ptr, part_l_ptr,
-    cu_seqlens_q_ptr, seq_lens_ptr, num_seqs, num_tokens, num_q_heads, min_query_len, max_query_len,
+    cu_seqlens_q_ptr, seq_lens_ptr, num_seqs, num_tokens, num_q_heads, min_query_len, max_query_len, max_keys,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
@@ -442,6 +452,7 @@ def _merge_splits_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start, query_len, seq_len, bad = _sequence(cu_seqlens_q_ptr, seq_lens_ptr, seq, num_seqs, num_tokens)
+    bad = bad | (seq_len > max_keys)  # as in the attention kernel (splits only under the full contract)
     if bad | (query_len < min_query_len) | (query_len > max_query_len) | (query_len > BLOCK_Q):
         return
     splits = tl.arange(0, SPLITS_PAD)
@@ -564,7 +575,7 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
                                     ATTENTION_SLOTS, kwargs))
         if num_splits > 1:
             merge_args = [None, *so, part_acc, part_m, part_l, cu_seqlens_q, seq_lens, num_seqs, num_tokens,
-                          num_q_heads, part.min_query_len, max_query_len]
+                          num_q_heads, part.min_query_len, max_query_len, block_table.shape[1] * page]
             merge_kwargs = dict(HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
                                 SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), BLOCK_Q=part.block_q,
                                 num_warps=4)

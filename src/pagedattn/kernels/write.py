@@ -26,7 +26,7 @@ import triton.language as tl
 from ..config import FP8_DTYPES, MAX_HEAD_SIZE, QUERY_DTYPES, fp8_dtype_of
 from ..errors import (BatchMetadataError, DeviceError, DTypeError, LayoutError, ScaleError, ShapeError,
                       SlotConflictError, UnsupportedConfigError)
-from .launch import FastKernel
+from .launch import FastKernel, interpreter_enabled
 
 # (exponent bits, mantissa bits) of each fp8 format
 _FP8_FORMATS = {torch.float8_e4m3fn: (4, 3), torch.float8_e5m2: (5, 2)}
@@ -65,7 +65,7 @@ def _write_kv_kernel(
     stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
-    block_size, head_size,
+    block_size, head_size, num_slots,
     HEAD_PAD: tl.constexpr,
     FP8: tl.constexpr, SCALE_IS_TENSOR: tl.constexpr, FP8_MAX: tl.constexpr,
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, SUBNORMAL_SCALE: tl.constexpr,
@@ -74,8 +74,9 @@ def _write_kv_kernel(
     head = tl.program_id(1).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token)
     # padding tokens (slot -1) do nothing: every load and store is masked off
-    valid = slot >= 0
-    slot = tl.maximum(slot, 0)
+    # slots outside [0, num_slots) (padding -1, or values no validation caught) write nothing
+    valid = (slot >= 0) & (slot < num_slots)
+    slot = tl.where(valid, slot, 0)
     # int64 from here on: num_blocks * stride_kc_block may exceed 2^31 elements
     block = slot // block_size
     offset = slot % block_size
@@ -124,19 +125,26 @@ def write_kv(
     v_scale: float | torch.Tensor | None = None,
     fp8_dtype: torch.dtype | str | None = None,
     checked: bool = False,
+    validate: bool | None = None,
 ) -> None:
     """Write k[i], v[i] to slot slot_mapping[i] of k_cache, v_cache (in place); slot -1 is skipped.
 
     fp8 caches (float8_e4m3fn / float8_e5m2, or uint8 storage with `fp8_dtype=`) need `k_scale`
     and `v_scale` (floats or one-element tensors) and hold x / scale saturated to +-finfo.max.
     Runs the Triton kernel on CUDA or under TRITON_INTERPRET=1, plain PyTorch otherwise.
-    With `checked=True`, also checks slot values: in range, and no slot written by two tokens."""
+    Slot values are checked to be -1 or in [0, num_blocks * block_size) when `validate` is True, or
+    when it is None and slot_mapping is on the CPU (free there) or `checked=True`; unvalidated, the
+    kernel skips a slot out of range (it never writes outside the caches). With `checked=True`, no
+    slot may be written by two tokens either."""
     fp8 = check_write_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale,
                              fp8_dtype=fp8_dtype, checked=checked)
     if k.shape[0] == 0:
         return
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
     if checked:
-        check_slot_values(slot_mapping, num_slots=k_cache.shape[0] * k_cache.shape[1])
+        check_slot_values(slot_mapping, num_slots=num_slots)
+    elif validate or (validate is None and slot_mapping.device.type == "cpu"):
+        check_slot_values(slot_mapping, num_slots=num_slots, duplicates=False)
     if _use_triton(k.device):
         _launch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8)
     else:
@@ -147,7 +155,6 @@ _WRITE_KV = FastKernel(_write_kv_kernel)
 
 
 def _use_triton(device: torch.device) -> bool:
-    from ..dispatch import interpreter_enabled
     return device.type == "cuda" or interpreter_enabled()
 
 
@@ -177,7 +184,7 @@ def _launch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8):
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_size, head_size,
+        block_size, head_size, k_cache.shape[0] * block_size,
         HEAD_PAD=head_pad, FP8=fp8 is not None, SCALE_IS_TENSOR=scale_is_tensor, FP8_MAX=fp8_max,
         EXP_BITS=exp_bits, MAN_BITS=man_bits, SUBNORMAL_SCALE=subnormal_scale,
         num_warps=1 if head_pad <= 64 else 2,
@@ -200,7 +207,7 @@ def quantize_fp8(x: torch.Tensor, scale, fp8_dtype: torch.dtype) -> torch.Tensor
 
 def _write_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8):
     block_size = k_cache.shape[1]
-    keep = slot_mapping >= 0
+    keep = (slot_mapping >= 0) & (slot_mapping < k_cache.shape[0] * block_size)
     slots = slot_mapping[keep]
     blocks, offsets = slots // block_size, slots % block_size
     k, v = k[keep], v[keep]
@@ -315,7 +322,7 @@ def check_write_inputs(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_
     return fp8
 
 
-def check_slot_values(slot_mapping: torch.Tensor, *, num_slots: int) -> None:
+def check_slot_values(slot_mapping: torch.Tensor, *, num_slots: int, duplicates: bool = True) -> None:
     """Checked mode: every slot is -1 or in [0, num_slots), and no slot is written by two tokens."""
     slots = slot_mapping.cpu()
     bad = ((slots < -1) | (slots >= num_slots)).nonzero()
@@ -326,7 +333,7 @@ def check_slot_values(slot_mapping: torch.Tensor, *, num_slots: int) -> None:
             f"in [0, {num_slots}) (num_blocks * block_size)"
         )
     tokens = (slots >= 0).nonzero().flatten()
-    if tokens.numel() < 2:
+    if not duplicates or tokens.numel() < 2:
         return
     ordered, order = torch.sort(slots[tokens], stable=True)
     same = (ordered[1:] == ordered[:-1]).nonzero()
