@@ -15,16 +15,12 @@ import pytest
 import torch
 import triton
 
-# pagedattn.tools.sm90 still calls the pre-planner `unified.launch` (removed): port it to
-# unified.bind_attention (known gap, 2026-11-28)
-pytestmark = pytest.mark.xfail(strict=False, reason="tools.sm90 not yet ported to the planner")
-
 from pagedattn import dispatch
 from pagedattn.config import AttentionConfig, BatchShape
 from pagedattn.tools import compile_check
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-pytestmark = [pytestmark, pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing")]
+pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing")
 
 MIXED = BatchShape((700, 1, 1), (100, 3000, 9000))
 CASES = [

@@ -48,35 +48,31 @@ def compile_call(fn, *args, **kwargs):
 
 
 def compile_case(config, shape, contract: str = "full") -> list[dict]:
-    """Compile what `unified.launch` would launch on an H100 for this case (inputs built as the
+    """Compile what `PagedAttention.run` would launch on an H100 for this case (inputs built as the
     kernel tests build them); one row per launch: registers, stack frame and shared memory."""
     import torch
 
     from .. import dispatch
-    from ..kernels import unified
+    from ..options import AttentionOptions
+    from ..planner import PagedAttention
     from ..testing import make_inputs
     from .compile_check import _resource_usage
 
     x = make_inputs(config, shape, contract=contract)
     context = contract != "full"
     plan = dispatch.plan_for(config, shape, device="cuda", context_contract=context)
-    extra = dict(k_new=x.k_new, v_new=x.v_new, decode_from_cache=contract == "context-decode") if context else {}
     options = {k: v for k, v in x.options.items() if v is not None}
+    attn = PagedAttention(
+        AttentionOptions(scale=config.head_size**-0.5, **options),
+        num_q_heads=config.num_q_heads, num_kv_heads=config.num_kv_heads, head_size=config.head_size,
+        block_size=config.block_size, dtype=x.q.dtype, kv_cache_dtype=x.k_cache.dtype, device=x.q.device,
+        contract="context" if context else "full", decode_from_cache=contract == "context-decode",
+    )
+    # the H100 plan, forced: on this CPU the planner's own dispatch would pick the reference
+    attn.plan(x.cu_seqlens_q, x.seq_lens, x.block_table, validate=False, dispatch_plan=plan)
+    extra = dict(k_new=x.k_new, v_new=x.v_new) if context else {}
     rows = []
-    for name, grid, kernel in compile_call(
-        unified.launch,
-        plan,
-        x.q,
-        x.k_cache,
-        x.v_cache,
-        torch.empty_like(x.q),
-        x.cu_seqlens_q,
-        x.seq_lens,
-        x.block_table,
-        scale=config.head_size**-0.5,
-        **extra,
-        **options,
-    ):
+    for name, grid, kernel in compile_call(attn.run, x.q, x.k_cache, x.v_cache, out=torch.empty_like(x.q), **extra):
         regs, stack = _resource_usage(kernel.asm["cubin"])
         rows.append(
             dict(
