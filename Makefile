@@ -38,6 +38,7 @@ demo: $(STAMP)
 	fi
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	TRITON_INTERPRET=1 $(PY) -m pytest -n $(JOBS) -q
 
 $(STAMP_NEWEST): requirements.lock pyproject.toml

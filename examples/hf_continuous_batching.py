@@ -41,9 +41,12 @@ def parse_args(argv=None):
     p.add_argument("--min-prompt", type=int, default=5)
     p.add_argument("--max-prompt", type=int, default=70)
     p.add_argument("--new-tokens", type=int, default=5)
-    p.add_argument("--against", default="generate",
-                   help="comma-separated: 'generate' (generate() per prompt with sdpa) and/or paged "
-                        "implementations of transformers ('paged|sdpa', 'paged|eager', 'paged|flash_attention_2')")
+    p.add_argument(
+        "--against",
+        default="generate",
+        help="comma-separated: 'generate' (generate() per prompt with sdpa) and/or paged "
+        "implementations of transformers ('paged|sdpa', 'paged|eager', 'paged|flash_attention_2')",
+    )
     p.add_argument("--block-size", type=int, default=None, help="default: 16 on cpu, transformers' on cuda")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="default: 48 on cpu, transformers' on cuda")
     p.add_argument("--cuda-graphs", choices=["default", "on", "off"], default="default")
@@ -87,15 +90,24 @@ def attention_share(prof, device: str, host_seconds: float, wall_seconds: float)
 
         def dev_time(e):
             return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         total = sum(dev_time(e) for e in kernels)
         attn = sum(dev_time(e) for e in kernels if any(k in e.key for k in ATTENTION_KERNELS))
         top = sorted(kernels, key=dev_time, reverse=True)[:8]
-        return {"attention_us": attn, "total_us": total, "share": attn / total if total else float("nan"),
-                "basis": "device time of kernels", "top_kernels": [(e.key[:80], dev_time(e)) for e in top]}
-    return {"attention_us": host_seconds * 1e6, "total_us": wall_seconds * 1e6,
-            "share": host_seconds / wall_seconds if wall_seconds else float("nan"),
-            "basis": "host time (interpreter, synchronous)"}
+        return {
+            "attention_us": attn,
+            "total_us": total,
+            "share": attn / total if total else float("nan"),
+            "basis": "device time of kernels",
+            "top_kernels": [(e.key[:80], dev_time(e)) for e in top],
+        }
+    return {
+        "attention_us": host_seconds * 1e6,
+        "total_us": wall_seconds * 1e6,
+        "share": host_seconds / wall_seconds if wall_seconds else float("nan"),
+        "basis": "host time (interpreter, synchronous)",
+    }
 
 
 ATTENTION_SECONDS = [0.0]
@@ -104,7 +116,9 @@ ATTENTION_SECONDS = [0.0]
 def register_profiled(checked: bool) -> str:
     """register(), with each call timed on the host and wrapped in a named profiler range."""
     import time
+
     from transformers import AttentionInterface
+
     name = pa_hf.register(checked=checked)
 
     def forward(*a, **k):
@@ -113,6 +127,7 @@ def register_profiled(checked: bool) -> str:
             result = pa_hf.paged_attention_forward(*a, **k)
         ATTENTION_SECONDS[0] += time.perf_counter() - start
         return result
+
     AttentionInterface.register(name, forward)
     return name
 
@@ -126,14 +141,17 @@ def main(argv=None) -> dict:
 
     if args.load_model:
         from transformers import AutoModelForCausalLM
+
         # tp_plan "auto": transformers starts the process group (NCCL on cuda, gloo on cpu) and shards
         # the heads, so each rank's paged cache holds its own num_kv_heads / world_size heads
         kwargs = {}
         if args.tp:
             from transformers import DistributedConfig
+
             kwargs["distributed_config"] = DistributedConfig(tp_plan="auto")
-        model = AutoModelForCausalLM.from_pretrained(args.load_model, dtype=dtype, attn_implementation="sdpa",
-                                                     **kwargs).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            args.load_model, dtype=dtype, attn_implementation="sdpa", **kwargs
+        ).eval()
         if not args.tp:
             model = model.to(args.device)
         config = model.config
@@ -144,20 +162,34 @@ def main(argv=None) -> dict:
         model = harness.build_model(config, dtype=dtype, device=args.device, seed=args.seed)
     if args.save_model and rank == 0:
         model.save_pretrained(args.save_model)
-    if args.tp:   # evidence that the heads were sharded: this rank's K projection rows
+    if args.tp:  # evidence that the heads were sharded: this rank's K projection rows
         k_proj = model.model.layers[0].self_attn.k_proj.weight
         local = k_proj.to_local() if hasattr(k_proj, "to_local") else k_proj
-        print(f"rank {rank}/{world}: k_proj {tuple(local.shape)} of {config.num_key_value_heads} KV heads "
-              f"x {config.hidden_size // config.num_attention_heads if not getattr(config, 'head_dim', None) else config.head_dim}")
+        print(
+            f"rank {rank}/{world}: k_proj {tuple(local.shape)} of {config.num_key_value_heads} KV heads "
+            f"x {config.hidden_size // config.num_attention_heads if not getattr(config, 'head_dim', None) else config.head_dim}"  # noqa: E501
+        )
     prompts = harness.make_prompts(prompt_lengths(args), config.vocab_size, seed=args.seed)
     options = cb_options(args)
     new_tokens = args.new_tokens
-    say(f"{args.model_config} {dtype} on {args.device} x{world}: {len(prompts)} requests, prompts "
-        f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {new_tokens} new each, cb options {options}")
+    say(
+        f"{args.model_config} {dtype} on {args.device} x{world}: {len(prompts)} requests, prompts "
+        f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {new_tokens} new each, cb options {options}"
+    )
 
-    results = {"model": args.model_config, "dtype": str(dtype), "device": args.device, "world_size": world,
-               "requests": len(prompts), "prompt_lengths": [len(p) for p in prompts], "new_tokens": new_tokens,
-               "cb_options": options, "runs": {}, "comparisons": {}}
+    results = {
+        "model": args.model_config,
+        "dtype": str(dtype),
+        "device": args.device,
+        "world_size": world,
+        "requests": len(prompts),
+        "prompt_lengths": [len(p) for p in prompts],
+        "new_tokens": new_tokens,
+        "cb_options": options,
+        "runs": {},
+        "comparisons": {},
+    }
+
     def dump():  # after every stage, so a run cut short still leaves what it measured
         if args.json and rank == 0:
             with open(args.json, "w") as f:
@@ -166,7 +198,10 @@ def main(argv=None) -> dict:
     ours = harness.batch_generate(model, name, prompts, new_tokens, **options)
     ours = harness.batch_generate(model, name, prompts, new_tokens, **options) if args.device != "cpu" else ours
     runs = {name: ours}
-    results["runs"][name] = {"seconds": ours.seconds, "generated_tokens_per_s": len(prompts) * new_tokens / ours.seconds}
+    results["runs"][name] = {
+        "seconds": ours.seconds,
+        "generated_tokens_per_s": len(prompts) * new_tokens / ours.seconds,
+    }
     dump()
     for other in filter(None, args.against.split(",")):
         dump()
@@ -174,7 +209,7 @@ def main(argv=None) -> dict:
             runs[other] = harness.reference_generate(model, prompts, new_tokens)
             continue
         try:
-            harness.batch_generate(model, other, prompts[:2], 2, **options)    # warm up (compiles, graphs)
+            harness.batch_generate(model, other, prompts[:2], 2, **options)  # warm up (compiles, graphs)
             runs[other] = harness.batch_generate(model, other, prompts, new_tokens, **options)
         except Exception as exc:  # an implementation this machine lacks (e.g. no flash-attn package)
             say(f"{other}: not run ({type(exc).__name__}: {str(exc)[:200]})")
@@ -184,24 +219,33 @@ def main(argv=None) -> dict:
         results["runs"][impl] = {"seconds": run.seconds, "generated_tokens_per_s": generated / run.seconds}
         if impl != name:
             c = harness.compare(ours, run)
-            results["comparisons"][f"{name} vs {impl}"] = {"identical": c.identical, "requests": c.requests,
-                                                          "max_logprob_diff": c.max_logprob_diff,
-                                                          "first_divergences": c.first_divergence[:10]}
+            results["comparisons"][f"{name} vs {impl}"] = {
+                "identical": c.identical,
+                "requests": c.requests,
+                "max_logprob_diff": c.max_logprob_diff,
+                "first_divergences": c.first_divergence[:10],
+            }
             say(f"{name} vs {impl}: {c.summary()}")
     if args.expect_tokens:
         with open(args.expect_tokens) as f:
             expected = json.load(f)
         ref = harness.Generation(expected["tokens"], expected["logprobs"], None, 0.0)
         c = harness.compare(ours, ref)
-        results["comparisons"][f"{name} x{world} vs saved"] = {"identical": c.identical, "requests": c.requests,
-                                                               "max_logprob_diff": c.max_logprob_diff,
-                                                               "first_divergences": c.first_divergence[:10]}
+        results["comparisons"][f"{name} x{world} vs saved"] = {
+            "identical": c.identical,
+            "requests": c.requests,
+            "max_logprob_diff": c.max_logprob_diff,
+            "first_divergences": c.first_divergence[:10],
+        }
         say(f"{name} x{world} vs {args.expect_tokens}: {c.summary()}")
-        if "paged|sdpa" in runs and "sdpa_tokens" in expected:   # the control: transformers' own under TP
-            c2 = harness.compare(runs["paged|sdpa"], harness.Generation(expected["sdpa_tokens"],
-                                                                        expected["sdpa_logprobs"], None, 0.0))
-            results["comparisons"][f"paged|sdpa x{world} vs saved"] = {"identical": c2.identical,
-                                                                      "requests": c2.requests}
+        if "paged|sdpa" in runs and "sdpa_tokens" in expected:  # the control: transformers' own under TP
+            c2 = harness.compare(
+                runs["paged|sdpa"], harness.Generation(expected["sdpa_tokens"], expected["sdpa_logprobs"], None, 0.0)
+            )
+            results["comparisons"][f"paged|sdpa x{world} vs saved"] = {
+                "identical": c2.identical,
+                "requests": c2.requests,
+            }
             say(f"paged|sdpa x{world} vs saved paged|sdpa: {c2.summary()}")
     if args.save_tokens and rank == 0:
         saved = {"tokens": ours.tokens, "logprobs": ours.logprobs}
@@ -211,14 +255,17 @@ def main(argv=None) -> dict:
             json.dump(saved, f)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
+
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
         ATTENTION_SECONDS[0] = 0.0
         with profile(activities=activities) as prof:
             run = harness.batch_generate(model, name, prompts, new_tokens, **options)
         results["profile"] = attention_share(prof, args.device, ATTENTION_SECONDS[0], run.seconds)
         dump()
-        say(f"attention share of {results['profile']['basis']}: {results['profile']['share']:.1%} "
-            f"({results['profile']['attention_us'] / 1e3:.1f} of {results['profile']['total_us'] / 1e3:.1f} ms)")
+        say(
+            f"attention share of {results['profile']['basis']}: {results['profile']['share']:.1%} "
+            f"({results['profile']['attention_us'] / 1e3:.1f} of {results['profile']['total_us'] / 1e3:.1f} ms)"
+        )
     for impl, r in results["runs"].items():
         if "seconds" in r:
             say(f"{impl:28s} {r['seconds']:8.2f} s  {r['generated_tokens_per_s']:10.1f} generated tokens/s")

@@ -39,11 +39,34 @@ from pagedattn import PagedKVCache
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |logit - dense fp32 reference| allowed; logits have a standard deviation of about 2
 TOLERANCE = {torch.float32: 2e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
-CPU_DEFAULTS = dict(layers=2, hidden=32, num_q_heads=4, num_kv_heads=2, head_size=16, vocab=64,
-                    block_size=8, requests=3, prompt_len=20, new_tokens=6, step_tokens=16, bench_iters=2)
-CUDA_DEFAULTS = dict(layers=4, hidden=512, num_q_heads=8, num_kv_heads=2, head_size=64, vocab=2048,
-                     block_size=16, requests=8, prompt_len=1000, new_tokens=32, step_tokens=512,
-                     bench_iters=50)
+CPU_DEFAULTS = dict(
+    layers=2,
+    hidden=32,
+    num_q_heads=4,
+    num_kv_heads=2,
+    head_size=16,
+    vocab=64,
+    block_size=8,
+    requests=3,
+    prompt_len=20,
+    new_tokens=6,
+    step_tokens=16,
+    bench_iters=2,
+)
+CUDA_DEFAULTS = dict(
+    layers=4,
+    hidden=512,
+    num_q_heads=8,
+    num_kv_heads=2,
+    head_size=64,
+    vocab=2048,
+    block_size=16,
+    requests=8,
+    prompt_len=1000,
+    new_tokens=32,
+    step_tokens=512,
+    bench_iters=50,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,18 +93,27 @@ class ToyDecoder(torch.nn.Module):
         g = torch.Generator().manual_seed(a.seed)
 
         def init(rows, cols, std=None):  # well-scaled: activations and logits stay O(1)
-            w = torch.randn(rows, cols, generator=g) * (std if std is not None else rows ** -0.5)
+            w = torch.randn(rows, cols, generator=g) * (std if std is not None else rows**-0.5)
             return w.to(device=device, dtype=dtype)
 
         self.heads = (a.num_q_heads, a.num_kv_heads, a.head_size)
         self.register_buffer("embed", init(a.vocab, a.hidden, 1.0))
         self.register_buffer("pos", init(max_len, a.hidden, 0.5))
         self.layers = torch.nn.ModuleList(Layer(a, init) for _ in range(a.layers))
-        self.register_buffer("lm_head", init(a.hidden, a.vocab, 2 * a.hidden ** -0.5))
+        self.register_buffer("lm_head", init(a.hidden, a.vocab, 2 * a.hidden**-0.5))
 
-    def forward(self, tokens, positions, slot_mapping, cu_seqlens_q, seq_lens, block_table,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_query_len: int,
-                max_seq_len: int) -> torch.Tensor:
+    def forward(
+        self,
+        tokens,
+        positions,
+        slot_mapping,
+        cu_seqlens_q,
+        seq_lens,
+        block_table,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        max_query_len: int,
+        max_seq_len: int,
+    ) -> torch.Tensor:
         """tokens, positions, slot_mapping: [num_tokens]; returns logits [num_tokens, vocab]. No
         host sync, no value-dependent Python: safe to compile and to capture."""
         hq, hkv, d = self.heads
@@ -90,8 +122,16 @@ class ToyDecoder(torch.nn.Module):
             q, k, v = (rms_norm(x) @ layer.wqkv).split([hq * d, hkv * d, hkv * d], dim=-1)
             q, k, v = q.unflatten(-1, (hq, d)), k.unflatten(-1, (hkv, d)), v.unflatten(-1, (hkv, d))
             ops.write_kv(k, v, k_cache, v_cache, slot_mapping)  # full-cache contract: write first
-            o = ops.paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table,
-                                    max_query_len=max_query_len, max_seq_len=max_seq_len)
+            o = ops.paged_attention(
+                q,
+                k_cache,
+                v_cache,
+                cu_seqlens_q,
+                seq_lens,
+                block_table,
+                max_query_len=max_query_len,
+                max_seq_len=max_seq_len,
+            )
             x = x + o.flatten(-2) @ layer.wo
             gate, up = (rms_norm(x) @ layer.w_in).chunk(2, dim=-1)
             x = x + (F.silu(gate) * up) @ layer.w_out
@@ -158,11 +198,10 @@ class DecodeInputs:
         self.slot_mapping.copy_(torch.tensor(slots))
         self.seq_lens.copy_(batch.seq_lens)
         self.block_table.zero_()
-        self.block_table[:, :batch.block_table.shape[1]].copy_(batch.block_table)
+        self.block_table[:, : batch.block_table.shape[1]].copy_(batch.block_table)
 
     def args(self):
-        return (self.tokens, self.positions, self.slot_mapping, self.cu_seqlens_q, self.seq_lens,
-                self.block_table)
+        return (self.tokens, self.positions, self.slot_mapping, self.cu_seqlens_q, self.seq_lens, self.block_table)
 
 
 class Server:
@@ -174,11 +213,13 @@ class Server:
         # on shapes and these bounds, so one compiled graph and one captured graph serve all steps
         self.max_seq_len = self.max_blocks * a.block_size
         self.model = ToyDecoder(a, self.max_blocks * a.block_size, device, dtype)
-        self.cache = PagedKVCache(a.requests * self.max_blocks + 1, a.block_size, a.num_kv_heads,
-                                  a.head_size, dtype=dtype, device=device)
+        self.cache = PagedKVCache(
+            a.requests * self.max_blocks + 1, a.block_size, a.num_kv_heads, a.head_size, dtype=dtype, device=device
+        )
         self.kv = [(self.cache.k, self.cache.v)] + [
             (torch.full_like(self.cache.k, float("nan")), torch.full_like(self.cache.v, float("nan")))
-            for _ in range(a.layers - 1)]
+            for _ in range(a.layers - 1)
+        ]
         # padding rows of a decode step read this one-token sequence and write nothing (slot -1)
         self.pad_seq = self.cache.new_sequence()
         self.cache.reserve(self.pad_seq, 1)
@@ -193,8 +234,9 @@ class Server:
             # sequence counts for the prefill and mixed steps (see _mixed_step), one specialized
             # to the fixed decode batch
             self.prefill_fn = torch.compile(lambda *x: forward(*x), fullgraph=True, backend=a.compile_backend)
-            self.decode_fn = torch.compile(lambda *x: forward(*x), fullgraph=True, backend=a.compile_backend,
-                                           dynamic=False)
+            self.decode_fn = torch.compile(
+                lambda *x: forward(*x), fullgraph=True, backend=a.compile_backend, dynamic=False
+            )
         else:
             self.prefill_fn = self.decode_fn = forward
         self.graph = None
@@ -237,7 +279,7 @@ class Server:
     def _feed(self, r: Request, n: int) -> tuple[list[int], list[int]]:
         if r.in_prefill:
             pos = list(range(r.prefilled, r.prefilled + n))
-            return r.prompt[r.prefilled:r.prefilled + n], pos
+            return r.prompt[r.prefilled : r.prefilled + n], pos
         return [r.generated[-1]], [len(r.prompt) + len(r.generated) - 1]
 
     def _mixed_step(self, work: list[tuple[Request, int]]) -> None:
@@ -251,9 +293,18 @@ class Server:
         slots = self.cache.slot_mapping(seq_ids, lens)
         batch = self.cache.batch(seq_ids, lens)
         block_table = torch.zeros(len(work), self.max_blocks, dtype=torch.int32, device=self.device)
-        block_table[:, :batch.block_table.shape[1]] = batch.block_table
-        args = (torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device), slots,
-                batch.cu_seqlens_q, batch.seq_lens, block_table, self.kv, self.a.step_tokens, self.max_seq_len)
+        block_table[:, : batch.block_table.shape[1]] = batch.block_table
+        args = (
+            torch.tensor(tokens, device=self.device),
+            torch.tensor(positions, device=self.device),
+            slots,
+            batch.cu_seqlens_q,
+            batch.seq_lens,
+            block_table,
+            self.kv,
+            self.a.step_tokens,
+            self.max_seq_len,
+        )
         for t in args[:6]:  # num_tokens, num_seqs vary from step to step: one graph for all of them
             torch._dynamo.maybe_mark_dynamic(t, 0)
         logits = self._timed("prefill", lambda: self.prefill_fn(*args))
@@ -269,8 +320,10 @@ class Server:
             t, p = self._feed(r, 1)
             tokens += t
             positions += p
-            slots.append(self.cache.block_table(r.seq_id)[p[0] // self.a.block_size] * self.a.block_size
-                         + p[0] % self.a.block_size)
+            slots.append(
+                self.cache.block_table(r.seq_id)[p[0] // self.a.block_size] * self.a.block_size
+                + p[0] % self.a.block_size
+            )
         slots += [-1] * pad
         self.decode_inputs.fill(tokens + [0] * pad, positions + [0] * pad, slots, batch)
         args = self.decode_inputs.args() + (self.kv, 1, self.max_seq_len)
@@ -324,7 +377,7 @@ class Server:
         logits = logits.float().cpu()
         row = 0
         for r, n in work:
-            r.logits.append(logits[row:row + n])
+            r.logits.append(logits[row : row + n])
             if r.in_prefill:
                 r.prefilled += n
             row += n
@@ -336,16 +389,21 @@ class Server:
 # command line
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on cpu, bf16 on cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the model step")
     p.add_argument("--compile-backend", default="inductor", help="inductor (default), aot_eager, eager")
     p.add_argument("--cuda-graphs", action="store_true", help="capture one decode step and replay it (cuda)")
     for name in CPU_DEFAULTS:
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=f"default {CPU_DEFAULTS[name]} on cpu, {CUDA_DEFAULTS[name]} on cuda")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=None,
+            help=f"default {CPU_DEFAULTS[name]} on cpu, {CUDA_DEFAULTS[name]} on cuda",
+        )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     for name, value in (CUDA_DEFAULTS if a.device == "cuda" else CPU_DEFAULTS).items():
@@ -380,8 +438,10 @@ def main(argv=None) -> int:
     torch.manual_seed(a.seed)
     mode = "eager" if not a.compile else f"torch.compile({a.compile_backend})"
     mode += " + CUDA graphs" if a.cuda_graphs else ""
-    print(f"toy decoder: {a.layers} layers, hidden {a.hidden}, {a.num_q_heads} q / {a.num_kv_heads} kv heads "
-          f"x {a.head_size}, {str(a.dtype).replace('torch.', '')} on {device}; {mode}")
+    print(
+        f"toy decoder: {a.layers} layers, hidden {a.hidden}, {a.num_q_heads} q / {a.num_kv_heads} kv heads "
+        f"x {a.head_size}, {str(a.dtype).replace('torch.', '')} on {device}; {mode}"
+    )
     with torch.no_grad():
         server = Server(a, device, a.dtype)
         requests = make_requests(a)
@@ -395,13 +455,17 @@ def main(argv=None) -> int:
             max_err = max(max_err, (got - dense_reference_logits(server.model, fed)).abs().max().item())
     tol = TOLERANCE[a.dtype]
     ok = max_err <= tol
-    print(f"requests: {len(requests)} (prompts {len(requests[0].prompt)}..{len(requests[-1].prompt)} tokens, "
-          f"{sum(len(r.generated) for r in requests)} tokens generated) in {serve_s:.2f} s")
+    print(
+        f"requests: {len(requests)} (prompts {len(requests[0].prompt)}..{len(requests[-1].prompt)} tokens, "
+        f"{sum(len(r.generated) for r in requests)} tokens generated) in {serve_s:.2f} s"
+    )
     for kind, ts in server.times.items():
         if ts:  # the first step of each kind pays for compilation (Triton JIT, torch.compile)
             rest = ts[1:] or ts
-            print(f"{kind} steps: {len(ts)}, forward {1e3 * ts[0]:.3f} ms the first, "
-                  f"{1e3 * sum(rest) / len(rest):.3f} ms mean of the others")
+            print(
+                f"{kind} steps: {len(ts)}, forward {1e3 * ts[0]:.3f} ms the first, "
+                f"{1e3 * sum(rest) / len(rest):.3f} ms mean of the others"
+            )
     for name, seconds in server.bench.items():
         print(f"decode step ({name}): {1e3 * seconds:.3f} ms  (mean of {a.bench_iters}, batch {a.requests})")
     for name, diff in server.checks.items():

@@ -36,13 +36,20 @@ from pagedattn.catalogue_run import check
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--select", choices=("full", "ci"), default="full",
-                        help="full: every case through every entry point (default); ci: each kernel case once")
+    parser.add_argument(
+        "--select",
+        choices=("full", "ci"),
+        default="full",
+        help="full: every case through every entry point (default); ci: each kernel case once",
+    )
     parser.add_argument("--entry", action="append", help="only these entry points")
     parser.add_argument("--case", action="append", help="only these cases ('valid' = the base batch)")
     parser.add_argument("--skip", action="append", default=[], help="leave these cases out")
-    parser.add_argument("--validated", action="store_true",
-                        help="also run every case validated (the error class and the argument named)")
+    parser.add_argument(
+        "--validated",
+        action="store_true",
+        help="also run every case validated (the error class and the argument named)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a run may take (default 120)")
     parser.add_argument("--verbose-start", action="store_true", help="print a 'start' line before each run")
     args = parser.parse_args(argv)
@@ -52,9 +59,11 @@ def main(argv=None) -> int:
         print("on a CPU, set TRITON_INTERPRET=1: without it the library runs its PyTorch reference, not a kernel")
         return 2
     if device.type == "cuda":
-        print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
-              f"PYTORCH_NO_CUDA_MEMORY_CACHING={os.environ.get('PYTORCH_NO_CUDA_MEMORY_CACHING', '(unset)')}",
-              flush=True)
+        print(
+            f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
+            f"PYTORCH_NO_CUDA_MEMORY_CACHING={os.environ.get('PYTORCH_NO_CUDA_MEMORY_CACHING', '(unset)')}",
+            flush=True,
+        )
     cases = [c for c in (args.case or ["valid", *cat.CASES_BY_NAME]) if c not in args.skip]
     runs = [(r, False) for r in cat.planned_runs(args.entry, cases, "both", args.select)]
     if args.validated:
@@ -83,8 +92,10 @@ def main(argv=None) -> int:
         print(f"{'FAIL' if problems else 'ok  '} {label:70} {seconds:6.2f}s  {'; '.join(problems)}", flush=True)
 
     total = time.perf_counter() - started
-    print(f"\n{len(runs) - len(failures)} of {len(runs)} runs kept every promise, {len(failures)} failed "
-          f"({total:.0f} s)", flush=True)
+    print(
+        f"\n{len(runs) - len(failures)} of {len(runs)} runs kept every promise, {len(failures)} failed ({total:.0f} s)",
+        flush=True,
+    )
     for label, problems in failures:
         print(f"  FAIL {label}: {'; '.join(problems)}")
     return 1 if failures else 0

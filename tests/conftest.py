@@ -15,7 +15,6 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 torch.set_num_threads(1)
 
 
-
 def pytest_collection_modifyitems(config, items):
     """The one place for device markers: `@pytest.mark.gpu` skips without CUDA; `@pytest.mark.kernels`
     (the Triton kernels themselves) skips without CUDA or TRITON_INTERPRET=1."""

@@ -46,8 +46,9 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(block_size=st.sampled_from([1, 2, 4, 8]))
     def start(self, block_size):
         self.block_size = block_size
-        self.cache = PagedKVCache(NUM_BLOCKS, block_size=block_size, num_kv_heads=HEADS, head_size=HEAD,
-                                  dtype=torch.float32)
+        self.cache = PagedKVCache(
+            NUM_BLOCKS, block_size=block_size, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float32
+        )
 
     @precondition(lambda self: self.cache is not None)
     @rule()
@@ -129,7 +130,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             # a block held by several tables is shared, with exactly that refcount
             assert self.cache.refcount(block) == count
         assert sum(self.cache.refcount(b) for b in range(NUM_BLOCKS)) == sum(
-            len(self.cache.block_table(s)) for s in self.shadow)
+            len(self.cache.block_table(s)) for s in self.shadow
+        )
 
     @invariant()
     def contents_match_the_shadow(self):
@@ -145,7 +147,9 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 
 AllocatorMachine.TestCase.settings = settings(
-    max_examples=50, stateful_step_count=30, deadline=None,
+    max_examples=50,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestAllocatorStateMachine = AllocatorMachine.TestCase

@@ -20,10 +20,27 @@ import torch
 
 import pagedattn.kernels.unified as unified_kernels
 import pagedattn.kernels.write as write_kernels
-from pagedattn import (AttentionConfig, BatchMetadata, BatchMetadataError, CacheFullError, DeviceError,
-                       DTypeError, LayoutError, PagedAttentionError, ScaleError, SequenceError, ShapeError,
-                       SlotConflictError, UnsupportedConfigError, UnwrittenKVError, attention, dispatch,
-                       paged_attention, prefix_prefill, reference)
+from pagedattn import (
+    AttentionConfig,
+    BatchMetadata,
+    BatchMetadataError,
+    CacheFullError,
+    DeviceError,
+    DTypeError,
+    LayoutError,
+    PagedAttentionError,
+    ScaleError,
+    SequenceError,
+    ShapeError,
+    SlotConflictError,
+    UnsupportedConfigError,
+    UnwrittenKVError,
+    attention,
+    dispatch,
+    paged_attention,
+    prefix_prefill,
+    reference,
+)
 from pagedattn.cache import PagedKVCache
 from pagedattn.cli import main as cli_main
 from pagedattn.compat import vllm
@@ -57,12 +74,25 @@ class Env:
     extra: dict = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = dict(cache_k=self.cache.k, cache_v=self.cache.v, cache_written=self.cache.written,
-                   fp8_k=self.fp8.k, fp8_v=self.fp8.v, fp8_written=self.fp8.written, q=self.q,
-                   k_new=self.k_new, v_new=self.v_new, q16=self.q16, k_v0=self.k_v0, v_v0=self.v_v0,
-                   ctx_seq_lens=self.ctx_seq_lens, slots=self.slots,
-                   cu_seqlens_q=self.batch.cu_seqlens_q, seq_lens=self.batch.seq_lens,
-                   block_table=self.batch.block_table)
+        out = dict(
+            cache_k=self.cache.k,
+            cache_v=self.cache.v,
+            cache_written=self.cache.written,
+            fp8_k=self.fp8.k,
+            fp8_v=self.fp8.v,
+            fp8_written=self.fp8.written,
+            q=self.q,
+            k_new=self.k_new,
+            v_new=self.v_new,
+            q16=self.q16,
+            k_v0=self.k_v0,
+            v_v0=self.v_v0,
+            ctx_seq_lens=self.ctx_seq_lens,
+            slots=self.slots,
+            cu_seqlens_q=self.batch.cu_seqlens_q,
+            seq_lens=self.batch.seq_lens,
+            block_table=self.batch.block_table,
+        )
         return out
 
 
@@ -74,18 +104,32 @@ def build_env() -> Env:
     cache.free(c)
     forked = cache.fork(b)
     batch = cache.batch([a, b], [2, 1])
-    fp8 = PagedKVCache(4, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, torch.float16, kv_dtype="fp8_e4m3",
-                       k_scale=0.5, v_scale=0.25)
+    fp8 = PagedKVCache(
+        4, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, torch.float16, kv_dtype="fp8_e4m3", k_scale=0.5, v_scale=0.25
+    )
     s = fp8.new_sequence()
     fp8.append([s], *_kv(5, torch.float16), [5])
     x = 16 // cache.k.element_size()
     k_v0 = cache.k.reshape(NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE // x, x).permute(0, 2, 3, 1, 4).contiguous()
     v_v0 = cache.v.permute(0, 2, 3, 1).contiguous()
     free = cache.free_blocks[0]
-    return Env(cache, a, b, c, forked, batch, torch.randn(3, NUM_Q_HEADS, HEAD_SIZE), *_kv(3), fp8,
-               fp8.batch([s], [1]), torch.randn(1, NUM_Q_HEADS, HEAD_SIZE, dtype=torch.float16),
-               k_v0, v_v0, torch.tensor([7, 21], dtype=torch.int32),
-               torch.arange(3, dtype=torch.int64) + free * BLOCK_SIZE)
+    return Env(
+        cache,
+        a,
+        b,
+        c,
+        forked,
+        batch,
+        torch.randn(3, NUM_Q_HEADS, HEAD_SIZE),
+        *_kv(3),
+        fp8,
+        fp8.batch([s], [1]),
+        torch.randn(1, NUM_Q_HEADS, HEAD_SIZE, dtype=torch.float16),
+        k_v0,
+        v_v0,
+        torch.tensor([7, 21], dtype=torch.int32),
+        torch.arange(3, dtype=torch.int64) + free * BLOCK_SIZE,
+    )
 
 
 def _kv(n: int, dtype=torch.float32, heads=NUM_KV_HEADS, d=HEAD_SIZE):
@@ -97,8 +141,14 @@ def _kv(n: int, dtype=torch.float32, heads=NUM_KV_HEADS, d=HEAD_SIZE):
 # ---------------------------------------------------------------------------------------------
 def pa(e: Env, **changes):
     """paged_attention over the fp32 cache, with `changes` applied."""
-    args = dict(q=e.q, k_cache=e.cache.k, v_cache=e.cache.v, cu_seqlens_q=e.batch.cu_seqlens_q,
-                seq_lens=e.batch.seq_lens, block_table=e.batch.block_table)
+    args = dict(
+        q=e.q,
+        k_cache=e.cache.k,
+        v_cache=e.cache.v,
+        cu_seqlens_q=e.batch.cu_seqlens_q,
+        seq_lens=e.batch.seq_lens,
+        block_table=e.batch.block_table,
+    )
     args.update(changes)
     pos = [args.pop(n) for n in ("q", "k_cache", "v_cache", "cu_seqlens_q", "seq_lens", "block_table")]
     return paged_attention(*pos, **args)
@@ -106,20 +156,36 @@ def pa(e: Env, **changes):
 
 def pa8(e: Env, **changes):
     """paged_attention over the fp8 cache (scales given unless changed)."""
-    args = dict(q=e.q16, k_cache=e.fp8.k, v_cache=e.fp8.v, cu_seqlens_q=e.fp8_batch.cu_seqlens_q,
-                seq_lens=e.fp8_batch.seq_lens, block_table=e.fp8_batch.block_table,
-                k_scale=e.fp8.k_scale, v_scale=e.fp8.v_scale)
+    args = dict(
+        q=e.q16,
+        k_cache=e.fp8.k,
+        v_cache=e.fp8.v,
+        cu_seqlens_q=e.fp8_batch.cu_seqlens_q,
+        seq_lens=e.fp8_batch.seq_lens,
+        block_table=e.fp8_batch.block_table,
+        k_scale=e.fp8.k_scale,
+        v_scale=e.fp8.v_scale,
+    )
     args.update(changes)
     return pa(e, **args)
 
 
 def pp(e: Env, **changes):
     """prefix_prefill (context contract) over the fp32 cache."""
-    args = dict(q=e.q, k_new=e.k_new, v_new=e.v_new, k_cache=e.cache.k, v_cache=e.cache.v,
-                cu_seqlens_q=e.batch.cu_seqlens_q, seq_lens=e.ctx_seq_lens, block_table=e.batch.block_table)
+    args = dict(
+        q=e.q,
+        k_new=e.k_new,
+        v_new=e.v_new,
+        k_cache=e.cache.k,
+        v_cache=e.cache.v,
+        cu_seqlens_q=e.batch.cu_seqlens_q,
+        seq_lens=e.ctx_seq_lens,
+        block_table=e.batch.block_table,
+    )
     args.update(changes)
-    pos = [args.pop(n) for n in ("q", "k_new", "v_new", "k_cache", "v_cache", "cu_seqlens_q", "seq_lens",
-                                 "block_table")]
+    pos = [
+        args.pop(n) for n in ("q", "k_new", "v_new", "k_cache", "v_cache", "cu_seqlens_q", "seq_lens", "block_table")
+    ]
     return prefix_prefill(*pos, **args)
 
 
@@ -132,16 +198,28 @@ def wk(e: Env, **changes):
 
 
 def wk8(e: Env, **changes):
-    args = dict(k=e.k_new[:1].half(), v=e.v_new[:1].half(), k_cache=e.fp8.k, v_cache=e.fp8.v,
-                slot_mapping=torch.tensor([3 * BLOCK_SIZE], dtype=torch.int64), k_scale=0.5, v_scale=0.25)
+    args = dict(
+        k=e.k_new[:1].half(),
+        v=e.v_new[:1].half(),
+        k_cache=e.fp8.k,
+        v_cache=e.fp8.v,
+        slot_mapping=torch.tensor([3 * BLOCK_SIZE], dtype=torch.int64),
+        k_scale=0.5,
+        v_scale=0.25,
+    )
     args.update(changes)
     return wk(e, **args)
 
 
 def bm(e: Env, **changes) -> BatchMetadata:
     """BatchMetadata.validate against the fp32 cache's geometry."""
-    args = dict(cu_seqlens_q=e.batch.cu_seqlens_q, seq_lens=e.batch.seq_lens, block_table=e.batch.block_table,
-                max_query_len=2, max_seq_len=20)
+    args = dict(
+        cu_seqlens_q=e.batch.cu_seqlens_q,
+        seq_lens=e.batch.seq_lens,
+        block_table=e.batch.block_table,
+        max_query_len=2,
+        max_seq_len=20,
+    )
     args.update(changes)
     num_tokens = args.pop("num_tokens", 3)
     return BatchMetadata(**args).validate(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, num_tokens=num_tokens)
@@ -166,24 +244,49 @@ def strided(t: torch.Tensor) -> torch.Tensor:
 def overlapping_out_and_k_new(e: Env):
     """out and k_new carved from one buffer: the kernel would read k_new while writing out."""
     buf = torch.randn(e.q.numel())
-    k_new = buf[:e.k_new.numel()].view(e.k_new.shape)
+    k_new = buf[: e.k_new.numel()].view(e.k_new.shape)
     return pp(e, k_new=k_new, out=buf.view(e.q.shape))
 
 
 def ctx_fwd(e: Env, **changes):
     """compat.vllm.context_attention_fwd over the older-layout copies of the fp32 cache."""
-    args = dict(q=e.q, k=e.k_new, v=e.v_new, o=torch.empty_like(e.q), kv_cache_dtype="auto", k_cache=e.k_v0,
-                v_cache=e.v_v0, b_loc=e.batch.block_table, b_start_loc=e.batch.cu_seqlens_q,
-                b_seq_len=e.ctx_seq_lens, max_seq_len=21, max_input_len=2, k_scale=1.0, v_scale=1.0)
+    args = dict(
+        q=e.q,
+        k=e.k_new,
+        v=e.v_new,
+        o=torch.empty_like(e.q),
+        kv_cache_dtype="auto",
+        k_cache=e.k_v0,
+        v_cache=e.v_v0,
+        b_loc=e.batch.block_table,
+        b_start_loc=e.batch.cu_seqlens_q,
+        b_seq_len=e.ctx_seq_lens,
+        max_seq_len=21,
+        max_input_len=2,
+        k_scale=1.0,
+        v_scale=1.0,
+    )
     args.update(changes)
     return vllm.context_attention_fwd(**args)
 
 
 def chunked(e: Env, **changes):
-    args = dict(query=e.q, key=e.k_new, value=e.v_new, output=torch.empty_like(e.q), kv_cache_dtype="auto",
-                key_cache=e.k_v0, value_cache=e.v_v0, block_table=e.batch.block_table,
-                query_start_loc=e.batch.cu_seqlens_q, seq_lens=i32(7, 20), max_seq_len=20, max_query_len=2,
-                k_scale=1.0, v_scale=1.0)
+    args = dict(
+        query=e.q,
+        key=e.k_new,
+        value=e.v_new,
+        output=torch.empty_like(e.q),
+        kv_cache_dtype="auto",
+        key_cache=e.k_v0,
+        value_cache=e.v_v0,
+        block_table=e.batch.block_table,
+        query_start_loc=e.batch.cu_seqlens_q,
+        seq_lens=i32(7, 20),
+        max_seq_len=20,
+        max_query_len=2,
+        k_scale=1.0,
+        v_scale=1.0,
+    )
     args.update(changes)
     return vllm.chunked_prefill_paged_decode(**args)
 
@@ -193,27 +296,60 @@ def chunked_fp8_uint8(e: Env, **changes):
     k8 = torch.zeros(4, NUM_KV_HEADS, HEAD_SIZE // 16, BLOCK_SIZE, 16, dtype=torch.uint8)
     v8 = torch.zeros(4, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE, dtype=torch.uint8)
     e.extra.update(k8=k8, v8=v8)
-    args = dict(query=e.q16, key=e.k_new[:1].half(), value=e.v_new[:1].half(), output=torch.empty_like(e.q16),
-                kv_cache_dtype="fp8", key_cache=k8, value_cache=v8, block_table=i32(0).reshape(1, 1),
-                query_start_loc=i32(0, 1), seq_lens=i32(5), max_seq_len=5, max_query_len=1)
+    args = dict(
+        query=e.q16,
+        key=e.k_new[:1].half(),
+        value=e.v_new[:1].half(),
+        output=torch.empty_like(e.q16),
+        kv_cache_dtype="fp8",
+        key_cache=k8,
+        value_cache=v8,
+        block_table=i32(0).reshape(1, 1),
+        query_start_loc=i32(0, 1),
+        seq_lens=i32(5),
+        max_seq_len=5,
+        max_query_len=1,
+    )
     args.update(changes)
     return chunked(e, **args)
 
 
 def ua(e: Env, **changes):
     """compat.vllm.unified_attention (full contract, flash layout) over the fp32 cache."""
-    args = dict(q=e.q, k=e.cache.k, v=e.cache.v, out=torch.empty_like(e.q), cu_seqlens_q=e.batch.cu_seqlens_q,
-                max_seqlen_q=2, seqused_k=e.batch.seq_lens, max_seqlen_k=20, softmax_scale=HEAD_SIZE ** -0.5,
-                causal=True, window_size=(-1, -1), block_table=e.batch.block_table, softcap=0,
-                q_descale=None, k_descale=None, v_descale=None)
+    args = dict(
+        q=e.q,
+        k=e.cache.k,
+        v=e.cache.v,
+        out=torch.empty_like(e.q),
+        cu_seqlens_q=e.batch.cu_seqlens_q,
+        max_seqlen_q=2,
+        seqused_k=e.batch.seq_lens,
+        max_seqlen_k=20,
+        softmax_scale=HEAD_SIZE**-0.5,
+        causal=True,
+        window_size=(-1, -1),
+        block_table=e.batch.block_table,
+        softcap=0,
+        q_descale=None,
+        k_descale=None,
+        v_descale=None,
+    )
     args.update(changes)
     return vllm.unified_attention(**args)
 
 
 def rcf(e: Env, **changes):
     """compat.vllm.reshape_and_cache_flash into free slots of the fp32 cache."""
-    args = dict(key=e.k_new, value=e.v_new, key_cache=e.cache.k, value_cache=e.cache.v, slot_mapping=e.slots,
-                kv_cache_dtype="auto", k_scale=1.0, v_scale=1.0)
+    args = dict(
+        key=e.k_new,
+        value=e.v_new,
+        key_cache=e.cache.k,
+        value_cache=e.cache.v,
+        slot_mapping=e.slots,
+        kv_cache_dtype="auto",
+        k_scale=1.0,
+        v_scale=1.0,
+    )
     args.update(changes)
     return vllm.reshape_and_cache_flash(**args)
 
@@ -242,20 +378,32 @@ P = pytest.param
 ROWS = [
     # ---- AttentionConfig
     P(lambda e: AttentionConfig(num_q_heads=0), UnsupportedConfigError, "num_q_heads", id="config-num_q_heads-0"),
-    P(lambda e: AttentionConfig(num_q_heads=6, num_kv_heads=4), UnsupportedConfigError, "num_kv_heads",
-      id="config-heads-not-multiple"),
+    P(
+        lambda e: AttentionConfig(num_q_heads=6, num_kv_heads=4),
+        UnsupportedConfigError,
+        "num_kv_heads",
+        id="config-heads-not-multiple",
+    ),
     P(lambda e: AttentionConfig(head_size=0), UnsupportedConfigError, "head_size", id="config-head_size-0"),
     P(lambda e: AttentionConfig(head_size=512), UnsupportedConfigError, "head_size", id="config-head_size-512"),
     P(lambda e: AttentionConfig(block_size=12), UnsupportedConfigError, "block_size", id="config-block_size-12"),
     P(lambda e: AttentionConfig(dtype=torch.float64), DTypeError, "dtype", id="config-dtype-float64"),
     P(lambda e: AttentionConfig(kv_dtype="int8"), UnsupportedConfigError, "kv_dtype", id="config-kv_dtype-int8"),
-    P(lambda e: AttentionConfig(sliding_window=-1), UnsupportedConfigError, "sliding_window",
-      id="config-window-negative"),
+    P(
+        lambda e: AttentionConfig(sliding_window=-1),
+        UnsupportedConfigError,
+        "sliding_window",
+        id="config-window-negative",
+    ),
     P(lambda e: AttentionConfig(softcap=-1.0), UnsupportedConfigError, "softcap", id="config-softcap-negative"),
     P(lambda e: AttentionConfig(softcap=INF), UnsupportedConfigError, "softcap", id="config-softcap-inf"),
     P(lambda e: AttentionConfig(softcap=NAN), UnsupportedConfigError, "softcap", id="config-softcap-nan"),
-    P(lambda e: AttentionConfig(num_q_heads=4, num_kv_heads=True), UnsupportedConfigError, "num_kv_heads",
-      id="config-num_kv_heads-bool"),
+    P(
+        lambda e: AttentionConfig(num_q_heads=4, num_kv_heads=True),
+        UnsupportedConfigError,
+        "num_kv_heads",
+        id="config-num_kv_heads-bool",
+    ),
     # ---- PagedKVCache constructor
     P(lambda e: PagedKVCache(0, 16, 2, 32), UnsupportedConfigError, "num_blocks", id="cache-num_blocks-0"),
     P(lambda e: PagedKVCache(-4, 16, 2, 32), UnsupportedConfigError, "num_blocks", id="cache-num_blocks-negative"),
@@ -263,38 +411,63 @@ ROWS = [
     P(lambda e: PagedKVCache(4, 16, 0, 32), UnsupportedConfigError, "num_kv_heads", id="cache-num_kv_heads-0"),
     P(lambda e: PagedKVCache(4, 16, 2, 300), UnsupportedConfigError, "head_size", id="cache-head_size-300"),
     P(lambda e: PagedKVCache(4, 16, 2, 32, torch.int32), DTypeError, "dtype", id="cache-dtype-int32"),
-    P(lambda e: PagedKVCache(4, 16, 2, 32, kv_dtype="fp4"), UnsupportedConfigError, "kv_dtype",
-      id="cache-kv_dtype-fp4"),
-    P(lambda e: PagedKVCache(4, 16, 2, 32, kv_dtype="fp8", k_scale=NAN), ScaleError, "k_scale",
-      id="cache-k_scale-nan"),
-    P(lambda e: PagedKVCache(4, 16, 2, 32, kv_dtype="fp8", v_scale=-1.0), ScaleError, "v_scale",
-      id="cache-v_scale-negative"),
-    P(lambda e: PagedKVCache(4, 16, 2, 32, kv_dtype="fp8", k_scale=INF), ScaleError, "k_scale",
-      id="cache-k_scale-inf"),
+    P(
+        lambda e: PagedKVCache(4, 16, 2, 32, kv_dtype="fp4"),
+        UnsupportedConfigError,
+        "kv_dtype",
+        id="cache-kv_dtype-fp4",
+    ),
+    P(lambda e: PagedKVCache(4, 16, 2, 32, kv_dtype="fp8", k_scale=NAN), ScaleError, "k_scale", id="cache-k_scale-nan"),
+    P(
+        lambda e: PagedKVCache(4, 16, 2, 32, kv_dtype="fp8", v_scale=-1.0),
+        ScaleError,
+        "v_scale",
+        id="cache-v_scale-negative",
+    ),
+    P(lambda e: PagedKVCache(4, 16, 2, 32, kv_dtype="fp8", k_scale=INF), ScaleError, "k_scale", id="cache-k_scale-inf"),
     # ---- PagedKVCache operations (the cache must be unchanged afterwards)
     P(lambda e: e.cache.append([99], *_kv(1), [1]), SequenceError, "sequence 99", id="append-unknown-seq"),
     P(lambda e: e.cache.append([e.freed], *_kv(1), [1]), SequenceError, "was freed", id="append-freed-seq"),
     P(lambda e: e.cache.append([e.a], *_kv(2), [3]), ShapeError, "k must be", id="append-k-wrong-rows"),
     P(lambda e: e.cache.append([e.a], *_kv(3, heads=1), [3]), ShapeError, "k must be", id="append-k-wrong-heads"),
     P(lambda e: e.cache.append([e.a], *_kv(3, torch.float16), [3]), DTypeError, "k must be", id="append-k-fp16"),
-    P(lambda e: e.cache.append([e.a], _kv(3)[0], meta(_kv(3)[1]), [3]), DeviceError, "v is on meta",
-      id="append-v-meta-device"),
-    P(lambda e: e.cache.append([e.a], *_kv(0), [-1]), BatchMetadataError, "query_lens[0]",
-      id="append-negative-len"),
-    P(lambda e: e.cache.append([e.a, e.b], *_kv(3), [3]), BatchMetadataError, "seq_ids has 2",
-      id="append-lens-count-mismatch"),
-    P(lambda e: e.cache.append([e.a, e.a], *_kv(2), [1, 1]), BatchMetadataError, "more than once",
-      id="append-duplicate-seq"),
+    P(
+        lambda e: e.cache.append([e.a], _kv(3)[0], meta(_kv(3)[1]), [3]),
+        DeviceError,
+        "v is on meta",
+        id="append-v-meta-device",
+    ),
+    P(lambda e: e.cache.append([e.a], *_kv(0), [-1]), BatchMetadataError, "query_lens[0]", id="append-negative-len"),
+    P(
+        lambda e: e.cache.append([e.a, e.b], *_kv(3), [3]),
+        BatchMetadataError,
+        "seq_ids has 2",
+        id="append-lens-count-mismatch",
+    ),
+    P(
+        lambda e: e.cache.append([e.a, e.a], *_kv(2), [1, 1]),
+        BatchMetadataError,
+        "more than once",
+        id="append-duplicate-seq",
+    ),
     P(lambda e: e.cache.append([e.a], *_kv(100), [100]), CacheFullError, "free blocks", id="append-cache-full"),
     P(append_noncontiguous, LayoutError, "k must be contiguous", id="append-k-noncontiguous"),
-    P(lambda e: e.cache.append([e.a], e.k_new.tolist(), e.v_new, [3]), DTypeError, "k must be a torch.Tensor",
-      id="append-k-list"),
+    P(
+        lambda e: e.cache.append([e.a], e.k_new.tolist(), e.v_new, [3]),
+        DTypeError,
+        "k must be a torch.Tensor",
+        id="append-k-list",
+    ),
     P(lambda e: e.cache.write([e.b], *_kv(1), [1]), SlotConflictError, "shared", id="write-block-shared-by-fork"),
     P(lambda e: e.cache.write([e.a], *_kv(6), [6]), BatchMetadataError, "query_len 6", id="write-beyond-reserved"),
     P(lambda e: e.cache.reserve([e.a], [-2]), BatchMetadataError, "num_tokens[0]", id="reserve-negative"),
     P(lambda e: e.cache.batch([], []), BatchMetadataError, "seq_ids is empty", id="batch-empty"),
-    P(lambda e: e.cache.batch([e.a], [1], contract="paged"), UnsupportedConfigError, "contract",
-      id="batch-bad-contract"),
+    P(
+        lambda e: e.cache.batch([e.a], [1], contract="paged"),
+        UnsupportedConfigError,
+        "contract",
+        id="batch-bad-contract",
+    ),
     P(lambda e: e.cache.batch([e.a], [6]), BatchMetadataError, "query_len 6", id="batch-query-longer-than-seq"),
     P(lambda e: e.cache.batch([e.a], [-1]), BatchMetadataError, "query_lens[0]", id="batch-negative-query"),
     P(lambda e: e.cache.batch([e.freed], [1]), SequenceError, "was freed", id="batch-freed-seq"),
@@ -303,30 +476,69 @@ ROWS = [
     P(lambda e: e.cache.free("a"), SequenceError, "'a'", id="free-non-int-id"),
     P(lambda e: e.cache.slot_mapping([e.a], [9]), BatchMetadataError, "query_len 9", id="slot_mapping-too-long"),
     # ---- BatchMetadata
-    P(lambda e: BatchMetadata.from_lens([1, 2], [3], [[0], [1]]), BatchMetadataError, "query_lens has 2",
-      id="from_lens-count-mismatch"),
-    P(lambda e: BatchMetadata.from_lens([0], [-3], [[0]]), BatchMetadataError, "seq_len -3",
-      id="from_lens-negative-seq_len"),
-    P(lambda e: BatchMetadata.from_lens([-1], [3], [[0]]), BatchMetadataError, "query_len -1",
-      id="from_lens-negative-query_len"),
-    P(lambda e: BatchMetadata.from_lens([4], [3], [[0]]), BatchMetadataError, "exceeds seq_len",
-      id="from_lens-query-longer-than-seq"),
+    P(
+        lambda e: BatchMetadata.from_lens([1, 2], [3], [[0], [1]]),
+        BatchMetadataError,
+        "query_lens has 2",
+        id="from_lens-count-mismatch",
+    ),
+    P(
+        lambda e: BatchMetadata.from_lens([0], [-3], [[0]]),
+        BatchMetadataError,
+        "seq_len -3",
+        id="from_lens-negative-seq_len",
+    ),
+    P(
+        lambda e: BatchMetadata.from_lens([-1], [3], [[0]]),
+        BatchMetadataError,
+        "query_len -1",
+        id="from_lens-negative-query_len",
+    ),
+    P(
+        lambda e: BatchMetadata.from_lens([4], [3], [[0]]),
+        BatchMetadataError,
+        "exceeds seq_len",
+        id="from_lens-query-longer-than-seq",
+    ),
     P(lambda e: bm(e, cu_seqlens_q=i32(1, 2, 3)), BatchMetadataError, "cu_seqlens_q[0]", id="validate-cu-not-0"),
-    P(lambda e: bm(e, cu_seqlens_q=i32(0, 3, 2)), BatchMetadataError, "non-decreasing",
-      id="validate-cu-decreasing"),
-    P(lambda e: bm(e, seq_lens=i32(1, 20)), BatchMetadataError, "exceeds seq_lens[0]",
-      id="validate-query-longer-than-seq"),
+    P(lambda e: bm(e, cu_seqlens_q=i32(0, 3, 2)), BatchMetadataError, "non-decreasing", id="validate-cu-decreasing"),
+    P(
+        lambda e: bm(e, seq_lens=i32(1, 20)),
+        BatchMetadataError,
+        "exceeds seq_lens[0]",
+        id="validate-query-longer-than-seq",
+    ),
     P(lambda e: bm(e, seq_lens=i32(-5, 20)), BatchMetadataError, "seq_lens[0]", id="validate-negative-seq_len"),
-    P(lambda e: bm(e, seq_lens=i32(5, 40), max_seq_len=40), BatchMetadataError, "block_table has only",
-      id="validate-seq-beyond-table"),
-    P(lambda e: bm(e, block_table=i32(0, 0, 9, 1).reshape(2, 2)), BatchMetadataError, "block_table[1, 0] = 9",
-      id="validate-block-id-too-large"),
-    P(lambda e: bm(e, block_table=i32(-1, 0, 1, 2).reshape(2, 2)), BatchMetadataError, "block_table[0, 0] = -1",
-      id="validate-block-id-negative"),
-    P(lambda e: bm(e, cu_seqlens_q=e.batch.cu_seqlens_q.long()), DTypeError, "cu_seqlens_q must be int32",
-      id="validate-cu-int64"),
-    P(lambda e: bm(e, seq_lens=i32(), cu_seqlens_q=i32(0)), BatchMetadataError, "batch is empty",
-      id="validate-empty-batch"),
+    P(
+        lambda e: bm(e, seq_lens=i32(5, 40), max_seq_len=40),
+        BatchMetadataError,
+        "block_table has only",
+        id="validate-seq-beyond-table",
+    ),
+    P(
+        lambda e: bm(e, block_table=i32(0, 0, 9, 1).reshape(2, 2)),
+        BatchMetadataError,
+        "block_table[1, 0] = 9",
+        id="validate-block-id-too-large",
+    ),
+    P(
+        lambda e: bm(e, block_table=i32(-1, 0, 1, 2).reshape(2, 2)),
+        BatchMetadataError,
+        "block_table[0, 0] = -1",
+        id="validate-block-id-negative",
+    ),
+    P(
+        lambda e: bm(e, cu_seqlens_q=e.batch.cu_seqlens_q.long()),
+        DTypeError,
+        "cu_seqlens_q must be int32",
+        id="validate-cu-int64",
+    ),
+    P(
+        lambda e: bm(e, seq_lens=i32(), cu_seqlens_q=i32(0)),
+        BatchMetadataError,
+        "batch is empty",
+        id="validate-empty-batch",
+    ),
     P(lambda e: bm(e, num_tokens=4), BatchMetadataError, "cu_seqlens_q[-1] = 3", id="validate-num_tokens"),
     P(lambda e: bm(e, max_seq_len=19), BatchMetadataError, "max_seq_len = 19", id="validate-max_seq_len-low"),
     P(lambda e: bm(e, max_query_len=1), BatchMetadataError, "max_query_len = 1", id="validate-max_query_len-low"),
@@ -336,36 +548,85 @@ ROWS = [
     P(lambda e: pa(e, q=e.q.tolist()), DTypeError, "q must be a torch.Tensor", id="pa-q-list"),
     P(lambda e: pa(e, k_cache=meta(e.cache.k)), DeviceError, "k_cache is on meta", id="pa-k_cache-meta"),
     P(lambda e: pa(e, v_cache=meta(e.cache.v)), DeviceError, "v_cache is on meta", id="pa-v_cache-meta"),
-    P(lambda e: pa(e, block_table=meta(e.batch.block_table)), DeviceError, "block_table is on meta",
-      id="pa-block_table-meta"),
+    P(
+        lambda e: pa(e, block_table=meta(e.batch.block_table)),
+        DeviceError,
+        "block_table is on meta",
+        id="pa-block_table-meta",
+    ),
     P(lambda e: pa(e, seq_lens=meta(e.batch.seq_lens)), DeviceError, "seq_lens is on meta", id="pa-seq_lens-meta"),
     P(lambda e: pa(e, k_cache=e.cache.k[:, :, :, :16]), ShapeError, "v_cache", id="pa-k-v-cache-shapes-differ"),
     P(lambda e: pa(e, v_cache=e.cache.v.half()), DTypeError, "v_cache", id="pa-k-v-cache-dtypes-differ"),
-    P(lambda e: pa(e, k_cache=e.cache.k.to(torch.int16), v_cache=e.cache.v.to(torch.int16)), DTypeError,
-      "k_cache must be", id="pa-cache-int16"),
+    P(
+        lambda e: pa(e, k_cache=e.cache.k.to(torch.int16), v_cache=e.cache.v.to(torch.int16)),
+        DTypeError,
+        "k_cache must be",
+        id="pa-cache-int16",
+    ),
     P(lambda e: pa(e, out=e.q), LayoutError, "out overlaps q", id="pa-out-is-q"),
-    P(lambda e: pa(e, out=e.cache.k.view(-1)[:e.q.numel()].view(e.q.shape)), LayoutError, "out overlaps k_cache",
-      id="pa-out-overlaps-k_cache"),
-    P(lambda e: pa(e, out=torch.empty(3, NUM_Q_HEADS, 16)), ShapeError, "out must have q's shape",
-      id="pa-out-wrong-shape"),
-    P(lambda e: pa(e, out=torch.empty_like(e.q).half()), DTypeError, "out must have q's dtype",
-      id="pa-out-wrong-dtype"),
+    P(
+        lambda e: pa(e, out=e.cache.k.view(-1)[: e.q.numel()].view(e.q.shape)),
+        LayoutError,
+        "out overlaps k_cache",
+        id="pa-out-overlaps-k_cache",
+    ),
+    P(
+        lambda e: pa(e, out=torch.empty(3, NUM_Q_HEADS, 16)),
+        ShapeError,
+        "out must have q's shape",
+        id="pa-out-wrong-shape",
+    ),
+    P(
+        lambda e: pa(e, out=torch.empty_like(e.q).half()),
+        DTypeError,
+        "out must have q's dtype",
+        id="pa-out-wrong-dtype",
+    ),
     P(lambda e: pa(e, q=torch.randn(3, NUM_Q_HEADS, 16)), ShapeError, "head_size", id="pa-head_size-mismatch"),
     P(lambda e: pa(e, q=torch.randn(3, NUM_Q_HEADS, 0)), UnsupportedConfigError, "head_size", id="pa-head_size-0"),
-    P(lambda e: pa(e, q=torch.randn(3, NUM_Q_HEADS, 512), k_cache=torch.randn(2, 16, 2, 512),
-                   v_cache=torch.randn(2, 16, 2, 512)), UnsupportedConfigError, "head_size", id="pa-head_size-512"),
+    P(
+        lambda e: pa(
+            e,
+            q=torch.randn(3, NUM_Q_HEADS, 512),
+            k_cache=torch.randn(2, 16, 2, 512),
+            v_cache=torch.randn(2, 16, 2, 512),
+        ),
+        UnsupportedConfigError,
+        "head_size",
+        id="pa-head_size-512",
+    ),
     P(lambda e: pa(e, q=torch.randn(3, 3, HEAD_SIZE)), ShapeError, "num_q_heads", id="pa-heads-not-multiple"),
-    P(lambda e: pa(e, k_cache=torch.randn(4, 12, 2, HEAD_SIZE), v_cache=torch.randn(4, 12, 2, HEAD_SIZE)),
-      UnsupportedConfigError, "block_size", id="pa-block_size-12"),
+    P(
+        lambda e: pa(e, k_cache=torch.randn(4, 12, 2, HEAD_SIZE), v_cache=torch.randn(4, 12, 2, HEAD_SIZE)),
+        UnsupportedConfigError,
+        "block_size",
+        id="pa-block_size-12",
+    ),
     P(lambda e: pa(e, cu_seqlens_q=i32(0, 3)), ShapeError, "cu_seqlens_q must have", id="pa-cu-wrong-length"),
-    P(lambda e: pa(e, cu_seqlens_q=e.batch.cu_seqlens_q.long()), DTypeError, "cu_seqlens_q must be int32",
-      id="pa-cu-int64"),
-    P(lambda e: pa(e, block_table=e.batch.block_table[0]), ShapeError, "block_table must have 2",
-      id="pa-block_table-rank-1"),
-    P(lambda e: pa(e, block_table=e.batch.block_table[:1]), ShapeError, "block_table must have at least",
-      id="pa-block_table-too-few-rows"),
-    P(lambda e: pa(e, cu_seqlens_q=i32(0), seq_lens=i32(), block_table=i32().reshape(0, 2)), BatchMetadataError,
-      "batch is empty", id="pa-empty-batch"),
+    P(
+        lambda e: pa(e, cu_seqlens_q=e.batch.cu_seqlens_q.long()),
+        DTypeError,
+        "cu_seqlens_q must be int32",
+        id="pa-cu-int64",
+    ),
+    P(
+        lambda e: pa(e, block_table=e.batch.block_table[0]),
+        ShapeError,
+        "block_table must have 2",
+        id="pa-block_table-rank-1",
+    ),
+    P(
+        lambda e: pa(e, block_table=e.batch.block_table[:1]),
+        ShapeError,
+        "block_table must have at least",
+        id="pa-block_table-too-few-rows",
+    ),
+    P(
+        lambda e: pa(e, cu_seqlens_q=i32(0), seq_lens=i32(), block_table=i32().reshape(0, 2)),
+        BatchMetadataError,
+        "batch is empty",
+        id="pa-empty-batch",
+    ),
     # ---- paged_attention: options
     P(lambda e: pa(e, sliding_window=-1), UnsupportedConfigError, "sliding_window", id="pa-window-negative"),
     P(lambda e: pa(e, sliding_window=2.5), UnsupportedConfigError, "sliding_window", id="pa-window-float"),
@@ -376,16 +637,19 @@ ROWS = [
     P(lambda e: pa(e, scale=0.0), UnsupportedConfigError, "scale", id="pa-scale-0"),
     P(lambda e: pa(e, scale=NAN), UnsupportedConfigError, "scale", id="pa-scale-nan"),
     P(lambda e: pa(e, alibi_slopes=torch.rand(3)), ShapeError, "alibi_slopes", id="pa-alibi-wrong-length"),
-    P(lambda e: pa(e, alibi_slopes=torch.rand(NUM_Q_HEADS).half()), DTypeError, "alibi_slopes",
-      id="pa-alibi-fp16"),
+    P(lambda e: pa(e, alibi_slopes=torch.rand(NUM_Q_HEADS).half()), DTypeError, "alibi_slopes", id="pa-alibi-fp16"),
     P(lambda e: pa(e, alibi_slopes=torch.rand(1, NUM_Q_HEADS)), ShapeError, "alibi_slopes", id="pa-alibi-2d"),
     P(lambda e: pa(e, sinks=torch.rand(NUM_Q_HEADS + 1)), ShapeError, "sinks", id="pa-sinks-wrong-length"),
     P(lambda e: pa(e, sinks=torch.zeros(NUM_Q_HEADS, dtype=torch.int32)), DTypeError, "sinks", id="pa-sinks-int"),
     P(lambda e: pa(e, sinks=meta(torch.rand(NUM_Q_HEADS))), DeviceError, "sinks", id="pa-sinks-meta"),
     P(lambda e: pa(e, kv_layout="xyz"), UnsupportedConfigError, "kv_layout", id="pa-kv_layout-unknown"),
     P(lambda e: pa(e, kv_layout="vllm_v0"), ShapeError, "k_cache must have 5", id="pa-kv_layout-v0-on-nhd"),
-    P(lambda e: pa(e, k_cache=e.k_v0, v_cache=e.k_v0[:, :, :, :, 0], kv_layout="vllm_v0"), ShapeError,
-      "v_cache must be", id="pa-v0-v_cache-shape"),
+    P(
+        lambda e: pa(e, k_cache=e.k_v0, v_cache=e.k_v0[:, :, :, :, 0], kv_layout="vllm_v0"),
+        ShapeError,
+        "v_cache must be",
+        id="pa-v0-v_cache-shape",
+    ),
     P(lambda e: pa(e, backend="cuda"), UnsupportedConfigError, "backend", id="pa-backend-unknown"),
     # ---- fp8 scales
     P(lambda e: pa8(e, k_scale=None), ScaleError, "k_scale is required", id="pa-fp8-no-k_scale"),
@@ -394,142 +658,342 @@ ROWS = [
     P(lambda e: pa8(e, v_scale=INF), ScaleError, "v_scale must be finite", id="pa-fp8-v_scale-inf"),
     P(lambda e: pa8(e, k_scale=-0.5), ScaleError, "k_scale", id="pa-fp8-k_scale-negative"),
     P(lambda e: pa8(e, v_scale=0.0), ScaleError, "v_scale", id="pa-fp8-v_scale-zero"),
-    P(lambda e: pa8(e, k_scale=torch.tensor([0.5, 0.5])), ScaleError, "k_scale must be one value",
-      id="pa-fp8-k_scale-two-values"),
+    P(
+        lambda e: pa8(e, k_scale=torch.tensor([0.5, 0.5])),
+        ScaleError,
+        "k_scale must be one value",
+        id="pa-fp8-k_scale-two-values",
+    ),
     P(lambda e: pa8(e, v_scale=torch.tensor(NAN)), ScaleError, "v_scale", id="pa-fp8-v_scale-nan-tensor"),
     # ---- paged_attention, checked mode: metadata values
-    P(lambda e: pa(e, cu_seqlens_q=i32(1, 2, 3), checked=True), BatchMetadataError, "cu_seqlens_q[0]",
-      id="checked-cu-not-0"),
-    P(lambda e: pa(e, cu_seqlens_q=i32(0, 4, 3), checked=True), BatchMetadataError, "non-decreasing",
-      id="checked-cu-decreasing"),
-    P(lambda e: pa(e, seq_lens=i32(1, 20), checked=True), BatchMetadataError, "exceeds seq_lens[0]",
-      id="checked-query-longer-than-seq"),
-    P(lambda e: pa(e, seq_lens=i32(5, -20), checked=True), BatchMetadataError, "seq_lens[1]",
-      id="checked-negative-seq_len"),
-    P(lambda e: pa(e, seq_lens=i32(5, 33), checked=True), BatchMetadataError, "block_table has only",
-      id="checked-seq-beyond-table"),
-    P(lambda e: pa(e, block_table=i32(0, 0, 99, 1).reshape(2, 2), checked=True), BatchMetadataError,
-      "block_table[1, 0] = 99", id="checked-block-id-too-large"),
-    P(lambda e: pa(e, block_table=i32(0, 0, 1, -7).reshape(2, 2), checked=True), BatchMetadataError,
-      "block_table[1, 1] = -7", id="checked-block-id-negative"),
-    P(lambda e: pa(e, q=e.q[:2], checked=True), BatchMetadataError, "cu_seqlens_q[-1] = 3",
-      id="checked-cu-end-vs-num_tokens"),
-    P(lambda e: pa(e, max_seq_len=19, checked=True), BatchMetadataError, "max_seq_len = 19",
-      id="checked-max_seq_len-understated"),
-    P(lambda e: pa(e, max_query_len=1, checked=True), BatchMetadataError, "max_query_len = 1",
-      id="checked-max_query_len-understated"),
-    P(lambda e: pa(e, seq_lens=i32(5, 21), checked=True), UnwrittenKVError, "never written",
-      id="checked-reads-unwritten-slot"),
-    P(lambda e: attention(e.q, e.cache, e.cache.batch([e.a, e.b], [2, 1], contract="context"),
-                          k_new=e.k_new, v_new=e.v_new, decode_from_cache=True, checked=True),
-      UnwrittenKVError, "never written", id="checked-cache-decode-token-unwritten"),
+    P(
+        lambda e: pa(e, cu_seqlens_q=i32(1, 2, 3), checked=True),
+        BatchMetadataError,
+        "cu_seqlens_q[0]",
+        id="checked-cu-not-0",
+    ),
+    P(
+        lambda e: pa(e, cu_seqlens_q=i32(0, 4, 3), checked=True),
+        BatchMetadataError,
+        "non-decreasing",
+        id="checked-cu-decreasing",
+    ),
+    P(
+        lambda e: pa(e, seq_lens=i32(1, 20), checked=True),
+        BatchMetadataError,
+        "exceeds seq_lens[0]",
+        id="checked-query-longer-than-seq",
+    ),
+    P(
+        lambda e: pa(e, seq_lens=i32(5, -20), checked=True),
+        BatchMetadataError,
+        "seq_lens[1]",
+        id="checked-negative-seq_len",
+    ),
+    P(
+        lambda e: pa(e, seq_lens=i32(5, 33), checked=True),
+        BatchMetadataError,
+        "block_table has only",
+        id="checked-seq-beyond-table",
+    ),
+    P(
+        lambda e: pa(e, block_table=i32(0, 0, 99, 1).reshape(2, 2), checked=True),
+        BatchMetadataError,
+        "block_table[1, 0] = 99",
+        id="checked-block-id-too-large",
+    ),
+    P(
+        lambda e: pa(e, block_table=i32(0, 0, 1, -7).reshape(2, 2), checked=True),
+        BatchMetadataError,
+        "block_table[1, 1] = -7",
+        id="checked-block-id-negative",
+    ),
+    P(
+        lambda e: pa(e, q=e.q[:2], checked=True),
+        BatchMetadataError,
+        "cu_seqlens_q[-1] = 3",
+        id="checked-cu-end-vs-num_tokens",
+    ),
+    P(
+        lambda e: pa(e, max_seq_len=19, checked=True),
+        BatchMetadataError,
+        "max_seq_len = 19",
+        id="checked-max_seq_len-understated",
+    ),
+    P(
+        lambda e: pa(e, max_query_len=1, checked=True),
+        BatchMetadataError,
+        "max_query_len = 1",
+        id="checked-max_query_len-understated",
+    ),
+    P(
+        lambda e: pa(e, seq_lens=i32(5, 21), checked=True),
+        UnwrittenKVError,
+        "never written",
+        id="checked-reads-unwritten-slot",
+    ),
+    P(
+        lambda e: attention(
+            e.q,
+            e.cache,
+            e.cache.batch([e.a, e.b], [2, 1], contract="context"),
+            k_new=e.k_new,
+            v_new=e.v_new,
+            decode_from_cache=True,
+            checked=True,
+        ),
+        UnwrittenKVError,
+        "never written",
+        id="checked-cache-decode-token-unwritten",
+    ),
     # ---- prefix_prefill
     P(lambda e: pp(e, k_new=e.k_new[:2]), ShapeError, "k_new must be", id="pp-k_new-wrong-rows"),
-    P(lambda e: pp(e, v_new=torch.randn(3, NUM_Q_HEADS, HEAD_SIZE)), ShapeError, "v_new must be",
-      id="pp-v_new-q-heads"),
+    P(
+        lambda e: pp(e, v_new=torch.randn(3, NUM_Q_HEADS, HEAD_SIZE)),
+        ShapeError,
+        "v_new must be",
+        id="pp-v_new-q-heads",
+    ),
     P(lambda e: pp(e, k_new=e.k_new.to(torch.int32)), DTypeError, "k_new must be", id="pp-k_new-int"),
     P(lambda e: pp(e, v_new=meta(e.v_new)), DeviceError, "v_new is on meta", id="pp-v_new-meta"),
     P(overlapping_out_and_k_new, LayoutError, "out overlaps k_new", id="pp-out-overlaps-k_new"),
-    P(lambda e: pp(e, cu_seqlens_q=i32(0, 3, 2), checked=True), BatchMetadataError, "non-decreasing",
-      id="pp-checked-cu-decreasing"),
+    P(
+        lambda e: pp(e, cu_seqlens_q=i32(0, 3, 2), checked=True),
+        BatchMetadataError,
+        "non-decreasing",
+        id="pp-checked-cu-decreasing",
+    ),
     # ---- write_kv
     P(lambda e: wk(e, slot_mapping=e.slots.int()), DTypeError, "slot_mapping must be int64", id="write-slots-int32"),
     P(lambda e: wk(e, slot_mapping=e.slots[:2]), ShapeError, "slot_mapping must have", id="write-slots-short"),
-    P(lambda e: wk(e, k=e.k_new.half(), v=e.v_new.half()), DTypeError, "k is torch.float16",
-      id="write-k-dtype-vs-cache"),
+    P(
+        lambda e: wk(e, k=e.k_new.half(), v=e.v_new.half()),
+        DTypeError,
+        "k is torch.float16",
+        id="write-k-dtype-vs-cache",
+    ),
     P(lambda e: wk(e, k=meta(e.k_new)), DeviceError, "k is on meta", id="write-k-meta"),
     P(lambda e: wk(e, v=strided(e.v_new)), LayoutError, "v must be contiguous", id="write-v-noncontiguous"),
-    P(lambda e: wk(e, k_cache=strided(e.cache.k), v_cache=strided(e.cache.v)), LayoutError,
-      "k_cache must be contiguous", id="write-cache-noncontiguous"),
+    P(
+        lambda e: wk(e, k_cache=strided(e.cache.k), v_cache=strided(e.cache.v)),
+        LayoutError,
+        "k_cache must be contiguous",
+        id="write-cache-noncontiguous",
+    ),
     P(lambda e: wk(e, k=torch.randn(3, NUM_KV_HEADS, 16)), ShapeError, "k must be", id="write-k-head_size"),
     P(lambda e: wk(e, v_cache=e.cache.k), LayoutError, "same memory", id="write-k-and-v-cache-alias"),
-    P(lambda e: wk(e, slot_mapping=torch.tensor([0, 1, NUM_BLOCKS * BLOCK_SIZE]), checked=True), BatchMetadataError,
-      "slot_mapping[2]", id="write-checked-slot-too-large"),
-    P(lambda e: wk(e, slot_mapping=torch.tensor([-5, 1, 2]), checked=True), BatchMetadataError,
-      "slot_mapping[0] = -5", id="write-checked-slot-below-minus-1"),
-    P(lambda e: wk(e, slot_mapping=torch.tensor([7, 9, 7]) + e.slots[0], checked=True), SlotConflictError,
-      "slot_mapping[0] and slot_mapping[2]", id="write-checked-duplicate-slot"),
+    P(
+        lambda e: wk(e, slot_mapping=torch.tensor([0, 1, NUM_BLOCKS * BLOCK_SIZE]), checked=True),
+        BatchMetadataError,
+        "slot_mapping[2]",
+        id="write-checked-slot-too-large",
+    ),
+    P(
+        lambda e: wk(e, slot_mapping=torch.tensor([-5, 1, 2]), checked=True),
+        BatchMetadataError,
+        "slot_mapping[0] = -5",
+        id="write-checked-slot-below-minus-1",
+    ),
+    P(
+        lambda e: wk(e, slot_mapping=torch.tensor([7, 9, 7]) + e.slots[0], checked=True),
+        SlotConflictError,
+        "slot_mapping[0] and slot_mapping[2]",
+        id="write-checked-duplicate-slot",
+    ),
     P(lambda e: wk8(e, k_scale=None), ScaleError, "k_scale is required", id="write-fp8-no-k_scale"),
     P(lambda e: wk8(e, v_scale=NAN), ScaleError, "v_scale must be finite", id="write-fp8-v_scale-nan"),
     P(lambda e: wk8(e, k_scale=-1.0), ScaleError, "k_scale", id="write-fp8-k_scale-negative"),
-    P(lambda e: wk8(e, k_cache=e.fp8.k.view(torch.uint8), v_cache=e.fp8.v.view(torch.uint8)), DTypeError,
-      "fp8_dtype", id="write-uint8-cache-without-fp8_dtype"),
+    P(
+        lambda e: wk8(e, k_cache=e.fp8.k.view(torch.uint8), v_cache=e.fp8.v.view(torch.uint8)),
+        DTypeError,
+        "fp8_dtype",
+        id="write-uint8-cache-without-fp8_dtype",
+    ),
     P(lambda e: wk8(e, fp8_dtype=torch.float8_e5m2), DTypeError, "fp8_dtype", id="write-fp8_dtype-mismatch"),
     # ---- compat.vllm
-    P(lambda e: ctx_fwd(e, k_cache=e.cache.k, v_cache=e.cache.v), LayoutError, "k_cache",
-      id="vllm-ctx-flash-layout"),
-    P(lambda e: ctx_fwd(e, kv_cache_dtype="int4"), UnsupportedConfigError, "kv_cache_dtype",
-      id="vllm-ctx-kv_cache_dtype"),
+    P(lambda e: ctx_fwd(e, k_cache=e.cache.k, v_cache=e.cache.v), LayoutError, "k_cache", id="vllm-ctx-flash-layout"),
+    P(
+        lambda e: ctx_fwd(e, kv_cache_dtype="int4"),
+        UnsupportedConfigError,
+        "kv_cache_dtype",
+        id="vllm-ctx-kv_cache_dtype",
+    ),
     P(lambda e: ctx_fwd(e, fp8_out_scale=1.0), UnsupportedConfigError, "fp8_out_scale", id="vllm-ctx-fp8_out_scale"),
     P(lambda e: ctx_fwd(e, b_start_loc=i32(0, 2)), ShapeError, "b_start_loc", id="vllm-ctx-b_start_loc-length"),
     P(lambda e: ctx_fwd(e, b_loc=e.batch.block_table.float()), DTypeError, "b_loc", id="vllm-ctx-b_loc-float"),
     P(lambda e: ctx_fwd(e, k=e.k_new[:2]), ShapeError, "k_new = k", id="vllm-ctx-k-wrong-rows"),
     P(lambda e: ctx_fwd(e, o=e.q), LayoutError, "out = o", id="vllm-ctx-o-is-q"),
-    P(lambda e: ctx_fwd(e, alibi_slopes=torch.rand(NUM_Q_HEADS), sinks=torch.rand(NUM_Q_HEADS)),
-      UnsupportedConfigError, "sinks", id="vllm-ctx-alibi-and-sinks"),
+    P(
+        lambda e: ctx_fwd(e, alibi_slopes=torch.rand(NUM_Q_HEADS), sinks=torch.rand(NUM_Q_HEADS)),
+        UnsupportedConfigError,
+        "sinks",
+        id="vllm-ctx-alibi-and-sinks",
+    ),
     P(lambda e: chunked(e, output_scale=1.0), UnsupportedConfigError, "output_scale", id="vllm-chunked-output_scale"),
-    P(lambda e: chunked_fp8_uint8(e, k_scale=None, v_scale=1.0), ScaleError, "k_scale",
-      id="vllm-chunked-fp8-no-k_scale"),
-    P(lambda e: chunked(e, key_cache=e.k_v0.view(torch.uint8)), DTypeError, "key_cache",
-      id="vllm-chunked-uint8-cache-auto"),
+    P(
+        lambda e: chunked_fp8_uint8(e, k_scale=None, v_scale=1.0),
+        ScaleError,
+        "k_scale",
+        id="vllm-chunked-fp8-no-k_scale",
+    ),
+    P(
+        lambda e: chunked(e, key_cache=e.k_v0.view(torch.uint8)),
+        DTypeError,
+        "key_cache",
+        id="vllm-chunked-uint8-cache-auto",
+    ),
     P(lambda e: chunked(e, seq_lens=e.ctx_seq_lens.float()), DTypeError, "seq_lens", id="vllm-chunked-seq_lens-float"),
     P(lambda e: ua(e, causal=False), UnsupportedConfigError, "causal", id="vllm-ua-not-causal"),
     P(lambda e: ua(e, window_size=(-1, 4)), UnsupportedConfigError, "window_size", id="vllm-ua-window-right"),
     P(lambda e: ua(e, window_size=(-3, -1)), UnsupportedConfigError, "window_size[0]", id="vllm-ua-window-left"),
     P(lambda e: ua(e, q_descale=1.0), UnsupportedConfigError, "q_descale", id="vllm-ua-q_descale"),
     P(lambda e: ua(e, mm_prefix_range=(0, 4)), UnsupportedConfigError, "mm_prefix_range", id="vllm-ua-unknown-kw"),
-    P(lambda e: ua(e, k=e.cache.k.view(torch.uint8), v=e.cache.v.view(torch.uint8)), DTypeError, "k is torch.uint8",
-      id="vllm-ua-uint8-cache"),
+    P(
+        lambda e: ua(e, k=e.cache.k.view(torch.uint8), v=e.cache.v.view(torch.uint8)),
+        DTypeError,
+        "k is torch.uint8",
+        id="vllm-ua-uint8-cache",
+    ),
     P(lambda e: ua(e, softcap=-1.0), UnsupportedConfigError, "softcap", id="vllm-ua-softcap-negative"),
-    P(lambda e: ua(e, q=e.q16, k=e.fp8.k, v=e.fp8.v, out=torch.empty_like(e.q16), cu_seqlens_q=e.fp8_batch.cu_seqlens_q,
-                   seqused_k=e.fp8_batch.seq_lens, block_table=e.fp8_batch.block_table, max_seqlen_q=1,
-                   max_seqlen_k=5, v_descale=0.25),
-      ScaleError, "k_descale", id="vllm-ua-fp8-no-k_descale"),
+    P(
+        lambda e: ua(
+            e,
+            q=e.q16,
+            k=e.fp8.k,
+            v=e.fp8.v,
+            out=torch.empty_like(e.q16),
+            cu_seqlens_q=e.fp8_batch.cu_seqlens_q,
+            seqused_k=e.fp8_batch.seq_lens,
+            block_table=e.fp8_batch.block_table,
+            max_seqlen_q=1,
+            max_seqlen_k=5,
+            v_descale=0.25,
+        ),
+        ScaleError,
+        "k_descale",
+        id="vllm-ua-fp8-no-k_descale",
+    ),
     P(lambda e: ua(e, seqused_k=e.batch.seq_lens.float()), DTypeError, "seqused_k", id="vllm-ua-seqused_k-float"),
     P(lambda e: ua(e, k=e.k_v0, v=e.v_v0), LayoutError, "k must be a flash-layout", id="vllm-ua-older-layout"),
     P(lambda e: rcf(e, slot_mapping=e.slots.float()), DTypeError, "slot_mapping", id="vllm-rcf-slots-float"),
     P(lambda e: rcf(e, key_cache=e.k_v0, value_cache=e.v_v0), LayoutError, "key_cache", id="vllm-rcf-older-layout"),
-    P(lambda e: rcf(e, key_cache=e.fp8.k, value_cache=e.fp8.v, kv_cache_dtype="fp8", key=e.k_new[:1].half(),
-                    value=e.v_new[:1].half(), slot_mapping=torch.tensor([48]), k_scale=None),
-      ScaleError, "k_scale", id="vllm-rcf-fp8-no-k_scale"),
-    P(lambda e: rcf(e, key_cache=e.fp8.k, value_cache=e.fp8.v, kv_cache_dtype="fp8", key=e.k_new[:1].half(),
-                    value=e.v_new[:1].half(), slot_mapping=torch.tensor([48]), v_scale=NAN),
-      ScaleError, "v_scale", id="vllm-rcf-fp8-v_scale-nan"),
+    P(
+        lambda e: rcf(
+            e,
+            key_cache=e.fp8.k,
+            value_cache=e.fp8.v,
+            kv_cache_dtype="fp8",
+            key=e.k_new[:1].half(),
+            value=e.v_new[:1].half(),
+            slot_mapping=torch.tensor([48]),
+            k_scale=None,
+        ),
+        ScaleError,
+        "k_scale",
+        id="vllm-rcf-fp8-no-k_scale",
+    ),
+    P(
+        lambda e: rcf(
+            e,
+            key_cache=e.fp8.k,
+            value_cache=e.fp8.v,
+            kv_cache_dtype="fp8",
+            key=e.k_new[:1].half(),
+            value=e.v_new[:1].half(),
+            slot_mapping=torch.tensor([48]),
+            v_scale=NAN,
+        ),
+        ScaleError,
+        "v_scale",
+        id="vllm-rcf-fp8-v_scale-nan",
+    ),
     P(lambda e: rcf(e, value=e.v_new[:2]), ShapeError, "key and value", id="vllm-rcf-key-value-shapes"),
     P(lambda e: rcf(e, slot_mapping=torch.arange(4)), ShapeError, "slot_mapping", id="vllm-rcf-slots-too-many"),
-    P(lambda e: rcf(e, key=e.k_new.half(), value=e.v_new.half()), DTypeError, "key_cache",
-      id="vllm-rcf-key-dtype-vs-cache"),
-    P(lambda e: rcf(e, kv_cache_dtype=None), UnsupportedConfigError, "kv_cache_dtype",
-      id="vllm-rcf-kv_cache_dtype-none"),
+    P(
+        lambda e: rcf(e, key=e.k_new.half(), value=e.v_new.half()),
+        DTypeError,
+        "key_cache",
+        id="vllm-rcf-key-dtype-vs-cache",
+    ),
+    P(
+        lambda e: rcf(e, kv_cache_dtype=None),
+        UnsupportedConfigError,
+        "kv_cache_dtype",
+        id="vllm-rcf-kv_cache_dtype-none",
+    ),
     # ---- the CLI
     P(lambda e: cli("frobnicate"), SystemExit, "invalid choice: 'frobnicate'", id="cli-unknown-command"),
-    P(lambda e: cli("scenario", "no-such-fault"), SystemExit, "invalid choice: 'no-such-fault'",
-      id="cli-unknown-scenario"),
+    P(
+        lambda e: cli("scenario", "no-such-fault"),
+        SystemExit,
+        "invalid choice: 'no-such-fault'",
+        id="cli-unknown-scenario",
+    ),
     P(lambda e: cli("verify", "--contract", "sideways"), SystemExit, "--contract", id="cli-verify-bad-contract"),
     P(lambda e: cli("verify", "--seed", "x"), SystemExit, "--seed", id="cli-verify-seed-not-int"),
     P(lambda e: cli("explain", "--dtype", "fp64"), SystemExit, "--dtype", id="cli-explain-dtype"),
     P(lambda e: cli("explain", "--sms", "0"), SystemExit, "--sms", id="cli-explain-sms-0"),
-    P(lambda e: cli("explain", "--sms", "132", "--head-size", "0"), SystemExit, "head_size",
-      id="cli-explain-head-size-0"),
-    P(lambda e: cli("explain", "--sms", "132", "--head-size", "320"), SystemExit, "head_size",
-      id="cli-explain-head-size-320"),
-    P(lambda e: cli("explain", "--sms", "132", "--num-kv-heads", "3"), SystemExit, "num_kv_heads",
-      id="cli-explain-heads-not-multiple"),
-    P(lambda e: cli("explain", "--sms", "132", "--block-size", "24"), SystemExit, "block_size",
-      id="cli-explain-block-size"),
+    P(
+        lambda e: cli("explain", "--sms", "132", "--head-size", "0"),
+        SystemExit,
+        "head_size",
+        id="cli-explain-head-size-0",
+    ),
+    P(
+        lambda e: cli("explain", "--sms", "132", "--head-size", "320"),
+        SystemExit,
+        "head_size",
+        id="cli-explain-head-size-320",
+    ),
+    P(
+        lambda e: cli("explain", "--sms", "132", "--num-kv-heads", "3"),
+        SystemExit,
+        "num_kv_heads",
+        id="cli-explain-heads-not-multiple",
+    ),
+    P(
+        lambda e: cli("explain", "--sms", "132", "--block-size", "24"),
+        SystemExit,
+        "block_size",
+        id="cli-explain-block-size",
+    ),
     P(lambda e: cli("explain", "--sms", "132", "--kv-dtype", "fp6"), SystemExit, "kv_dtype", id="cli-explain-kv-dtype"),
-    P(lambda e: cli("explain", "--sms", "132", "--sliding-window", "-2"), SystemExit, "sliding_window",
-      id="cli-explain-window-negative"),
-    P(lambda e: cli("explain", "--sms", "132", "--query-lens", "1,1", "--ctx-lens", "5"), SystemExit, "ctx_lens",
-      id="cli-explain-lens-count-mismatch"),
-    P(lambda e: cli("explain", "--sms", "132", "--query-lens", "one"), SystemExit, "--query-lens",
-      id="cli-explain-query-lens-not-int"),
-    P(lambda e: cli("explain", "--sms", "132", "--query-lens", "-3", "--ctx-lens", "1"), SystemExit, "--query-lens",
-      id="cli-explain-query-lens-negative"),
-    P(lambda e: cli("scenario", "incomplete-cache", "--device", "abacus"), SystemExit, "--device",
-      id="cli-scenario-bad-device"),
-    P(lambda e: cli("bench", "--workloads", "no-such-workload"), SystemExit, "no-such-workload",
-      id="cli-bench-unknown-workload"),
+    P(
+        lambda e: cli("explain", "--sms", "132", "--sliding-window", "-2"),
+        SystemExit,
+        "sliding_window",
+        id="cli-explain-window-negative",
+    ),
+    P(
+        lambda e: cli("explain", "--sms", "132", "--query-lens", "1,1", "--ctx-lens", "5"),
+        SystemExit,
+        "ctx_lens",
+        id="cli-explain-lens-count-mismatch",
+    ),
+    P(
+        lambda e: cli("explain", "--sms", "132", "--query-lens", "one"),
+        SystemExit,
+        "--query-lens",
+        id="cli-explain-query-lens-not-int",
+    ),
+    P(
+        lambda e: cli("explain", "--sms", "132", "--query-lens", "-3", "--ctx-lens", "1"),
+        SystemExit,
+        "--query-lens",
+        id="cli-explain-query-lens-negative",
+    ),
+    P(
+        lambda e: cli("scenario", "incomplete-cache", "--device", "abacus"),
+        SystemExit,
+        "--device",
+        id="cli-scenario-bad-device",
+    ),
+    P(
+        lambda e: cli("bench", "--workloads", "no-such-workload"),
+        SystemExit,
+        "no-such-workload",
+        id="cli-bench-unknown-workload",
+    ),
 ]
 
 
@@ -539,6 +1003,7 @@ ROWS = [
 def _trap(name: str):
     def trap(*args, **kwargs):
         raise AssertionError(f"{name} ran: validation must refuse bad inputs before any kernel launch")
+
     return trap
 
 
@@ -559,11 +1024,14 @@ def no_kernels(env, monkeypatch):
 
 
 def _allocator_state(cache: PagedKVCache) -> dict:
-    return dict(free=cache.free_blocks, num_free=cache.num_free_blocks,
-                tables={s: cache.block_table(s) for s in cache.sequences},
-                lens={s: cache.seq_len(s) for s in cache.sequences},
-                refcounts=[cache.refcount(b) for b in range(cache.num_blocks)],
-                next_id=cache._next_seq_id)
+    return dict(
+        free=cache.free_blocks,
+        num_free=cache.num_free_blocks,
+        tables={s: cache.block_table(s) for s in cache.sequences},
+        lens={s: cache.seq_len(s) for s in cache.sequences},
+        refcounts=[cache.refcount(b) for b in range(cache.num_blocks)],
+        next_id=cache._next_seq_id,
+    )
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,16 @@ def test_workloads_json_is_a_copy_of_the_shared_one():
 
 
 def test_every_standard_workload_is_there():
-    assert list(BY_NAME) == ["decode-b64-ctx4k", "decode-b256-ctx1k", "decode-b4-ctx32k", "decode-mha-b32-ctx2k",
-                             "prefill-b4-4k", "prefix-prefill-b4-q1k-ctx4k", "mixed-chunk2k-plus-63dec",
-                             "seed-mixed-h64-g1"]
+    assert list(BY_NAME) == [
+        "decode-b64-ctx4k",
+        "decode-b256-ctx1k",
+        "decode-b4-ctx32k",
+        "decode-mha-b32-ctx2k",
+        "prefill-b4-4k",
+        "prefix-prefill-b4-q1k-ctx4k",
+        "mixed-chunk2k-plus-63dec",
+        "seed-mixed-h64-g1",
+    ]
 
 
 @pytest.mark.parametrize("w", WORKLOADS, ids=lambda w: w.name)
@@ -101,16 +108,18 @@ def test_dry_run_completes(tmp_path, capsys):
     assert runner.run(parse("--dry-run", "--out", str(tmp_path))) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["dry_run"] and len(results["rows"]) == len(WORKLOADS) + sum(
-        len(s.variants) for s in sweeps(WORKLOADS, quick=True))
+        len(s.variants) for s in sweeps(WORKLOADS, quick=True)
+    )
     for row in results["rows"]:
         assert "error" not in row and row["all_written"] and row["check"]["ok"], row
-    for row in results["rows"][:len(WORKLOADS)]:
+    for row in results["rows"][: len(WORKLOADS)]:
         assert row["peers"]["math"]["rel_err_vs_ours"] < 2e-2, row  # the dense peer's masks are right
     assert "all checks passed" in capsys.readouterr().out
 
 
 def test_bench_pipeline_with_a_fake_timer(tmp_path):
     """The GPU path (rows, metrics, anchors, peers, sweep ranking, tables, plot) over the reference."""
+
     def fake_timer(fn):
         fn()
         return dict(ms=1.0, ms_p20=0.9, ms_p80=1.1, reps=1)
@@ -147,6 +156,7 @@ def test_bench_pipeline_with_a_fake_timer(tmp_path):
 def test_timed_run_end_to_end_with_a_fake_timer(tmp_path, capsys):
     """run_gpu (progress, rows, results.json, roofline.png, tables) on the CPU: the SDPA peers'
     flash/cuDNN backends fail there, which exercises the error path."""
+
     def fake_timer(fn):
         fn()
         return dict(ms=2.0, ms_p20=1.9, ms_p80=2.1, reps=1)
@@ -158,8 +168,16 @@ def test_timed_run_end_to_end_with_a_fake_timer(tmp_path, capsys):
     args = parse("--quick", "--out", str(tmp_path))
     from rich.console import Console
 
-    code = runner.run_gpu(args, small, [small_sweep], Console(width=200), device="cpu", backend="reference",
-                          timer=fake_timer, ceilings=CEILINGS)
+    code = runner.run_gpu(
+        args,
+        small,
+        [small_sweep],
+        Console(width=200),
+        device="cpu",
+        backend="reference",
+        timer=fake_timer,
+        ceilings=CEILINGS,
+    )
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["name"] for r in results["rows"]][:2] == [w.name for w in chosen]
@@ -179,8 +197,17 @@ def test_plot_writes_a_png_from_fake_results(tmp_path):
     rows = []
     for i, w in enumerate(WORKLOADS):
         ms = 0.4 + i
-        rows.append(dict(name=w.name, kind="workload", kv_bytes=w.kv_bytes, flops=w.flops, ms=ms,
-                         pct_roofline=50.0, anchors={"vllm-unified": {"ms": w.anchors["vllm-unified"]["ms"]}}))
+        rows.append(
+            dict(
+                name=w.name,
+                kind="workload",
+                kv_bytes=w.kv_bytes,
+                flops=w.flops,
+                ms=ms,
+                pct_roofline=50.0,
+                anchors={"vllm-unified": {"ms": w.anchors["vllm-unified"]["ms"]}},
+            )
+        )
     rows.append(dict(name="v", kind="sweep", sweep="dtype", base="x", kv_bytes=10**9, flops=4 * 10**9, ms=0.5))
     rows.append(dict(name="failed", kind="workload", kv_bytes=10**9, flops=10**9, error="boom"))
     results = dict(meta=dict(device="fake H100", date="today"), ceilings=CEILINGS, rows=rows)

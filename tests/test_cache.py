@@ -9,8 +9,16 @@ import torch
 
 from pagedattn.cache import PagedKVCache
 from pagedattn.checks import check_allocator
-from pagedattn.errors import (BatchMetadataError, CacheFullError, DTypeError, ScaleError, SequenceError,
-                              ShapeError, SlotConflictError, UnsupportedConfigError)
+from pagedattn.errors import (
+    BatchMetadataError,
+    CacheFullError,
+    DTypeError,
+    ScaleError,
+    SequenceError,
+    ShapeError,
+    SlotConflictError,
+    UnsupportedConfigError,
+)
 from pagedattn.kernels.write import quantize_fp8
 from pagedattn.reference import gather_sequence
 
@@ -28,8 +36,11 @@ def kv(num_tokens, dtype=torch.float32):
 
 def gathered(cache, seq_id, which="k"):
     t = cache.k if which == "k" else cache.v
-    return gather_sequence(t, torch.tensor(cache.block_table(seq_id)), cache.seq_len(seq_id), dtype=t.dtype) \
-        if not cache.is_fp8 else gather_sequence(t, torch.tensor(cache.block_table(seq_id)), cache.seq_len(seq_id))
+    return (
+        gather_sequence(t, torch.tensor(cache.block_table(seq_id)), cache.seq_len(seq_id), dtype=t.dtype)
+        if not cache.is_fp8
+        else gather_sequence(t, torch.tensor(cache.block_table(seq_id)), cache.seq_len(seq_id))
+    )
 
 
 def snapshot(cache):
@@ -66,15 +77,18 @@ def test_construction_and_attributes():
     assert torch.isnan(fp8.k.float()).all() and torch.isnan(fp8.v.float()).all()
 
 
-@pytest.mark.parametrize("kwargs,error", [
-    (dict(num_blocks=0), UnsupportedConfigError),
-    (dict(num_blocks=4, block_size=3), UnsupportedConfigError),
-    (dict(num_blocks=4, head_size=512), UnsupportedConfigError),
-    (dict(num_blocks=4, dtype=torch.int8), DTypeError),
-    (dict(num_blocks=4, kv_dtype="int4"), UnsupportedConfigError),
-    (dict(num_blocks=4, kv_dtype="fp8", k_scale=0.0), ScaleError),
-    (dict(num_blocks=4, v_scale=float("nan")), ScaleError),
-])
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(num_blocks=0), UnsupportedConfigError),
+        (dict(num_blocks=4, block_size=3), UnsupportedConfigError),
+        (dict(num_blocks=4, head_size=512), UnsupportedConfigError),
+        (dict(num_blocks=4, dtype=torch.int8), DTypeError),
+        (dict(num_blocks=4, kv_dtype="int4"), UnsupportedConfigError),
+        (dict(num_blocks=4, kv_dtype="fp8", k_scale=0.0), ScaleError),
+        (dict(num_blocks=4, v_scale=float("nan")), ScaleError),
+    ],
+)
 def test_construction_validates(kwargs, error):
     with pytest.raises(error):
         PagedKVCache(**kwargs)
@@ -257,7 +271,7 @@ def test_write_refuses_shared_blocks():
     cache = small_cache(num_blocks=8, block_size=4)
     a = cache.new_sequence()
     cache.reserve(a, 3)
-    b = cache.fork(a)
+    cache.fork(a)  # a second owner of the blocks
     before = snapshot(cache)
     with pytest.raises(SlotConflictError, match="shared with sequences \\[1\\]"):
         cache.write([a], *kv(1), [1])
@@ -286,6 +300,7 @@ def test_cache_poison_is_the_raw_poison_pattern(kv_dtype):
     """PagedKVCache poisons with pagedattn.poison's bits, so check_cache_finite and forensics read
     its unwritten slots as unwritten and a NaN written through it as the user's."""
     from pagedattn.poison import is_poison
+
     cache = small_cache(num_blocks=4, block_size=4, kv_dtype=kv_dtype, k_scale=0.5, v_scale=0.5)
     assert is_poison(cache.k).all() and is_poison(cache.v).all()
     s = cache.new_sequence()

@@ -43,14 +43,35 @@ pytestmark = pytest.mark.kernels  # skipped without CUDA or TRITON_INTERPRET=1 (
 def test_catalogue_covers_the_contract():
     names = {c.name for c in cat.CASES}
     assert len(cat.CASES) >= 25
-    required = {"block-id-past-cache", "block-id-negative", "seq-len-negative", "seq-len-below-query-len",
-                "block-table-too-narrow", "cu-decreasing", "cu-not-starting-at-0", "cu-ends-before-tokens",
-                "cu-ends-after-tokens", "max-query-len-too-small", "max-seq-len-too-small", "q-fewer-rows",
-                "q-more-rows", "out-wrong-shape", "out-wrong-dtype", "k-new-wrong-rows", "v-new-wrong-rows",
-                "ctx-len-negative", "fp8-cache-no-k-scale", "slot-equals-num-slots", "slot-below-minus-one",
-                "seq-lens-fewer-entries", "block-table-fewer-rows", "cu-more-entries"}
+    required = {
+        "block-id-past-cache",
+        "block-id-negative",
+        "seq-len-negative",
+        "seq-len-below-query-len",
+        "block-table-too-narrow",
+        "cu-decreasing",
+        "cu-not-starting-at-0",
+        "cu-ends-before-tokens",
+        "cu-ends-after-tokens",
+        "max-query-len-too-small",
+        "max-seq-len-too-small",
+        "q-fewer-rows",
+        "q-more-rows",
+        "out-wrong-shape",
+        "out-wrong-dtype",
+        "k-new-wrong-rows",
+        "v-new-wrong-rows",
+        "ctx-len-negative",
+        "fp8-cache-no-k-scale",
+        "slot-equals-num-slots",
+        "slot-below-minus-one",
+        "seq-lens-fewer-entries",
+        "block-table-fewer-rows",
+        "cu-more-entries",
+    }
     assert required <= names, f"missing: {sorted(required - names)}"
     from pagedattn import errors
+
     used = set()
     for c in cat.CASES:
         assert c.entry_points and set(c.entry_points) <= set(cat.ENTRY_POINTS), c.name
@@ -58,8 +79,9 @@ def test_catalogue_covers_the_contract():
         for e in c.error:
             assert issubclass(getattr(errors, e), errors.PagedAttentionError), (c.name, e)
         assert c.args
-        assert (c.bad_slots != ()) == (cat.ENTRY_POINTS[c.entry_points[0]].contract == "write"
-                                       and not c.host_check), c.name
+        assert (c.bad_slots != ()) == (cat.ENTRY_POINTS[c.entry_points[0]].contract == "write" and not c.host_check), (
+            c.name
+        )
     assert used == set(cat.ENTRY_POINTS)
 
 
@@ -67,7 +89,7 @@ def test_base_batch_is_what_the_docstring_says():
     b = cat.base_batch()
     assert b.cu_seqlens_q.tolist() == [0, 5, 6, 9] and b.seq_lens.tolist() == [17, 21, 3]
     assert b.k_cache.isfinite().all() and b.v_cache.isfinite().all()
-    used = {x for row, s in zip(cat.BLOCK_TABLE, cat.SEQ_LENS) for x in row[:-(-s // cat.BLOCK_SIZE)]}
+    used = {x for row, s in zip(cat.BLOCK_TABLE, cat.SEQ_LENS) for x in row[: -(-s // cat.BLOCK_SIZE)]}
     assert not used & {s // cat.BLOCK_SIZE for s in cat.WRITE_SLOTS}, "write slots must be in unused blocks"
 
 
@@ -133,8 +155,9 @@ def _pump(stream, sink) -> None:
         sink.put(None)
 
 
-def run_isolated(select: str, device: str, timeout_s: float, module: str = "pagedattn.catalogue",
-                 startup_s: float = 300.0) -> dict[str, list[str]]:
+def run_isolated(
+    select: str, device: str, timeout_s: float, module: str = "pagedattn.catalogue", startup_s: float = 300.0
+) -> dict[str, list[str]]:
     """Every planned unvalidated run, in subprocesses that are restarted after a crash or a hang
     (a run without a result after `timeout_s`; a process gets `startup_s` for its imports)."""
     results: dict[str, list[str]] = {}
@@ -142,8 +165,9 @@ def run_isolated(select: str, device: str, timeout_s: float, module: str = "page
     start = 0
     while start < len(labels):
         cmd = [sys.executable, "-m", module, "--jsonl", "--select", select, "--device", device, "--from", str(start)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+        )
         lines: queue.Queue = queue.Queue()
         stderr: list[str] = []
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
@@ -214,7 +238,8 @@ def test_isolation_reports_a_crash_and_a_hang(tmp_path, monkeypatch):
         "    if label == os.environ['HANG_RUN']: time.sleep(60)\n"
         "    return ['a problem'] if label == os.environ['FAIL_RUN'] else []\n"
         "run.check = check\n"
-        "sys.exit(run.main())\n")
+        "sys.exit(run.main())\n"
+    )
     runs = [cat.run_label(*r) for r in cat.planned_runs(select="ci")]
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv("CRASH_RUN", runs[2])
@@ -241,8 +266,10 @@ def test_block_table_padding_beyond_seq_len_is_not_read(entry, padding, validate
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("q_dtype, cache_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
-                                                   (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "q_dtype, cache_dtype",
+    [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32)],
+)
 @pytest.mark.parametrize("entry", ["paged_attention", "prefix_prefill"])
 def test_query_dtype_differs_from_cache(entry, q_dtype, cache_dtype):
     """attention.py documents q of any float dtype over a cache of another: the kernel converts
@@ -250,6 +277,7 @@ def test_query_dtype_differs_from_cache(entry, q_dtype, cache_dtype):
     from pagedattn import reference
     from pagedattn.attention import paged_attention, prefix_prefill
     from pagedattn.tolerances import TOLERANCES
+
     b = cat.base_batch(DEVICE, cache_dtype)
     q = b.q.to(q_dtype)
     k_new, v_new = b.k_new.to(q_dtype), b.v_new.to(q_dtype)
@@ -259,8 +287,9 @@ def test_query_dtype_differs_from_cache(entry, q_dtype, cache_dtype):
         ref = reference.attention(q.cpu(), b.k_cache.cpu(), b.v_cache.cpu(), *(m.cpu() for m in meta))
     else:
         out = prefix_prefill(q, k_new, v_new, b.k_cache, b.v_cache, *meta)
-        ref = reference.attention(q.cpu(), b.k_cache.cpu(), b.v_cache.cpu(), *(m.cpu() for m in meta),
-                                  k_new=k_new.cpu(), v_new=v_new.cpu())
+        ref = reference.attention(
+            q.cpu(), b.k_cache.cpu(), b.v_cache.cpu(), *(m.cpu() for m in meta), k_new=k_new.cpu(), v_new=v_new.cpu()
+        )
     assert out.dtype == q_dtype
     coarser = max((q_dtype, cache_dtype), key=lambda d: TOLERANCES[d][0])  # the dot products run in q's dtype
     atol, rtol = TOLERANCES[coarser]
@@ -272,6 +301,7 @@ def test_query_dtype_differs_from_cache(entry, q_dtype, cache_dtype):
 # ---------------------------------------------------------------------------------------------
 def _patch_paged_attention(monkeypatch, fn):
     import importlib
+
     api = importlib.import_module("pagedattn.attention")  # the module (pagedattn.attention is the function)
     real = api.paged_attention
     monkeypatch.setattr(api, "paged_attention", lambda *a, **k: fn(real, *a, **k))
@@ -287,6 +317,7 @@ def test_harness_reports_plausible_rows_and_wrong_rows(monkeypatch):
     def zeros(real, q, *a, out=None, **k):
         out = torch.zeros_like(q) if out is None else out.zero_()
         return out
+
     _patch_paged_attention(monkeypatch, zeros)
     problems = run.check(cat.CASES_BY_NAME["seq-len-negative"], "paged_attention", DEVICE, validate=False)
     assert any("not all NaN" in p for p in problems), problems
@@ -300,6 +331,7 @@ def test_harness_reports_a_write_past_out_and_into_the_cache(monkeypatch):
         flat[-1] = 7.0
         k_cache.view(-1)[0] = 7.0
         return result
+
     _patch_paged_attention(monkeypatch, overrun)
     problems = run.check(None, "paged_attention", DEVICE, validate=False, out_mode="user")
     assert "written past the ends of out" in problems, problems

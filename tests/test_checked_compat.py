@@ -30,8 +30,12 @@ def harness(layout: str, write: str):
     start = [0, seq_lens[0]]
     rows, slots = [], []
     for s in range(2):
-        n = {"ctx": CTX_LENS[s], "ctx-minus-one": CTX_LENS[s], "all": CTX_LENS[s] + (QUERY_LENS[s] == 1),
-             "full": seq_lens[s]}[write]
+        n = {
+            "ctx": CTX_LENS[s],
+            "ctx-minus-one": CTX_LENS[s],
+            "all": CTX_LENS[s] + (QUERY_LENS[s] == 1),
+            "full": seq_lens[s],
+        }[write]
         for p in range(n):
             if write == "ctx-minus-one" and s == 0 and p == 3:
                 continue
@@ -42,20 +46,54 @@ def harness(layout: str, write: str):
     write_op(key[rows], value[rows], k_cache, v_cache, torch.tensor(slots), "auto", one, one)
     new = [start[s] + CTX_LENS[s] + i for s in range(2) for i in range(QUERY_LENS[s])]
     q = torch.randn(sum(QUERY_LENS), HEADS, HEAD, dtype=torch.float16)
-    meta = dict(cu=torch.tensor([0, QUERY_LENS[0], sum(QUERY_LENS)], dtype=torch.int32),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32), table=table)
+    meta = dict(
+        cu=torch.tensor([0, QUERY_LENS[0], sum(QUERY_LENS)], dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        table=table,
+    )
     return q, key[new], value[new], k_cache, v_cache, meta
 
 
 def call(op, q, k, v, k_cache, v_cache, meta, out, **checked):
     one = torch.tensor(1.0)
     if op == "unified_attention":
-        return vllm.unified_attention(q, k_cache, v_cache, out, meta["cu"], max(QUERY_LENS), meta["seq_lens"],
-                                      int(meta["seq_lens"].max()), HEAD ** -0.5, True, (-1, -1), meta["table"],
-                                      0, None, one, one, **checked)
+        return vllm.unified_attention(
+            q,
+            k_cache,
+            v_cache,
+            out,
+            meta["cu"],
+            max(QUERY_LENS),
+            meta["seq_lens"],
+            int(meta["seq_lens"].max()),
+            HEAD**-0.5,
+            True,
+            (-1, -1),
+            meta["table"],
+            0,
+            None,
+            one,
+            one,
+            **checked,
+        )
     fn = getattr(vllm, op)
-    return fn(q, k, v, out, "auto", k_cache, v_cache, meta["table"], meta["cu"], meta["seq_lens"],
-              int(meta["seq_lens"].max()), max(QUERY_LENS), one, one, **checked)
+    return fn(
+        q,
+        k,
+        v,
+        out,
+        "auto",
+        k_cache,
+        v_cache,
+        meta["table"],
+        meta["cu"],
+        meta["seq_lens"],
+        int(meta["seq_lens"].max()),
+        max(QUERY_LENS),
+        one,
+        one,
+        **checked,
+    )
 
 
 # op -> (layout, what to write so that the op reads an unwritten slot, the position it names, contract)

@@ -11,8 +11,14 @@ from pagedattn.batch import BatchMetadata
 from pagedattn.cache import PagedKVCache
 from pagedattn.checks import check_allocator, check_batch_against_cache, check_cache_finite
 from pagedattn.config import BatchShape
-from pagedattn.errors import (BatchMetadataError, ContractError, NonFiniteKVError, SequenceError,
-                              SlotConflictError, UnwrittenKVError)
+from pagedattn.errors import (
+    BatchMetadataError,
+    ContractError,
+    NonFiniteKVError,
+    SequenceError,
+    SlotConflictError,
+    UnwrittenKVError,
+)
 from pagedattn.poison import POISON_BITS, empty_kv_cache, poison_
 
 HEADS, HEAD, BLOCK = 2, 8, 16
@@ -26,8 +32,17 @@ def kv(num_tokens, dtype=torch.float16):
 def seed_cache(*, write_query_tokens: bool, kv_dtype="auto", poison=True):
     """The seed's set-up: the cache gets each sequence's ctx_len tokens, and (when asked) its
     query tokens too, as an engine following the full-cache contract would."""
-    cache = PagedKVCache(64, block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16,
-                         kv_dtype=kv_dtype, k_scale=0.5, v_scale=0.5, poison=poison)
+    cache = PagedKVCache(
+        64,
+        block_size=BLOCK,
+        num_kv_heads=HEADS,
+        head_size=HEAD,
+        dtype=torch.float16,
+        kv_dtype=kv_dtype,
+        k_scale=0.5,
+        v_scale=0.5,
+        poison=poison,
+    )
     seqs = [cache.new_sequence() for _ in range(SHAPE.num_seqs)]
     lens = list(SHAPE.seq_lens if write_query_tokens else SHAPE.ctx_lens)
     cache.append(seqs, *kv(sum(lens)), lens)
@@ -83,8 +98,15 @@ def test_correctly_written_batch_passes_every_check(kv_dtype):
     batch = cache.batch(seqs, SHAPE.query_lens)  # full: the cache holds every token
     for contract, from_cache in (("full", False), ("context", False), ("context", True)):
         check_batch_against_cache(cache, batch, contract, decode_from_cache=from_cache)
-        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table,
-                           contract=contract, decode_from_cache=from_cache)
+        check_cache_finite(
+            cache.k,
+            cache.v,
+            batch.cu_seqlens_q,
+            batch.seq_lens,
+            batch.block_table,
+            contract=contract,
+            decode_from_cache=from_cache,
+        )
 
 
 def test_full_contract_names_the_unwritten_query_tokens():
@@ -122,8 +144,10 @@ def test_context_past_the_sequences_blocks_is_reported_as_padding():
     a = cache.new_sequence()
     cache.append([a], *kv(8), [8])
     batch = cache.batch([a], [1], contract="context")  # seq_len 9: position 8 needs a third block
-    with pytest.raises(UnwrittenKVError, match="position 8 \\(block 0, slot 0\\) was never written; "
-                                               "positions from 8 on lie past the 2 block\\(s\\)"):
+    with pytest.raises(
+        UnwrittenKVError,
+        match="position 8 \\(block 0, slot 0\\) was never written; positions from 8 on lie past the 2 block\\(s\\)",
+    ):
         check_batch_against_cache(cache, batch, "context", decode_from_cache=True)
 
 
@@ -196,7 +220,7 @@ def test_a_written_inf_is_not_an_unwritten_slot():
         check_cache_finite(*args)
     message = str(info.value)
     assert not isinstance(info.value, UnwrittenKVError)
-    assert f"sequence 1 (" in message
+    assert "sequence 1 (" in message
     assert f"position 2 (block {block}, slot {block * BLOCK + 2}) in v_cache was written with non-finite" in message
     assert "not the poison pattern" in message and "full-cache contract" in message
     check_cache_finite(*args, nonfinite="ignore")  # the caller's data: let it through
@@ -229,11 +253,25 @@ def test_poison_is_reported_before_a_user_nan():
     batch = seed_batch(cache, seqs)
     cache.k[cache.block_table(seqs[0])[0], 0, 0, 0] = float("nan")  # the user's NaN in sequence 0
     with pytest.raises(UnwrittenKVError, match=f"sequence {seqs[-1]} \\(decode"):
-        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table,
-                           contract="context", decode_from_cache=True)
+        check_cache_finite(
+            cache.k,
+            cache.v,
+            batch.cu_seqlens_q,
+            batch.seq_lens,
+            batch.block_table,
+            contract="context",
+            decode_from_cache=True,
+        )
     with pytest.raises(NonFiniteKVError, match=f"sequence {seqs[0]} "):
-        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table,
-                           contract="context", decode_from_cache=False)
+        check_cache_finite(
+            cache.k,
+            cache.v,
+            batch.cu_seqlens_q,
+            batch.seq_lens,
+            batch.block_table,
+            contract="context",
+            decode_from_cache=False,
+        )
 
 
 @pytest.mark.parametrize("dtype", list(POISON_BITS))
@@ -261,8 +299,10 @@ def test_raw_cache_views_are_checked_in_place(dtype, layout):
     for host in (None, dict(query_lens_host=[4, 1], seq_lens_host=[20, 5])):
         with pytest.raises(UnwrittenKVError) as info:
             check_cache_finite(k, v, cu, seq_lens, table, **(host or {}))
-        assert str(info.value).startswith("sequence 1 (decode, query_len 1, seq_len 5): position 4 "
-                                          f"(block 2, slot {2 * BLOCK + 4}) in k_cache and v_cache was never written")
+        assert str(info.value).startswith(
+            "sequence 1 (decode, query_len 1, seq_len 5): position 4 "
+            f"(block 2, slot {2 * BLOCK + 4}) in k_cache and v_cache was never written"
+        )
         assert "full-cache contract" in str(info.value)
     check_cache_finite(k, v, cu, seq_lens, table, contract="context")  # reads 16 + 4 positions: all written
     assert (buf == 0).sum() == 2 * (BLOCK + 4 + 4) * kvh * HEAD  # nothing outside the views was poisoned
@@ -302,8 +342,7 @@ def test_attention_in_checked_mode_catches_the_seed_bug():
     q = torch.randn(SHAPE.num_tokens, 2 * HEADS, HEAD, dtype=torch.float16)
     k_new, v_new = kv(SHAPE.num_tokens)
     with pytest.raises(UnwrittenKVError, match=f"sequence {seqs[-1]} \\(decode, query_len 1"):
-        attention(q, cache, batch, k_new=k_new, v_new=v_new, decode_from_cache=True,
-                                   checked=True, backend="reference")
+        attention(q, cache, batch, k_new=k_new, v_new=v_new, decode_from_cache=True, checked=True, backend="reference")
     out = attention(q, cache, batch, k_new=k_new, v_new=v_new, checked=True, backend="reference")
     assert torch.isfinite(out).all()
 

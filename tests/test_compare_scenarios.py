@@ -29,9 +29,14 @@ def saved_run(name, monkeypatch, tmp_path):
     out, ref, batch, config = seen[0]
     torch.save(out, tmp_path / "out.pt")
     torch.save(ref, tmp_path / "ref.pt")
-    meta = dict(cu_seqlens_q=batch.cu_seqlens_q.tolist(), seq_lens=batch.seq_lens.tolist(),
-                block_table=batch.block_table.tolist(), num_kv_heads=config.num_kv_heads,
-                block_size=config.block_size, sliding_window=config.sliding_window or None)
+    meta = dict(
+        cu_seqlens_q=batch.cu_seqlens_q.tolist(),
+        seq_lens=batch.seq_lens.tolist(),
+        block_table=batch.block_table.tolist(),
+        num_kv_heads=config.num_kv_heads,
+        block_size=config.block_size,
+        sliding_window=config.sliding_window or None,
+    )
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     return result, [str(tmp_path / f) for f in ("out.pt", "ref.pt", "meta.json")]
 

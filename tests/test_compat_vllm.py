@@ -65,9 +65,20 @@ class Batch:
         return self.query.device
 
 
-def make_batch(*, num_heads: int, num_queries_per_kv: int, head_size: int, kv_cache_dtype: str,
-               num_seqs: int = 10, max_query_len: int = 24, max_ctx_len: int = 40, min_len: int = 1,
-               block_size: int = 16, seed: int = 0, device: str = "cpu") -> Batch:
+def make_batch(
+    *,
+    num_heads: int,
+    num_queries_per_kv: int,
+    head_size: int,
+    kv_cache_dtype: str,
+    num_seqs: int = 10,
+    max_query_len: int = 24,
+    max_ctx_len: int = 40,
+    min_len: int = 1,
+    block_size: int = 16,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Batch:
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     query_lens = [rng.randint(min_len, max_query_len) for _ in range(num_seqs)]
@@ -89,11 +100,27 @@ def make_batch(*, num_heads: int, num_queries_per_kv: int, head_size: int, kv_ca
     # non-trivial scales, so a scale that is dropped or applied twice shows
     k_scale, v_scale = torch.tensor(0.37), torch.tensor(0.61)
     to = dict(device=device)
-    return Batch(query_lens, ctx_lens, seq_lens, num_heads, num_kv_heads, head_size, block_size,
-                 kv_cache_dtype, query.to(**to), key.to(**to), value.to(**to), key[new_rows].contiguous().to(**to),
-                 value[new_rows].contiguous().to(**to), block_table.to(torch.int32).to(**to),
-                 b_start_loc.to(**to), torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                 num_blocks, k_scale.to(**to), v_scale.to(**to))
+    return Batch(
+        query_lens,
+        ctx_lens,
+        seq_lens,
+        num_heads,
+        num_kv_heads,
+        head_size,
+        block_size,
+        kv_cache_dtype,
+        query.to(**to),
+        key.to(**to),
+        value.to(**to),
+        key[new_rows].contiguous().to(**to),
+        value[new_rows].contiguous().to(**to),
+        block_table.to(torch.int32).to(**to),
+        b_start_loc.to(**to),
+        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        num_blocks,
+        k_scale.to(**to),
+        v_scale.to(**to),
+    )
 
 
 def x_for(head_size: int, element_size: int) -> int:
@@ -113,10 +140,14 @@ def poisoned_caches(b: Batch, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = x_for(d, 1 if b.fp8 else DTYPE.itemsize)
         k_shape, v_shape = (nb, kvh, d // x, bs, x), (nb, kvh, d, bs)
     if b.fp8:
-        return (torch.full(k_shape, FP8_NAN, dtype=torch.uint8, device=b.device),
-                torch.full(v_shape, FP8_NAN, dtype=torch.uint8, device=b.device))
-    return (torch.full(k_shape, float("nan"), dtype=DTYPE, device=b.device),
-            torch.full(v_shape, float("nan"), dtype=DTYPE, device=b.device))
+        return (
+            torch.full(k_shape, FP8_NAN, dtype=torch.uint8, device=b.device),
+            torch.full(v_shape, FP8_NAN, dtype=torch.uint8, device=b.device),
+        )
+    return (
+        torch.full(k_shape, float("nan"), dtype=DTYPE, device=b.device),
+        torch.full(v_shape, float("nan"), dtype=DTYPE, device=b.device),
+    )
 
 
 def positions(b: Batch, which: str) -> list[tuple[int, int]]:
@@ -146,8 +177,8 @@ def write(b: Batch, k_cache, v_cache, which: str, layout: str, pad: int = 0) -> 
     slot_mapping = torch.tensor(slots + [-1] * pad, dtype=torch.long, device=b.device)
     key, value = b.key[rows], b.value[rows]
     if pad:
-        key = torch.cat([key, torch.randn_like(key[:pad + 2])])  # padded rows beyond the slots too
-        value = torch.cat([value, torch.randn_like(value[:pad + 2])])
+        key = torch.cat([key, torch.randn_like(key[: pad + 2])])  # padded rows beyond the slots too
+        value = torch.cat([value, torch.randn_like(value[: pad + 2])])
     op = reshape_and_cache_flash if layout == "flash" else reshape_and_cache
     op(key, value, k_cache, v_cache, slot_mapping, b.kv_cache_dtype, b.k_scale, b.v_scale)
 
@@ -159,17 +190,28 @@ def to_nhd(b: Batch, k_cache, v_cache, layout: str) -> tuple[torch.Tensor, torch
     if layout == "flash":
         return k_cache.clone(), v_cache.clone()
     nb, kvh, chunks, bs, x = k_cache.shape
-    return (k_cache.permute(0, 3, 1, 2, 4).reshape(nb, bs, kvh, chunks * x).clone(),
-            v_cache.permute(0, 3, 1, 2).contiguous())
+    return (
+        k_cache.permute(0, 3, 1, 2, 4).reshape(nb, bs, kvh, chunks * x).clone(),
+        v_cache.permute(0, 3, 1, 2).contiguous(),
+    )
 
 
 def ref(b: Batch, k_cache, v_cache, layout: str, *, context: bool, decode_from_cache: bool = False, **options):
     k_nhd, v_nhd = to_nhd(b, k_cache, v_cache, layout)
     scales = dict(k_scale=b.k_scale, v_scale=b.v_scale) if b.fp8 else {}
     return reference.attention(
-        b.query, k_nhd, v_nhd, b.b_start_loc, b.b_seq_len, b.block_table,
-        k_new=b.k if context else None, v_new=b.v if context else None,
-        decode_from_cache=decode_from_cache, **scales, **options)
+        b.query,
+        k_nhd,
+        v_nhd,
+        b.b_start_loc,
+        b.b_seq_len,
+        b.block_table,
+        k_new=b.k if context else None,
+        v_new=b.v if context else None,
+        decode_from_cache=decode_from_cache,
+        **scales,
+        **options,
+    )
 
 
 def decode_rows(b: Batch) -> torch.Tensor:
@@ -184,8 +226,22 @@ def context_args(b: Batch, out, k_cache, v_cache, sliding_window: int):
     """vLLM's positional call: (q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc, b_start_loc,
     b_seq_len, max_seq_len, max_input_len, k_scale, v_scale), as its test passes them (including
     a max_seq_len below the true maximum: vLLM never relied on it)."""
-    return (b.query, b.k, b.v, out, b.kv_cache_dtype, k_cache, v_cache, b.block_table, b.b_start_loc,
-            b.b_seq_len, max(b.ctx_lens), max(b.query_lens), b.k_scale, b.v_scale)
+    return (
+        b.query,
+        b.k,
+        b.v,
+        out,
+        b.kv_cache_dtype,
+        k_cache,
+        v_cache,
+        b.block_table,
+        b.b_start_loc,
+        b.b_seq_len,
+        max(b.ctx_lens),
+        max(b.query_lens),
+        b.k_scale,
+        b.v_scale,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +249,13 @@ def context_args(b: Batch, out, k_cache, v_cache, sliding_window: int):
 # kv dtype {auto, fp8}. 2 query heads for ratio 1 (the seed: 64), 8 for ratio 8.
 # ---------------------------------------------------------------------------------------------
 GRID = [(qpk, d, sw, kv) for qpk in (1, 8) for d in (24, 128) for sw in (0, 16) for kv in ("auto", "fp8")]
-CONTEXT_CASES = [(1, 128, 0, "auto"), (8, 24, 16, "fp8"), (1, 24, 16, "fp8_e5m2"), (8, 128, 0, "fp8"),
-                 (1, 24, 0, "float16")]  # vLLM's test spells the model dtype "float16"
+CONTEXT_CASES = [
+    (1, 128, 0, "auto"),
+    (8, 24, 16, "fp8"),
+    (1, 24, 16, "fp8_e5m2"),
+    (8, 128, 0, "fp8"),
+    (1, 24, 0, "float16"),
+]  # vLLM's test spells the model dtype "float16"
 # fp8 writes run a per-token kernel, slow in the interpreter: fp8 cases use one KV head here
 UNIFIED_CASES = [(1, 128, 0, "auto"), (1, 24, 16, "auto"), (8, 24, 16, "fp8"), (8, 128, 0, "fp8_e5m2")]
 
@@ -205,8 +266,7 @@ def grid_id(p) -> str:
 
 
 def small_batch(qpk, d, kv, seed=0) -> Batch:
-    return make_batch(num_heads=2 if qpk == 1 else 8, num_queries_per_kv=qpk, head_size=d,
-                      kv_cache_dtype=kv, seed=seed)
+    return make_batch(num_heads=2 if qpk == 1 else 8, num_queries_per_kv=qpk, head_size=d, kv_cache_dtype=kv, seed=seed)
 
 
 @pytest.mark.parametrize("params", GRID, ids=grid_id)
@@ -256,8 +316,7 @@ def test_context_attention_fwd_alibi():
     slopes = torch.tensor([2.0 ** -(i + 1) for i in range(b.num_heads)])
     out = torch.full_like(b.query, float("nan"))
     context_attention_fwd(*context_args(b, out, k_cache, v_cache, 0), alibi_slopes=slopes)
-    assert_close_to_reference(out, ref(b, k_cache, v_cache, "older", context=True, alibi_slopes=slopes),
-                              DTYPE, "alibi")
+    assert_close_to_reference(out, ref(b, k_cache, v_cache, "older", context=True, alibi_slopes=slopes), DTYPE, "alibi")
 
 
 @pytest.mark.parametrize("params", UNIFIED_CASES, ids=grid_id)
@@ -272,12 +331,28 @@ def test_unified_attention(params):
     descale_shape = (len(b.seq_lens), b.num_kv_heads)
     out = torch.full_like(b.query, float("nan"))
     unified_attention(
-        q=b.query, k=k, v=v, out=out, cu_seqlens_q=b.b_start_loc, max_seqlen_q=max(b.query_lens),
-        seqused_k=b.b_seq_len, max_seqlen_k=max(b.seq_lens), softmax_scale=d ** -0.5, causal=True,
-        window_size=(sw - 1, 0) if sw else (-1, -1), block_table=b.block_table, softcap=0,
-        q_descale=None, k_descale=b.k_scale.expand(descale_shape), v_descale=b.v_scale.expand(descale_shape),
-        seq_threshold_3D=8, num_par_softmax_segments=16, softmax_segm_output=torch.empty(1),
-        softmax_segm_max=torch.empty(1), softmax_segm_expsum=torch.empty(1))
+        q=b.query,
+        k=k,
+        v=v,
+        out=out,
+        cu_seqlens_q=b.b_start_loc,
+        max_seqlen_q=max(b.query_lens),
+        seqused_k=b.b_seq_len,
+        max_seqlen_k=max(b.seq_lens),
+        softmax_scale=d**-0.5,
+        causal=True,
+        window_size=(sw - 1, 0) if sw else (-1, -1),
+        block_table=b.block_table,
+        softcap=0,
+        q_descale=None,
+        k_descale=b.k_scale.expand(descale_shape),
+        v_descale=b.v_scale.expand(descale_shape),
+        seq_threshold_3D=8,
+        num_par_softmax_segments=16,
+        softmax_segm_output=torch.empty(1),
+        softmax_segm_max=torch.empty(1),
+        softmax_segm_expsum=torch.empty(1),
+    )
     expected = ref(b, k_cache, v_cache, "flash", context=False, sliding_window=sw)
     assert_close_to_reference(out, expected, DTYPE, grid_id(params))
 
@@ -288,9 +363,25 @@ def test_unified_attention_softcap_sinks():
     write(b, k_cache, v_cache, "all", "flash")
     sinks = torch.randn(b.num_heads, generator=torch.Generator().manual_seed(7))
     out = torch.full_like(b.query, float("nan"))
-    unified_attention(b.query, k_cache, v_cache, out, b.b_start_loc, max(b.query_lens), b.b_seq_len,
-                      max(b.seq_lens), 24 ** -0.5, True, (7, 0), b.block_table, 5.0, None, None, None,
-                      sinks=sinks)
+    unified_attention(
+        b.query,
+        k_cache,
+        v_cache,
+        out,
+        b.b_start_loc,
+        max(b.query_lens),
+        b.b_seq_len,
+        max(b.seq_lens),
+        24**-0.5,
+        True,
+        (7, 0),
+        b.block_table,
+        5.0,
+        None,
+        None,
+        None,
+        sinks=sinks,
+    )
     expected = ref(b, k_cache, v_cache, "flash", context=False, sliding_window=8, softcap=5.0, sinks=sinks)
     assert_close_to_reference(out, expected, DTYPE, "softcap + sinks + window (7, 0)")
 
@@ -300,6 +391,7 @@ def test_caches_are_passed_in_place(op, monkeypatch):
     """No cache copy on the way to the kernels: the same memory (uint8 fp8 storage only re-viewed),
     with the layout named."""
     import pagedattn.compat.vllm as compat
+
     seen = {}
 
     def spy(*args, **kwargs):
@@ -311,8 +403,24 @@ def test_caches_are_passed_in_place(op, monkeypatch):
     out = torch.empty_like(b.query)
     if op == "unified":
         monkeypatch.setattr(compat, "paged_attention", spy)
-        unified_attention(b.query, k_cache.view(b.fp8), v_cache.view(b.fp8), out, b.b_start_loc, 24, b.b_seq_len,
-                          64, 0.2, True, (-1, -1), b.block_table, 0, None, b.k_scale, b.v_scale)
+        unified_attention(
+            b.query,
+            k_cache.view(b.fp8),
+            v_cache.view(b.fp8),
+            out,
+            b.b_start_loc,
+            24,
+            b.b_seq_len,
+            64,
+            0.2,
+            True,
+            (-1, -1),
+            b.block_table,
+            0,
+            None,
+            b.k_scale,
+            b.v_scale,
+        )
     else:
         monkeypatch.setattr(compat, "prefix_prefill", spy)
         fn = context_attention_fwd if op == "context" else chunked_prefill_paged_decode
@@ -338,11 +446,15 @@ def test_seed_bug_unwritten_decode_token_poisons_exactly_its_rows():
     chunked_prefill_paged_decode(*context_args(b, out, k_cache, v_cache, 0))
     rows = decode_rows(b)
     nan_rows = torch.isnan(out).flatten(1).any(dim=1)
-    hint = (" (the decode rows are all 0: the kernel read the NaN slot and its final division turned NaN "
-            "into 0, e.g. where(l > 0, acc / l, 0); use where(l == 0, 0, acc / l) so poison surfaces)"
-            if not nan_rows.any() and bool((out[rows] == 0).all()) else "")
-    assert torch.equal(nan_rows, rows), (f"NaN rows {nan_rows.nonzero().flatten().tolist()}, decode rows "
-                                         f"{rows.nonzero().flatten().tolist()}{hint}")
+    hint = (
+        " (the decode rows are all 0: the kernel read the NaN slot and its final division turned NaN "
+        "into 0, e.g. where(l > 0, acc / l, 0); use where(l == 0, 0, acc / l) so poison surfaces)"
+        if not nan_rows.any() and bool((out[rows] == 0).all())
+        else ""
+    )
+    assert torch.equal(nan_rows, rows), (
+        f"NaN rows {nan_rows.nonzero().flatten().tolist()}, decode rows {rows.nonzero().flatten().tolist()}{hint}"
+    )
     assert torch.isnan(out[rows]).all(), "every head and dim of the decode token reads the unwritten slot"
     expected = ref(b, k_cache, v_cache, "older", context=True, decode_from_cache=True)
     assert_close_to_reference(out[~rows], expected[~rows], DTYPE, "rows that read only written slots")
@@ -380,8 +492,9 @@ def test_reshape_and_cache_writes_exactly_the_mapped_slots(layout, kv):
                     want = (want / scale).clamp(-lim, lim).to(b.fp8).float()
                 torch.testing.assert_close(cache[blk, off].float(), want, atol=0, rtol=0)
         seq_start += s
-    assert torch.isnan(k_nhd[~written].float()).all() and torch.isnan(v_nhd[~written].float()).all(), \
+    assert torch.isnan(k_nhd[~written].float()).all() and torch.isnan(v_nhd[~written].float()).all(), (
         "a slot outside the mapping was written"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +502,15 @@ def test_reshape_and_cache_writes_exactly_the_mapped_slots(layout, kv):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
-    b = make_batch(num_heads=2, num_queries_per_kv=1, head_size=16, kv_cache_dtype="auto", num_seqs=2,
-                   max_query_len=3, max_ctx_len=3)
+    b = make_batch(
+        num_heads=2,
+        num_queries_per_kv=1,
+        head_size=16,
+        kv_cache_dtype="auto",
+        num_seqs=2,
+        max_query_len=3,
+        max_ctx_len=3,
+    )
     older = poisoned_caches(b, "older")
     flash = poisoned_caches(b, "flash")
     return b, older, flash
@@ -398,18 +518,39 @@ def tiny():
 
 def _context(b, older, **kw):
     args = list(context_args(b, torch.empty_like(b.query), *older, 0))
-    for i, name in ((1, "k"), (4, "kv_cache_dtype"), (5, "k_cache"), (6, "v_cache"), (8, "b_start_loc"),
-                    (12, "k_scale"), (13, "v_scale")):
+    for i, name in (
+        (1, "k"),
+        (4, "kv_cache_dtype"),
+        (5, "k_cache"),
+        (6, "v_cache"),
+        (8, "b_start_loc"),
+        (12, "k_scale"),
+        (13, "v_scale"),
+    ):
         if name in kw:
             args[i] = kw.pop(name)
     return context_attention_fwd(*args, **kw)
 
 
 def _unified(b, flash, **kw):
-    args = dict(q=b.query, k=flash[0], v=flash[1], out=torch.empty_like(b.query), cu_seqlens_q=b.b_start_loc,
-                max_seqlen_q=max(b.query_lens), seqused_k=b.b_seq_len, max_seqlen_k=max(b.seq_lens),
-                softmax_scale=0.25, causal=True, window_size=(-1, -1), block_table=b.block_table, softcap=0,
-                q_descale=None, k_descale=None, v_descale=None)
+    args = dict(
+        q=b.query,
+        k=flash[0],
+        v=flash[1],
+        out=torch.empty_like(b.query),
+        cu_seqlens_q=b.b_start_loc,
+        max_seqlen_q=max(b.query_lens),
+        seqused_k=b.b_seq_len,
+        max_seqlen_k=max(b.seq_lens),
+        softmax_scale=0.25,
+        causal=True,
+        window_size=(-1, -1),
+        block_table=b.block_table,
+        softcap=0,
+        q_descale=None,
+        k_descale=None,
+        v_descale=None,
+    )
     args.update(kw)
     return unified_attention(**args)
 
@@ -417,29 +558,44 @@ def _unified(b, flash, **kw):
 def _uint8_older(b, o, f):
     """fp8 caches in the older layout as vLLM allocates them: uint8, x = 16."""
     nb, kvh, bs, d = b.num_blocks, b.num_kv_heads, b.block_size, b.head_size
-    return dict(k_cache=torch.zeros(nb, kvh, d // 16, bs, 16, dtype=torch.uint8),
-                v_cache=torch.zeros(nb, kvh, d, bs, dtype=torch.uint8))
+    return dict(
+        k_cache=torch.zeros(nb, kvh, d // 16, bs, 16, dtype=torch.uint8),
+        v_cache=torch.zeros(nb, kvh, d, bs, dtype=torch.uint8),
+    )
 
 
 # case: (error, words its message must contain, the arguments changed from a valid call)
 BAD_CONTEXT = {
-    "flash layout to the older-layout op": (LayoutError, "older cache layout",
-                                            lambda b, o, f: dict(k_cache=f[0], v_cache=f[1])),
-    "fp8 without k_scale": (ScaleError, "k_scale",
-                            lambda b, o, f: dict(kv_cache_dtype="fp8", k_scale=None, **_uint8_older(b, o, f))),
+    "flash layout to the older-layout op": (
+        LayoutError,
+        "older cache layout",
+        lambda b, o, f: dict(k_cache=f[0], v_cache=f[1]),
+    ),
+    "fp8 without k_scale": (
+        ScaleError,
+        "k_scale",
+        lambda b, o, f: dict(kv_cache_dtype="fp8", k_scale=None, **_uint8_older(b, o, f)),
+    ),
     "auto with uint8 storage": (DTypeError, "kv_cache_dtype", _uint8_older),
     "fp8 name with fp16 cache": (DTypeError, "k_cache", lambda b, o, f: dict(kv_cache_dtype="fp8")),
-    "unknown kv_cache_dtype": (UnsupportedConfigError, "kv_cache_dtype",
-                               lambda b, o, f: dict(kv_cache_dtype="int4")),
-    "fp8 output": (UnsupportedConfigError, "fp8_out_scale",
-                   lambda b, o, f: dict(fp8_out_scale=torch.tensor(1.0))),
-    "alibi with sinks": (UnsupportedConfigError, "sinks",
-                         lambda b, o, f: dict(alibi_slopes=torch.ones(2), sinks=torch.ones(2))),
-    "k_cache and v_cache head sizes differ": (ShapeError, "head_size",
-                                              lambda b, o, f: dict(k_cache=o[0][:, :, :1].contiguous())),
+    "unknown kv_cache_dtype": (UnsupportedConfigError, "kv_cache_dtype", lambda b, o, f: dict(kv_cache_dtype="int4")),
+    "fp8 output": (UnsupportedConfigError, "fp8_out_scale", lambda b, o, f: dict(fp8_out_scale=torch.tensor(1.0))),
+    "alibi with sinks": (
+        UnsupportedConfigError,
+        "sinks",
+        lambda b, o, f: dict(alibi_slopes=torch.ones(2), sinks=torch.ones(2)),
+    ),
+    "k_cache and v_cache head sizes differ": (
+        ShapeError,
+        "head_size",
+        lambda b, o, f: dict(k_cache=o[0][:, :, :1].contiguous()),
+    ),
     "k with the wrong number of kv heads": (ShapeError, "k_new = k", lambda b, o, f: dict(k=b.k[:, :1])),
-    "b_start_loc without the total (old API)": (ShapeError, "b_start_loc",
-                                                lambda b, o, f: dict(b_start_loc=b.b_start_loc[:-1])),
+    "b_start_loc without the total (old API)": (
+        ShapeError,
+        "b_start_loc",
+        lambda b, o, f: dict(b_start_loc=b.b_start_loc[:-1]),
+    ),
 }
 
 
@@ -487,8 +643,9 @@ def test_write_ops_reject(tiny):
     b, older, flash = tiny
     slots = torch.arange(b.k.shape[0], dtype=torch.long)
     with pytest.raises(ScaleError, match="k_scale"):
-        reshape_and_cache_flash(b.k, b.v, flash[0].to(torch.float8_e4m3fn), flash[1].to(torch.float8_e4m3fn),
-                                slots, "fp8", None, 1.0)
+        reshape_and_cache_flash(
+            b.k, b.v, flash[0].to(torch.float8_e4m3fn), flash[1].to(torch.float8_e4m3fn), slots, "fp8", None, 1.0
+        )
     with pytest.raises(DTypeError, match="key_cache"):
         reshape_and_cache_flash(b.k.float(), b.v.float(), *flash, slots, "auto", 1.0, 1.0)
     with pytest.raises(ShapeError, match="slot_mapping"):
@@ -510,17 +667,41 @@ FULL = [(qpk, d, sw, kv) for qpk in (1, 8, 64) for d in (24, 128) for sw in (0, 
 @pytest.mark.gpu
 def test_full_size_seed_grid(params, op):
     qpk, d, sw, kv = params
-    b = make_batch(num_heads=64, num_queries_per_kv=qpk, head_size=d, kv_cache_dtype=kv, max_query_len=1024,
-                   max_ctx_len=1024, min_len=16, block_size=32, device="cuda")
+    b = make_batch(
+        num_heads=64,
+        num_queries_per_kv=qpk,
+        head_size=d,
+        kv_cache_dtype=kv,
+        max_query_len=1024,
+        max_ctx_len=1024,
+        min_len=16,
+        block_size=32,
+        device="cuda",
+    )
     layout = "flash" if op == "unified_attention" else "older"
     k_cache, v_cache = poisoned_caches(b, layout)
     out = torch.full_like(b.query, float("nan"))
     if op == "unified_attention":
         write(b, k_cache, v_cache, "all", layout)
         k, v = (k_cache.view(b.fp8), v_cache.view(b.fp8)) if b.fp8 else (k_cache, v_cache)
-        unified_attention(b.query, k, v, out, b.b_start_loc, max(b.query_lens), b.b_seq_len, max(b.seq_lens),
-                          d ** -0.5, True, (sw - 1, 0) if sw else (-1, -1), b.block_table, 0, None,
-                          b.k_scale, b.v_scale)
+        unified_attention(
+            b.query,
+            k,
+            v,
+            out,
+            b.b_start_loc,
+            max(b.query_lens),
+            b.b_seq_len,
+            max(b.seq_lens),
+            d**-0.5,
+            True,
+            (sw - 1, 0) if sw else (-1, -1),
+            b.block_table,
+            0,
+            None,
+            b.k_scale,
+            b.v_scale,
+        )
         expected = ref(b, k_cache, v_cache, layout, context=False, sliding_window=sw)
     else:
         write(b, k_cache, v_cache, "ctx", layout)
@@ -531,4 +712,3 @@ def test_full_size_seed_grid(params, op):
         fn(*context_args(b, out, k_cache, v_cache, sw), sliding_window=sw)
         expected = ref(b, k_cache, v_cache, layout, context=True, decode_from_cache=chunked, sliding_window=sw)
     assert_close_to_reference(out, expected, DTYPE, f"{op} {grid_id(params)}")
-

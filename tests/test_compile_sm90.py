@@ -39,14 +39,16 @@ def _compile_calls(cases: list) -> list[list[dict]]:
     H100 launch would specialize them (pagedattn.tools.sm90)."""
     import json
     import subprocess
+
     code = (
         "import json, pickle, sys\n"
         "from pagedattn.tools import sm90\n"
         "print(json.dumps([sm90.compile_case(*case) for case in pickle.loads(sys.stdin.buffer.read())]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(cases), env=env, capture_output=True,
-                          timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(cases), env=env, capture_output=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
@@ -85,5 +87,7 @@ def test_alibi_context_prefill_avoids_the_ptxas_crash():
     plan = dispatch.plan_for(config, shape, device="cuda", context_contract=True)
     assert plan.phase == "prefill" and plan.num_stages == 2 and "ptxas" in plan.rule
     # without ALiBi, or under the full-cache contract, the measured 3-stage tiles stay
-    assert dispatch.plan_for(config.replace(use_alibi=False), shape, device="cuda", context_contract=True).num_stages == 3
+    assert (
+        dispatch.plan_for(config.replace(use_alibi=False), shape, device="cuda", context_contract=True).num_stages == 3
+    )
     assert dispatch.plan_for(config, shape, device="cuda").num_stages == 3

@@ -39,7 +39,9 @@ def test_split_count_spreads_programs_evenly_over_the_sms():
     splits, _, _ = dispatch.choose_splits(num_seqs=1, num_kv_heads=8, max_seq_len=32768, block_n=64, sm_count=8)
     assert splits == 2
     # the length caps the split: partitions never cover fewer than PARTITION_MIN_TOKENS keys
-    splits, partition, why = dispatch.choose_splits(num_seqs=1, num_kv_heads=1, max_seq_len=1024, block_n=64, sm_count=132)
+    splits, partition, why = dispatch.choose_splits(
+        num_seqs=1, num_kv_heads=1, max_seq_len=1024, block_n=64, sm_count=132
+    )
     assert splits == 1024 // dispatch.PARTITION_MIN_TOKENS and partition == 256
     assert "allows no more partitions" in why
     # enough (sequence, KV head) items already: no split
@@ -90,7 +92,9 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
 
 def test_same_shapes_same_plan_for_every_seed_grid_case():
     for case in seed_grid():
-        assert plan(case.config, case.shape) == plan(case.config, BatchShape(case.shape.query_lens, case.shape.ctx_lens))
+        assert plan(case.config, case.shape) == plan(
+            case.config, BatchShape(case.shape.query_lens, case.shape.ctx_lens)
+        )
 
 
 def test_explain_names_kernel_parameters_and_rule(monkeypatch):

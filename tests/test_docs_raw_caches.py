@@ -12,8 +12,9 @@ def test_raw_caches_example_runs(capsys):
     namespace: dict = {}
     exec(compile(blocks[0], str(DOC), "exec"), namespace)
     message, report = namespace["message"], namespace["report"]
-    assert message.startswith("chunked_prefill_paged_decode: sequence 2 (decode, query_len 1, seq_len 41): "
-                              "position 40 (block ")
+    assert message.startswith(
+        "chunked_prefill_paged_decode: sequence 2 (decode, query_len 1, seq_len 41): position 40 (block "
+    )
     assert "never written (poisoned NaN)" in message and "decode_from_cache=True" in message
     summary = capsys.readouterr().out
     assert "1 token (seq 2, decode, position 40) x all 8 heads x all 64 dims" in summary

@@ -30,7 +30,7 @@ def guarded_out(q: torch.Tensor, guard: int = 2) -> tuple[torch.Tensor, torch.Te
     """(buffer, out): out is q-shaped rows guard..guard+num_tokens of a NaN buffer, so a write
     to any row outside out (an empty sequence's "rows") lands in a guard row and shows."""
     buf = torch.full((q.shape[0] + 2 * guard, *q.shape[1:]), float("nan"), dtype=q.dtype, device=q.device)
-    return buf, buf[guard:guard + q.shape[0]]
+    return buf, buf[guard : guard + q.shape[0]]
 
 
 def kernel(x, contract: str, out: torch.Tensor, **changes):
@@ -38,19 +38,38 @@ def kernel(x, contract: str, out: torch.Tensor, **changes):
     options = dict(x.options, max_query_len=x.max_query_len, max_seq_len=x.max_seq_len, backend="triton")
     options.update(changes)
     if contract == "full":
-        return paged_attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table,
-                               out=out, **options)
-    return prefix_prefill(x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens,
-                          x.block_table, out=out, decode_from_cache=contract == "context-decode", **options)
+        return paged_attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, out=out, **options)
+    return prefix_prefill(
+        x.q,
+        x.k_new,
+        x.v_new,
+        x.k_cache,
+        x.v_cache,
+        x.cu_seqlens_q,
+        x.seq_lens,
+        x.block_table,
+        out=out,
+        decode_from_cache=contract == "context-decode",
+        **options,
+    )
 
 
 def ref_of(x, contract: str, **changes):
     options = dict(x.options)
     options.update(changes)
     context = contract != "full"
-    return reference.attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table,
-                               k_new=x.k_new if context else None, v_new=x.v_new if context else None,
-                               decode_from_cache=contract == "context-decode", **options)
+    return reference.attention(
+        x.q,
+        x.k_cache,
+        x.v_cache,
+        x.cu_seqlens_q,
+        x.seq_lens,
+        x.block_table,
+        k_new=x.k_new if context else None,
+        v_new=x.v_new if context else None,
+        decode_from_cache=contract == "context-decode",
+        **options,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +123,15 @@ def test_decode_over_131k_tokens():
 
 def test_windowed_prefill_and_decode_at_131k_positions():
     """Cheap on the interpreter: a window keeps the keys read few, the positions stay past 2^17."""
-    config = AttentionConfig(num_q_heads=4, num_kv_heads=1, head_size=16, block_size=256, dtype=torch.float16,
-                             sliding_window=100, use_alibi=True)
+    config = AttentionConfig(
+        num_q_heads=4,
+        num_kv_heads=1,
+        head_size=16,
+        block_size=256,
+        dtype=torch.float16,
+        sliding_window=100,
+        use_alibi=True,
+    )
     shape = BatchShape((3, 1), (131069, 131100))
     for contract in ("full", "context-decode"):
         out, ref = run_both(config, shape, contract, seed=2)
@@ -132,8 +158,8 @@ def test_cache_past_2_31_elements(query_lens):
     ids = torch.arange(num_blocks - sum(need), num_blocks, device="cuda", dtype=torch.int32).flip(0)
     assert int(ids.min()) * per_block >= 2**31
     block_table = torch.zeros(2, max(need), dtype=torch.int32, device="cuda")
-    block_table[0, :need[0]] = ids[:need[0]]
-    block_table[1, :need[1]] = ids[need[0]:]
+    block_table[0, : need[0]] = ids[: need[0]]
+    block_table[1, : need[1]] = ids[need[0] :]
     g = torch.Generator(device="cuda").manual_seed(0)
     k_scale, v_scale = 0.05, 0.07
     for i, s in enumerate(seq_lens):
@@ -147,8 +173,20 @@ def test_cache_past_2_31_elements(query_lens):
     cu = torch.tensor([0, query_lens[0], num_tokens], dtype=torch.int32, device="cuda")
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
     out = torch.full_like(q, float("nan"))
-    paged_attention(q, k_cache, v_cache, cu, seq_lens_t, block_table, k_scale=k_scale, v_scale=v_scale,
-                    out=out, max_query_len=max(query_lens), max_seq_len=max(seq_lens), backend="triton")
+    paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        cu,
+        seq_lens_t,
+        block_table,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        out=out,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        backend="triton",
+    )
     ref = reference.attention(q, k_cache, v_cache, cu, seq_lens_t, block_table, k_scale=k_scale, v_scale=v_scale)
     assert_close_to_reference(out, ref, torch.float16, "cache past 2^31 elements")
 
@@ -187,8 +225,9 @@ def test_attention_over_saturated_fp8_cache_stays_finite(kv_dtype, fp8, contract
         pos = torch.arange(n, device=DEVICE)
         slots = x.block_table[i].long()[pos // bs] * bs + pos % bs
         big = torch.randn(n, 1, 16, device=DEVICE).sign().half() * 6e4  # fp16 max is 65504
-        write_kv(big, big.abs(), x.k_cache, x.v_cache, slots, k_scale=x.options["k_scale"],
-                 v_scale=x.options["v_scale"])
+        write_kv(
+            big, big.abs(), x.k_cache, x.v_cache, slots, k_scale=x.options["k_scale"], v_scale=x.options["v_scale"]
+        )
     x.q = x.q * 1e-4  # keeps logits moderate: the saturated keys are ~1e5 after dequantization
     assert torch.isfinite(x.k_cache[x.block_table[1, 0].long()].float()).all()
     out = poisoned_like(x.q)
@@ -251,8 +290,12 @@ def test_decode_from_cache_reads_the_cache_not_k_new():
     # the closed form of the decode rows: the reference over a cache that holds other_k/other_v
     swapped = dataclasses.replace(x, k_new=x.k_new.clone(), v_new=x.v_new.clone())
     swapped.k_new[decode_rows], swapped.v_new[decode_rows] = other_k[decode_rows], other_v[decode_rows]
-    assert_close_to_reference(out[decode_rows], ref_of(swapped, "context")[decode_rows], BASE.dtype,
-                              "decode rows = context contract with the cached K/V")
+    assert_close_to_reference(
+        out[decode_rows],
+        ref_of(swapped, "context")[decode_rows],
+        BASE.dtype,
+        "decode rows = context contract with the cached K/V",
+    )
     # and without decode_from_cache the decode rows use k_new/v_new: a different answer
     plain = poisoned_like(x.q)
     kernel(x, "context", plain)
@@ -276,17 +319,30 @@ def test_decode_from_cache_with_unwritten_decode_token_reads_nan():
 # ---------------------------------------------------------------------------------------------
 # split-KV with more splits than keys
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("options", [{}, dict(use_sinks=True), dict(sliding_window=5, use_alibi=True)],
-                         ids=["plain", "sinks", "window-alibi"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(use_sinks=True), dict(sliding_window=5, use_alibi=True)],
+    ids=["plain", "sinks", "window-alibi"],
+)
 def test_split_kv_with_more_partitions_than_keys(options):
     """max_seq_len is an upper bound: a far larger one plans many partitions; sequences shorter
     than one partition leave most splits empty (and a 1-token sequence all but the first)."""
     config = BASE.replace(**options)
     shape = BatchShape((1, 1, 1, 0), (300, 4, 0, 12))
     x = make_inputs(config, shape, device=DEVICE, seed=12)
-    plan = dispatch.plan(num_seqs=4, num_tokens=3, max_query_len=1, max_seq_len=16384, num_q_heads=4,
-                         num_kv_heads=2, head_size=32, block_size=16, dtype=torch.float32,
-                         cache_dtype=torch.float32, device=DEVICE)
+    plan = dispatch.plan(
+        num_seqs=4,
+        num_tokens=3,
+        max_query_len=1,
+        max_seq_len=16384,
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_size=32,
+        block_size=16,
+        dtype=torch.float32,
+        cache_dtype=torch.float32,
+        device=DEVICE,
+    )
     assert plan.kernel == "split_kv" and plan.num_splits * plan.partition_size > 4 * 301, plan
     out = poisoned_like(x.q)
     kernel(x, "full", out, max_seq_len=16384)
@@ -298,13 +354,30 @@ def test_split_kv_forced_tiny_partitions():
     config = BASE.replace(use_sinks=True)
     shape = BatchShape((1, 1, 1), (69, 0, 16))
     x = make_inputs(config, shape, device=DEVICE, seed=13)
-    base = dispatch.plan(num_seqs=3, num_tokens=3, max_query_len=1, max_seq_len=70, num_q_heads=4,
-                         num_kv_heads=2, head_size=32, block_size=16, dtype=torch.float32,
-                         cache_dtype=torch.float32, device=DEVICE)
+    base = dispatch.plan(
+        num_seqs=3,
+        num_tokens=3,
+        max_query_len=1,
+        max_seq_len=70,
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_size=32,
+        block_size=16,
+        dtype=torch.float32,
+        cache_dtype=torch.float32,
+        device=DEVICE,
+    )
     plan = dataclasses.replace(base, kernel="split_kv", num_splits=16, partition_size=base.block_n)
     out = poisoned_like(x.q)
-    attn = PagedAttention(AttentionOptions(scale=1 / math.sqrt(32), sinks=x.options["sinks"]), num_q_heads=4,
-                          num_kv_heads=2, head_size=32, block_size=16, dtype=torch.float32, device=DEVICE)
+    attn = PagedAttention(
+        AttentionOptions(scale=1 / math.sqrt(32), sinks=x.options["sinks"]),
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_size=32,
+        block_size=16,
+        dtype=torch.float32,
+        device=DEVICE,
+    )
     attn.plan(x.cu_seqlens_q, x.seq_lens, x.block_table, dispatch_plan=plan).run(x.q, x.k_cache, x.v_cache, out=out)
     assert_close_to_reference(out, ref_of(x, "full"), config.dtype, "16 tiny partitions")
 
@@ -318,9 +391,19 @@ def test_understated_max_seq_len_still_exact():
     (compat.vllm.unified_attention passes vLLM's max_seqlen_k straight through)."""
     shape = BatchShape((1, 1), (1500, 20))
     x = make_inputs(BASE, shape, device=DEVICE, seed=14)
-    plan = dispatch.plan(num_seqs=2, num_tokens=2, max_query_len=1, max_seq_len=700, num_q_heads=4,
-                         num_kv_heads=2, head_size=32, block_size=16, dtype=torch.float32,
-                         cache_dtype=torch.float32, device=DEVICE)
+    plan = dispatch.plan(
+        num_seqs=2,
+        num_tokens=2,
+        max_query_len=1,
+        max_seq_len=700,
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_size=32,
+        block_size=16,
+        dtype=torch.float32,
+        cache_dtype=torch.float32,
+        device=DEVICE,
+    )
     assert plan.num_splits * plan.partition_size < 1501, plan  # the hint plans too few keys
     out = poisoned_like(x.q)
     kernel(x, "full", out, max_seq_len=700, validate=False)  # on CPU the hint would be refused

@@ -22,8 +22,9 @@ def load_example():
     return module
 
 
-@pytest.mark.parametrize("extra", [[], ["--compile", "--compile-backend", "aot_eager", "--dtype", "bf16"]],
-                         ids=["eager", "aot_eager-bf16"])
+@pytest.mark.parametrize(
+    "extra", [[], ["--compile", "--compile-backend", "aot_eager", "--dtype", "bf16"]], ids=["eager", "aot_eager-bf16"]
+)
 def test_toy_decoder_cpu(extra, capsys):
     torch._dynamo.reset()
     assert load_example().main(["--device", "cpu", *extra]) == 0
@@ -36,8 +37,22 @@ def test_toy_decoder_cpu(extra, capsys):
 
 @pytest.mark.gpu
 def test_toy_decoder_cuda_graphs(capsys):
-    small = ["--layers", "2", "--hidden", "256", "--requests", "4", "--prompt-len", "600",
-             "--new-tokens", "16", "--step-tokens", "256", "--bench-iters", "10"]
+    small = [
+        "--layers",
+        "2",
+        "--hidden",
+        "256",
+        "--requests",
+        "4",
+        "--prompt-len",
+        "600",
+        "--new-tokens",
+        "16",
+        "--step-tokens",
+        "256",
+        "--bench-iters",
+        "10",
+    ]
     assert load_example().main(["--device", "cuda", "--cuda-graphs", *small]) == 0
     out = capsys.readouterr().out
     assert "max |graph replay vs direct call|: 0.000e+00" in out, out

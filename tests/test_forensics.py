@@ -80,16 +80,32 @@ def plant(pattern: str, ref: torch.Tensor) -> torch.Tensor:
     raise AssertionError(pattern)
 
 
-PATTERNS = ["missing-decode-kv", "missing-decode-kv-nan", "unwritten-read", "causal-off-by-one",
-            "sliding-window-edge", "gqa-head-mapping", "block-table", "block-boundary", "scale",
-            "numerical-noise"]
+PATTERNS = [
+    "missing-decode-kv",
+    "missing-decode-kv-nan",
+    "unwritten-read",
+    "causal-off-by-one",
+    "sliding-window-edge",
+    "gqa-head-mapping",
+    "block-table",
+    "block-boundary",
+    "scale",
+    "numerical-noise",
+]
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_planted_pattern_is_diagnosed(pattern, ref, batch):
     out = plant(pattern, ref)
-    report = compare(out, ref, batch, **TOL, num_kv_heads=NUM_KV_HEADS, block_size=BLOCK_SIZE,
-                     sliding_window=WINDOW if pattern == "sliding-window-edge" else None)
+    report = compare(
+        out,
+        ref,
+        batch,
+        **TOL,
+        num_kv_heads=NUM_KV_HEADS,
+        block_size=BLOCK_SIZE,
+        sliding_window=WINDOW if pattern == "sliding-window-edge" else None,
+    )
     expected = pattern.removesuffix("-nan")
     assert not report.ok
     causes = report.diagnose()
@@ -235,8 +251,17 @@ def small_raw_batch():
 def run_reference(batch, q, k_cache, v_cache, k_new, v_new, decode_from_cache):
     from pagedattn import reference
 
-    return reference.attention(q, k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_table,
-                               k_new=k_new, v_new=v_new, decode_from_cache=decode_from_cache)
+    return reference.attention(
+        q,
+        k_cache,
+        v_cache,
+        batch.cu_seqlens_q,
+        batch.seq_lens,
+        batch.block_table,
+        k_new=k_new,
+        v_new=v_new,
+        decode_from_cache=decode_from_cache,
+    )
 
 
 def test_a_poisoned_read_is_named_from_the_caches():
@@ -275,8 +300,9 @@ def test_a_nan_the_user_wrote_is_not_blamed_on_an_unwritten_slot(where):
     alone = compare(out, ref, batch)
     assert alone.nan > 0 and alone.shared_nonfinite == alone.nan
     assert alone.top.id == "nan-in-inputs"  # without the inputs: "the reference is NaN there too"
-    report = compare(out, ref, batch, q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache,
-                     decode_from_cache=True)
+    report = compare(
+        out, ref, batch, q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache, decode_from_cache=True
+    )
     ids = [c.id for c in report.diagnose()]
     assert ids[0] == "nan-in-inputs" and report.top.score >= 0.95, report.diagnose()
     assert "unwritten-read" not in ids and report.inputs.num_poisoned_reads == 0
@@ -287,8 +313,12 @@ def test_a_nan_the_user_wrote_is_not_blamed_on_an_unwritten_slot(where):
 def save_case(tmp_path, out, ref, batch, **meta):
     torch.save(out, tmp_path / "out.pt")
     torch.save(ref, tmp_path / "ref.pt")
-    meta = dict(query_lens=list(batch.host_query_lens()), seq_lens=list(batch.host_seq_lens()),
-                block_table=batch.block_table.tolist(), **meta)
+    meta = dict(
+        query_lens=list(batch.host_query_lens()),
+        seq_lens=list(batch.host_seq_lens()),
+        block_table=batch.block_table.tolist(),
+        **meta,
+    )
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     return tmp_path / "out.pt", tmp_path / "ref.pt", tmp_path / "meta.json"
 
@@ -305,8 +335,10 @@ def test_the_seed_case_from_saved_tensors_alone(tmp_path, ref, batch):
     cu = [0, *torch.tensor(QUERY_LENS).cumsum(0).tolist()]
     torch.save(out.flatten(1), tmp_path / "flat.pt")
     torch.save(ref.half().flatten(1), tmp_path / "flat_ref.pt")
-    torch.save(dict(cu_seqlens_q=torch.tensor(cu), ctx_lens=torch.tensor(CTX_LENS), num_q_heads=NUM_Q_HEADS),
-               tmp_path / "meta.pt")
+    torch.save(
+        dict(cu_seqlens_q=torch.tensor(cu), ctx_lens=torch.tensor(CTX_LENS), num_q_heads=NUM_Q_HEADS),
+        tmp_path / "meta.pt",
+    )
     flat = compare_saved(tmp_path / "flat.pt", tmp_path / "flat_ref.pt", tmp_path / "meta.pt")
     assert flat.to_dict() == report.to_dict()
 
@@ -319,8 +351,17 @@ def test_saved_inputs_are_read_from_the_json(tmp_path):
     ref = run_reference(batch, q, k_cache, v_cache, k_new, v_new, decode_from_cache=False)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         torch.save(t, tmp_path / f"{name}.pt")
-    paths = save_case(tmp_path, out, ref, batch, contract="context", decode_from_cache=True,
-                      k_cache="k_cache.pt", v_cache="v_cache.pt", block_size=4)
+    paths = save_case(
+        tmp_path,
+        out,
+        ref,
+        batch,
+        contract="context",
+        decode_from_cache=True,
+        k_cache="k_cache.pt",
+        v_cache="v_cache.pt",
+        block_size=4,
+    )
     report = compare_saved(*paths)
     assert report.inputs.given == ["cache"] and report.inputs.num_poisoned_reads == 1
     assert report.top.id == "missing-decode-kv" and report.top.score == 0.98 and report.block_size == 4
@@ -329,7 +370,9 @@ def test_saved_inputs_are_read_from_the_json(tmp_path):
 def test_compare_cli(tmp_path, ref, batch, capsys):
     from pagedattn.cli import main
 
-    paths = [str(p) for p in save_case(tmp_path, plant("missing-decode-kv-nan", ref), ref, batch, block_size=BLOCK_SIZE)]
+    paths = [
+        str(p) for p in save_case(tmp_path, plant("missing-decode-kv-nan", ref), ref, batch, block_size=BLOCK_SIZE)
+    ]
     assert main(["compare", paths[0], paths[1], "--batch", paths[2]]) == 1
     text = capsys.readouterr().out
     assert "missing-decode-kv" in text and "by token" in text and "likely causes" in text

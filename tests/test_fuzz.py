@@ -26,9 +26,11 @@ CUDA = torch.cuda.is_available()
 
 pytestmark = pytest.mark.kernels
 
-_COMMON = dict(deadline=None, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.filter_too_much])
+_COMMON = dict(
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 settings.register_profile("ci", derandomize=True, max_examples=40, **_COMMON)
 settings.register_profile("gpu", max_examples=2000, **_COMMON)
 # PAGEDATTN_FUZZ_EXAMPLES=N overrides the profile's number of examples (a quick look, or a long soak)
@@ -71,8 +73,11 @@ def query_lens():
 
 
 def ctx_lens(block_size: int):
-    boundary = st.builds(lambda k, d: max(0, min(MAX_CTX, k * block_size + d)),
-                         st.integers(0, MAX_CTX // block_size + 1), st.sampled_from((-1, 0, 1)))
+    boundary = st.builds(
+        lambda k, d: max(0, min(MAX_CTX, k * block_size + d)),
+        st.integers(0, MAX_CTX // block_size + 1),
+        st.sampled_from((-1, 0, 1)),
+    )
     return st.one_of(st.just(0), boundary, st.integers(0, MAX_CTX))
 
 
@@ -101,8 +106,10 @@ def test_kernel_matches_reference(shard, case, seed):
     # the interpreter's cost grows with query rows x keys; keep CI examples small
     if not BIG:
         assume(sum(q * (q + c) for q, c in zip(shape.query_lens, shape.ctx_lens)) * config.num_q_heads < 60_000)
-    note(f"{config.label()} | {shape.label()} | {contract} | "
-         f"plan: {dispatch.plan_for(config, shape, device=DEVICE, context_contract=contract != 'full')}")
+    note(
+        f"{config.label()} | {shape.label()} | {contract} | "
+        f"plan: {dispatch.plan_for(config, shape, device=DEVICE, context_contract=contract != 'full')}"
+    )
     out, ref = run_both(config, shape, contract, seed=seed, device=DEVICE)
     assert_close_to_reference(out, ref, config.dtype, f"{config.label()} {shape.label()} {contract}")
 

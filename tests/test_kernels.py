@@ -99,8 +99,14 @@ def test_option_combinations(config, contract):
 @pytest.mark.parametrize("head_size", [64, 192, 256])
 @pytest.mark.parametrize("contract", ["full", "context-decode"])
 def test_fp32_queries_over_fp8_cache(kv_dtype, head_size, contract):
-    config = BASE.replace(dtype=torch.float32, kv_dtype=kv_dtype, head_size=head_size, num_q_heads=4,
-                          num_kv_heads=2, use_alibi=head_size == 192)
+    config = BASE.replace(
+        dtype=torch.float32,
+        kv_dtype=kv_dtype,
+        head_size=head_size,
+        num_q_heads=4,
+        num_kv_heads=2,
+        use_alibi=head_size == 192,
+    )
     for shape in (MIXED, DECODE):
         out, ref = run_both(config, shape, contract, seed=head_size)
         assert_close_to_reference(out, ref, config.dtype, f"{config.label()} {contract}")
@@ -127,8 +133,10 @@ def test_seed_grid_full(case, contract):
 @pytest.mark.parametrize("option", list(SINGLE_OPTIONS))
 def test_single_option_full_size(option, contract):
     config = BASE.replace(num_q_heads=32, num_kv_heads=8, head_size=128).replace(**SINGLE_OPTIONS[option])
-    for shape in (BatchShape((700, 1, 1, 333, 1), (0, 3000, 17, 900, 9000)),
-                  BatchShape((1,) * 4, (20000, 33000, 5, 16384))):
+    for shape in (
+        BatchShape((700, 1, 1, 333, 1), (0, 3000, 17, 900, 9000)),
+        BatchShape((1,) * 4, (20000, 33000, 5, 16384)),
+    ):
         out, ref = run_both(config, shape, contract, device="cuda")
         assert_close_to_reference(out, ref, config.dtype, f"{option} {contract} {shape.label()}")
 
@@ -164,8 +172,18 @@ def test_vllm_v0_layout_reads_in_place():
     assert torch.equal(v_back.nan_to_num(), x.v_cache.nan_to_num())
     ref = reference.attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, **x.options)
     out = poisoned_like(x.q)
-    paged_attention(x.q, k_v0, v_v0, x.cu_seqlens_q, x.seq_lens, x.block_table, out=out,
-                    kv_layout="vllm_v0", backend="triton", **x.options)
+    paged_attention(
+        x.q,
+        k_v0,
+        v_v0,
+        x.cu_seqlens_q,
+        x.seq_lens,
+        x.block_table,
+        out=out,
+        kv_layout="vllm_v0",
+        backend="triton",
+        **x.options,
+    )
     assert_close_to_reference(out, ref, config.dtype, "vllm_v0 layout")
 
 
@@ -177,8 +195,9 @@ def test_same_shapes_same_plan():
 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
-@pytest.mark.parametrize("shape", [BatchShape((5, 3, 1), (11, 40, 20)), BatchShape((1, 1), (600, 20))],
-                         ids=["mixed", "split-kv"])
+@pytest.mark.parametrize(
+    "shape", [BatchShape((5, 3, 1), (11, 40, 20)), BatchShape((1, 1), (600, 20))], ids=["mixed", "split-kv"]
+)
 def test_unwritten_slot_read_gives_nan_for_exactly_that_token(kv_dtype, shape):
     """The seed's bug with poison on: the decode token's K/V is never written (context contract,
     decode_from_cache=True) so the kernel reads a NaN slot: exactly that token's rows are NaN, in
@@ -186,8 +205,20 @@ def test_unwritten_slot_read_gives_nan_for_exactly_that_token(kv_dtype, shape):
     config = BASE.replace(dtype=torch.float16, kv_dtype=kv_dtype, num_q_heads=4, num_kv_heads=2)
     x = make_inputs(config, shape, device=DEVICE, contract="context")
     out = poisoned_like(x.q)
-    prefix_prefill(x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens,
-                   x.block_table, decode_from_cache=True, out=out, backend="triton", **x.options)
+    prefix_prefill(
+        x.q,
+        x.k_new,
+        x.v_new,
+        x.k_cache,
+        x.v_cache,
+        x.cu_seqlens_q,
+        x.seq_lens,
+        x.block_table,
+        decode_from_cache=True,
+        out=out,
+        backend="triton",
+        **x.options,
+    )
     cu = x.cu_seqlens_q.tolist()
     decode_rows = [cu[i] for i, ql in enumerate(shape.query_lens) if ql == 1]
     nan_tokens = torch.isnan(out).all(-1).all(-1).nonzero().flatten().tolist()

@@ -13,8 +13,31 @@ from triton.backends.compiler import BaseBackend
 from pagedattn.kernels import launch
 from pagedattn.kernels.launch import FastKernel, arg_class
 
-INTS = [0, 1, 2, 15, 16, 17, 32, -1, -16, -17, 2**31 - 1, 2**31, 2**31 + 16, -(2**31), -(2**31) - 1,
-        -(2**31) - 16, 2**32, 2**63 - 1, 2**63 - 16, -(2**63), 2**63, 2**63 + 16, 2**64 - 1]
+INTS = [
+    0,
+    1,
+    2,
+    15,
+    16,
+    17,
+    32,
+    -1,
+    -16,
+    -17,
+    2**31 - 1,
+    2**31,
+    2**31 + 16,
+    -(2**31),
+    -(2**31) - 1,
+    -(2**31) - 16,
+    2**32,
+    2**63 - 1,
+    2**63 - 16,
+    -(2**63),
+    2**63,
+    2**63 + 16,
+    2**64 - 1,
+]
 
 
 def _triton_spec(a):
@@ -24,8 +47,10 @@ def _triton_spec(a):
 def _values():
     base = torch.empty(64, dtype=torch.uint8)
     tensors = [base[i:].view(torch.uint8) for i in range(0, 33)]  # every offset: aligned and not
-    tensors += [torch.empty(8, dtype=d)[1:] for d in (torch.float16, torch.bfloat16, torch.float32, torch.int32,
-                                                       torch.int64, torch.float8_e4m3fn)]
+    tensors += [
+        torch.empty(8, dtype=d)[1:]
+        for d in (torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64, torch.float8_e4m3fn)
+    ]
     tensors += [torch.empty(8, dtype=d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.int32)]
     return tensors + INTS + [0.5, 1.0, -2.0, True, False, None]
 
@@ -72,7 +97,11 @@ def test_interpreter_forced_and_cpu_calls_use_tritons_path(monkeypatch):
     FastKernel(Fake())[(2,)](cpu_arg, X=4)
     monkeypatch.setattr(launch, "ALWAYS_TRITON", True)
     FastKernel(Fake())[(3, 1)](cuda_arg, X=5)
-    assert calls == [((1, 1, 1), (cuda_arg, 2), {"X": 3}), ((2,), (cpu_arg,), {"X": 4}), ((3, 1), (cuda_arg,), {"X": 5})]
+    assert calls == [
+        ((1, 1, 1), (cuda_arg, 2), {"X": 3}),
+        ((2,), (cpu_arg,), {"X": 4}),
+        ((3, 1), (cuda_arg,), {"X": 5}),
+    ]
     monkeypatch.setattr(launch, "ALWAYS_TRITON", False)
     FastKernel(Fake())[(4,)](cuda_arg, 7)  # past the guards: an argument type the key does not know
     assert calls[-1] == ((4,), (cuda_arg, 7), {})
@@ -105,7 +134,7 @@ def test_fast_launch_matches_triton_on_cuda(monkeypatch):
     def call(x_view, n, stride):
         out = torch.full((128,), float("nan"), device="cuda")
         fast[(1,)](out, x_view, n, stride, 2.5, BLOCK=128, SHIFT=1)  # a 1-d grid, as Triton allows
-        torch.testing.assert_close(out[:n], x_view[: n * stride: stride][:n] * 2.5 + 1)
+        torch.testing.assert_close(out[:n], x_view[: n * stride : stride][:n] * 2.5 + 1)
         assert out[n:].isnan().all()
         return out
 
@@ -118,7 +147,9 @@ def test_fast_launch_matches_triton_on_cuda(monkeypatch):
     assert len(slow_calls) == first  # the second pass went around Triton's run() entirely
     for x_view, n, stride in cases:
         out = torch.empty(128, device="cuda")
-        key = (torch.cuda.current_device(), tuple(arg_class(a) for a in (out, x_view, n, stride, 2.5)),
-               (("BLOCK", 128), ("SHIFT", 1)))
-        assert fast._kernels[key][0] is _probe_kernel.warmup(out, x_view, n, stride, 2.5, BLOCK=128, SHIFT=1,
-                                                             grid=(1,))
+        key = (
+            torch.cuda.current_device(),
+            tuple(arg_class(a) for a in (out, x_view, n, stride, 2.5)),
+            (("BLOCK", 128), ("SHIFT", 1)),
+        )
+        assert fast._kernels[key][0] is _probe_kernel.warmup(out, x_view, n, stride, 2.5, BLOCK=128, SHIFT=1, grid=(1,))

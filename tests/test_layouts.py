@@ -37,22 +37,44 @@ if PROFILE not in ("ci", "gpu"):
     raise ValueError(f"PAGEDATTN_FUZZ_PROFILE must be 'ci' or 'gpu', got {PROFILE!r}")
 BIG = PROFILE == "gpu"
 EXAMPLES = int(os.environ.get("PAGEDATTN_FUZZ_EXAMPLES", 2000 if BIG else 60))
-_COMMON = dict(deadline=None, print_blob=True, max_examples=EXAMPLES,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_COMMON = dict(
+    deadline=None,
+    print_blob=True,
+    max_examples=EXAMPLES,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 SHARDS = int(os.environ.get("PAGEDATTN_FUZZ_SHARDS", 8)) if BIG else 1
 _COMMON["max_examples"] = max(1, EXAMPLES // SHARDS)
 FUZZ = settings(derandomize=not BIG, **_COMMON)
 
 SENTINEL = 0.5
-ENTRIES = ("paged_attention", "prefix_prefill", "attention", "planner", "planner_context", "unified_attention",
-           "context_attention_fwd", "chunked_prefill_paged_decode", "write_kv", "reshape_and_cache_flash")
+ENTRIES = (
+    "paged_attention",
+    "prefix_prefill",
+    "attention",
+    "planner",
+    "planner_context",
+    "unified_attention",
+    "context_attention_fwd",
+    "chunked_prefill_paged_decode",
+    "write_kv",
+    "reshape_and_cache_flash",
+)
 CONTEXT = ("prefix_prefill", "planner_context", "context_attention_fwd", "chunked_prefill_paged_decode")
 V0 = ("context_attention_fwd", "chunked_prefill_paged_decode")  # vLLM's older cache layout
 # how q-like tensors ([num_tokens, heads, head_size]) are laid out
 ROW_LAYOUTS = ("contiguous", "fused_qkv", "heads_strided", "head_major", "rows_padded")
 # how the K and V caches are laid out (kv_layout, then how the two tensors share memory)
-CACHE_LAYOUTS = ("nhd", "kv_last_dim", "kv_stacked", "kv_block_interleaved", "hnd", "hnd_kv_interleaved",
-                 "hnd_as_nhd_view", "offset_in_larger")
+CACHE_LAYOUTS = (
+    "nhd",
+    "kv_last_dim",
+    "kv_stacked",
+    "kv_block_interleaved",
+    "hnd",
+    "hnd_kv_interleaved",
+    "hnd_as_nhd_view",
+    "offset_in_larger",
+)
 OUT_LAYOUTS = ("library", "contiguous", "heads_strided", "rows_padded", "head_major")
 
 
@@ -84,7 +106,7 @@ def rows_view(values: torch.Tensor, how: str, fused: torch.Tensor | None = None,
         view = buf
     elif how == "fused_qkv":
         buf = fused
-        view = fused[:, offset:offset + h * d].unflatten(1, (h, d))
+        view = fused[:, offset : offset + h * d].unflatten(1, (h, d))
     elif how == "heads_strided":
         buf = _empty(t, h, 2 * d, dtype=dtype)
         view = buf[:, :, d:]
@@ -93,7 +115,7 @@ def rows_view(values: torch.Tensor, how: str, fused: torch.Tensor | None = None,
         view = buf.transpose(0, 1)
     elif how == "rows_padded":
         buf = _empty(t + 2, h * d + 8, dtype=dtype)
-        view = buf[1:t + 1, 8:].unflatten(1, (h, d))
+        view = buf[1 : t + 1, 8:].unflatten(1, (h, d))
     else:
         raise ValueError(how)
     view.copy_(values)
@@ -163,7 +185,7 @@ def make_example(shape: Shape, seed: int) -> Example:
     table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
     used = 0
     for i, n in enumerate(blocks):
-        table[i, :n] = torch.tensor(perm[used:used + n], dtype=torch.int32)
+        table[i, :n] = torch.tensor(perm[used : used + n], dtype=torch.int32)
         used += n
     k_cache = torch.randn(nb, bs, kvh, d, generator=g)
     v_cache = torch.randn(nb, bs, kvh, d, generator=g)
@@ -179,11 +201,17 @@ def make_example(shape: Shape, seed: int) -> Example:
         cu.append(cu[-1] + ql)
     dt = shape.dtype
     return Example(
-        shape, torch.randn(cu[-1], shape.num_q_heads, d, generator=g).to(DEVICE, dt),
-        torch.cat(k_new).to(DEVICE, dt), torch.cat(v_new).to(DEVICE, dt),
-        k_cache.to(DEVICE, dt), v_cache.to(DEVICE, dt), torch.tensor(cu, dtype=torch.int32, device=DEVICE),
-        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), table.to(DEVICE),
-        torch.cat(slots).to(DEVICE))
+        shape,
+        torch.randn(cu[-1], shape.num_q_heads, d, generator=g).to(DEVICE, dt),
+        torch.cat(k_new).to(DEVICE, dt),
+        torch.cat(v_new).to(DEVICE, dt),
+        k_cache.to(DEVICE, dt),
+        v_cache.to(DEVICE, dt),
+        torch.tensor(cu, dtype=torch.int32, device=DEVICE),
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        table.to(DEVICE),
+        torch.cat(slots).to(DEVICE),
+    )
 
 
 def _outside_unchanged(buf: torch.Tensor, before: torch.Tensor, view: torch.Tensor) -> bool:
@@ -195,6 +223,7 @@ def _outside_unchanged(buf: torch.Tensor, before: torch.Tensor, view: torch.Tens
 
 def _note(text: str) -> None:
     from hypothesis.control import _current_build_context
+
     if _current_build_context.value is not None:  # inside a hypothesis example
         note(text)
 
@@ -212,6 +241,7 @@ def run_layout(ex: Example, entry: str, q_layout: str, kv_new_layout: str, cache
     from pagedattn.attention import attention, paged_attention, prefix_prefill
     from pagedattn.compat import vllm
     from pagedattn.kernels.write import write_kv
+
     s = ex.shape
     t, hq, hkv, d = ex.q.shape[0], s.num_q_heads, s.num_kv_heads, s.head_size
     fused = _empty(t, (hq + 2 * hkv) * d, dtype=s.dtype)
@@ -239,28 +269,38 @@ def run_layout(ex: Example, entry: str, q_layout: str, kv_new_layout: str, cache
     else:
         kc, vc, kv_layout, cache_bufs = cache_views(k_nhd, v_nhd, cache_layout)
     caches_before = [b.clone() for b in cache_bufs]
-    out, out_buf = (None, None) if out_layout == "library" else rows_view(torch.full_like(ex.q, float("nan")),
-                                                                          out_layout)
+    out, out_buf = (
+        (None, None) if out_layout == "library" else rows_view(torch.full_like(ex.q, float("nan")), out_layout)
+    )
     out_before = None if out_buf is None else out_buf.clone()
     meta = (ex.cu_seqlens_q, ex.seq_lens, ex.block_table)
     sizes = dict(max_query_len=max(s.query_lens), max_seq_len=int(ex.seq_lens.max()))
-    _note(f"q {tuple(q.stride())}, k_new {tuple(k_new.stride())}, v_new {tuple(v_new.stride())}, k_cache "
-         f"{tuple(kc.stride())} ({kv_layout}), out {None if out is None else tuple(out.stride())}")
+    _note(
+        f"q {tuple(q.stride())}, k_new {tuple(k_new.stride())}, v_new {tuple(v_new.stride())}, k_cache "
+        f"{tuple(kc.stride())} ({kv_layout}), out {None if out is None else tuple(out.stride())}"
+    )
     try:
         if entry == "paged_attention":
             result = paged_attention(q, kc, vc, *meta, **sizes, kv_layout=kv_layout, out=out)
         elif entry == "prefix_prefill":
             result = prefix_prefill(q, k_new, v_new, kc, vc, *meta, **sizes, kv_layout=kv_layout, out=out)
         elif entry == "attention":
-            cache = pagedattn.PagedKVCache(kc.shape[0], s.block_size, hkv, d, dtype=s.dtype, device=DEVICE,
-                                           poison=False)
+            cache = pagedattn.PagedKVCache(
+                kc.shape[0], s.block_size, hkv, d, dtype=s.dtype, device=DEVICE, poison=False
+            )
             cache.k, cache.v = kc, vc  # any strides: the cache object hands them on
             result = attention(q, cache, pagedattn.BatchMetadata(*meta, **sizes), out=out, kv_layout=kv_layout)
         elif entry in ("planner", "planner_context"):
             planner = pagedattn.PagedAttention(
-                pagedattn.AttentionOptions(kv_layout=kv_layout), num_q_heads=hq, num_kv_heads=hkv, head_size=d,
-                block_size=s.block_size, dtype=s.dtype, device=DEVICE,
-                contract="context" if entry == "planner_context" else "full")
+                pagedattn.AttentionOptions(kv_layout=kv_layout),
+                num_q_heads=hq,
+                num_kv_heads=hkv,
+                head_size=d,
+                block_size=s.block_size,
+                dtype=s.dtype,
+                device=DEVICE,
+                contract="context" if entry == "planner_context" else "full",
+            )
             planner.plan(*meta, **sizes)
             news = dict(k_new=k_new, v_new=v_new) if entry == "planner_context" else {}
             result = planner.run(q, kc, vc, out=out, **news)
@@ -268,14 +308,43 @@ def run_layout(ex: Example, entry: str, q_layout: str, kv_new_layout: str, cache
             if kv_layout != "nhd":
                 return None  # vLLM's flash layout only
             o = out if out is not None else torch.empty_like(ex.q)
-            result = vllm.unified_attention(q, kc, vc, o, meta[0], sizes["max_query_len"], meta[1],
-                                            sizes["max_seq_len"], d ** -0.5, True, (-1, -1), meta[2], 0, None,
-                                            None, None)
+            result = vllm.unified_attention(
+                q,
+                kc,
+                vc,
+                o,
+                meta[0],
+                sizes["max_query_len"],
+                meta[1],
+                sizes["max_seq_len"],
+                d**-0.5,
+                True,
+                (-1, -1),
+                meta[2],
+                0,
+                None,
+                None,
+                None,
+            )
         elif entry in V0:
             o = out if out is not None else torch.empty_like(ex.q)
             fn = vllm.context_attention_fwd if entry == "context_attention_fwd" else vllm.chunked_prefill_paged_decode
-            result = fn(q, k_new, v_new, o, "auto", kc, vc, meta[2], meta[0], meta[1], sizes["max_seq_len"],
-                        sizes["max_query_len"], 1.0, 1.0)
+            result = fn(
+                q,
+                k_new,
+                v_new,
+                o,
+                "auto",
+                kc,
+                vc,
+                meta[2],
+                meta[0],
+                meta[1],
+                sizes["max_seq_len"],
+                sizes["max_query_len"],
+                1.0,
+                1.0,
+            )
         elif entry == "write_kv":
             if kv_layout != "nhd":
                 return None  # write_kv takes NHD caches (any strides)
@@ -304,9 +373,15 @@ def run_layout(ex: Example, entry: str, q_layout: str, kv_new_layout: str, cache
         assert result.data_ptr() == out.data_ptr(), "the result is not the `out` given"
         assert _outside_unchanged(out_buf, out_before, out), "written outside `out` (in its buffer)"
     ctx = entry in CONTEXT
-    ref = reference.attention(ex.q.cpu(), ex.k_cache.cpu(), ex.v_cache.cpu(), *(m.cpu() for m in meta),
-                              k_new=ex.k_new.cpu() if ctx else None, v_new=ex.v_new.cpu() if ctx else None,
-                              decode_from_cache=entry == "chunked_prefill_paged_decode")
+    ref = reference.attention(
+        ex.q.cpu(),
+        ex.k_cache.cpu(),
+        ex.v_cache.cpu(),
+        *(m.cpu() for m in meta),
+        k_new=ex.k_new.cpu() if ctx else None,
+        v_new=ex.v_new.cpu() if ctx else None,
+        decode_from_cache=entry == "chunked_prefill_paged_decode",
+    )
     atol, rtol = TOLERANCES[s.dtype]
     got = result.float().cpu()
     assert not got.isnan().any(), f"{int(got.isnan().sum())} NaN in the output"
@@ -333,8 +408,9 @@ def check_layout(ex, entry, q_layout, kv_new_layout, cache_layout, out_layout):
     err = run_layout(ex, entry, q_layout, kv_new_layout, cache_layout, out_layout)
     if err is not None:
         names = layout_names(entry, q_layout, kv_new_layout, cache_layout, out_layout)
-        assert any(re.search(rf"(?<![a-z_]){n}(?![a-z_])", str(err)) for n in names), \
+        assert any(re.search(rf"(?<![a-z_]){n}(?![a-z_])", str(err)) for n in names), (
             f"LayoutError names none of {sorted(names)}: {err}"
+        )
     return err
 
 
@@ -348,19 +424,29 @@ def shapes(draw) -> Shape:
     num_seqs = draw(st.integers(1, 6 if BIG else 3))
     max_q, max_ctx = (200, 1200) if BIG else (6, 40)
     return Shape(
-        num_q_heads=num_kv_heads * draw(st.sampled_from((1, 2, 4))), num_kv_heads=num_kv_heads,
-        head_size=draw(st.sampled_from(head_sizes)), block_size=draw(st.sampled_from((8, 16, 32) if BIG else (8, 16))),
+        num_q_heads=num_kv_heads * draw(st.sampled_from((1, 2, 4))),
+        num_kv_heads=num_kv_heads,
+        head_size=draw(st.sampled_from(head_sizes)),
+        block_size=draw(st.sampled_from((8, 16, 32) if BIG else (8, 16))),
         dtype=draw(st.sampled_from((torch.float16, torch.bfloat16, torch.float32))),
-        query_lens=tuple(draw(st.lists(st.one_of(st.just(1), st.integers(1, max_q)), min_size=num_seqs,
-                                       max_size=num_seqs))),
-        ctx_lens=tuple(draw(st.lists(st.integers(0, max_ctx), min_size=num_seqs, max_size=num_seqs))))
+        query_lens=tuple(
+            draw(st.lists(st.one_of(st.just(1), st.integers(1, max_q)), min_size=num_seqs, max_size=num_seqs))
+        ),
+        ctx_lens=tuple(draw(st.lists(st.integers(0, max_ctx), min_size=num_seqs, max_size=num_seqs))),
+    )
 
 
 @pytest.mark.parametrize("shard", range(SHARDS))
 @FUZZ
-@given(shape=shapes(), entry=st.sampled_from(ENTRIES), q_layout=st.sampled_from(ROW_LAYOUTS),
-       kv_new_layout=st.sampled_from(ROW_LAYOUTS + ("kv_fused",)), cache_layout=st.sampled_from(CACHE_LAYOUTS),
-       out_layout=st.sampled_from(OUT_LAYOUTS), seed=st.integers(0, 2 ** 16))
+@given(
+    shape=shapes(),
+    entry=st.sampled_from(ENTRIES),
+    q_layout=st.sampled_from(ROW_LAYOUTS),
+    kv_new_layout=st.sampled_from(ROW_LAYOUTS + ("kv_fused",)),
+    cache_layout=st.sampled_from(CACHE_LAYOUTS),
+    out_layout=st.sampled_from(OUT_LAYOUTS),
+    seed=st.integers(0, 2**16),
+)
 def test_layouts_fuzz(shard, shape, entry, q_layout, kv_new_layout, cache_layout, out_layout, seed):
     # "fused_qkv" views share one [num_tokens, (num_q_heads + 2 * num_kv_heads) * head_size] buffer;
     # decode sequences of chunked_prefill_paged_decode find their own token in the cache (make_example)

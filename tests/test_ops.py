@@ -45,8 +45,12 @@ def scale_tensors(x) -> dict:
 def attention_args(x, options: dict) -> tuple[tuple, dict]:
     """Positional tensors (optional ones included) and keyword options of the attention ops."""
     tensors = (options.get("alibi_slopes"), options.get("sinks"), options["k_scale"], options["v_scale"])
-    kwargs = dict(max_query_len=x.max_query_len, max_seq_len=x.max_seq_len,
-                  sliding_window=options["sliding_window"], softcap=options["softcap"])
+    kwargs = dict(
+        max_query_len=x.max_query_len,
+        max_seq_len=x.max_seq_len,
+        sliding_window=options["sliding_window"],
+        softcap=options["softcap"],
+    )
     return tensors, kwargs
 
 
@@ -66,21 +70,21 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 EXPECTED_SCHEMAS = {
     "write_kv": "pagedattn::write_kv(Tensor k, Tensor v, Tensor(a2!) k_cache, Tensor(a3!) v_cache, "
-                "Tensor slot_mapping, Tensor? k_scale=None, Tensor? v_scale=None, *, "
-                "ScalarType? fp8_dtype=None, bool checked=False) -> ()",
+    "Tensor slot_mapping, Tensor? k_scale=None, Tensor? v_scale=None, *, "
+    "ScalarType? fp8_dtype=None, bool checked=False) -> ()",
     "paged_attention": "pagedattn::paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
-                       "Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_table, Tensor(a6!) out, "
-                       "Tensor? alibi_slopes=None, Tensor? sinks=None, Tensor? k_scale=None, "
-                       "Tensor? v_scale=None, *, SymInt? max_query_len=None, SymInt? max_seq_len=None, "
-                       "float? scale=None, SymInt? sliding_window=None, float? softcap=None, "
-                       "str kv_layout=\"nhd\", str backend=\"auto\", bool checked=False) -> ()",
+    "Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_table, Tensor(a6!) out, "
+    "Tensor? alibi_slopes=None, Tensor? sinks=None, Tensor? k_scale=None, "
+    "Tensor? v_scale=None, *, SymInt? max_query_len=None, SymInt? max_seq_len=None, "
+    "float? scale=None, SymInt? sliding_window=None, float? softcap=None, "
+    'str kv_layout="nhd", str backend="auto", bool checked=False) -> ()',
     "prefix_prefill": "pagedattn::prefix_prefill(Tensor q, Tensor k_new, Tensor v_new, Tensor k_cache, "
-                      "Tensor v_cache, Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_table, "
-                      "Tensor(a8!) out, Tensor? alibi_slopes=None, Tensor? sinks=None, "
-                      "Tensor? k_scale=None, Tensor? v_scale=None, *, bool decode_from_cache=False, "
-                      "SymInt? max_query_len=None, SymInt? max_seq_len=None, float? scale=None, "
-                      "SymInt? sliding_window=None, float? softcap=None, str kv_layout=\"nhd\", "
-                      "str backend=\"auto\", bool checked=False) -> ()",
+    "Tensor v_cache, Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_table, "
+    "Tensor(a8!) out, Tensor? alibi_slopes=None, Tensor? sinks=None, "
+    "Tensor? k_scale=None, Tensor? v_scale=None, *, bool decode_from_cache=False, "
+    "SymInt? max_query_len=None, SymInt? max_seq_len=None, float? scale=None, "
+    'SymInt? sliding_window=None, float? softcap=None, str kv_layout="nhd", '
+    'str backend="auto", bool checked=False) -> ()',
 }
 MUTATED = {"write_kv": {"k_cache", "v_cache"}, "paged_attention": {"out"}, "prefix_prefill": {"out"}}
 
@@ -110,6 +114,7 @@ def checks_for(*tensors) -> tuple[str, ...]:
         return ALL_CHECKS[1:]
     return ALL_CHECKS
 
+
 WRITE_CASES = {
     "fp32": (torch.float32, torch.float32, None),
     "bf16": (torch.bfloat16, torch.bfloat16, None),
@@ -125,19 +130,22 @@ def test_opcheck_write_kv(case):
     k = torch.randn(5, kvh, d, device=DEVICE).to(dtype)
     v = torch.randn(5, kvh, d, device=DEVICE).to(dtype)
     caches = [torch.full((num_blocks, block_size, kvh, d), float("nan"), device=DEVICE) for _ in range(2)]
-    caches = [c.to(cache_dtype) if cache_dtype != torch.uint8 else c.to(fp8_dtype).view(torch.uint8)
-              for c in caches]
+    caches = [c.to(cache_dtype) if cache_dtype != torch.uint8 else c.to(fp8_dtype).view(torch.uint8) for c in caches]
     slots = torch.tensor([3, 17, -1, 40, 8], device=DEVICE)  # -1: a padding token, skipped
     fp8 = cache_dtype != dtype
     scales = [torch.tensor([s], device=DEVICE) for s in (0.5, 0.25)] if fp8 else [None, None]
-    torch.library.opcheck(ops.write_kv_op, (k, v, *caches, slots, *scales), dict(fp8_dtype=fp8_dtype),
-                          test_utils=checks_for(*caches))
+    torch.library.opcheck(
+        ops.write_kv_op, (k, v, *caches, slots, *scales), dict(fp8_dtype=fp8_dtype), test_utils=checks_for(*caches)
+    )
 
 
 ATTENTION_CASES = {
     "mixed-fp32": (AttentionConfig(4, 2, 16, 8, torch.float32), MIXED, {}),
-    "mixed-bf16-options": (AttentionConfig(4, 2, 32, 16, torch.bfloat16, sliding_window=7, use_alibi=True,
-                                           softcap=5.0, use_sinks=True), MIXED, {}),
+    "mixed-bf16-options": (
+        AttentionConfig(4, 2, 32, 16, torch.bfloat16, sliding_window=7, use_alibi=True, softcap=5.0, use_sinks=True),
+        MIXED,
+        {},
+    ),
     "split-kv-fp16": (AttentionConfig(4, 2, 16, 16, torch.float16), SPLIT, {}),
     "fp8-e4m3": (AttentionConfig(4, 1, 16, 8, torch.float16, kv_dtype="fp8_e4m3"), MIXED, {}),
     "checked": (AttentionConfig(2, 2, 16, 8, torch.float32), MIXED, dict(checked=True)),
@@ -151,9 +159,12 @@ def test_opcheck_paged_attention(case):
     x = make_inputs(config, shape, device=DEVICE, contract="full")
     tensors, kwargs = attention_args(x, scale_tensors(x))
     out = torch.full_like(x.q, float("nan"))
-    torch.library.opcheck(ops.paged_attention_op,
-                          (x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, out, *tensors),
-                          dict(kwargs, **extra), test_utils=checks_for(x.k_cache))
+    torch.library.opcheck(
+        ops.paged_attention_op,
+        (x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, out, *tensors),
+        dict(kwargs, **extra),
+        test_utils=checks_for(x.k_cache),
+    )
 
 
 @pytest.mark.parametrize("decode_from_cache", [False, True])
@@ -163,10 +174,12 @@ def test_opcheck_prefix_prefill(decode_from_cache):
     x = make_inputs(config, MIXED, device=DEVICE, contract="full" if decode_from_cache else "context")
     tensors, kwargs = attention_args(x, scale_tensors(x))
     out = torch.full_like(x.q, float("nan"))
-    torch.library.opcheck(ops.prefix_prefill_op,
-                          (x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens,
-                           x.block_table, out, *tensors),
-                          dict(kwargs, decode_from_cache=decode_from_cache), test_utils=checks_for(x.k_cache))
+    torch.library.opcheck(
+        ops.prefix_prefill_op,
+        (x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, out, *tensors),
+        dict(kwargs, decode_from_cache=decode_from_cache),
+        test_utils=checks_for(x.k_cache),
+    )
 
 
 def test_fake_impls_check_shapes():
@@ -174,8 +187,11 @@ def test_fake_impls_check_shapes():
     with FakeTensorMode():
         q = torch.empty(6, 4, 16)
         cache = torch.empty(8, 8, 2, 16)
-        meta = (torch.empty(3, dtype=torch.int32), torch.empty(2, dtype=torch.int32),
-                torch.empty(2, 4, dtype=torch.int32))
+        meta = (
+            torch.empty(3, dtype=torch.int32),
+            torch.empty(2, dtype=torch.int32),
+            torch.empty(2, 4, dtype=torch.int32),
+        )
         ops.paged_attention_op(q, cache, cache, *meta, torch.empty(6, 4, 16))  # fine: no data read
         with pytest.raises(ShapeError, match="out must have q's shape"):
             ops.paged_attention_op(q, cache, cache, *meta, torch.empty(5, 4, 16))
@@ -191,47 +207,76 @@ def test_wrappers_match_the_plain_functions():
     config = AttentionConfig(4, 2, 16, 8, torch.float16, kv_dtype="fp8_e4m3")
     x = make_inputs(config, MIXED, device=DEVICE, contract="context")
     common = dict(max_query_len=x.max_query_len, max_seq_len=x.max_seq_len, **x.options)  # float scales
-    want = pagedattn.prefix_prefill(x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, x.cu_seqlens_q,
-                                    x.seq_lens, x.block_table, **common)
-    got = ops.prefix_prefill(x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens,
-                             x.block_table, **common)
+    want = pagedattn.prefix_prefill(
+        x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, **common
+    )
+    got = ops.prefix_prefill(
+        x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, **common
+    )
     assert same(got, want)
     # write the new tokens through the op wrapper (float scales), then the full-cache contract
     slots = slots_of_new_tokens(x, MIXED, config.block_size)
     k_plain, v_plain = x.k_cache.clone(), x.v_cache.clone()
-    pagedattn.kernels.write.write_kv(x.k_new, x.v_new, k_plain, v_plain, slots,
-                                     k_scale=x.options["k_scale"], v_scale=x.options["v_scale"])
-    ops.write_kv(x.k_new, x.v_new, x.k_cache, x.v_cache, slots, k_scale=x.options["k_scale"],
-                 v_scale=x.options["v_scale"])
+    pagedattn.kernels.write.write_kv(
+        x.k_new, x.v_new, k_plain, v_plain, slots, k_scale=x.options["k_scale"], v_scale=x.options["v_scale"]
+    )
+    ops.write_kv(
+        x.k_new, x.v_new, x.k_cache, x.v_cache, slots, k_scale=x.options["k_scale"], v_scale=x.options["v_scale"]
+    )
     assert same(x.k_cache, k_plain) and same(x.v_cache, v_plain)
     out = torch.full_like(x.q, float("nan"))
-    assert ops.paged_attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table,
-                               out=out, **common) is out
-    want = pagedattn.paged_attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens,
-                                     x.block_table, **common)
+    assert (
+        ops.paged_attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, out=out, **common)
+        is out
+    )
+    want = pagedattn.paged_attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, **common)
     assert same(out, want)
 
 
 # ---------------------------------------------------------------------------------------------
 # torch.compile: one graph, no breaks, the same outputs and cache contents as eager
 # ---------------------------------------------------------------------------------------------
-def model_step(q, k_new, v_new, k_cache, v_cache, slot_mapping, cu_seqlens_q, seq_lens, block_table,
-               k_scale, v_scale, max_query_len: int, max_seq_len: int):
+def model_step(
+    q,
+    k_new,
+    v_new,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    cu_seqlens_q,
+    seq_lens,
+    block_table,
+    k_scale,
+    v_scale,
+    max_query_len: int,
+    max_seq_len: int,
+):
     """What a model layer does: write the new tokens' K/V, attend (both contracts), project."""
     ops.write_kv(k_new, v_new, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
     common = dict(k_scale=k_scale, v_scale=v_scale, max_query_len=max_query_len, max_seq_len=max_seq_len)
     full = ops.paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, **common)
-    context = ops.prefix_prefill(q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table,
-                                 **common)
+    context = ops.prefix_prefill(q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, **common)
     return full, context, (full.float() - context.float()).abs().amax(dim=(1, 2))
 
 
 def step_inputs(config: AttentionConfig, shape: BatchShape, seed: int = 0):
     x = make_inputs(config, shape, device=DEVICE, seed=seed, contract="context")
     opts = scale_tensors(x)
-    return (x.q, x.k_new, x.v_new, x.k_cache, x.v_cache, slots_of_new_tokens(x, shape, config.block_size),
-            x.cu_seqlens_q, x.seq_lens, x.block_table, opts["k_scale"], opts["v_scale"],
-            x.max_query_len, x.max_seq_len)
+    return (
+        x.q,
+        x.k_new,
+        x.v_new,
+        x.k_cache,
+        x.v_cache,
+        slots_of_new_tokens(x, shape, config.block_size),
+        x.cu_seqlens_q,
+        x.seq_lens,
+        x.block_table,
+        opts["k_scale"],
+        opts["v_scale"],
+        x.max_query_len,
+        x.max_seq_len,
+    )
 
 
 def clone_caches(args):
@@ -256,6 +301,7 @@ def test_compile_fullgraph_no_graph_breaks(kv_dtype):
     def recording_aot_eager(gm, example_inputs):
         graphs.append(gm)
         from torch._dynamo.backends.common import aot_autograd
+
         return aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
 
     compiled = torch.compile(model_step, fullgraph=True, backend=recording_aot_eager)
@@ -286,8 +332,11 @@ GPU_CONFIGS = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(GPU_CONFIGS))
-@pytest.mark.parametrize("shape", [BatchShape((1, 1, 1, 1), (900, 5, 1500, 60)),
-                                   BatchShape((300, 1, 40, 1), (0, 2000, 500, 7))], ids=["decode", "mixed"])
+@pytest.mark.parametrize(
+    "shape",
+    [BatchShape((1, 1, 1, 1), (900, 5, 1500, 60)), BatchShape((300, 1, 40, 1), (0, 2000, 500, 7))],
+    ids=["decode", "mixed"],
+)
 def test_inductor_compile_matches_eager(name, shape):
     """The default backend: inductor fuses around the opaque ops and reinplaces their mutations;
     outputs and caches are eager's bits."""
@@ -329,32 +378,72 @@ class DecodeBatch:
         """A new step in the same tensors: new lengths, new block tables, new q / k / v."""
         g = torch.Generator().manual_seed(seed)
         c = self.config
-        table = torch.randperm(self.num_blocks, generator=g)[:self.num_seqs * self.width]
+        table = torch.randperm(self.num_blocks, generator=g)[: self.num_seqs * self.width]
         table = table.reshape(self.num_seqs, self.width).to(torch.int32)
         pos = torch.tensor(seq_lens) - 1  # the decode token is each sequence's last position
         slots = table[torch.arange(self.num_seqs), pos // c.block_size].long() * c.block_size + pos % c.block_size
-        for t, new in ((self.q, torch.randn(self.q.shape, generator=g)),
-                       (self.k_new, torch.randn(self.k_new.shape, generator=g)),
-                       (self.v_new, torch.randn(self.v_new.shape, generator=g)),
-                       (self.seq_lens, torch.tensor(seq_lens, dtype=torch.int32)),
-                       (self.block_table, table), (self.slot_mapping, slots)):
+        for t, new in (
+            (self.q, torch.randn(self.q.shape, generator=g)),
+            (self.k_new, torch.randn(self.k_new.shape, generator=g)),
+            (self.v_new, torch.randn(self.v_new.shape, generator=g)),
+            (self.seq_lens, torch.tensor(seq_lens, dtype=torch.int32)),
+            (self.block_table, table),
+            (self.slot_mapping, slots),
+        ):
             t.copy_(new)
 
     def step(self, fn, k_cache=None, v_cache=None):
         """One decode step: write the decode tokens' K/V, then attend over the whole cache."""
         k_cache = self.k_cache if k_cache is None else k_cache
         v_cache = self.v_cache if v_cache is None else v_cache
-        return fn(self.q, self.k_new, self.v_new, k_cache, v_cache, self.slot_mapping, self.cu_seqlens_q,
-                  self.seq_lens, self.block_table, self.out, self.k_scale, self.v_scale, self.max_seq_len)
+        return fn(
+            self.q,
+            self.k_new,
+            self.v_new,
+            k_cache,
+            v_cache,
+            self.slot_mapping,
+            self.cu_seqlens_q,
+            self.seq_lens,
+            self.block_table,
+            self.out,
+            self.k_scale,
+            self.v_scale,
+            self.max_seq_len,
+        )
 
 
-def decode_step(q, k_new, v_new, k_cache, v_cache, slot_mapping, cu_seqlens_q, seq_lens, block_table,
-                out, k_scale, v_scale, max_seq_len: int):
+def decode_step(
+    q,
+    k_new,
+    v_new,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    cu_seqlens_q,
+    seq_lens,
+    block_table,
+    out,
+    k_scale,
+    v_scale,
+    max_seq_len: int,
+):
     ops.write_kv(k_new, v_new, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
     # max_query_len=1 and max_seq_len a fixed bound: the plan (decode tiles, KV splits) is the same
     # for every replay; None would be num_tokens and pick a prefill plan for a decode batch
-    ops.paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out=out,
-                        k_scale=k_scale, v_scale=v_scale, max_query_len=1, max_seq_len=max_seq_len)
+    ops.paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seq_lens,
+        block_table,
+        out=out,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        max_query_len=1,
+        max_seq_len=max_seq_len,
+    )
     return out
 
 
@@ -370,10 +459,19 @@ def test_cuda_graph_replay_matches_eager(name, compiled):
     torch._dynamo.reset()
     config = GPU_CONFIGS[name]
     batch = DecodeBatch(config, num_seqs=4, max_seq_len=2048)
-    plan = dispatch.plan(num_seqs=4, num_tokens=4, max_query_len=1, max_seq_len=2048,
-                         num_q_heads=config.num_q_heads, num_kv_heads=config.num_kv_heads,
-                         head_size=config.head_size, block_size=config.block_size, dtype=config.dtype,
-                         cache_dtype=config.cache_dtype, device=DEVICE)
+    plan = dispatch.plan(
+        num_seqs=4,
+        num_tokens=4,
+        max_query_len=1,
+        max_seq_len=2048,
+        num_q_heads=config.num_q_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_size=config.head_size,
+        block_size=config.block_size,
+        dtype=config.dtype,
+        cache_dtype=config.cache_dtype,
+        device=DEVICE,
+    )
     assert plan.num_splits > 1, "the captured step should exercise split-KV and its merge"
     fn = torch.compile(decode_step, fullgraph=True) if compiled else decode_step
     batch.refill(0, REPLAY_LENS[0])
@@ -396,8 +494,15 @@ def test_cuda_graph_replay_matches_eager(name, compiled):
         assert same(batch.out, want), f"replay {seed} (seq_lens {seq_lens}) differs from eager"
         assert same(batch.k_cache, k_eager) and same(batch.v_cache, v_eager), f"replay {seed}: caches differ"
         ref = pagedattn.reference.attention(
-            batch.q, k_eager, v_eager, batch.cu_seqlens_q, batch.seq_lens, batch.block_table,
-            k_scale=batch.k_scale, v_scale=batch.v_scale)
+            batch.q,
+            k_eager,
+            v_eager,
+            batch.cu_seqlens_q,
+            batch.seq_lens,
+            batch.block_table,
+            k_scale=batch.k_scale,
+            v_scale=batch.v_scale,
+        )
         atol = {torch.bfloat16: 2e-2, torch.float16: 4e-3}[config.dtype]
         assert torch.allclose(batch.out.float(), ref, atol=atol, rtol=atol), f"replay {seed} vs reference"
 
@@ -422,7 +527,6 @@ def test_hot_path_has_no_sync_and_no_allocation(name):
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
 
 
-
 def test_split_kv_workspace_outgrown_buffers_stay_alive():
     """A captured graph holds the workspace's address: growing it must not free the old buffer."""
     from pagedattn.kernels import unified
@@ -435,6 +539,9 @@ def test_split_kv_workspace_outgrown_buffers_stay_alive():
     assert big is not small and big[1].numel() >= 64 * 8 * 9
     assert any(ws is small for ws in unified._retired_workspaces)  # outgrown, kept alive
     # growth by powers of two: the outgrown buffers together stay under the current one's size
-    rows = [ws[1].numel() for ws in unified._retired_workspaces if ws[0].device == dev
-            and ws[0].numel() == ws[1].numel() * 16]
+    rows = [
+        ws[1].numel()
+        for ws in unified._retired_workspaces
+        if ws[0].device == dev and ws[0].numel() == ws[1].numel() * 16
+    ]
     assert sum(rows) < big[1].numel()

@@ -89,8 +89,13 @@ def test_plan_time_errors_name_the_argument():
     cu, seq_lens, table = batch()
     attn = planner(num_blocks=NB)
     with pytest.raises(BatchMetadataError, match=r"seq_lens\[1\]"):
-        attn.plan(cu, torch.tensor([21, -1, 3], dtype=torch.int32, device=DEVICE), table,
-                  query_lens_host=QUERY_LENS, seq_lens_host=[21, -1, 3])
+        attn.plan(
+            cu,
+            torch.tensor([21, -1, 3], dtype=torch.int32, device=DEVICE),
+            table,
+            query_lens_host=QUERY_LENS,
+            seq_lens_host=[21, -1, 3],
+        )
     bad = table.clone()
     bad[0, 1] = NB + 3
     with pytest.raises(BatchMetadataError, match=r"block_table\[0, 1\]"):
@@ -98,9 +103,16 @@ def test_plan_time_errors_name_the_argument():
     with pytest.raises(BatchMetadataError, match="max_query_len"):
         attn.plan(cu, seq_lens, table, query_lens_host=QUERY_LENS, seq_lens_host=SEQ_LENS, max_query_len=2)
     with pytest.raises(BatchMetadataError, match="cu_seqlens_q"):
-        attn.plan(torch.tensor([0, 5, 4, 7], dtype=torch.int32, device=DEVICE), seq_lens, table,
-                  query_lens_host=None, seq_lens_host=SEQ_LENS, validate=True) if DEVICE.type == "cpu" else \
-            attn.plan(torch.tensor([0, 5, 4, 7], dtype=torch.int32, device=DEVICE), seq_lens, table, validate=True)
+        attn.plan(
+            torch.tensor([0, 5, 4, 7], dtype=torch.int32, device=DEVICE),
+            seq_lens,
+            table,
+            query_lens_host=None,
+            seq_lens_host=SEQ_LENS,
+            validate=True,
+        ) if DEVICE.type == "cpu" else attn.plan(
+            torch.tensor([0, 5, 4, 7], dtype=torch.int32, device=DEVICE), seq_lens, table, validate=True
+        )
 
 
 def test_run_checks_what_it_is_handed():

@@ -10,8 +10,18 @@ import torch
 
 from pagedattn.cli import main
 from pagedattn.config import seed_grid
-from pagedattn.platforms import (CUSTOM_KERNEL_RULES, OPS, PLATFORMS, ROCM_CUSTOM, TRITON_DECODE, TRITON_PREFIX,
-                                 VLLM_VERSION, VllmCase, failed_conditions, vllm_kernel)
+from pagedattn.platforms import (
+    CUSTOM_KERNEL_RULES,
+    OPS,
+    PLATFORMS,
+    ROCM_CUSTOM,
+    TRITON_DECODE,
+    TRITON_PREFIX,
+    VLLM_VERSION,
+    VllmCase,
+    failed_conditions,
+    vllm_kernel,
+)
 
 # a configuration each ROCm platform sends to the custom kernel
 TAKES_CUSTOM = {
@@ -62,12 +72,21 @@ def test_each_condition_sends_decode_to_triton(platform, change, condition):
     assert condition in [c.text for c in CUSTOM_KERNEL_RULES[platform]]
 
 
-@pytest.mark.parametrize("platform,change", [
-    ("rocm-cdna", dict(gqa_ratio=16)), ("rocm-cdna", dict(block_size=32)), ("rocm-cdna", dict(head_size=64)),
-    ("rocm-cdna", dict(max_seq_len=128 * 1024)), ("rocm-cdna", dict(dtype=torch.bfloat16)),
-    ("rocm-cdna", dict(kv_cache_dtype="fp8")), ("rocm-cdna", dict(alibi=True)),  # CDNA checks neither
-    ("rocm-gfx1x", dict(gqa_ratio=3)), ("rocm-gfx1x", dict(gqa_ratio=16)), ("rocm-gfx1x", dict(dtype=torch.float16)),
-])
+@pytest.mark.parametrize(
+    "platform,change",
+    [
+        ("rocm-cdna", dict(gqa_ratio=16)),
+        ("rocm-cdna", dict(block_size=32)),
+        ("rocm-cdna", dict(head_size=64)),
+        ("rocm-cdna", dict(max_seq_len=128 * 1024)),
+        ("rocm-cdna", dict(dtype=torch.bfloat16)),
+        ("rocm-cdna", dict(kv_cache_dtype="fp8")),
+        ("rocm-cdna", dict(alibi=True)),  # CDNA checks neither
+        ("rocm-gfx1x", dict(gqa_ratio=3)),
+        ("rocm-gfx1x", dict(gqa_ratio=16)),
+        ("rocm-gfx1x", dict(dtype=torch.float16)),
+    ],
+)
 def test_the_edges_that_still_take_the_custom_kernel(platform, change):
     assert vllm_kernel(platform, dataclasses.replace(TAKES_CUSTOM[platform], **change)).custom
 
@@ -100,8 +119,24 @@ def test_the_seed_grid_platform_by_platform():
 
 
 def test_explain_shows_vllms_choice_beside_the_plan(capsys):
-    args = ["explain", "--num-q-heads", "64", "--num-kv-heads", "64", "--head-size", "128", "--dtype", "fp16",
-            "--query-lens", "37,1", "--ctx-lens", "40,500", "--platform", "all", "--json"]
+    args = [
+        "explain",
+        "--num-q-heads",
+        "64",
+        "--num-kv-heads",
+        "64",
+        "--head-size",
+        "128",
+        "--dtype",
+        "fp16",
+        "--query-lens",
+        "37,1",
+        "--ctx-lens",
+        "40,500",
+        "--platform",
+        "all",
+        "--json",
+    ]
     assert main(args) == 0
     row = json.loads(capsys.readouterr().out)[0]
     assert row["kernel"] and row["rule"]  # pagedattn's own plan

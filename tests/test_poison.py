@@ -7,8 +7,7 @@ import torch
 
 import pagedattn
 from pagedattn.errors import DTypeError, LayoutError, UnsupportedConfigError
-from pagedattn.poison import (KV_LAYOUTS, POISON_BITS, empty_kv_cache, is_nonfinite, is_poison, poison_,
-                              poison_bits)
+from pagedattn.poison import KV_LAYOUTS, POISON_BITS, empty_kv_cache, is_nonfinite, is_poison, poison_, poison_bits
 
 DTYPES = list(POISON_BITS)
 
@@ -38,7 +37,7 @@ def test_a_user_nan_is_not_poison(dtype):
         values = torch.cat([values, torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)])
     assert is_nonfinite(values).all()
     if dtype == torch.float8_e4m3fn:  # two NaN codes only: a negative NaN lands on the poison
-        positive = values[torch.tensor(user) .isnan() & ~torch.tensor(user).signbit()]
+        positive = values[torch.tensor(user).isnan() & ~torch.tensor(user).signbit()]
         assert not is_poison(positive).any() and is_poison(torch.tensor([-torch.nan]).to(dtype)).all()
     else:
         assert not is_poison(values).any(), sorted(hex(b) for b in bits(values))

@@ -21,8 +21,15 @@ def test_readme_planner_example_runs_and_is_right():
     exec(compile(_blocks()[0], "README.md", "exec"), namespace)
     n = namespace
     layer = n["num_layers"] - 1
-    expect = reference.attention(n["q"], n["k_caches"][layer], n["v_caches"][layer], n["cu_seqlens_q"],
-                                 torch.tensor(n["seq_lens"], dtype=torch.int32), n["block_table"], sliding_window=16)
+    expect = reference.attention(
+        n["q"],
+        n["k_caches"][layer],
+        n["v_caches"][layer],
+        n["cu_seqlens_q"],
+        torch.tensor(n["seq_lens"], dtype=torch.int32),
+        n["block_table"],
+        sliding_window=16,
+    )
     torch.testing.assert_close(n["out"], expect, atol=1e-4, rtol=1e-4)
 
 

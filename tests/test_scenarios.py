@@ -61,10 +61,12 @@ def test_incomplete_cache_checked_mode_raises(no_interpreter):
     config, shape = scenarios.sizes(False, 0)
     step = make_step(config, shape, seed=1, contract="context", write_decode_kv=False)
     with pytest.raises(UnwrittenKVError, match=f"sequence {step.seq_ids[-1]} \\(decode"):
-        attention(step.q, step.cache, step.batch, k_new=step.k_new, v_new=step.v_new,
-                  decode_from_cache=True, checked=True)
-    out = attention(step.q, step.cache, step.batch, k_new=step.k_new, v_new=step.v_new,
-                    decode_from_cache=True, checked=False)
+        attention(
+            step.q, step.cache, step.batch, k_new=step.k_new, v_new=step.v_new, decode_from_cache=True, checked=True
+        )
+    out = attention(
+        step.q, step.cache, step.batch, k_new=step.k_new, v_new=step.v_new, decode_from_cache=True, checked=False
+    )
     assert torch.isnan(out[-1]).all() and not torch.isnan(out[:-1]).any()
 
 

@@ -17,10 +17,14 @@ from pagedattn.errors import ContractError, UnsupportedConfigError  # noqa: E402
 from pagedattn.integrations import transformers as pa_hf  # noqa: E402
 from pagedattn.integrations import transformers_harness as harness  # noqa: E402
 
-SUPPORTED = pa_hf._version_tuple(pa_hf.SUPPORTED_RANGE[0]) <= pa_hf._version_tuple(transformers.__version__) \
+SUPPORTED = (
+    pa_hf._version_tuple(pa_hf.SUPPORTED_RANGE[0])
+    <= pa_hf._version_tuple(transformers.__version__)
     < pa_hf._version_tuple(pa_hf.SUPPORTED_RANGE[1])
-requires_supported = pytest.mark.skipif(not SUPPORTED, reason=f"transformers {transformers.__version__} "
-                                        f"is outside {pa_hf.SUPPORTED_RANGE}")
+)
+requires_supported = pytest.mark.skipif(
+    not SUPPORTED, reason=f"transformers {transformers.__version__} is outside {pa_hf.SUPPORTED_RANGE}"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,6 +45,7 @@ def test_supported_versions_pass(version):
 @requires_supported
 def test_register_returns_the_name_transformers_resolves():
     from transformers import AttentionInterface
+
     name = pa_hf.register()
     assert name == "paged|pagedattn"
     assert AttentionInterface()[name] is pa_hf.paged_attention_forward
@@ -63,7 +68,11 @@ def test_without_the_paged_cache_the_function_refuses():
 # ---------------------------------------------------------------------------------------------
 def _allocators(block_size, window):
     from transformers.generation.continuous_batching.cache_manager import (
-        BlockManager, FullAttentionCacheAllocator, SlidingAttentionCacheAllocator)
+        BlockManager,
+        FullAttentionCacheAllocator,
+        SlidingAttentionCacheAllocator,
+    )
+
     num_blocks = 256
     manager = BlockManager(num_blocks, block_size, tp_on=False)
     full = FullAttentionCacheAllocator(0, block_size, allow_block_sharing=False)
@@ -101,14 +110,16 @@ def test_block_tables_reproduce_transformers_slot_lists(padding):
     full_slots = torch.tensor(reads["full"] + trash)
     sliding_slots = torch.tensor(reads["sliding"] + trash)
 
-    seq_lens, bt = pa_hf.full_attention_metadata(full_slots, cu_full, block_size, max_seq_len=int(
-        (cu_full[1:] - cu_full[:-1]).max()))
+    seq_lens, bt = pa_hf.full_attention_metadata(
+        full_slots, cu_full, block_size, max_seq_len=int((cu_full[1:] - cu_full[:-1]).max())
+    )
     assert seq_lens.tolist() == [p + q for p, q in REQUESTS] + [0] * padding
     pa_hf.verify_block_table(full_slots, cu_full[:-1], seq_lens, torch.zeros_like(seq_lens), bt, block_size)
 
     max_k = int((cu_sliding[1:] - cu_sliding[:-1]).max())
-    seq_lens, bt, max_seq_len = pa_hf.sliding_window_metadata(sliding_slots, cu_q, cu_sliding, block_size,
-                                                              window, max_k)
+    seq_lens, bt, max_seq_len = pa_hf.sliding_window_metadata(
+        sliding_slots, cu_q, cu_sliding, block_size, window, max_k
+    )
     query_lens = cu_q[1:] - cu_q[:-1]
     cached = cu_sliding[1:] - cu_sliding[:-1] - query_lens
     assert cached.tolist() == [min(p, window - 1) for p, _ in REQUESTS] + [0] * padding
@@ -123,7 +134,7 @@ def test_block_tables_reproduce_transformers_slot_lists(padding):
 @requires_supported
 def test_a_wrong_block_table_is_caught():
     slots = torch.tensor([16, 17, 18, 40, 41])
-    bt = torch.tensor([[2, 6]], dtype=torch.int32)            # position 3 should be block 5 (slot 40)
+    bt = torch.tensor([[2, 6]], dtype=torch.int32)  # position 3 should be block 5 (slot 40)
     with pytest.raises(ContractError, match="position 3 maps to slot 19 .* says 40"):
         pa_hf.verify_block_table(slots, torch.tensor([0]), torch.tensor([5]), torch.tensor([0]), bt, 8)
 
@@ -138,10 +149,10 @@ def test_window_not_a_multiple_of_the_block_size_is_refused():
 # ---------------------------------------------------------------------------------------------
 # end to end: generate_batch through pagedattn == generate() with sdpa
 # ---------------------------------------------------------------------------------------------
-PROMPT_LENGTHS = [5, 37, 70]            # 70 > max_batch_tokens and > the window: chunked prefill
+PROMPT_LENGTHS = [5, 37, 70]  # 70 > max_batch_tokens and > the window: chunked prefill
 NEW_TOKENS = 4
 CB_OPTIONS = dict(block_size=16, num_blocks=64, max_batch_tokens=48)
-TOLERANCE = {torch.float32: 1e-4}       # |logprob difference| of the chosen tokens
+TOLERANCE = {torch.float32: 1e-4}  # |logprob difference| of the chosen tokens
 
 
 @requires_supported
@@ -156,6 +167,7 @@ def test_generate_batch_matches_generate(kind, monkeypatch):
         query_lens = cu_q[1:] - cu_q[:-1]
         windows.extend(zip(query_lens.tolist(), (cu_k[1:] - cu_k[:-1] - query_lens).tolist()))
         return sliding_metadata(read, cu_q, cu_k, *rest)
+
     monkeypatch.setattr(pa_hf, "sliding_window_metadata", recording_sliding_metadata)
 
     def counting_forward(module, *args, **kwargs):
@@ -163,6 +175,7 @@ def test_generate_batch_matches_generate(kind, monkeypatch):
         return forward(module, *args, **kwargs)
 
     from transformers import AttentionInterface
+
     name = pa_hf.register(checked=True)
     AttentionInterface.register(name, counting_forward)
 

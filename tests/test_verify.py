@@ -15,9 +15,15 @@ from pagedattn.verify import run_case
 GRID = seed_grid(quick=True)
 # fp16 cache at one query head per KV head (the seed's failing geometry), and an fp8 cache at 8 query
 # heads per KV head: the cheapest two through the interpreter
-PICKED = [c for c in GRID if c.config.sliding_window == 0 and (
-    (c.config.num_queries_per_kv == 1 and c.config.kv_dtype == "auto" and c.config.head_size == 24)
-    or (c.config.num_queries_per_kv == 8 and c.config.kv_dtype == "fp8_e4m3" and c.config.head_size == 32))]
+PICKED = [
+    c
+    for c in GRID
+    if c.config.sliding_window == 0
+    and (
+        (c.config.num_queries_per_kv == 1 and c.config.kv_dtype == "auto" and c.config.head_size == 24)
+        or (c.config.num_queries_per_kv == 8 and c.config.kv_dtype == "fp8_e4m3" and c.config.head_size == 32)
+    )
+]
 
 
 def test_picked_cases():

@@ -24,6 +24,7 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 def kernel_is_interpreted() -> bool:
     """Whether @triton.jit built the kernel for the interpreter (decided at import time)."""
     from triton.runtime.interpreter import InterpretedFunction
+
     return isinstance(write._write_kv_kernel, InterpretedFunction)
 
 
@@ -117,8 +118,10 @@ def test_fp8_write_quantizes_like_torch(path, fp8_dtype, storage):
     k = torch.randn(num_tokens, num_kv_heads, head_size, dtype=torch.bfloat16) * 3
     v = torch.randn(num_tokens, num_kv_heads, head_size, dtype=torch.bfloat16)
     slots = random_slots(num_tokens, 6 * block_size, num_padding=1)
-    k_cache, v_cache = nan_cache(6, block_size, num_kv_heads, head_size, fp8_dtype), nan_cache(
-        6, block_size, num_kv_heads, head_size, fp8_dtype)
+    k_cache, v_cache = (
+        nan_cache(6, block_size, num_kv_heads, head_size, fp8_dtype),
+        nan_cache(6, block_size, num_kv_heads, head_size, fp8_dtype),
+    )
     want_k = expected_cache(k_cache.view(torch.uint8), quantize_fp8(k, 0.05, fp8_dtype).view(torch.uint8), slots)
     want_v = expected_cache(v_cache.view(torch.uint8), quantize_fp8(v, 2.0, fp8_dtype).view(torch.uint8), slots)
     extra = {}
@@ -133,8 +136,22 @@ def test_fp8_write_quantizes_like_torch(path, fp8_dtype, storage):
 @pytest.mark.parametrize("fp8_dtype", FP8)
 def test_fp8_saturates_and_keeps_nan(path, fp8_dtype):
     fp8_max = torch.finfo(fp8_dtype).max
-    values = torch.tensor([fp8_max * 1.01, -fp8_max * 1.5, 1e6, -1e30, float("inf"), -float("inf"),
-                           float("nan"), 1.0, -2.5, 0.0, 1e-6, fp8_max])
+    values = torch.tensor(
+        [
+            fp8_max * 1.01,
+            -fp8_max * 1.5,
+            1e6,
+            -1e30,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            1.0,
+            -2.5,
+            0.0,
+            1e-6,
+            fp8_max,
+        ]
+    )
     k = values.reshape(1, 1, -1)
     k_cache = torch.zeros(1, 1, 1, values.numel()).to(fp8_dtype)
     v_cache = torch.zeros_like(k_cache)
@@ -157,8 +174,15 @@ def test_fp8_kernel_rounding_is_exact(fp8_dtype, monkeypatch):
     grid = torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
     grid = grid[torch.isfinite(grid)].unique()
     mid = (grid[1:] + grid[:-1]) / 2
-    x = torch.cat([grid, mid, torch.nextafter(mid, grid[1:]), torch.nextafter(mid, grid[:-1]),
-                   torch.tensor([-0.0, 1e-30, -1e-30])])
+    x = torch.cat(
+        [
+            grid,
+            mid,
+            torch.nextafter(mid, grid[1:]),
+            torch.nextafter(mid, grid[:-1]),
+            torch.tensor([-0.0, 1e-30, -1e-30]),
+        ]
+    )
     head_size = 128
     x = torch.cat([x, torch.zeros(-x.numel() % head_size)]).reshape(-1, 1, head_size)
     cache = torch.zeros(x.shape[0], 1, 1, head_size, dtype=fp8_dtype)
@@ -171,31 +195,69 @@ def test_fp8_kernel_rounding_is_exact(fp8_dtype, monkeypatch):
 # validation and checked mode
 # ---------------------------------------------------------------------------------------------
 def _args(**changes):
-    args = dict(k=torch.randn(3, 2, 8), v=torch.randn(3, 2, 8), k_cache=torch.zeros(4, 4, 2, 8),
-                v_cache=torch.zeros(4, 4, 2, 8), slot_mapping=torch.tensor([0, 5, -1]))
+    args = dict(
+        k=torch.randn(3, 2, 8),
+        v=torch.randn(3, 2, 8),
+        k_cache=torch.zeros(4, 4, 2, 8),
+        v_cache=torch.zeros(4, 4, 2, 8),
+        slot_mapping=torch.tensor([0, 5, -1]),
+    )
     args.update(changes)
     return args
 
 
-@pytest.mark.parametrize("changes,error,words", [
-    (dict(k=torch.randn(3, 2, 7)), ShapeError, "k must be [num_tokens, num_kv_heads, head_size]"),
-    (dict(v=torch.randn(3, 2, 8, 1)), ShapeError, "v must have 3 dimensions"),
-    (dict(v_cache=torch.zeros(4, 4, 2, 4)), ShapeError, "v_cache"),
-    (dict(slot_mapping=torch.tensor([0, 5, -1], dtype=torch.int32)), DTypeError, "slot_mapping must be int64, got torch.int32"),
-    (dict(slot_mapping=torch.tensor([0, 5])), ShapeError, "slot_mapping must have num_tokens = 3 entries"),
-    (dict(k=torch.randn(3, 2, 8).half(), v=torch.randn(3, 2, 8).half()), DTypeError, "non-fp8 cache"),
-    (dict(v=torch.randn(3, 2, 8).half()), DTypeError, "must share a dtype"),
-    (dict(k_cache=torch.zeros(4, 4, 2, 8, dtype=torch.uint8), v_cache=torch.zeros(4, 4, 2, 8, dtype=torch.uint8)),
-     DTypeError, "fp8_dtype"),
-    (dict(k_cache=torch.zeros(4, 4, 2, 8).to(torch.float8_e4m3fn),
-          v_cache=torch.zeros(4, 4, 2, 8).to(torch.float8_e4m3fn)), ScaleError, "k_scale is required"),
-    (dict(k_cache=torch.zeros(4, 4, 8, 2).transpose(2, 3), v_cache=torch.zeros(4, 4, 2, 8)), LayoutError, "contiguous"),
-    (dict(k=torch.randn(3, 2, 300), v=torch.randn(3, 2, 300), k_cache=torch.zeros(1, 4, 2, 300),
-          v_cache=torch.zeros(1, 4, 2, 300)), UnsupportedConfigError, "head_size"),
-    (dict(slot_mapping=[0, 5, -1]), DTypeError, "slot_mapping must be a torch.Tensor"),
-    (dict(slot_mapping=torch.tensor([0, 5, -1], device="meta")), DeviceError,
-     "slot_mapping is on meta, expected cpu (the device of k_cache)"),
-])
+@pytest.mark.parametrize(
+    "changes,error,words",
+    [
+        (dict(k=torch.randn(3, 2, 7)), ShapeError, "k must be [num_tokens, num_kv_heads, head_size]"),
+        (dict(v=torch.randn(3, 2, 8, 1)), ShapeError, "v must have 3 dimensions"),
+        (dict(v_cache=torch.zeros(4, 4, 2, 4)), ShapeError, "v_cache"),
+        (
+            dict(slot_mapping=torch.tensor([0, 5, -1], dtype=torch.int32)),
+            DTypeError,
+            "slot_mapping must be int64, got torch.int32",
+        ),
+        (dict(slot_mapping=torch.tensor([0, 5])), ShapeError, "slot_mapping must have num_tokens = 3 entries"),
+        (dict(k=torch.randn(3, 2, 8).half(), v=torch.randn(3, 2, 8).half()), DTypeError, "non-fp8 cache"),
+        (dict(v=torch.randn(3, 2, 8).half()), DTypeError, "must share a dtype"),
+        (
+            dict(
+                k_cache=torch.zeros(4, 4, 2, 8, dtype=torch.uint8), v_cache=torch.zeros(4, 4, 2, 8, dtype=torch.uint8)
+            ),
+            DTypeError,
+            "fp8_dtype",
+        ),
+        (
+            dict(
+                k_cache=torch.zeros(4, 4, 2, 8).to(torch.float8_e4m3fn),
+                v_cache=torch.zeros(4, 4, 2, 8).to(torch.float8_e4m3fn),
+            ),
+            ScaleError,
+            "k_scale is required",
+        ),
+        (
+            dict(k_cache=torch.zeros(4, 4, 8, 2).transpose(2, 3), v_cache=torch.zeros(4, 4, 2, 8)),
+            LayoutError,
+            "contiguous",
+        ),
+        (
+            dict(
+                k=torch.randn(3, 2, 300),
+                v=torch.randn(3, 2, 300),
+                k_cache=torch.zeros(1, 4, 2, 300),
+                v_cache=torch.zeros(1, 4, 2, 300),
+            ),
+            UnsupportedConfigError,
+            "head_size",
+        ),
+        (dict(slot_mapping=[0, 5, -1]), DTypeError, "slot_mapping must be a torch.Tensor"),
+        (
+            dict(slot_mapping=torch.tensor([0, 5, -1], device="meta")),
+            DeviceError,
+            "slot_mapping is on meta, expected cpu (the device of k_cache)",
+        ),
+    ],
+)
 def test_write_validates_arguments(changes, error, words):
     with pytest.raises(error) as info:
         write_kv(**_args(**changes))
@@ -218,8 +280,7 @@ def test_write_rejects_bad_fp8_scales(bad):
 def test_write_rejects_mismatched_fp8_dtype():
     cache = torch.zeros(4, 4, 2, 8).to(torch.float8_e5m2)
     with pytest.raises(DTypeError, match="fp8_dtype"):
-        write_kv(**_args(k_cache=cache, v_cache=cache.clone()), k_scale=1.0, v_scale=1.0,
-                 fp8_dtype=torch.float8_e4m3fn)
+        write_kv(**_args(k_cache=cache, v_cache=cache.clone()), k_scale=1.0, v_scale=1.0, fp8_dtype=torch.float8_e4m3fn)
 
 
 def test_checked_write_finds_slot_conflicts(path):
@@ -250,8 +311,9 @@ def test_gpu_kernel_matches_torch_path(dtype):
     caches = [nan_cache(num_blocks, block_size, num_kv_heads, head_size, dtype).cuda() for _ in range(4)]
     scales = dict(k_scale=0.3, v_scale=torch.tensor([0.7], device="cuda")) if dtype in FP8 else {}
     write_kv(k, v, caches[0], caches[1], slots, **scales)
-    write._write_torch(k, v, caches[2], caches[3], slots, scales.get("k_scale"), scales.get("v_scale"),
-                       dtype if dtype in FP8 else None)
+    write._write_torch(
+        k, v, caches[2], caches[3], slots, scales.get("k_scale"), scales.get("v_scale"), dtype if dtype in FP8 else None
+    )
     for kernel_cache, torch_cache in ((caches[0], caches[2]), (caches[1], caches[3])):
         if dtype in FP8:
             assert torch.equal(kernel_cache.view(torch.uint8), torch_cache.view(torch.uint8))

@@ -15,18 +15,42 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "attention": ".attention", "paged_attention": ".attention", "prefix_prefill": ".attention",
+    "attention": ".attention",
+    "paged_attention": ".attention",
+    "prefix_prefill": ".attention",
     "reference_attention": ".attention",
     "BatchMetadata": ".batch",
-    "PagedAttention": ".planner", "AttentionOptions": ".options", "write_kv": ".kernels.write",
+    "PagedAttention": ".planner",
+    "AttentionOptions": ".options",
+    "write_kv": ".kernels.write",
     "PagedKVCache": ".cache",
-    "Report": ".forensics", "compare": ".forensics", "compare_saved": ".forensics",
-    "poison_": ".poison", "empty_kv_cache": ".poison",
-    "AttentionConfig": ".config", "BatchShape": ".config", "Case": ".config",
-    **{name: ".errors" for name in (
-        "BatchMetadataError", "CacheFullError", "ContractError", "DeviceError", "DTypeError", "LayoutError",
-        "PagedAttentionError", "ScaleError", "SequenceError", "ShapeError", "SlotConflictError",
-        "UnsupportedConfigError", "UnwrittenKVError", "NonFiniteKVError")},
+    "Report": ".forensics",
+    "compare": ".forensics",
+    "compare_saved": ".forensics",
+    "poison_": ".poison",
+    "empty_kv_cache": ".poison",
+    "AttentionConfig": ".config",
+    "BatchShape": ".config",
+    "Case": ".config",
+    **{
+        name: ".errors"
+        for name in (
+            "BatchMetadataError",
+            "CacheFullError",
+            "ContractError",
+            "DeviceError",
+            "DTypeError",
+            "LayoutError",
+            "PagedAttentionError",
+            "ScaleError",
+            "SequenceError",
+            "ShapeError",
+            "SlotConflictError",
+            "UnsupportedConfigError",
+            "UnwrittenKVError",
+            "NonFiniteKVError",
+        )
+    },
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -25,7 +25,8 @@ An engine that calls attention once per layer should use `PagedAttention` (plan 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -85,9 +86,27 @@ def paged_attention(
     (one device sync without host copies) and every cache position the kernel will read is proved
     to hold no poison. `validate=False` skips value validation (see the module docstring)."""
     options = AttentionOptions(scale, sliding_window, alibi_slopes, softcap, sinks, k_scale, v_scale, kv_layout)
-    return _plan_and_run("full", q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, None, None, False,
-                         options, max_query_len, max_seq_len, out, query_lens_host, seq_lens_host, backend,
-                         checked, validate)
+    return _plan_and_run(
+        "full",
+        q,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seq_lens,
+        block_table,
+        None,
+        None,
+        False,
+        options,
+        max_query_len,
+        max_seq_len,
+        out,
+        query_lens_host,
+        seq_lens_host,
+        backend,
+        checked,
+        validate,
+    )
 
 
 def prefix_prefill(
@@ -124,54 +143,138 @@ def prefix_prefill(
     instead read all seq_len tokens from the cache (vLLM's chunked_prefill_paged_decode), so their
     own K/V must already be in the cache: exactly the contract the seed's test broke."""
     options = AttentionOptions(scale, sliding_window, alibi_slopes, softcap, sinks, k_scale, v_scale, kv_layout)
-    return _plan_and_run("context", q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new,
-                         decode_from_cache, options, max_query_len, max_seq_len, out, query_lens_host, seq_lens_host,
-                         backend, checked, validate)
+    return _plan_and_run(
+        "context",
+        q,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seq_lens,
+        block_table,
+        k_new,
+        v_new,
+        decode_from_cache,
+        options,
+        max_query_len,
+        max_seq_len,
+        out,
+        query_lens_host,
+        seq_lens_host,
+        backend,
+        checked,
+        validate,
+    )
 
 
-def attention(q: torch.Tensor, cache: "PagedKVCache", batch: BatchMetadata, *,
-              k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
-              decode_from_cache: bool = False, checked: bool | None = None, **options) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    cache: PagedKVCache,
+    batch: BatchMetadata,
+    *,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    decode_from_cache: bool = False,
+    checked: bool | None = None,
+    **options,
+) -> torch.Tensor:
     """Attention over a `PagedKVCache`: full-cache contract, or context-cache contract when
     `k_new`/`v_new` are given. `checked` defaults to the cache's own flag; in checked mode the
     cache's bookkeeping proves every position to be read was written (see `checks`). q's rows
     must be the batch's query tokens (checked on the host, always)."""
     checked = cache.checked if checked is None else checked
-    if isinstance(q, torch.Tensor) and batch.query_lens_host is not None and q.dim() >= 1 \
-            and q.shape[0] != sum(batch.query_lens_host):
-        raise ShapeError(f"q has {q.shape[0]} rows (tokens) but the batch has {sum(batch.query_lens_host)} "
-                         f"query tokens: the kernel would read and write rows that are not there")
+    if (
+        isinstance(q, torch.Tensor)
+        and batch.query_lens_host is not None
+        and q.dim() >= 1
+        and q.shape[0] != sum(batch.query_lens_host)
+    ):
+        raise ShapeError(
+            f"q has {q.shape[0]} rows (tokens) but the batch has {sum(batch.query_lens_host)} "
+            f"query tokens: the kernel would read and write rows that are not there"
+        )
     if checked:
         from . import checks
-        checks.check_batch_against_cache(cache, batch, contract="context" if k_new is not None else "full",
-                                         decode_from_cache=decode_from_cache)
-    common = dict(max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
-                  query_lens_host=batch.query_lens_host, seq_lens_host=batch.seq_lens_host, checked=checked,
-                  k_scale=cache.k_scale if cache.is_fp8 else None,
-                  v_scale=cache.v_scale if cache.is_fp8 else None, **options)
+
+        checks.check_batch_against_cache(
+            cache, batch, contract="context" if k_new is not None else "full", decode_from_cache=decode_from_cache
+        )
+    common = dict(
+        max_query_len=batch.max_query_len,
+        max_seq_len=batch.max_seq_len,
+        query_lens_host=batch.query_lens_host,
+        seq_lens_host=batch.seq_lens_host,
+        checked=checked,
+        k_scale=cache.k_scale if cache.is_fp8 else None,
+        v_scale=cache.v_scale if cache.is_fp8 else None,
+        **options,
+    )
     if k_new is None:
         return paged_attention(q, cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table, **common)
-    return prefix_prefill(q, k_new, v_new, cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens,
-                          batch.block_table, decode_from_cache=decode_from_cache, **common)
+    return prefix_prefill(
+        q,
+        k_new,
+        v_new,
+        cache.k,
+        cache.v,
+        batch.cu_seqlens_q,
+        batch.seq_lens,
+        batch.block_table,
+        decode_from_cache=decode_from_cache,
+        **common,
+    )
 
 
-def reference_attention(q: torch.Tensor, cache: "PagedKVCache", batch: BatchMetadata, *,
-                        k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
-                        decode_from_cache: bool = False, compute_dtype: torch.dtype = torch.float32,
-                        **options) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor,
+    cache: PagedKVCache,
+    batch: BatchMetadata,
+    *,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    decode_from_cache: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+    **options,
+) -> torch.Tensor:
     """`attention` computed by the PyTorch reference in `compute_dtype` (float32 or float64):
     the same arguments, for checking a kernel's output (see `pagedattn.compare`)."""
     return reference.attention(
-        q, cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table,
-        k_scale=cache.k_scale if cache.is_fp8 else None, v_scale=cache.v_scale if cache.is_fp8 else None,
-        k_new=k_new, v_new=v_new, decode_from_cache=decode_from_cache, compute_dtype=compute_dtype,
+        q,
+        cache.k,
+        cache.v,
+        batch.cu_seqlens_q,
+        batch.seq_lens,
+        batch.block_table,
+        k_scale=cache.k_scale if cache.is_fp8 else None,
+        v_scale=cache.v_scale if cache.is_fp8 else None,
+        k_new=k_new,
+        v_new=v_new,
+        decode_from_cache=decode_from_cache,
+        compute_dtype=compute_dtype,
         **options,
     )
 
 
-def _plan_and_run(contract, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, k_new, v_new,
-                  decode_from_cache, options, max_query_len, max_seq_len, out, query_lens_host, seq_lens_host,
-                  backend, checked, validate):
+def _plan_and_run(
+    contract,
+    q,
+    k_cache,
+    v_cache,
+    cu_seqlens_q,
+    seq_lens,
+    block_table,
+    k_new,
+    v_new,
+    decode_from_cache,
+    options,
+    max_query_len,
+    max_seq_len,
+    out,
+    query_lens_host,
+    seq_lens_host,
+    backend,
+    checked,
+    validate,
+):
     check_tensor("q", q, 3)
     if q.dtype not in QUERY_DTYPES:
         raise DTypeError(f"q must be one of {QUERY_DTYPES}, got {q.dtype}")
@@ -181,12 +284,33 @@ def _plan_and_run(contract, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_t
     if head_size != q.shape[2]:
         raise ShapeError(f"k_cache has head_size {head_size}, q has head_size {q.shape[2]}")
     if num_kv_heads == 0 or q.shape[1] % num_kv_heads:
-        raise ShapeError(f"num_q_heads ({q.shape[1]}, q.shape[1]) must be a multiple of num_kv_heads "
-                         f"({num_kv_heads}, from k_cache)")
-    attn = PagedAttention(options, num_q_heads=q.shape[1], num_kv_heads=num_kv_heads, head_size=head_size,
-                          block_size=block_size, dtype=q.dtype, kv_cache_dtype=k_cache.dtype, num_blocks=num_blocks,
-                          device=q.device, contract=contract, decode_from_cache=decode_from_cache, checked=checked,
-                          backend=backend)
-    attn.plan(cu_seqlens_q, seq_lens, block_table, query_lens_host=query_lens_host, seq_lens_host=seq_lens_host,
-              max_query_len=max_query_len, max_seq_len=max_seq_len, num_tokens=q.shape[0], validate=validate)
+        raise ShapeError(
+            f"num_q_heads ({q.shape[1]}, q.shape[1]) must be a multiple of num_kv_heads ({num_kv_heads}, from k_cache)"
+        )
+    attn = PagedAttention(
+        options,
+        num_q_heads=q.shape[1],
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        block_size=block_size,
+        dtype=q.dtype,
+        kv_cache_dtype=k_cache.dtype,
+        num_blocks=num_blocks,
+        device=q.device,
+        contract=contract,
+        decode_from_cache=decode_from_cache,
+        checked=checked,
+        backend=backend,
+    )
+    attn.plan(
+        cu_seqlens_q,
+        seq_lens,
+        block_table,
+        query_lens_host=query_lens_host,
+        seq_lens_host=seq_lens_host,
+        max_query_len=max_query_len,
+        max_seq_len=max_seq_len,
+        num_tokens=q.shape[0],
+        validate=validate,
+    )
     return attn.run(q, k_cache, v_cache, out=out, k_new=k_new, v_new=v_new)

@@ -12,8 +12,8 @@ tensors alone has none and dispatch then uses only `max_query_len` / `max_seq_le
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -40,14 +40,12 @@ class BatchMetadata:
         seq_lens: Sequence[int],
         block_table: torch.Tensor | Sequence[Sequence[int]],
         device: torch.device | str | None = None,
-    ) -> "BatchMetadata":
+    ) -> BatchMetadata:
         """Build metadata from host lists. `block_table` rows may be ragged lists (padded with 0)."""
         query_lens = tuple(int(x) for x in query_lens)
         seq_lens = tuple(int(x) for x in seq_lens)
         if len(query_lens) != len(seq_lens):
-            raise BatchMetadataError(
-                f"query_lens has {len(query_lens)} entries but seq_lens has {len(seq_lens)}"
-            )
+            raise BatchMetadataError(f"query_lens has {len(query_lens)} entries but seq_lens has {len(seq_lens)}")
         for i, (q, s) in enumerate(zip(query_lens, seq_lens)):
             if q < 0 or s < 0:
                 raise BatchMetadataError(f"sequence {i}: lengths must be >= 0, got query_len {q}, seq_len {s}")
@@ -56,8 +54,9 @@ class BatchMetadata:
         if not isinstance(block_table, torch.Tensor):
             rows = [list(r) for r in block_table]
             width = max((len(r) for r in rows), default=0)
-            block_table = torch.tensor([r + [0] * (width - len(r)) for r in rows] or [[]],
-                                       dtype=torch.int32).reshape(len(rows), width)
+            block_table = torch.tensor([r + [0] * (width - len(r)) for r in rows] or [[]], dtype=torch.int32).reshape(
+                len(rows), width
+            )
         device = torch.device(device) if device is not None else block_table.device
         cu = [0]
         for q in query_lens:
@@ -101,16 +100,23 @@ class BatchMetadata:
     def host_ctx_lens(self) -> tuple[int, ...]:
         return tuple(s - q for q, s in zip(self.host_query_lens(), self.host_seq_lens()))
 
-    def to(self, device: torch.device | str) -> "BatchMetadata":
+    def to(self, device: torch.device | str) -> BatchMetadata:
         return BatchMetadata(
-            self.cu_seqlens_q.to(device), self.seq_lens.to(device), self.block_table.to(device),
-            self.max_query_len, self.max_seq_len, self.query_lens_host, self.seq_lens_host,
-            self.seq_ids, self.contract,
+            self.cu_seqlens_q.to(device),
+            self.seq_lens.to(device),
+            self.block_table.to(device),
+            self.max_query_len,
+            self.max_seq_len,
+            self.query_lens_host,
+            self.seq_lens_host,
+            self.seq_ids,
+            self.contract,
         )
 
     # ------------------------------------------------------------------ validation
-    def validate(self, *, num_blocks: int | None = None, block_size: int | None = None,
-                 num_tokens: int | None = None) -> "BatchMetadata":
+    def validate(
+        self, *, num_blocks: int | None = None, block_size: int | None = None, num_tokens: int | None = None
+    ) -> BatchMetadata:
         """Check shapes, dtypes, devices and values (this syncs with the device once).
 
         With `num_blocks` and `block_size`, also check block ids are in range and that each
@@ -137,9 +143,7 @@ class BatchMetadata:
                     f"exceeds seq_lens[{i}] = {seq_lens[i]}"
                 )
         if num_tokens is not None and cu[-1] != num_tokens:
-            raise BatchMetadataError(
-                f"cu_seqlens_q[-1] = {cu[-1]} but the query has {num_tokens} tokens"
-            )
+            raise BatchMetadataError(f"cu_seqlens_q[-1] = {cu[-1]} but the query has {num_tokens} tokens")
         query_lens = [b - a for a, b in zip(cu, cu[1:])]
         if max(query_lens, default=0) > self.max_query_len:
             raise BatchMetadataError(
@@ -156,11 +160,15 @@ class BatchMetadata:
         return self
 
 
-def check_metadata_tensors(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                           block_table: torch.Tensor, device: torch.device | None = None) -> None:
+def check_metadata_tensors(
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, device: torch.device | None = None
+) -> None:
     """Cheap host-side checks (no device sync): ranks, sizes, dtypes, devices."""
-    for name, t, rank in (("cu_seqlens_q", cu_seqlens_q, 1), ("seq_lens", seq_lens, 1),
-                          ("block_table", block_table, 2)):
+    for name, t, rank in (
+        ("cu_seqlens_q", cu_seqlens_q, 1),
+        ("seq_lens", seq_lens, 1),
+        ("block_table", block_table, 2),
+    ):
         if not isinstance(t, torch.Tensor):
             raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != torch.int32:
@@ -171,9 +179,7 @@ def check_metadata_tensors(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
     if num_seqs == 0:
         raise BatchMetadataError("the batch is empty: seq_lens has 0 sequences")
     if cu_seqlens_q.shape[0] != num_seqs + 1:
-        raise ShapeError(
-            f"cu_seqlens_q must have num_seqs + 1 = {num_seqs + 1} entries, got {cu_seqlens_q.shape[0]}"
-        )
+        raise ShapeError(f"cu_seqlens_q must have num_seqs + 1 = {num_seqs + 1} entries, got {cu_seqlens_q.shape[0]}")
     if block_table.shape[0] < num_seqs:
         raise ShapeError(f"block_table must have at least num_seqs = {num_seqs} rows, got {block_table.shape[0]}")
     if block_table.stride(-1) != 1:
@@ -184,8 +190,9 @@ def check_metadata_tensors(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
             raise DeviceError(f"{name} is on {t.device}, expected {device}")
 
 
-def check_block_table_values(block_table: torch.Tensor, seq_lens: Sequence[int], block_size: int,
-                             num_blocks: int | None) -> None:
+def check_block_table_values(
+    block_table: torch.Tensor, seq_lens: Sequence[int], block_size: int, num_blocks: int | None
+) -> None:
     """Every block a sequence needs exists in its row and is in [0, num_blocks)."""
     width = block_table.shape[1]
     table = block_table.cpu()

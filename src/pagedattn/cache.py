@@ -22,15 +22,25 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from . import checks
 from .batch import BatchMetadata
 from .config import MAX_HEAD_SIZE, QUERY_DTYPES, SUPPORTED_BLOCK_SIZES, fp8_dtype_of
-from .errors import (LayoutError, BatchMetadataError, CacheFullError, DeviceError, DTypeError, ScaleError,
-                     SequenceError, ShapeError, SlotConflictError, UnsupportedConfigError)
-from . import checks
+from .errors import (
+    BatchMetadataError,
+    CacheFullError,
+    DeviceError,
+    DTypeError,
+    LayoutError,
+    ScaleError,
+    SequenceError,
+    ShapeError,
+    SlotConflictError,
+    UnsupportedConfigError,
+)
 from .kernels.write import write_kv
 from .poison import int_view, poison_fill_value
 
@@ -133,13 +143,18 @@ class PagedKVCache:
         self._check_seq(seq_id)
         pos = torch.arange(self._lens[seq_id])
         table = torch.tensor(self._tables[seq_id], dtype=torch.long)
-        return self.written[table[pos // self.block_size], pos % self.block_size] if pos.numel() else \
-            torch.zeros(0, dtype=torch.bool)
+        return (
+            self.written[table[pos // self.block_size], pos % self.block_size]
+            if pos.numel()
+            else torch.zeros(0, dtype=torch.bool)
+        )
 
     def __repr__(self) -> str:
-        return (f"PagedKVCache({self.num_blocks} blocks x {self.block_size} tokens, {self.num_kv_heads} KV heads "
-                f"x {self.head_size}, {str(self.cache_dtype).replace('torch.', '')} on {self.device}, "
-                f"{len(self._tables)} sequences, {self.num_free_blocks} free blocks)")
+        return (
+            f"PagedKVCache({self.num_blocks} blocks x {self.block_size} tokens, {self.num_kv_heads} KV heads "
+            f"x {self.head_size}, {str(self.cache_dtype).replace('torch.', '')} on {self.device}, "
+            f"{len(self._tables)} sequences, {self.num_free_blocks} free blocks)"
+        )
 
     # ------------------------------------------------------------------ sequences
     def new_sequence(self) -> int:
@@ -212,8 +227,16 @@ class PagedKVCache:
         for seq_id, q in zip(seq_ids, query_lens):
             if q:
                 self._check_unshared(seq_id, q)
-        write_kv(k, v, self.k, self.v, slots.to(self.device), k_scale=self.k_scale, v_scale=self.v_scale,
-                 checked=self.checked)
+        write_kv(
+            k,
+            v,
+            self.k,
+            self.v,
+            slots.to(self.device),
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+            checked=self.checked,
+        )
         self.written.view(-1)[slots] = True
 
     def append(self, seq_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor, query_lens: Sequence[int]) -> None:
@@ -234,8 +257,9 @@ class PagedKVCache:
         return self._slots_host(seq_ids, query_lens).to(self.device)
 
     # ------------------------------------------------------------------ batch metadata
-    def batch(self, seq_ids: Sequence[int], query_lens: Sequence[int], contract: str = "full",
-              decode_from_cache: bool = False) -> BatchMetadata:
+    def batch(
+        self, seq_ids: Sequence[int], query_lens: Sequence[int], contract: str = "full", decode_from_cache: bool = False
+    ) -> BatchMetadata:
         """Metadata for one attention step over these sequences, on the cache's device.
 
         contract="full": the query tokens are each sequence's last query_len tokens, already in the
@@ -243,7 +267,8 @@ class PagedKVCache:
         and the query tokens' K/V come separately; seq_len = length + query_len, block tables are not
         extended. With contract="context" and decode_from_cache=True, decode sequences (query_len 1)
         have already appended their token and read all of it from the cache (seq_len = length), as
-        `prefix_prefill(..., decode_from_cache=True)` expects. The block table is as wide as the widest row needs (ceil(seq_len / block_size)
+        `prefix_prefill(..., decode_from_cache=True)` expects.
+        The block table is as wide as the widest row needs (ceil(seq_len / block_size)
         columns, or the blocks a sequence holds if more), padded with 0.
 
         The result carries `seq_ids` (a tuple) and `contract` as plain attributes for checked mode."""
@@ -261,7 +286,8 @@ class PagedKVCache:
                 if length < 1:
                     raise BatchMetadataError(
                         f"sequence {seq_id}: decode_from_cache=True but the sequence holds no token; "
-                        "append the decode token's K/V before building the batch")
+                        "append the decode token's K/V before building the batch"
+                    )
                 seq_lens.append(length)
             elif contract == "context":
                 seq_lens.append(length + q)
@@ -317,13 +343,11 @@ class PagedKVCache:
             length = self._lens[seq_id]
             if q > length:
                 raise BatchMetadataError(
-                    f"sequence {seq_id}: query_len {q} exceeds its {length} reserved tokens "
-                    "(reserve them first)"
+                    f"sequence {seq_id}: query_len {q} exceeds its {length} reserved tokens (reserve them first)"
                 )
             pos = torch.arange(length - q, length)
             table = torch.tensor(self._tables[seq_id], dtype=torch.long)
-            parts.append(table[pos // self.block_size] * self.block_size + pos % self.block_size
-                         if q else pos)
+            parts.append(table[pos // self.block_size] * self.block_size + pos % self.block_size if q else pos)
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     def _check_unshared(self, seq_id: int, q: int) -> None:
@@ -396,8 +420,7 @@ class PagedKVCache:
                 raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if tuple(t.shape) != expected:
                 raise ShapeError(
-                    f"{name} must be [sum(query_lens), num_kv_heads, head_size] = {list(expected)}, "
-                    f"got {list(t.shape)}"
+                    f"{name} must be [sum(query_lens), num_kv_heads, head_size] = {list(expected)}, got {list(t.shape)}"
                 )
             if t.dtype != self.dtype:
                 raise DTypeError(f"{name} must be in the cache's query dtype {self.dtype}, got {t.dtype}")
@@ -405,4 +428,3 @@ class PagedKVCache:
                 raise DeviceError(f"{name} is on {t.device}, expected {self.device} (the cache's device)")
             if t.numel() and t.stride(-1) != 1:
                 raise LayoutError(f"{name} must be contiguous in head_size, got strides {t.stride()}")
-

@@ -40,7 +40,7 @@ QUERY_LENS, SEQ_LENS = (5, 1, 3), (17, 21, 3)
 BLOCK_TABLE = ((3, 6, 1), (0, 5, 1), (7, 1, 1))
 WRITE_SLOTS = (16, 17, 18, 19, 20, 32, 33, 34, 35)  # unused blocks 1 and 2
 SENTINEL = 0.5  # guard margins and a user `out` start as this: finite, so an unwanted read or a missed write shows
-I32_MAX, I32_MIN = 2 ** 31 - 1, -2 ** 31
+I32_MAX, I32_MIN = 2**31 - 1, -(2**31)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,10 +81,15 @@ def base_batch(device="cpu", dtype=torch.float16, seed=0) -> Batch:
     i32 = dict(dtype=torch.int32, device=device)
     return Batch(
         q=torch.randn(num_tokens, NUM_Q_HEADS, HEAD_SIZE, generator=g).to(device=device, dtype=dtype),
-        k_cache=k_cache.to(device=device, dtype=dtype), v_cache=v_cache.to(device=device, dtype=dtype),
-        k_new=torch.cat(k_new).to(device=device, dtype=dtype), v_new=torch.cat(v_new).to(device=device, dtype=dtype),
-        cu_seqlens_q=torch.tensor([0, 5, 6, 9], **i32), seq_lens=torch.tensor(SEQ_LENS, **i32),
-        block_table=torch.tensor(BLOCK_TABLE, **i32), max_query_len=max(QUERY_LENS), max_seq_len=max(SEQ_LENS),
+        k_cache=k_cache.to(device=device, dtype=dtype),
+        v_cache=v_cache.to(device=device, dtype=dtype),
+        k_new=torch.cat(k_new).to(device=device, dtype=dtype),
+        v_new=torch.cat(v_new).to(device=device, dtype=dtype),
+        cu_seqlens_q=torch.tensor([0, 5, 6, 9], **i32),
+        seq_lens=torch.tensor(SEQ_LENS, **i32),
+        block_table=torch.tensor(BLOCK_TABLE, **i32),
+        max_query_len=max(QUERY_LENS),
+        max_seq_len=max(SEQ_LENS),
         slot_mapping=torch.tensor(WRITE_SLOTS, dtype=torch.int64, device=device),
     )
 
@@ -95,13 +100,26 @@ def base_batch(device="cpu", dtype=torch.float16, seed=0) -> Batch:
 FULL = ("paged_attention", "paged_attention_hnd", "attention", "planner", "ops_paged_attention", "unified_attention")
 CONTEXT = ("prefix_prefill", "planner_context", "context_attention_fwd", "chunked_prefill_paged_decode")
 ATTENTION = FULL + CONTEXT
-NATIVE = ("paged_attention", "paged_attention_hnd", "prefix_prefill", "attention", "planner", "planner_context",
-          "ops_paged_attention")
+NATIVE = (
+    "paged_attention",
+    "paged_attention_hnd",
+    "prefix_prefill",
+    "attention",
+    "planner",
+    "planner_context",
+    "ops_paged_attention",
+)
 WRITE = ("write_kv", "reshape_and_cache_flash")
 # cases that are also run with `out` left to the library: rows that no sequence covers must come
 # out NaN, and rows past q must not be written past the allocation
-LIBRARY_OUT_CASES = ("cu-not-starting-at-0", "cu-ends-before-tokens", "cu-ends-after-tokens", "cu-end-int32-max",
-                     "q-fewer-rows", "q-more-rows")
+LIBRARY_OUT_CASES = (
+    "cu-not-starting-at-0",
+    "cu-ends-before-tokens",
+    "cu-ends-after-tokens",
+    "cu-end-int32-max",
+    "q-fewer-rows",
+    "q-more-rows",
+)
 
 
 @dataclass(frozen=True)
@@ -123,16 +141,19 @@ class Case:
 
 def _set(name: str, index, value):
     """A mutation: tensor `name` with [index] = value (a copy; the base is not changed)."""
+
     def mutate(b: Batch) -> Batch:
         t = getattr(b, name).clone()
         t[index] = value
         return b.replace(**{name: t})
+
     return mutate
 
 
 def _with(**changes):
     def mutate(b: Batch) -> Batch:
         return b.replace(**{k: (v(b) if callable(v) else v) for k, v in changes.items()})
+
     return mutate
 
 
@@ -145,17 +166,21 @@ def _both(*mutations):
         for m in mutations:
             b = m(b)
         return b
+
     return mutate
 
 
 def _rows(n: int):
     """q, k_new, v_new with n rows (cut, or extended with fresh rows)."""
+
     def mutate(b: Batch) -> Batch:
         def resize(t):
             if n <= t.shape[0]:
                 return t[:n].contiguous()
             return torch.cat([t, torch.randn(n - t.shape[0], *t.shape[1:], device=t.device).to(t.dtype)])
+
         return b.replace(q=resize(b.q), k_new=resize(b.k_new), v_new=resize(b.v_new))
+
     return mutate
 
 
@@ -174,87 +199,285 @@ C = Case
 CASES: tuple[Case, ...] = (
     # ---- block ids (only entries every contract reads: seq 0 block 0, seq 1 blocks 0-1)
     C("block-id-past-cache", ATTENTION, _set("block_table", (1, 1), 1000), (BME,), ("block_table[1, 1]",), (1,)),
-    C("block-id-equals-num-blocks", ATTENTION, _set("block_table", (0, 0), NUM_BLOCKS), (BME,),
-      ("block_table[0, 0]",), (0,), why="off by one: the first id past the cache"),
+    C(
+        "block-id-equals-num-blocks",
+        ATTENTION,
+        _set("block_table", (0, 0), NUM_BLOCKS),
+        (BME,),
+        ("block_table[0, 0]",),
+        (0,),
+        why="off by one: the first id past the cache",
+    ),
     C("block-id-negative", ATTENTION, _set("block_table", (1, 0), -1), (BME,), ("block_table[1, 0]",), (1,)),
-    C("block-id-int32-min", ATTENTION, _set("block_table", (1, 1), I32_MIN), (BME,), ("block_table[1, 1]",), (1,),
-      why="id * stride overflows 32-bit arithmetic"),
+    C(
+        "block-id-int32-min",
+        ATTENTION,
+        _set("block_table", (1, 1), I32_MIN),
+        (BME,),
+        ("block_table[1, 1]",),
+        (1,),
+        why="id * stride overflows 32-bit arithmetic",
+    ),
     C("block-id-int32-max", ATTENTION, _set("block_table", (0, 0), I32_MAX), (BME,), ("block_table[0, 0]",), (0,)),
     # ---- seq_lens
     C("seq-len-negative", ATTENTION, _set("seq_lens", 1, -3), (BME,), ("seq_lens[1]",), (1,)),
     C("seq-len-below-query-len", ATTENTION, _set("seq_lens", 0, 2), (BME,), ("seq_lens[0]",), (0,)),
     C("seq-len-zero-with-query", ATTENTION, _set("seq_lens", 2, 0), (BME,), ("seq_lens[2]",), (2,)),
-    C("ctx-len-negative", CONTEXT, _set("seq_lens", 2, 2), (BME,), ("seq_lens[2]",), (2,),
-      why="context contract: ctx_len = seq_len - query_len = -1"),
-    C("block-table-too-narrow", ATTENTION, _both(_set("seq_lens", 1, 100), _with(max_seq_len=100)), (BME,),
-      ("block_table",), (1,), why="seq_len 100 needs 7 blocks, the table has 3 columns"),
-    C("seq-len-int32-max", ATTENTION, _both(_set("seq_lens", 1, I32_MAX), _with(max_seq_len=I32_MAX)), (BME,),
-      ("block_table",), (1,), why="positions near 2^31 overflow 32-bit arithmetic"),
+    C(
+        "ctx-len-negative",
+        CONTEXT,
+        _set("seq_lens", 2, 2),
+        (BME,),
+        ("seq_lens[2]",),
+        (2,),
+        why="context contract: ctx_len = seq_len - query_len = -1",
+    ),
+    C(
+        "block-table-too-narrow",
+        ATTENTION,
+        _both(_set("seq_lens", 1, 100), _with(max_seq_len=100)),
+        (BME,),
+        ("block_table",),
+        (1,),
+        why="seq_len 100 needs 7 blocks, the table has 3 columns",
+    ),
+    C(
+        "seq-len-int32-max",
+        ATTENTION,
+        _both(_set("seq_lens", 1, I32_MAX), _with(max_seq_len=I32_MAX)),
+        (BME,),
+        ("block_table",),
+        (1,),
+        why="positions near 2^31 overflow 32-bit arithmetic",
+    ),
     # ---- cu_seqlens_q
-    C("cu-decreasing", ATTENTION, _with(cu_seqlens_q=lambda b: _i32([0, 5, 3, 9], b)), (BME,), ("cu_seqlens_q",),
-      (1, 2), nan_or_right=(0,), why="rows 3-4 are claimed by sequences 0 and 2: unconstrained; a broken "
-      "cu_seqlens_q may poison the whole batch"),
-    C("cu-negative-entry", ATTENTION, _with(cu_seqlens_q=lambda b: _i32([0, -4, 6, 9], b)), (BME,),
-      ("cu_seqlens_q",), (0, 1), nan_or_right=(2,), why="sequence 1 would start 4 rows before q"),
-    C("cu-not-starting-at-0", ATTENTION, _with(cu_seqlens_q=lambda b: _i32([2, 5, 6, 9], b)), (BME, SE),
-      ("cu_seqlens_q",), (), why="rows 0-1 belong to no sequence"),
-    C("cu-starting-negative", ATTENTION, _with(cu_seqlens_q=lambda b: _i32([-2, 5, 6, 9], b)), (BME, SE),
-      ("cu_seqlens_q",), (0,)),
-    C("cu-ends-before-tokens", ATTENTION, _with(cu_seqlens_q=lambda b: _i32([0, 5, 6, 8], b)), (BME, SE),
-      ("cu_seqlens_q", "q"), (), why="row 8 belongs to no sequence"),
-    C("cu-ends-after-tokens", ATTENTION, _both(_with(cu_seqlens_q=lambda b: _i32([0, 5, 6, 12], b), max_query_len=6),
-                                               _set("seq_lens", 2, 6)), (BME, SE), ("cu_seqlens_q", "q"), (2,),
-      why="sequence 2 would read and write rows 9-11 past q and out"),
-    C("cu-end-int32-max", ATTENTION, _with(cu_seqlens_q=lambda b: _i32([0, 5, 6, I32_MAX], b)), (BME, SE),
-      ("cu_seqlens_q", "q", "seq_lens[2]", "max_query_len"), (2,), why="several rules broken: any may be named"),
+    C(
+        "cu-decreasing",
+        ATTENTION,
+        _with(cu_seqlens_q=lambda b: _i32([0, 5, 3, 9], b)),
+        (BME,),
+        ("cu_seqlens_q",),
+        (1, 2),
+        nan_or_right=(0,),
+        why="rows 3-4 are claimed by sequences 0 and 2: unconstrained; a broken "
+        "cu_seqlens_q may poison the whole batch",
+    ),
+    C(
+        "cu-negative-entry",
+        ATTENTION,
+        _with(cu_seqlens_q=lambda b: _i32([0, -4, 6, 9], b)),
+        (BME,),
+        ("cu_seqlens_q",),
+        (0, 1),
+        nan_or_right=(2,),
+        why="sequence 1 would start 4 rows before q",
+    ),
+    C(
+        "cu-not-starting-at-0",
+        ATTENTION,
+        _with(cu_seqlens_q=lambda b: _i32([2, 5, 6, 9], b)),
+        (BME, SE),
+        ("cu_seqlens_q",),
+        (),
+        why="rows 0-1 belong to no sequence",
+    ),
+    C(
+        "cu-starting-negative",
+        ATTENTION,
+        _with(cu_seqlens_q=lambda b: _i32([-2, 5, 6, 9], b)),
+        (BME, SE),
+        ("cu_seqlens_q",),
+        (0,),
+    ),
+    C(
+        "cu-ends-before-tokens",
+        ATTENTION,
+        _with(cu_seqlens_q=lambda b: _i32([0, 5, 6, 8], b)),
+        (BME, SE),
+        ("cu_seqlens_q", "q"),
+        (),
+        why="row 8 belongs to no sequence",
+    ),
+    C(
+        "cu-ends-after-tokens",
+        ATTENTION,
+        _both(_with(cu_seqlens_q=lambda b: _i32([0, 5, 6, 12], b), max_query_len=6), _set("seq_lens", 2, 6)),
+        (BME, SE),
+        ("cu_seqlens_q", "q"),
+        (2,),
+        why="sequence 2 would read and write rows 9-11 past q and out",
+    ),
+    C(
+        "cu-end-int32-max",
+        ATTENTION,
+        _with(cu_seqlens_q=lambda b: _i32([0, 5, 6, I32_MAX], b)),
+        (BME, SE),
+        ("cu_seqlens_q", "q", "seq_lens[2]", "max_query_len"),
+        (2,),
+        why="several rules broken: any may be named",
+    ),
     # ---- the maxima
-    C("max-query-len-too-small", ATTENTION, _with(max_query_len=2), (BME,), ("max_query_len",), (),
-      nan_or_right=(0, 2), why="a kernel that does not rely on the bound may still compute the right rows"),
-    C("max-seq-len-too-small", FULL + ("prefix_prefill", "planner_context"), _with(max_seq_len=10), (BME,),
-      ("max_seq_len",), (), nan_or_right=(0, 1), why="the context compat ops ignore max_seq_len on purpose "
-      "(documented); a kernel that does not rely on the bound may still compute the right rows"),
+    C(
+        "max-query-len-too-small",
+        ATTENTION,
+        _with(max_query_len=2),
+        (BME,),
+        ("max_query_len",),
+        (),
+        nan_or_right=(0, 2),
+        why="a kernel that does not rely on the bound may still compute the right rows",
+    ),
+    C(
+        "max-seq-len-too-small",
+        FULL + ("prefix_prefill", "planner_context"),
+        _with(max_seq_len=10),
+        (BME,),
+        ("max_seq_len",),
+        (),
+        nan_or_right=(0, 1),
+        why="the context compat ops ignore max_seq_len on purpose "
+        "(documented); a kernel that does not rely on the bound may still compute the right rows",
+    ),
     # ---- q rows vs the batch
-    C("q-fewer-rows", ATTENTION, _rows(7), (BME, SE), ("q", "cu_seqlens_q"), (2,),
-      why="the review's heap corruption: sequence 2's rows 7-8 are past q and out"),
-    C("q-more-rows", ATTENTION, _rows(11), (BME, SE), ("q", "cu_seqlens_q"), (),
-      why="rows 9-10 belong to no sequence"),
+    C(
+        "q-fewer-rows",
+        ATTENTION,
+        _rows(7),
+        (BME, SE),
+        ("q", "cu_seqlens_q"),
+        (2,),
+        why="the review's heap corruption: sequence 2's rows 7-8 are past q and out",
+    ),
+    C("q-more-rows", ATTENTION, _rows(11), (BME, SE), ("q", "cu_seqlens_q"), (), why="rows 9-10 belong to no sequence"),
     # ---- host-side checks: raised with or without validation
-    C("out-wrong-shape", ATTENTION, _with(out=lambda b: torch.empty(9, NUM_Q_HEADS, 16, device=b.q.device,
-                                                                      dtype=b.q.dtype)), (SE,), ("out",), None),
-    C("out-wrong-dtype", ATTENTION, _with(out=lambda b: torch.empty(b.q.shape, device=b.q.device,
-                                                                      dtype=torch.float32)), (DTE,), ("out",), None),
-    C("out-fewer-rows", ATTENTION, _with(out=lambda b: torch.empty(7, NUM_Q_HEADS, HEAD_SIZE, device=b.q.device,
-                                                                     dtype=b.q.dtype)), (SE,), ("out",), None),
+    C(
+        "out-wrong-shape",
+        ATTENTION,
+        _with(out=lambda b: torch.empty(9, NUM_Q_HEADS, 16, device=b.q.device, dtype=b.q.dtype)),
+        (SE,),
+        ("out",),
+        None,
+    ),
+    C(
+        "out-wrong-dtype",
+        ATTENTION,
+        _with(out=lambda b: torch.empty(b.q.shape, device=b.q.device, dtype=torch.float32)),
+        (DTE,),
+        ("out",),
+        None,
+    ),
+    C(
+        "out-fewer-rows",
+        ATTENTION,
+        _with(out=lambda b: torch.empty(7, NUM_Q_HEADS, HEAD_SIZE, device=b.q.device, dtype=b.q.dtype)),
+        (SE,),
+        ("out",),
+        None,
+    ),
     C("k-new-wrong-rows", CONTEXT, _with(k_new=lambda b: b.k_new[:7].contiguous()), (SE,), ("k_new",), None),
     C("v-new-wrong-rows", CONTEXT, _with(v_new=lambda b: b.v_new[:8].contiguous()), (SE,), ("v_new",), None),
-    C("fp8-cache-no-k-scale", tuple(e for e in ATTENTION if e != "attention"), _fp8_no_k_scale, (SCE,),
-      ("k_scale",), None, why="PagedKVCache always has a scale, so `attention` cannot express it"),
-    C("seq-lens-fewer-entries", ATTENTION, _with(seq_lens=lambda b: b.seq_lens[:2].contiguous()), (SE, BME),
-      ("cu_seqlens_q", "seq_lens"), None, why="num_seqs: 3 from cu_seqlens_q, 2 from seq_lens"),
-    C("cu-more-entries", ATTENTION, _with(cu_seqlens_q=lambda b: _i32([0, 5, 6, 9, 9], b)), (SE, BME),
-      ("cu_seqlens_q",), None),
-    C("block-table-fewer-rows", ATTENTION, _with(block_table=lambda b: b.block_table[:2].contiguous()), (SE, BME),
-      ("block_table",), None),
-    C("seq-lens-int64", NATIVE, _with(seq_lens=lambda b: b.seq_lens.long()), (DTE,), ("seq_lens",), None,
-      why="the compat ops convert int64 metadata on purpose (documented)"),
-    C("block-table-float", ATTENTION, _with(block_table=lambda b: b.block_table.float()), (DTE,), ("block_table",),
-      None),
+    C(
+        "fp8-cache-no-k-scale",
+        tuple(e for e in ATTENTION if e != "attention"),
+        _fp8_no_k_scale,
+        (SCE,),
+        ("k_scale",),
+        None,
+        why="PagedKVCache always has a scale, so `attention` cannot express it",
+    ),
+    C(
+        "seq-lens-fewer-entries",
+        ATTENTION,
+        _with(seq_lens=lambda b: b.seq_lens[:2].contiguous()),
+        (SE, BME),
+        ("cu_seqlens_q", "seq_lens"),
+        None,
+        why="num_seqs: 3 from cu_seqlens_q, 2 from seq_lens",
+    ),
+    C(
+        "cu-more-entries",
+        ATTENTION,
+        _with(cu_seqlens_q=lambda b: _i32([0, 5, 6, 9, 9], b)),
+        (SE, BME),
+        ("cu_seqlens_q",),
+        None,
+    ),
+    C(
+        "block-table-fewer-rows",
+        ATTENTION,
+        _with(block_table=lambda b: b.block_table[:2].contiguous()),
+        (SE, BME),
+        ("block_table",),
+        None,
+    ),
+    C(
+        "seq-lens-int64",
+        NATIVE,
+        _with(seq_lens=lambda b: b.seq_lens.long()),
+        (DTE,),
+        ("seq_lens",),
+        None,
+        why="the compat ops convert int64 metadata on purpose (documented)",
+    ),
+    C(
+        "block-table-float",
+        ATTENTION,
+        _with(block_table=lambda b: b.block_table.float()),
+        (DTE,),
+        ("block_table",),
+        None,
+    ),
     C("cu-rank-2", ATTENTION, _with(cu_seqlens_q=lambda b: b.cu_seqlens_q[None]), (SE,), ("cu_seqlens_q",), None),
-    C("block-table-other-device", tuple(e for e in ATTENTION if e != "ops_paged_attention"),
-      _with(block_table=lambda b: _other_device(b.block_table)), (DE,), ("block_table",), None,
-      why="on a CPU the other device is 'meta', which the custom-op dispatcher sends to the fake implementation"),
+    C(
+        "block-table-other-device",
+        tuple(e for e in ATTENTION if e != "ops_paged_attention"),
+        _with(block_table=lambda b: _other_device(b.block_table)),
+        (DE,),
+        ("block_table",),
+        None,
+        why="on a CPU the other device is 'meta', which the custom-op dispatcher sends to the fake implementation",
+    ),
     # ---- the write op: slots outside [-1, num_slots)
-    C("slot-equals-num-slots", WRITE, _set("slot_mapping", 3, NUM_BLOCKS * BLOCK_SIZE), (BME,),
-      ("slot_mapping[3]",), (), bad_slots=(3,)),
+    C(
+        "slot-equals-num-slots",
+        WRITE,
+        _set("slot_mapping", 3, NUM_BLOCKS * BLOCK_SIZE),
+        (BME,),
+        ("slot_mapping[3]",),
+        (),
+        bad_slots=(3,),
+    ),
     C("slot-below-minus-one", WRITE, _set("slot_mapping", 0, -2), (BME,), ("slot_mapping[0]",), (), bad_slots=(0,)),
-    C("slot-huge", WRITE, _set("slot_mapping", 4, 2 ** 62), (BME,), ("slot_mapping[4]",), (), bad_slots=(4,)),
-    C("slot-int64-min", WRITE, _set("slot_mapping", 8, -2 ** 63), (BME,), ("slot_mapping[8]",), (), bad_slots=(8,)),
-    C("slot-int64-max", WRITE, _set("slot_mapping", 5, 2 ** 63 - 1), (BME,), ("slot_mapping[5]",), (),
-      bad_slots=(5,), why="block * stride wraps around in int64"),
-    C("slot-mapping-int32", ("write_kv",), _with(slot_mapping=lambda b: b.slot_mapping.int()), (DTE,),
-      ("slot_mapping",), None, why="reshape_and_cache_flash converts int32 slots on purpose"),
-    C("slot-mapping-short", ("write_kv",), _with(slot_mapping=lambda b: b.slot_mapping[:8].contiguous()), (SE,),
-      ("slot_mapping",), None, why="reshape_and_cache_flash takes fewer slots than rows on purpose (vLLM padding)"),
+    C("slot-huge", WRITE, _set("slot_mapping", 4, 2**62), (BME,), ("slot_mapping[4]",), (), bad_slots=(4,)),
+    C("slot-int64-min", WRITE, _set("slot_mapping", 8, -(2**63)), (BME,), ("slot_mapping[8]",), (), bad_slots=(8,)),
+    C(
+        "slot-int64-max",
+        WRITE,
+        _set("slot_mapping", 5, 2**63 - 1),
+        (BME,),
+        ("slot_mapping[5]",),
+        (),
+        bad_slots=(5,),
+        why="block * stride wraps around in int64",
+    ),
+    C(
+        "slot-mapping-int32",
+        ("write_kv",),
+        _with(slot_mapping=lambda b: b.slot_mapping.int()),
+        (DTE,),
+        ("slot_mapping",),
+        None,
+        why="reshape_and_cache_flash converts int32 slots on purpose",
+    ),
+    C(
+        "slot-mapping-short",
+        ("write_kv",),
+        _with(slot_mapping=lambda b: b.slot_mapping[:8].contiguous()),
+        (SE,),
+        ("slot_mapping",),
+        None,
+        why="reshape_and_cache_flash takes fewer slots than rows on purpose (vLLM padding)",
+    ),
 )
 CASES_BY_NAME = {c.name: c for c in CASES}
 assert len(CASES_BY_NAME) == len(CASES), "case names must be unique"
@@ -274,27 +497,66 @@ class EntryPoint:
     host_copies: bool = False  # passes query_lens_host / seq_lens_host / block_table_host
 
 
-ENTRY_POINTS = {e.name: e for e in (
-    EntryPoint("paged_attention", "full", library_out=True),
-    EntryPoint("paged_attention_hnd", "full", layout="hnd", library_out=True),  # kv_layout="hnd" caches
-    EntryPoint("prefix_prefill", "context", library_out=True),
-    EntryPoint("ops_paged_attention", "full", library_out=True),  # torch.ops.pagedattn.paged_attention
-    EntryPoint("attention", "full", library_out=True),
-    EntryPoint("planner", "full", library_out=True, host_copies=True),
-    EntryPoint("planner_context", "context", library_out=True),
-    EntryPoint("unified_attention", "full", aliases=dict(
-        k_cache="k", v_cache="v", seq_lens="seqused_k", max_query_len="max_seqlen_q", max_seq_len="max_seqlen_k",
-        k_scale="k_descale", v_scale="v_descale")),
-    EntryPoint("context_attention_fwd", "context", layout="vllm_v0", aliases=dict(
-        k_new="k", v_new="v", out="o", cu_seqlens_q="b_start_loc", seq_lens="b_seq_len", block_table="b_loc",
-        max_query_len="max_input_len")),
-    EntryPoint("chunked_prefill_paged_decode", "context", decode_from_cache=True, layout="vllm_v0", aliases=dict(
-        q="query", k_new="key", v_new="value", out="output", cu_seqlens_q="query_start_loc",
-        k_cache="key_cache", v_cache="value_cache")),
-    EntryPoint("write_kv", "write"),
-    EntryPoint("reshape_and_cache_flash", "write", aliases=dict(k="key", v="value", k_cache="key_cache",
-                                                                 v_cache="value_cache")),
-)}
+ENTRY_POINTS = {
+    e.name: e
+    for e in (
+        EntryPoint("paged_attention", "full", library_out=True),
+        EntryPoint("paged_attention_hnd", "full", layout="hnd", library_out=True),  # kv_layout="hnd" caches
+        EntryPoint("prefix_prefill", "context", library_out=True),
+        EntryPoint("ops_paged_attention", "full", library_out=True),  # torch.ops.pagedattn.paged_attention
+        EntryPoint("attention", "full", library_out=True),
+        EntryPoint("planner", "full", library_out=True, host_copies=True),
+        EntryPoint("planner_context", "context", library_out=True),
+        EntryPoint(
+            "unified_attention",
+            "full",
+            aliases=dict(
+                k_cache="k",
+                v_cache="v",
+                seq_lens="seqused_k",
+                max_query_len="max_seqlen_q",
+                max_seq_len="max_seqlen_k",
+                k_scale="k_descale",
+                v_scale="v_descale",
+            ),
+        ),
+        EntryPoint(
+            "context_attention_fwd",
+            "context",
+            layout="vllm_v0",
+            aliases=dict(
+                k_new="k",
+                v_new="v",
+                out="o",
+                cu_seqlens_q="b_start_loc",
+                seq_lens="b_seq_len",
+                block_table="b_loc",
+                max_query_len="max_input_len",
+            ),
+        ),
+        EntryPoint(
+            "chunked_prefill_paged_decode",
+            "context",
+            decode_from_cache=True,
+            layout="vllm_v0",
+            aliases=dict(
+                q="query",
+                k_new="key",
+                v_new="value",
+                out="output",
+                cu_seqlens_q="query_start_loc",
+                k_cache="key_cache",
+                v_cache="value_cache",
+            ),
+        ),
+        EntryPoint("write_kv", "write"),
+        EntryPoint(
+            "reshape_and_cache_flash",
+            "write",
+            aliases=dict(k="key", v="value", k_cache="key_cache", v_cache="value_cache"),
+        ),
+    )
+}
 
 
 def names_argument(message: str, entry: EntryPoint, args: tuple[str, ...]) -> bool:
@@ -309,8 +571,13 @@ def names_argument(message: str, entry: EntryPoint, args: tuple[str, ...]) -> bo
 
 def applicable(entries=None, cases=None) -> list[tuple[Case, str]]:
     """(case, entry point) pairs, in catalogue order."""
-    return [(c, e) for c in CASES if cases is None or c.name in cases
-            for e in c.entry_points if entries is None or e in entries]
+    return [
+        (c, e)
+        for c in CASES
+        if cases is None or c.name in cases
+        for e in c.entry_points
+        if entries is None or e in entries
+    ]
 
 
 def planned_runs(entries=None, cases=None, out_mode: str = "both", select: str = "full") -> list[tuple]:
@@ -343,8 +610,12 @@ def planned_runs(entries=None, cases=None, out_mode: str = "both", select: str =
         for e in chosen:
             if out_mode in ("user", "both"):
                 runs.append((case, e, "user"))
-            if out_mode != "user" and ENTRY_POINTS[e].library_out and not case.host_check and \
-                    (out_mode == "library" or case.name in LIBRARY_OUT_CASES):
+            if (
+                out_mode != "user"
+                and ENTRY_POINTS[e].library_out
+                and not case.host_check
+                and (out_mode == "library" or case.name in LIBRARY_OUT_CASES)
+            ):
                 runs.append((case, e, "library"))
     return runs
 
@@ -355,4 +626,5 @@ def run_label(case: Case | None, entry: str, out_mode: str) -> str:
 
 if __name__ == "__main__":
     from pagedattn.catalogue_run import main
+
     sys.exit(main())

@@ -43,7 +43,7 @@ class Guarded:
 
     def __init__(self, t: torch.Tensor, margin: int):
         self.buffer = torch.full((2 * margin + t.numel(),), SENTINEL, device=t.device).to(t.dtype)
-        self.view = self.buffer[margin:margin + t.numel()].view(t.shape)
+        self.view = self.buffer[margin : margin + t.numel()].view(t.shape)
         self.view.copy_(t)
         self.before = _bits(self.buffer)
 
@@ -51,8 +51,9 @@ class Guarded:
         n = self.view.numel()
         margin = (self.buffer.numel() - n) // 2
         now = _bits(self.buffer)
-        return torch.equal(now[:margin * self._size], self.before[:margin * self._size]) and \
-            torch.equal(now[(margin + n) * self._size:], self.before[(margin + n) * self._size:])
+        return torch.equal(now[: margin * self._size], self.before[: margin * self._size]) and torch.equal(
+            now[(margin + n) * self._size :], self.before[(margin + n) * self._size :]
+        )
 
     def unchanged(self) -> bool:
         return torch.equal(_bits(self.buffer), self.before)
@@ -70,13 +71,13 @@ def _to_v0(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """nhd caches -> vLLM's older layout (copies)."""
     nb, bs, kvh, d = k.shape
     x = max(1, 16 // k.element_size())
-    return (k.reshape(nb, bs, kvh, d // x, x).permute(0, 2, 3, 1, 4).contiguous(),
-            v.permute(0, 2, 3, 1).contiguous())
+    return (k.reshape(nb, bs, kvh, d // x, x).permute(0, 2, 3, 1, 4).contiguous(), v.permute(0, 2, 3, 1).contiguous())
 
 
 @dataclass
 class Prepared:
     """A batch laid out for one entry point: every tensor it reads or writes inside a Guarded buffer."""
+
     entry: EntryPoint
     batch: Batch
     guards: dict  # name -> Guarded
@@ -114,6 +115,7 @@ def call(p: Prepared, validate):
     from pagedattn.attention import attention, paged_attention, prefix_prefill
     from pagedattn.compat import vllm
     from pagedattn.kernels.write import write_kv
+
     b, t, name = p.batch, p.t, p.entry.name
     out = t("out") if "out" in p.guards else None
     meta = (t("cu_seqlens_q"), t("seq_lens"), t("block_table"))
@@ -123,55 +125,115 @@ def call(p: Prepared, validate):
         scales = {}
     sizes = dict(max_query_len=b.max_query_len, max_seq_len=b.max_seq_len)
     if name in ("paged_attention", "paged_attention_hnd"):
-        return paged_attention(t("q"), kc, vc, *meta, **sizes, **scales, out=out, kv_layout=p.entry.layout,
-                               validate=validate)
+        return paged_attention(
+            t("q"), kc, vc, *meta, **sizes, **scales, out=out, kv_layout=p.entry.layout, validate=validate
+        )
     if name == "ops_paged_attention":
         from pagedattn import ops
+
         return ops.paged_attention(t("q"), kc, vc, *meta, **sizes, **scales, out=out, validate=validate)
     if name == "prefix_prefill":
-        return prefix_prefill(t("q"), t("k_new"), t("v_new"), kc, vc, *meta, **sizes, **scales, out=out,
-                              validate=validate)
+        return prefix_prefill(
+            t("q"), t("k_new"), t("v_new"), kc, vc, *meta, **sizes, **scales, out=out, validate=validate
+        )
     if name == "attention":
-        cache = pagedattn.PagedKVCache(NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, dtype=b.q.dtype,
-                                       device=b.q.device, poison=False)
+        cache = pagedattn.PagedKVCache(
+            NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, dtype=b.q.dtype, device=b.q.device, poison=False
+        )
         cache.k, cache.v = kc, vc
         batch = pagedattn.BatchMetadata(*meta, **sizes)
         return attention(t("q"), cache, batch, out=out, validate=validate)
     if name in ("planner", "planner_context"):
         options = pagedattn.AttentionOptions(**scales)
         planner = pagedattn.PagedAttention(
-            options, num_q_heads=NUM_Q_HEADS, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_SIZE,
-            block_size=BLOCK_SIZE, dtype=b.q.dtype, kv_cache_dtype=b.k_cache.dtype, num_blocks=NUM_BLOCKS,
-            device=b.q.device, contract="context" if name == "planner_context" else "full")
+            options,
+            num_q_heads=NUM_Q_HEADS,
+            num_kv_heads=NUM_KV_HEADS,
+            head_size=HEAD_SIZE,
+            block_size=BLOCK_SIZE,
+            dtype=b.q.dtype,
+            kv_cache_dtype=b.k_cache.dtype,
+            num_blocks=NUM_BLOCKS,
+            device=b.q.device,
+            contract="context" if name == "planner_context" else "full",
+        )
         hosts = {}
         if p.entry.host_copies and all(m.device.type != "meta" for m in meta):
             cu = meta[0].flatten().tolist()
-            hosts = dict(query_lens_host=tuple(y - x for x, y in zip(cu, cu[1:])),
-                         seq_lens_host=tuple(meta[1].flatten().tolist()), block_table_host=meta[2].cpu())
+            hosts = dict(
+                query_lens_host=tuple(y - x for x, y in zip(cu, cu[1:])),
+                seq_lens_host=tuple(meta[1].flatten().tolist()),
+                block_table_host=meta[2].cpu(),
+            )
         planner.plan(*meta, **hosts, **sizes, validate=validate)
         news = dict(k_new=t("k_new"), v_new=t("v_new")) if name == "planner_context" else {}
         return planner.run(t("q"), kc, vc, out=out, **news)
     if name == "unified_attention":
         return vllm.unified_attention(
-            t("q"), kc, vc, out, meta[0], b.max_query_len, meta[1], b.max_seq_len, HEAD_SIZE ** -0.5, True,
-            (-1, -1), meta[2], 0, None, scales.get("k_scale"), scales.get("v_scale"), validate=validate)
+            t("q"),
+            kc,
+            vc,
+            out,
+            meta[0],
+            b.max_query_len,
+            meta[1],
+            b.max_seq_len,
+            HEAD_SIZE**-0.5,
+            True,
+            (-1, -1),
+            meta[2],
+            0,
+            None,
+            scales.get("k_scale"),
+            scales.get("v_scale"),
+            validate=validate,
+        )
     if name in ("context_attention_fwd", "chunked_prefill_paged_decode"):
         fp8 = kc.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
         kv_dtype = "fp8_e4m3" if fp8 else "auto"
         ks, vs = (b.k_scale, b.v_scale) if fp8 else (1.0, 1.0)
         if name == "context_attention_fwd":
-            return vllm.context_attention_fwd(t("q"), t("k_new"), t("v_new"), out, kv_dtype, kc, vc, meta[2],
-                                              meta[0], meta[1], b.max_seq_len, b.max_query_len, ks, vs,
-                                              validate=validate)
-        return vllm.chunked_prefill_paged_decode(t("q"), t("k_new"), t("v_new"), out, kv_dtype, kc, vc, meta[2],
-                                                 meta[0], meta[1], b.max_seq_len, b.max_query_len, ks, vs,
-                                                 validate=validate)
+            return vllm.context_attention_fwd(
+                t("q"),
+                t("k_new"),
+                t("v_new"),
+                out,
+                kv_dtype,
+                kc,
+                vc,
+                meta[2],
+                meta[0],
+                meta[1],
+                b.max_seq_len,
+                b.max_query_len,
+                ks,
+                vs,
+                validate=validate,
+            )
+        return vllm.chunked_prefill_paged_decode(
+            t("q"),
+            t("k_new"),
+            t("v_new"),
+            out,
+            kv_dtype,
+            kc,
+            vc,
+            meta[2],
+            meta[0],
+            meta[1],
+            b.max_seq_len,
+            b.max_query_len,
+            ks,
+            vs,
+            validate=validate,
+        )
     if name == "write_kv":
         write_kv(t("k_new"), t("v_new"), kc, vc, t("slot_mapping"), validate=validate)
         return None
     if name == "reshape_and_cache_flash":
-        vllm.reshape_and_cache_flash(t("k_new"), t("v_new"), kc, vc, t("slot_mapping"), "auto", 1.0, 1.0,
-                                     validate=validate)
+        vllm.reshape_and_cache_flash(
+            t("k_new"), t("v_new"), kc, vc, t("slot_mapping"), "auto", 1.0, 1.0, validate=validate
+        )
         return None
     raise ValueError(f"unknown entry point {name!r}")
 
@@ -191,24 +253,39 @@ def row_owners(cu: list[int], num_tokens: int) -> list[list[int]]:
 def reference_rows(b: Batch, entry: EntryPoint, s: int, rows: list[int]) -> torch.Tensor:
     """The reference output of sequence s (whose metadata is valid) at q's `rows`."""
     from pagedattn import reference
+
     cu = b.cu_seqlens_q.tolist()
     r0, r1 = cu[s], cu[s + 1]
     ctx = entry.contract == "context"
     ref = reference.attention(
-        b.q[r0:r1].cpu(), b.k_cache.cpu(), b.v_cache.cpu(), torch.tensor([0, r1 - r0], dtype=torch.int32),
-        b.seq_lens[s:s + 1].cpu(), b.block_table[s:s + 1].cpu(),
-        k_new=b.k_new[r0:r1].cpu() if ctx else None, v_new=b.v_new[r0:r1].cpu() if ctx else None,
-        decode_from_cache=entry.decode_from_cache)
+        b.q[r0:r1].cpu(),
+        b.k_cache.cpu(),
+        b.v_cache.cpu(),
+        torch.tensor([0, r1 - r0], dtype=torch.int32),
+        b.seq_lens[s : s + 1].cpu(),
+        b.block_table[s : s + 1].cpu(),
+        k_new=b.k_new[r0:r1].cpu() if ctx else None,
+        v_new=b.v_new[r0:r1].cpu() if ctx else None,
+        decode_from_cache=entry.decode_from_cache,
+    )
     return ref[[r - r0 for r in rows]]
 
 
 def _error_class(name: str):
     from pagedattn import errors
+
     return getattr(errors, name)
 
 
-def check(case: Case | None, entry_name: str, device="cpu", *, validate: bool | None = False,
-          out_mode: str = "user", dtype=torch.float16) -> list[str]:
+def check(
+    case: Case | None,
+    entry_name: str,
+    device="cpu",
+    *,
+    validate: bool | None = False,
+    out_mode: str = "user",
+    dtype=torch.float16,
+) -> list[str]:
     """Run `case` (None: the valid base batch) through an entry point; the broken promises.
     validate=None: the library's default, which validates on the CPU and with host copies."""
     entry = ENTRY_POINTS[entry_name]
@@ -256,8 +333,11 @@ def _host_count_differs(p: Prepared) -> bool:
     """Where the batch's token count is known on the host (host copies given, or a planner's CPU
     metadata, which is its own host copy), q's rows are checked against it always."""
     cu_on_host = p.entry.name.startswith("planner") and p.batch.cu_seqlens_q.device.type == "cpu"
-    if not (p.entry.host_copies or cu_on_host) or p.batch.cu_seqlens_q.device.type == "meta" \
-            or p.batch.cu_seqlens_q.dim() != 1:
+    if (
+        not (p.entry.host_copies or cu_on_host)
+        or p.batch.cu_seqlens_q.device.type == "meta"
+        or p.batch.cu_seqlens_q.dim() != 1
+    ):
         return False
     cu = p.batch.cu_seqlens_q.tolist()
     return cu[-1] - cu[0] != p.batch.q.shape[0]
@@ -278,8 +358,10 @@ def _check_write(case: Case | None, p: Prepared, name: str) -> list[str]:
         row = HEAD_SIZE * g.view.element_size()
         wrong = (_bits(g.view).view(-1, row) != _bits(expected).view(-1, row)).any(1)
         rows = wrong.nonzero().flatten().tolist()
-        return [f"{name}: {len(rows)} (slot, head) rows differ from the expected write, first "
-                f"{[(r // NUM_KV_HEADS, r % NUM_KV_HEADS) for r in rows[:3]]}"]
+        return [
+            f"{name}: {len(rows)} (slot, head) rows differ from the expected write, first "
+            f"{[(r // NUM_KV_HEADS, r % NUM_KV_HEADS) for r in rows[:3]]}"
+        ]
     return []
 
 
@@ -297,8 +379,10 @@ def _check_rows(case: Case | None, p: Prepared, out) -> list[str]:
     problems = []
     not_nan = [r for r, o in enumerate(owners) if o and set(o) <= bad and not out[r].isnan().all()]
     if not_nan:
-        problems.append(f"rows {not_nan} of invalid sequences {sorted(bad)} are not all NaN "
-                        f"(max |value| {float(out[not_nan].nan_to_num().abs().max()):.3g})")
+        problems.append(
+            f"rows {not_nan} of invalid sequences {sorted(bad)} are not all NaN "
+            f"(max |value| {float(out[not_nan].nan_to_num().abs().max()):.3g})"
+        )
     if p.out_mode == "library":
         unowned = [r for r, o in enumerate(owners) if not o and not out[r].isnan().all()]
         if unowned:
@@ -318,8 +402,10 @@ def _check_rows(case: Case | None, p: Prepared, out) -> list[str]:
         err = (got - ref).abs()
         if got.isnan().any() or bool((err > atol + rtol * ref.abs()).any()):
             what = "neither NaN nor the reference" if s in either else "valid, but differ from the reference"
-            problems.append(f"sequence {s} rows {rows}: {what}: max |out-ref| "
-                            f"{float(err.nan_to_num(nan=float('inf')).max()):.3g}, {int(got.isnan().sum())} NaN")
+            problems.append(
+                f"sequence {s} rows {rows}: {what}: max |out-ref| "
+                f"{float(err.nan_to_num(nan=float('inf')).max()):.3g}, {int(got.isnan().sum())} NaN"
+            )
     return problems
 
 
@@ -328,6 +414,7 @@ def _check_rows(case: Case | None, p: Prepared, out) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     import argparse
+
     parser = argparse.ArgumentParser(prog="python -m pagedattn.catalogue", description=__doc__.split("\n")[0])
     parser.add_argument("--entry", action="append", help="entry point(s) (default: all)")
     parser.add_argument("--case", action="append", help="case name(s) (default: all); 'valid' = the base batch")
@@ -359,8 +446,10 @@ def main(argv=None) -> int:
         else:
             print(f"{'FAIL' if problems else 'ok  '} {label['run']:62} {'; '.join(problems)}", flush=True)
     if not args.jsonl:
-        print(f"{len(runs) - args.start - failed} of {len(runs) - args.start} runs kept every promise; "
-              f"{failed} failed", flush=True)
+        print(
+            f"{len(runs) - args.start - failed} of {len(runs) - args.start} runs kept every promise; {failed} failed",
+            flush=True,
+        )
     return 1 if failed else 0
 
 

@@ -20,13 +20,20 @@ Nothing here runs unless asked for (`checked=True`); unchecked calls pay nothing
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from .errors import (BatchMetadataError, ContractError, LayoutError, NonFiniteKVError, SlotConflictError,
-                     UnsupportedConfigError, UnwrittenKVError)
+from .errors import (
+    BatchMetadataError,
+    ContractError,
+    LayoutError,
+    NonFiniteKVError,
+    SlotConflictError,
+    UnsupportedConfigError,
+    UnwrittenKVError,
+)
 from .poison import int_view, nonfinite_mask_value, poison_fill_value
 from .text import runs
 
@@ -35,8 +42,9 @@ MAX_LISTED = 4  # positions named in one message
 GATHER_ELEMENTS = 1 << 24  # check_cache_finite gathers at most this many elements at a time
 
 
-def read_lengths(query_lens: torch.Tensor, seq_lens: torch.Tensor, contract: str,
-                 decode_from_cache: bool) -> torch.Tensor:
+def read_lengths(
+    query_lens: torch.Tensor, seq_lens: torch.Tensor, contract: str, decode_from_cache: bool
+) -> torch.Tensor:
     """Per sequence, how many leading positions the kernel reads from the cache (int64)."""
     if contract not in CONTRACT_NAMES:
         raise UnsupportedConfigError(f"contract must be 'full' or 'context', got {contract!r}")
@@ -52,8 +60,7 @@ def read_lengths(query_lens: torch.Tensor, seq_lens: torch.Tensor, contract: str
 # ---------------------------------------------------------------------------------------------
 # with a PagedKVCache
 # ---------------------------------------------------------------------------------------------
-def check_batch_against_cache(cache, batch, contract: str = "full",
-                              decode_from_cache: bool = False) -> None:
+def check_batch_against_cache(cache, batch, contract: str = "full", decode_from_cache: bool = False) -> None:
     """Every position the kernel will read, for every sequence in `batch`, was written through
     `cache`, and the batch's block table rows are the sequences' own blocks.
 
@@ -63,8 +70,15 @@ def check_batch_against_cache(cache, batch, contract: str = "full",
     seq_ids = getattr(batch, "seq_ids", None)
     if seq_ids is None:
         if cache.poison:
-            return check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table,
-                                      contract=contract, decode_from_cache=decode_from_cache)
+            return check_cache_finite(
+                cache.k,
+                cache.v,
+                batch.cu_seqlens_q,
+                batch.seq_lens,
+                batch.block_table,
+                contract=contract,
+                decode_from_cache=decode_from_cache,
+            )
         raise ContractError(
             "checked mode needs to know which sequences the batch is for: build it with "
             "cache.batch(seq_ids, query_lens) (it records batch.seq_ids), or turn poison on so the "
@@ -72,7 +86,9 @@ def check_batch_against_cache(cache, batch, contract: str = "full",
         )
     query_lens, seq_lens = batch.host_query_lens(), batch.host_seq_lens()
     if len(seq_ids) != len(seq_lens):
-        raise BatchMetadataError(f"batch.seq_ids has {len(seq_ids)} entries but the batch has {len(seq_lens)} sequences")
+        raise BatchMetadataError(
+            f"batch.seq_ids has {len(seq_ids)} entries but the batch has {len(seq_lens)} sequences"
+        )
     reads = read_lengths(torch.tensor(query_lens), torch.tensor(seq_lens), contract, decode_from_cache).tolist()
     table = batch.block_table.cpu()
     bs = cache.block_size
@@ -115,11 +131,29 @@ def check_batch_against_cache(cache, batch, contract: str = "full",
             beyond = int((~owned).sum())
             note = ""
             if beyond:
-                note = (f"; positions from {len(own) * bs} on lie past the {len(own)} block(s) sequence {seq_id} "
-                        f"holds (its length is {cache.seq_len(seq_id)}), so block_table has padding there")
-            violations.append((bad.numel(), _unwritten_message(
-                seq_id, row, q, s, bad, phys[bad], offset[bad], bs, ("was never written", "were never written"),
-                contract, decode_from_cache, note)))
+                note = (
+                    f"; positions from {len(own) * bs} on lie past the {len(own)} block(s) sequence {seq_id} "
+                    f"holds (its length is {cache.seq_len(seq_id)}), so block_table has padding there"
+                )
+            violations.append(
+                (
+                    bad.numel(),
+                    _unwritten_message(
+                        seq_id,
+                        row,
+                        q,
+                        s,
+                        bad,
+                        phys[bad],
+                        offset[bad],
+                        bs,
+                        ("was never written", "were never written"),
+                        contract,
+                        decode_from_cache,
+                        note,
+                    ),
+                )
+            )
     if violations:
         message = violations[0][1]
         if len(violations) > 1:
@@ -147,18 +181,27 @@ class ReadScan:
     code: torch.Tensor
     block_size: int
 
-    def select(self, mask: torch.Tensor) -> "ReadScan":
-        return ReadScan(self.seq[mask], self.pos[mask], self.block[mask], self.offset[mask], self.code[mask],
-                        self.block_size)
+    def select(self, mask: torch.Tensor) -> ReadScan:
+        return ReadScan(
+            self.seq[mask], self.pos[mask], self.block[mask], self.offset[mask], self.code[mask], self.block_size
+        )
 
     def __len__(self) -> int:
         return self.seq.numel()
 
 
-def scan_reads(k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-               block_table: torch.Tensor, contract: str = "full", decode_from_cache: bool = False, *,
-               query_lens_host: Sequence[int] | None = None,
-               seq_lens_host: Sequence[int] | None = None) -> ReadScan | None:
+def scan_reads(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    contract: str = "full",
+    decode_from_cache: bool = False,
+    *,
+    query_lens_host: Sequence[int] | None = None,
+    seq_lens_host: Sequence[int] | None = None,
+) -> ReadScan | None:
     """Classify every (sequence, position) the kernel will read: poisoned (never written), written
     with NaN/inf, or fine. None when every read is fine.
 
@@ -171,16 +214,22 @@ def scan_reads(k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch
     sync. Only when something is flagged do the flagged reads come back to the host."""
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(c, torch.Tensor) or c.dim() != 4:
-            raise LayoutError(f"{name} must be an NHD view [num_blocks, block_size, num_kv_heads, head_size], "
-                              f"got {getattr(c, 'shape', type(c).__name__)}")
+            raise LayoutError(
+                f"{name} must be an NHD view [num_blocks, block_size, num_kv_heads, head_size], "
+                f"got {getattr(c, 'shape', type(c).__name__)}"
+            )
     num_blocks, bs = k_cache.shape[0], k_cache.shape[1]
     device = k_cache.device
     if query_lens_host is None or seq_lens_host is None:
         both = torch.cat([cu_seqlens_q.detach().reshape(-1).long(), seq_lens.detach().reshape(-1).long()]).cpu()
-        cu, lens = both[:cu_seqlens_q.numel()], both[cu_seqlens_q.numel():]
+        cu, lens = both[: cu_seqlens_q.numel()], both[cu_seqlens_q.numel() :]
         query_lens_host, seq_lens_host = (cu[1:] - cu[:-1]).tolist(), lens.tolist()
-    reads_host = read_lengths(torch.tensor(query_lens_host, dtype=torch.long),
-                              torch.tensor(seq_lens_host, dtype=torch.long), contract, decode_from_cache).clamp_min(0)
+    reads_host = read_lengths(
+        torch.tensor(query_lens_host, dtype=torch.long),
+        torch.tensor(seq_lens_host, dtype=torch.long),
+        contract,
+        decode_from_cache,
+    ).clamp_min(0)
     total = int(reads_host.sum())
     if total == 0:
         return None
@@ -193,8 +242,9 @@ def scan_reads(k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch
         )
     # every (sequence, position) read, flattened, built on the device (no host round trip)
     cu_d = cu_seqlens_q.detach().to(device).long()
-    reads = read_lengths(cu_d[1:] - cu_d[:-1], seq_lens.detach().to(device).long(), contract,
-                         decode_from_cache).clamp_min(0)
+    reads = read_lengths(
+        cu_d[1:] - cu_d[:-1], seq_lens.detach().to(device).long(), contract, decode_from_cache
+    ).clamp_min(0)
     seq = torch.repeat_interleave(torch.arange(reads.numel(), device=device), reads, output_size=total)
     pos = torch.arange(total, device=device) - (reads.cumsum(0) - reads)[seq]
     blocks = block_table.detach().to(device).long()[seq, pos // bs]
@@ -207,21 +257,31 @@ def scan_reads(k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch
         raw = int_view(cache)
         bits, exponent = poison_fill_value(cache.dtype), nonfinite_mask_value(cache.dtype)
         for start in range(0, total, chunk):
-            values = raw[safe[start:start + chunk], offsets[start:start + chunk]].flatten(1)
+            values = raw[safe[start : start + chunk], offsets[start : start + chunk]].flatten(1)
             poisoned = (values == bits).any(1)
             other = (((values & exponent) == exponent) & (values != bits)).any(1)
-            code[start:start + chunk] |= poisoned.to(torch.uint8) * poison_flag | other.to(torch.uint8) * nonfinite_flag
+            code[start : start + chunk] |= (
+                poisoned.to(torch.uint8) * poison_flag | other.to(torch.uint8) * nonfinite_flag
+            )
     if not bool(code.any()):  # the one sync of the clean path
         return None
     flagged = code.nonzero().flatten()
     return ReadScan(*(t[flagged].cpu() for t in (seq, pos, blocks, offsets, code)), block_size=bs)
 
 
-def check_cache_finite(k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                       seq_lens: torch.Tensor, block_table: torch.Tensor, contract: str = "full",
-                       decode_from_cache: bool = False, *, nonfinite: str = "raise",
-                       query_lens_host: Sequence[int] | None = None,
-                       seq_lens_host: Sequence[int] | None = None) -> None:
+def check_cache_finite(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    contract: str = "full",
+    decode_from_cache: bool = False,
+    *,
+    nonfinite: str = "raise",
+    query_lens_host: Sequence[int] | None = None,
+    seq_lens_host: Sequence[int] | None = None,
+) -> None:
     """Checked reads over raw caches: no slot the kernel will read holds poison (was never written)
     and, with nonfinite="raise" (the default), none holds a NaN/inf the user wrote.
 
@@ -241,8 +301,17 @@ def check_cache_finite(k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_
     `query_lens_host` / `seq_lens_host` to save the sync that copies the lengths)."""
     if nonfinite not in ("raise", "ignore"):
         raise UnsupportedConfigError(f"nonfinite must be 'raise' or 'ignore', got {nonfinite!r}")
-    scan = scan_reads(k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, contract, decode_from_cache,
-                      query_lens_host=query_lens_host, seq_lens_host=seq_lens_host)
+    scan = scan_reads(
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seq_lens,
+        block_table,
+        contract,
+        decode_from_cache,
+        query_lens_host=query_lens_host,
+        seq_lens_host=seq_lens_host,
+    )
     if scan is None:
         return
     bad_block = (scan.code & BAD_BLOCK) != 0
@@ -253,33 +322,65 @@ def check_cache_finite(k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_
             f"is out of range for a cache of {k_cache.shape[0]} blocks"
         )
     lens = torch.cat([cu_seqlens_q.detach().reshape(-1).long(), seq_lens.detach().reshape(-1).long()]).cpu()
-    cu, lens = lens[:cu_seqlens_q.numel()], lens[cu_seqlens_q.numel():]
+    cu, lens = lens[: cu_seqlens_q.numel()], lens[cu_seqlens_q.numel() :]
     query_lens = cu[1:] - cu[:-1]
     poisoned = (scan.code & (K_POISON | V_POISON)) != 0
     if bool(poisoned.any()):
-        raise UnwrittenKVError(_scan_message(scan.select(poisoned), query_lens, lens, K_POISON, V_POISON,
-                                             "never written (poisoned NaN)", contract, decode_from_cache))
+        raise UnwrittenKVError(
+            _scan_message(
+                scan.select(poisoned),
+                query_lens,
+                lens,
+                K_POISON,
+                V_POISON,
+                "never written (poisoned NaN)",
+                contract,
+                decode_from_cache,
+            )
+        )
     written_nan = (scan.code & (K_NONFINITE | V_NONFINITE)) != 0
     if nonfinite == "raise" and bool(written_nan.any()):
-        raise NonFiniteKVError(_scan_message(
-            scan.select(written_nan), query_lens, lens, K_NONFINITE, V_NONFINITE,
-            "written with non-finite values (NaN/inf that is not the poison pattern, so not an unwritten slot)",
-            contract, decode_from_cache,
-            advice=(f"the kernel would read them under the {CONTRACT_NAMES[contract]} contract; check the K/V "
-                    "written there, or pass nonfinite='ignore' if NaN/inf in K/V is expected")))
+        raise NonFiniteKVError(
+            _scan_message(
+                scan.select(written_nan),
+                query_lens,
+                lens,
+                K_NONFINITE,
+                V_NONFINITE,
+                "written with non-finite values (NaN/inf that is not the poison pattern, so not an unwritten slot)",
+                contract,
+                decode_from_cache,
+                advice=(
+                    f"the kernel would read them under the {CONTRACT_NAMES[contract]} contract; check the K/V "
+                    "written there, or pass nonfinite='ignore' if NaN/inf in K/V is expected"
+                ),
+            )
+        )
 
 
-def _scan_message(scan: ReadScan, query_lens, seq_lens, k_flag, v_flag, state, contract, decode_from_cache,
-                  advice=None) -> str:
+def _scan_message(
+    scan: ReadScan, query_lens, seq_lens, k_flag, v_flag, state, contract, decode_from_cache, advice=None
+) -> str:
     """The message for the first flagged sequence, with a count of the rest."""
     first = int(scan.seq[0])
     mine = scan.seq == first
     in_k, in_v = bool((scan.code[mine] & k_flag).any()), bool((scan.code[mine] & v_flag).any())
     where = "k_cache and v_cache" if in_k and in_v else ("k_cache" if in_k else "v_cache")
     what = (f"in {where} was {state}", f"in {where} were {state}")
-    message = _unwritten_message(first, first, int(query_lens[first]), int(seq_lens[first]), scan.pos[mine],
-                                 scan.block[mine], scan.offset[mine], scan.block_size, what, contract,
-                                 decode_from_cache, advice=advice)
+    message = _unwritten_message(
+        first,
+        first,
+        int(query_lens[first]),
+        int(seq_lens[first]),
+        scan.pos[mine],
+        scan.block[mine],
+        scan.offset[mine],
+        scan.block_size,
+        what,
+        contract,
+        decode_from_cache,
+        advice=advice,
+    )
     others = len(torch.unique(scan.seq))
     if others > 1:
         message += f" ({len(scan)} positions in {others} sequences in all)"
@@ -289,15 +390,30 @@ def _scan_message(scan: ReadScan, query_lens, seq_lens, k_flag, v_flag, state, c
 # ---------------------------------------------------------------------------------------------
 # messages
 # ---------------------------------------------------------------------------------------------
-def _unwritten_message(seq_id, row, query_len, seq_len, positions, blocks, offsets, block_size, what,
-                       contract, decode_from_cache, note="", advice=None) -> str:
+def _unwritten_message(
+    seq_id,
+    row,
+    query_len,
+    seq_len,
+    positions,
+    blocks,
+    offsets,
+    block_size,
+    what,
+    contract,
+    decode_from_cache,
+    note="",
+    advice=None,
+) -> str:
     """`what`: (verb phrase for one position, for several), e.g. ("was never written", "were never written")."""
     positions, blocks, offsets = (t.tolist() for t in (positions, blocks, offsets))
     kind = "decode" if query_len == 1 else "prefill"
     head = f"sequence {seq_id} ({kind}, query_len {query_len}, seq_len {seq_len}"
     head += ")" if row == seq_id else f", batch row {row})"
-    items = [f"position {p} (block {b}, slot {b * block_size + o})"
-             for p, b, o in zip(positions[:MAX_LISTED], blocks, offsets)]
+    items = [
+        f"position {p} (block {b}, slot {b * block_size + o})"
+        for p, b, o in zip(positions[:MAX_LISTED], blocks, offsets)
+    ]
     if len(positions) == 1:
         body = f"{items[0]} {what[0]}"
     else:
@@ -313,17 +429,25 @@ def _advice(query_len: int, seq_len: int, positions: Sequence[int], contract: st
     if contract == "full":
         if new_tokens:
             which = "the new token's K/V" if query_len == 1 else "the query tokens' K/V"
-            return (f"under the full-cache contract {which} must be written before attention "
-                    "(cache.append / write_kv them first)")
-        return (f"under the full-cache contract all {seq_len} tokens of the sequence must be in the cache "
-                f"before attention, its context (positions 0..{ctx_len - 1}) included")
+            return (
+                f"under the full-cache contract {which} must be written before attention "
+                "(cache.append / write_kv them first)"
+            )
+        return (
+            f"under the full-cache contract all {seq_len} tokens of the sequence must be in the cache "
+            f"before attention, its context (positions 0..{ctx_len - 1}) included"
+        )
     if decode_from_cache and query_len == 1 and new_tokens:
-        return ("under the context-cache contract with decode_from_cache=True a decode sequence reads all "
-                f"seq_len = {seq_len} tokens from the cache, so its new token's K/V must be written to the "
-                "cache before attention (append it first, or pass decode_from_cache=False to read it "
-                "from k_new/v_new)")
-    return (f"under the context-cache contract the cache must hold the first ctx_len = {ctx_len} tokens "
-            "of the sequence before attention (the query tokens' K/V come from k_new/v_new)")
+        return (
+            "under the context-cache contract with decode_from_cache=True a decode sequence reads all "
+            f"seq_len = {seq_len} tokens from the cache, so its new token's K/V must be written to the "
+            "cache before attention (append it first, or pass decode_from_cache=False to read it "
+            "from k_new/v_new)"
+        )
+    return (
+        f"under the context-cache contract the cache must hold the first ctx_len = {ctx_len} tokens "
+        "of the sequence before attention (the query tokens' K/V come from k_new/v_new)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +471,9 @@ def check_allocator(cache) -> None:
         held.update(table)
     free = list(cache.free_blocks)
     if len(set(free)) != len(free):
-        raise ContractError(f"the free list holds a block twice: {sorted(b for b, n in Counter(free).items() if n > 1)}")
+        raise ContractError(
+            f"the free list holds a block twice: {sorted(b for b, n in Counter(free).items() if n > 1)}"
+        )
     for block in range(cache.num_blocks):
         rc = cache.refcount(block)
         if rc != held[block]:

@@ -38,23 +38,25 @@ def fp8_dtype_of(kv_dtype: str) -> torch.dtype | None:
     try:
         return _KV_DTYPE_ALIASES[kv_dtype]
     except (KeyError, TypeError):
-        raise UnsupportedConfigError(
-            f"kv_dtype must be one of {sorted(_KV_DTYPE_ALIASES)}, got {kv_dtype!r}"
-        ) from None
+        raise UnsupportedConfigError(f"kv_dtype must be one of {sorted(_KV_DTYPE_ALIASES)}, got {kv_dtype!r}") from None
 
 
 def parse_device(value: str) -> torch.device:
     """argparse type for --device: a torch device name ("cpu", "cuda", "cuda:1")."""
     import argparse
+
     try:
         return torch.device(value)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"--device must be a torch device such as cpu or cuda, got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--device must be a torch device such as cpu or cuda, got {value!r}"
+        ) from None
 
 
 def parse_lengths(value: str) -> tuple[int, ...]:
     """argparse type for comma-separated lengths: ints >= 0."""
     import argparse
+
     try:
         lens = tuple(int(x) for x in value.split(","))
     except ValueError:
@@ -117,20 +119,16 @@ class AttentionConfig:
         if self.head_size > MAX_HEAD_SIZE:
             raise UnsupportedConfigError(f"head_size must be <= {MAX_HEAD_SIZE}, got {self.head_size}")
         if self.block_size not in SUPPORTED_BLOCK_SIZES:
-            raise UnsupportedConfigError(
-                f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size}"
-            )
+            raise UnsupportedConfigError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size}")
         if self.dtype not in QUERY_DTYPES:
             raise DTypeError(f"dtype must be one of {QUERY_DTYPES}, got {self.dtype}")
         fp8_dtype_of(self.kv_dtype)
         if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window < 0:
-            raise UnsupportedConfigError(
-                f"sliding_window must be an int >= 0 (0 = none), got {self.sliding_window!r}"
-            )
+            raise UnsupportedConfigError(f"sliding_window must be an int >= 0 (0 = none), got {self.sliding_window!r}")
         if not (self.softcap >= 0.0) or self.softcap == float("inf"):
             raise UnsupportedConfigError(f"softcap must be finite and >= 0 (0 = off), got {self.softcap!r}")
 
-    def replace(self, **changes) -> "AttentionConfig":
+    def replace(self, **changes) -> AttentionConfig:
         return dataclasses.replace(self, **changes)
 
     def label(self) -> str:
@@ -184,8 +182,9 @@ class BatchShape:
         return sum(self.query_lens)
 
     @classmethod
-    def seed_like(cls, num_seqs: int = 10, max_query_len: int = 1024, max_ctx_len: int = 1024,
-                  min_len: int = 16, seed: int = 0) -> "BatchShape":
+    def seed_like(
+        cls, num_seqs: int = 10, max_query_len: int = 1024, max_ctx_len: int = 1024, min_len: int = 16, seed: int = 0
+    ) -> BatchShape:
         """vLLM's test_prefix_prefill batch: random query/context lengths, the last sequence a decode."""
         rng = random.Random(seed)
         query_lens = [rng.randint(min_len, max_query_len) for _ in range(num_seqs)]
@@ -224,16 +223,20 @@ def seed_grid(*, quick: bool = False, seed: int = 0) -> list[Case]:
                     if quick:
                         num_q_heads = max(qpk, 4)  # keeps the ratio; 4, 8 or 64 query heads
                         num_kv_heads = num_q_heads // qpk
-                        shape = BatchShape.seed_like(num_seqs=4, max_query_len=24, max_ctx_len=40,
-                                                     min_len=1, seed=seed)
+                        shape = BatchShape.seed_like(num_seqs=4, max_query_len=24, max_ctx_len=40, min_len=1, seed=seed)
                         head = 24 if head_size == 24 else 32
                     else:
                         num_q_heads, num_kv_heads = 64, 64 // qpk
                         shape = BatchShape.seed_like(seed=seed)
                         head = head_size
                     config = AttentionConfig(
-                        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head,
-                        block_size=16, dtype=torch.float16, kv_dtype=kv_dtype, sliding_window=window,
+                        num_q_heads=num_q_heads,
+                        num_kv_heads=num_kv_heads,
+                        head_size=head,
+                        block_size=16,
+                        dtype=torch.float16,
+                        kv_dtype=kv_dtype,
+                        sliding_window=window,
                     )
                     cases.append(Case(config, shape))
     return cases

@@ -94,18 +94,24 @@ def _rule_missing_decode_kv(r) -> Cause | None:
     own = _own_token_reads(r, bad_seqs)
     if r.inputs is not None and r.inputs.cache_scanned:
         if own:
-            return Cause("missing-decode-kv", 0.98,
-                         f"exactly {n} decode token(s) wrong in {what}, every prefill token right, and the cache "
-                         f"holds the poison pattern at their own token's slot ({_slots(own)}): never written; "
-                         f"write K/V before attending")
+            return Cause(
+                "missing-decode-kv",
+                0.98,
+                f"exactly {n} decode token(s) wrong in {what}, every prefill token right, and the cache "
+                f"holds the poison pattern at their own token's slot ({_slots(own)}): never written; "
+                f"write K/V before attending",
+            )
         if r.inputs.explains_nan(bad_seqs, t["seq"][bad].tolist()):
             score = 0.4  # the inputs hold the NaN: nan-in-inputs says where
     elif nan and _shared_nan(r):
         score = 0.6  # the reference is NaN there too: it read the same input
-    return Cause("missing-decode-kv", score,
-                 f"exactly {n} token(s), all decode tokens ({_where(t, bad)}), wrong in {what}{why}, "
-                 f"every prefill token right: the decode token's own K/V is missing from the cache; "
-                 f"write K/V before attending")
+    return Cause(
+        "missing-decode-kv",
+        score,
+        f"exactly {n} token(s), all decode tokens ({_where(t, bad)}), wrong in {what}{why}, "
+        f"every prefill token right: the decode token's own K/V is missing from the cache; "
+        f"write K/V before attending",
+    )
 
 
 def _own_token_reads(r, seqs: set[int]) -> list:
@@ -121,24 +127,36 @@ def _rule_unwritten_read(r) -> Cause | None:
     if r.inputs is not None and r.inputs.cache_scanned:
         if not r.inputs.num_poisoned_reads:
             return None  # the cache holds no poison where the kernel reads: the NaN came from elsewhere
-        return Cause("unwritten-read", 0.96,
-                     f"{r.inputs.num_poisoned_reads} read slot(s) hold the poison pattern (never written): "
-                     f"{_slots(r.inputs.poisoned_reads)}")
+        return Cause(
+            "unwritten-read",
+            0.96,
+            f"{r.inputs.num_poisoned_reads} read slot(s) hold the poison pattern (never written): "
+            f"{_slots(r.inputs.poisoned_reads)}",
+        )
     if r.zeroed and not r.nan:
-        return Cause("unwritten-read", 0.7,
-                     f"the {r.mismatched} mismatched outputs are exactly 0 ({_where(t, t['bad'] > 0)}): an "
-                     f"empty-row guard (l > 0 ? acc / l : 0) fired, as it does when a poisoned NaN reaches the "
-                     f"softmax sum, or those rows saw no key")
+        return Cause(
+            "unwritten-read",
+            0.7,
+            f"the {r.mismatched} mismatched outputs are exactly 0 ({_where(t, t['bad'] > 0)}): an "
+            f"empty-row guard (l > 0 ? acc / l : 0) fired, as it does when a poisoned NaN reaches the "
+            f"softmax sum, or those rows saw no key",
+        )
     if not r.nan:
         return None
     share = r.nan / r.mismatched
     if _shared_nan(r):
-        return Cause("unwritten-read", 0.5,
-                     f"{r.nan} NaN outputs, NaN in the reference too: a poisoned slot both read, or a NaN in "
-                     f"the inputs (pass k_cache/v_cache to compare to tell which)")
-    return Cause("unwritten-read", 0.6 + 0.3 * share,
-                 f"{r.nan} NaN outputs in {int((t['nonfinite'] > 0).sum())} token(s) "
-                 f"({_where(t, t['nonfinite'] > 0)}): a read of poisoned, never-written cache memory")
+        return Cause(
+            "unwritten-read",
+            0.5,
+            f"{r.nan} NaN outputs, NaN in the reference too: a poisoned slot both read, or a NaN in "
+            f"the inputs (pass k_cache/v_cache to compare to tell which)",
+        )
+    return Cause(
+        "unwritten-read",
+        0.6 + 0.3 * share,
+        f"{r.nan} NaN outputs in {int((t['nonfinite'] > 0).sum())} token(s) "
+        f"({_where(t, t['nonfinite'] > 0)}): a read of poisoned, never-written cache memory",
+    )
 
 
 def _rule_nan_in_inputs(r) -> Cause | None:
@@ -152,14 +170,21 @@ def _rule_nan_in_inputs(r) -> Cause | None:
         if e.num_nonfinite_reads:
             where.append(f"{e.num_nonfinite_reads} cache slot(s) written with NaN/inf ({_slots(e.nonfinite_reads)})")
         score = 0.97 if (r.nan or r.inf) else 0.5
-        return Cause("nan-in-inputs", score,
-                     "the inputs hold NaN/inf that is not the poison pattern: " + "; ".join(where)
-                     + ": the user's data, not a read of unwritten memory")
+        return Cause(
+            "nan-in-inputs",
+            score,
+            "the inputs hold NaN/inf that is not the poison pattern: "
+            + "; ".join(where)
+            + ": the user's data, not a read of unwritten memory",
+        )
     if e is None and _shared_nan(r):
-        return Cause("nan-in-inputs", 0.8,
-                     f"the reference is NaN/inf at the same {r.shared_nonfinite} elements: both computations read a "
-                     f"non-finite input (q, K/V as written, or a poisoned slot the reference reads too; pass "
-                     f"q/k_cache/v_cache to compare to tell which)")
+        return Cause(
+            "nan-in-inputs",
+            0.8,
+            f"the reference is NaN/inf at the same {r.shared_nonfinite} elements: both computations read a "
+            f"non-finite input (q, K/V as written, or a poisoned slot the reference reads too; pass "
+            f"q/k_cache/v_cache to compare to tell which)",
+        )
     return None
 
 
@@ -171,14 +196,20 @@ def _rule_causal(r) -> Cause | None:
     if bool(not_last.any()) and not bool((bad & ~not_last).any()):
         covered = float(bad[not_last].float().mean())
         if covered >= 0.9:
-            return Cause("causal-off-by-one", 0.9,
-                         f"{covered:.0%} of query tokens before the last one of each sequence are wrong, "
-                         f"every last token (and every decode) is right: the causal mask admits a key "
-                         f"after the query (j <= p + 1 instead of j <= p)")
+            return Cause(
+                "causal-off-by-one",
+                0.9,
+                f"{covered:.0%} of query tokens before the last one of each sequence are wrong, "
+                f"every last token (and every decode) is right: the causal mask admits a key "
+                f"after the query (j <= p + 1 instead of j <= p)",
+            )
     if bool((bad & prefill_last).any()) and not bool((bad & ~(t["from_end"] == 0)).any()):
-        return Cause("causal-off-by-one", 0.85,
-                     f"only the last query token of sequences is wrong ({_where(t, bad)}), including "
-                     f"prefill sequences: causal mask / query-tile end off by one at the diagonal")
+        return Cause(
+            "causal-off-by-one",
+            0.85,
+            f"only the last query token of sequences is wrong ({_where(t, bad)}), including "
+            f"prefill sequences: causal mask / query-tile end off by one at the diagonal",
+        )
     return None
 
 
@@ -195,10 +226,13 @@ def _rule_window(r) -> Cause | None:
         return None
     score = 0.9 if inside else 0.5
     w = r.sliding_window
-    return Cause("sliding-window-edge", score,
-                 f"{covered:.0%} of tokens whose window cuts the prefix (p >= W = {w}) are wrong, all "
-                 f"{inside} tokens with p < W - 1 (window does not bite) are right: the window "
-                 f"admits W + 1 or W - 1 keys")
+    return Cause(
+        "sliding-window-edge",
+        score,
+        f"{covered:.0%} of tokens whose window cuts the prefix (p >= W = {w}) are wrong, all "
+        f"{inside} tokens with p < W - 1 (window does not bite) are right: the window "
+        f"admits W + 1 or W - 1 keys",
+    )
 
 
 def _rule_gqa(r) -> Cause | None:
@@ -216,13 +250,19 @@ def _rule_gqa(r) -> Cause | None:
         qpk = h // r.num_kv_heads
         touched = sorted({x // qpk for x in r.bad_heads})
         whole = all(all(x in r.bad_heads for x in range(g * qpk, (g + 1) * qpk)) for g in touched)
-        groups = (f" = all heads of KV group(s) {touched}" if whole else
-                  f" (part of KV group(s) {touched}, {qpk} query heads per KV head)")
+        groups = (
+            f" = all heads of KV group(s) {touched}"
+            if whole
+            else f" (part of KV group(s) {touched}, {qpk} query heads per KV head)"
+        )
         score = 0.9
-    return Cause("gqa-head-mapping", score,
-                 f"only query heads {runs(r.bad_heads)} of {h} are wrong{groups}, in {every_token:.0%} "
-                 f"of tokens ({per_token:.0%} of bad tokens show exactly that head set), the others are "
-                 f"right: those heads read the wrong KV head")
+    return Cause(
+        "gqa-head-mapping",
+        score,
+        f"only query heads {runs(r.bad_heads)} of {h} are wrong{groups}, in {every_token:.0%} "
+        f"of tokens ({per_token:.0%} of bad tokens show exactly that head set), the others are "
+        f"right: those heads read the wrong KV head",
+    )
 
 
 def _rule_block_table(r) -> Cause | None:
@@ -242,9 +282,12 @@ def _rule_block_table(r) -> Cause | None:
         score = 0.8 if every else 0.6
     names = ", ".join(str(s.index) for s in whole[:8]) + (" ..." if len(whole) > 8 else "")
     rest = f", the other {num_seqs - len(whole)} right" if len(whole) < num_seqs else ""
-    return Cause("block-table", score,
-                 f"whole sequences wrong ({len(whole)} of {num_seqs}: {names}){rest}: they read another "
-                 f"sequence's blocks (block table / wrong sequence's blocks)")
+    return Cause(
+        "block-table",
+        score,
+        f"whole sequences wrong ({len(whole)} of {num_seqs}: {names}){rest}: they read another "
+        f"sequence's blocks (block table / wrong sequence's blocks)",
+    )
 
 
 def _rule_block_boundary(r) -> Cause | None:
@@ -260,23 +303,32 @@ def _rule_block_boundary(r) -> Cause | None:
     covered = float(bad[first].float().mean())
     if at_boundary < 0.9 or covered < 0.5 or bool(first.all()):
         return None
-    return Cause("block-boundary", 0.85,
-                 f"{at_boundary:.0%} of the {n} bad tokens are the first token after a block boundary "
-                 f"(p % {r.block_size} == 0; {covered:.0%} of such tokens are bad): block table or slot "
-                 f"arithmetic")
+    return Cause(
+        "block-boundary",
+        0.85,
+        f"{at_boundary:.0%} of the {n} bad tokens are the first token after a block boundary "
+        f"(p % {r.block_size} == 0; {covered:.0%} of such tokens are bad): block table or slot "
+        f"arithmetic",
+    )
 
 
 def _rule_scale(r) -> Cause | None:
     if r.uniform_scale is not None:
         spread = float((r.per_token["bad"] > 0).float().mean())  # one factor on a few tokens is weak evidence
-        return Cause("scale", 0.95 if spread >= 0.5 else 0.6,
-                     f"out = {r.uniform_scale:.4g} x ref on the mismatched elements: one uniform factor, "
-                     f"the fp8 v_scale (or an output scale) is wrong")
+        return Cause(
+            "scale",
+            0.95 if spread >= 0.5 else 0.6,
+            f"out = {r.uniform_scale:.4g} x ref on the mismatched elements: one uniform factor, "
+            f"the fp8 v_scale (or an output scale) is wrong",
+        )
     everywhere = float((r.per_token["bad"] > 0).float().mean()) > 0.9
     if everywhere and len(r.bad_heads) == r.shape[1] and len(r.bad_dims) == r.shape[2] and not r.nan:
-        return Cause("scale", 0.35,
-                     "every token, head and dim is off without one common factor: softmax scale or "
-                     "fp8 k_scale (logit temperature), or a global bug")
+        return Cause(
+            "scale",
+            0.35,
+            "every token, head and dim is off without one common factor: softmax scale or "
+            "fp8 k_scale (logit temperature), or a global bug",
+        )
     return None
 
 
@@ -285,11 +337,24 @@ def _rule_noise(r) -> Cause | None:
         return None
     share = r.mismatched / r.total
     score = 0.7 if share < 0.01 else 0.3
-    return Cause("numerical-noise", score,
-                 f"all {r.mismatched} mismatches are within {r.worst_excess:.1f}x the tolerance "
-                 f"({share:.2%} of elements): accumulation order or precision; a bug usually misses by "
-                 f"far more")
+    return Cause(
+        "numerical-noise",
+        score,
+        f"all {r.mismatched} mismatches are within {r.worst_excess:.1f}x the tolerance "
+        f"({share:.2%} of elements): accumulation order or precision; a bug usually misses by "
+        f"far more",
+    )
 
 
-_RULES = (_rule_missing_decode_kv, _rule_unwritten_read, _rule_nan_in_inputs, _rule_causal, _rule_window, _rule_gqa,
-          _rule_block_table, _rule_block_boundary, _rule_scale, _rule_noise)
+_RULES = (
+    _rule_missing_decode_kv,
+    _rule_unwritten_read,
+    _rule_nan_in_inputs,
+    _rule_causal,
+    _rule_window,
+    _rule_gqa,
+    _rule_block_table,
+    _rule_block_boundary,
+    _rule_scale,
+    _rule_noise,
+)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.launch import interpreter_enabled  # noqa: F401  (re-exported)
 from .config import FP8_DTYPES, AttentionConfig, BatchShape
+from .kernels.launch import interpreter_enabled  # noqa: F401  (re-exported)
 
 # ---------------------------------------------------------------------------------------------
 # the rules, as data
@@ -76,7 +76,7 @@ class Plan:
     partition_size: int = 0  # keys per split (a multiple of block_n)
     min_query_len: int = 0  # this launch handles sequences with min_query_len <= query_len <= max_query_len
     max_query_len: int = 1 << 30
-    decode_part: "Plan | None" = None  # the second launch of a mixed batch (decode tiles)
+    decode_part: Plan | None = None  # the second launch of a mixed batch (decode tiles)
     rule: str = ""
 
     @property
@@ -85,14 +85,14 @@ class Plan:
         return self.phase == "decode"
 
     @property
-    def launches(self) -> tuple["Plan", ...]:
+    def launches(self) -> tuple[Plan, ...]:
         """The kernel launches of this plan, in order (a mixed batch: prefill tiles, then decode)."""
         return (self,) if self.decode_part is None else (self, self.decode_part)
 
     def params(self) -> str:
         if self.kernel == "reference":
             return "-"
-        s = f"BLOCK_M={self.block_m} (BLOCK_Q={self.block_q}) BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"
+        s = f"BLOCK_M={self.block_m} (BLOCK_Q={self.block_q}) BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"  # noqa: E501
         if self.num_splits > 1:
             s += f" splits={self.num_splits}x{self.partition_size}"
         if self.decode_part is not None:
@@ -104,7 +104,7 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(device: torch.device | str) -> int:
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
@@ -122,6 +122,7 @@ def choose_backend(device: torch.device, backend: str) -> tuple[str, str]:
         return "triton", ""
     if backend == "triton":
         from .errors import UnsupportedConfigError
+
         raise UnsupportedConfigError(
             f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1, got tensors on {device}"
         )
@@ -149,7 +150,8 @@ def _check_interpreter_versions() -> None:
             f"TRITON_INTERPRET=1 with numpy {numpy.__version__} and triton {triton.__version__}: Triton's "
             "interpreter before 3.7 fails on numpy >= 2.4 (InterpreterError: only 0-dimensional arrays can be "
             "converted to Python scalars). Install numpy<2.4 (pip install 'numpy<2.4'), as pagedattn's "
-            "requirements say, or a newer triton")
+            "requirements say, or a newer triton"
+        )
 
 
 def _warn_reference_once(device: torch.device) -> None:
@@ -165,13 +167,18 @@ def _warn_reference_once(device: torch.device) -> None:
         package, frame, level = os.path.dirname(__file__), sys._getframe(0), 1
         while frame is not None and frame.f_code.co_filename.startswith(package):
             frame, level = frame.f_back, level + 1
-        warnings.warn(f"pagedattn: tensors on {device.type} and TRITON_INTERPRET is not set, so the PyTorch "
-                      "reference runs, not a Triton kernel; set TRITON_INTERPRET=1 to run the kernels through "
-                      "Triton's interpreter on the CPU", UserWarning, stacklevel=level)
+        warnings.warn(
+            f"pagedattn: tensors on {device.type} and TRITON_INTERPRET is not set, so the PyTorch "
+            "reference runs, not a Triton kernel; set TRITON_INTERPRET=1 to run the kernels through "
+            "Triton's interpreter on the CPU",
+            UserWarning,
+            stacklevel=level,
+        )
 
 
-def choose_tiles(*, decode: bool, num_queries_per_kv: int, head_size: int, block_size: int,
-                 fp32: bool, fp8: bool = False) -> tuple[int, int, int, int, int]:
+def choose_tiles(
+    *, decode: bool, num_queries_per_kv: int, head_size: int, block_size: int, fp32: bool, fp8: bool = False
+) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps, num_stages) for a decode-like or prefill batch."""
     head_pad = max(32, next_pow2(head_size))
     if decode:
@@ -205,8 +212,15 @@ def partition_for(max_seq_len: int, splits: int, block_n: int) -> tuple[int, int
     return math.ceil(max_seq_len / partition), partition
 
 
-def choose_splits(*, num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int,
-                  sm_count: int, programs_per_sm: tuple[int, int] | None = None) -> tuple[int, int, str]:
+def choose_splits(
+    *,
+    num_seqs: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    block_n: int,
+    sm_count: int,
+    programs_per_sm: tuple[int, int] | None = None,
+) -> tuple[int, int, str]:
     """(num_splits, partition_size, why) for a decode-like batch: one program per (sequence, KV
     head, split). Splits only when the batch alone gives fewer than programs_per_sm[0] programs
     per SM; then the split count in that range that spreads programs most evenly (fewest on a tie)."""
@@ -224,20 +238,41 @@ def choose_splits(*, num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n
     splits = max(candidates, key=lambda s: (spread(s * programs, sm_count), -s))
     splits, partition = partition_for(max_seq_len, splits, block_n)
     total = splits * programs
-    how = (f"the most even spread of {low}-{high} per SM" if limit >= first else
-           f"fewer than {low} per SM: seq_len {max_seq_len} allows no more partitions of >= {PARTITION_MIN_TOKENS} keys")
-    return splits, partition, (
-        f"{num_seqs} seqs x {num_kv_heads} KV heads = {programs} programs would leave most of "
-        f"{sm_count} SMs idle: split each sequence's keys into {splits} partitions of {partition} tokens "
-        f"({total} programs, {total / sm_count:.2f} per SM: {how})"
+    how = (
+        f"the most even spread of {low}-{high} per SM"
+        if limit >= first
+        else f"fewer than {low} per SM: seq_len {max_seq_len} allows no more partitions of >= {PARTITION_MIN_TOKENS} keys"  # noqa: E501
+    )
+    return (
+        splits,
+        partition,
+        (
+            f"{num_seqs} seqs x {num_kv_heads} KV heads = {programs} programs would leave most of "
+            f"{sm_count} SMs idle: split each sequence's keys into {splits} partitions of {partition} tokens "
+            f"({total} programs, {total / sm_count:.2f} per SM: {how})"
+        ),
     )
 
 
-def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int, num_q_heads: int,
-         num_kv_heads: int, head_size: int, block_size: int, dtype: torch.dtype,
-         cache_dtype: torch.dtype, sliding_window: int = 0, context_contract: bool = False,
-         alibi: bool = False, device: torch.device | str = "cuda", backend: str = "auto",
-         sms: int | None = None) -> Plan:
+def plan(
+    *,
+    num_seqs: int,
+    num_tokens: int,
+    max_query_len: int,
+    max_seq_len: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    block_size: int,
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+    sliding_window: int = 0,
+    context_contract: bool = False,
+    alibi: bool = False,
+    device: torch.device | str = "cuda",
+    backend: str = "auto",
+    sms: int | None = None,
+) -> Plan:
     """The plan for one call. `sms` overrides the device's SM count (for explain)."""
     device = torch.device(device)
     which, why = choose_backend(device, backend)
@@ -248,21 +283,46 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
     fp8 = cache_dtype in FP8_DTYPES
     # decode tiles: the query heads of one KV head, padded to 16 rows, for up to block_q tokens
     d_m, d_q, d_n, d_warps, d_stages = choose_tiles(
-        decode=True, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size, fp32=fp32, fp8=fp8)
-    splits, partition, why = (1, 0, "context-cache contract: keys are not split") if context_contract else \
-        choose_splits(num_seqs=num_seqs, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
-                      block_n=d_n, sm_count=sms or sm_count(device))
-    decode_plan = Plan("split_kv" if splits > 1 else "unified", "decode", d_m, d_q, d_n, d_warps, d_stages,
-                       splits, partition, max_query_len=d_q)
+        decode=True, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size, fp32=fp32, fp8=fp8
+    )
+    splits, partition, why = (
+        (1, 0, "context-cache contract: keys are not split")
+        if context_contract
+        else choose_splits(
+            num_seqs=num_seqs,
+            num_kv_heads=num_kv_heads,
+            max_seq_len=max_seq_len,
+            block_n=d_n,
+            sm_count=sms or sm_count(device),
+        )
+    )
+    decode_plan = Plan(
+        "split_kv" if splits > 1 else "unified",
+        "decode",
+        d_m,
+        d_q,
+        d_n,
+        d_warps,
+        d_stages,
+        splits,
+        partition,
+        max_query_len=d_q,
+    )
     if max_query_len <= d_q:
         # one decode tile per sequence: max_query_len must hold (checked mode verifies it)
         # the decode launch takes every sequence: one whose query_len exceeds the tile (a
         # max_query_len below the real one) gets NaN rows rather than being skipped
-        return dataclasses.replace(decode_plan, max_query_len=1 << 30, rule=(
-            f"decode batch (max_query_len {max_query_len} <= {d_q}: {qpk} query heads per KV head "
-            f"fit one {d_m}-row tile): {why}"))
+        return dataclasses.replace(
+            decode_plan,
+            max_query_len=1 << 30,
+            rule=(
+                f"decode batch (max_query_len {max_query_len} <= {d_q}: {qpk} query heads per KV head "
+                f"fit one {d_m}-row tile): {why}"
+            ),
+        )
     block_m, block_q, block_n, warps, stages = choose_tiles(
-        decode=False, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size, fp32=fp32, fp8=fp8)
+        decode=False, num_queries_per_kv=qpk, head_size=head_size, block_size=block_size, fp32=fp32, fp8=fp8
+    )
     workaround = ""
     head_pad = max(32, next_pow2(head_size))
     if context_contract and alibi and not fp32 and head_pad in PTXAS_ALIBI_CONTEXT_STAGES:
@@ -271,27 +331,60 @@ def plan(*, num_seqs: int, num_tokens: int, max_query_len: int, max_seq_len: int
     # A mixed batch runs as two launches of the same kernel, each skipping the other's sequences:
     # prefill tiles for query_len > d_q, decode tiles (split if long) for the rest. A decode in a
     # 128-row prefill tile would waste most of the tile's math. Shapes alone decide: graph-safe.
-    return Plan("unified", "prefill", block_m, block_q, block_n, warps, stages, min_query_len=d_q + 1,
-                decode_part=dataclasses.replace(decode_plan, rule=why), rule=(
-                    f"max_query_len {max_query_len} > {d_q}: prefill tiles of {block_q} query tokens x "
-                    f"{qpk} heads per KV head for sequences with query_len > {d_q}; sequences with "
-                    f"query_len <= {d_q} (decodes) in a second launch with {d_m}-row decode tiles"
-                    + (f" and {splits} KV splits" if splits > 1 else "") + workaround))
+    return Plan(
+        "unified",
+        "prefill",
+        block_m,
+        block_q,
+        block_n,
+        warps,
+        stages,
+        min_query_len=d_q + 1,
+        decode_part=dataclasses.replace(decode_plan, rule=why),
+        rule=(
+            f"max_query_len {max_query_len} > {d_q}: prefill tiles of {block_q} query tokens x "
+            f"{qpk} heads per KV head for sequences with query_len > {d_q}; sequences with "
+            f"query_len <= {d_q} (decodes) in a second launch with {d_m}-row decode tiles"
+            + (f" and {splits} KV splits" if splits > 1 else "")
+            + workaround
+        ),
+    )
 
 
-def plan_for(config: AttentionConfig, shape: BatchShape, *, device="cuda", backend="auto",
-             context_contract: bool = False, sms: int | None = None) -> Plan:
-    return plan(num_seqs=shape.num_seqs, num_tokens=shape.num_tokens,
-                max_query_len=max(shape.query_lens), max_seq_len=max(shape.seq_lens),
-                num_q_heads=config.num_q_heads, num_kv_heads=config.num_kv_heads,
-                head_size=config.head_size, block_size=config.block_size, dtype=config.dtype,
-                cache_dtype=config.cache_dtype, sliding_window=config.sliding_window,
-                context_contract=context_contract, alibi=config.use_alibi, device=device, backend=backend, sms=sms)
+def plan_for(
+    config: AttentionConfig,
+    shape: BatchShape,
+    *,
+    device="cuda",
+    backend="auto",
+    context_contract: bool = False,
+    sms: int | None = None,
+) -> Plan:
+    return plan(
+        num_seqs=shape.num_seqs,
+        num_tokens=shape.num_tokens,
+        max_query_len=max(shape.query_lens),
+        max_seq_len=max(shape.seq_lens),
+        num_q_heads=config.num_q_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_size=config.head_size,
+        block_size=config.block_size,
+        dtype=config.dtype,
+        cache_dtype=config.cache_dtype,
+        sliding_window=config.sliding_window,
+        context_contract=context_contract,
+        alibi=config.use_alibi,
+        device=device,
+        backend=backend,
+        sms=sms,
+    )
 
 
 def explain(config: AttentionConfig, shape: BatchShape, *, device="cuda", context_contract=False) -> str:
     """One paragraph: the configuration, the batch, the kernel chosen, its parameters and the rule."""
     p = plan_for(config, shape, device=device, context_contract=context_contract)
-    return (f"num_queries_per_kv={config.num_queries_per_kv}, head_size={config.head_size}, "
-            f"sliding_window={config.sliding_window}, {shape.label()} -> {p.kernel} "
-            f"[{p.params()}]: {p.rule}")
+    return (
+        f"num_queries_per_kv={config.num_queries_per_kv}, head_size={config.head_size}, "
+        f"sliding_window={config.sliding_window}, {shape.label()} -> {p.kernel} "
+        f"[{p.params()}]: {p.rule}"
+    )

@@ -68,8 +68,11 @@ class InputEvidence:
 
     def explains_nan(self, seqs: set[int], tokens: list[int]) -> bool:
         """Some input NaN the user wrote can reach these sequences / tokens."""
-        return bool(set(self.nonfinite_read_seqs) & seqs or set(self.q_nonfinite_tokens) & set(tokens)
-                    or set(self.new_kv_nonfinite_tokens))
+        return bool(
+            set(self.nonfinite_read_seqs) & seqs
+            or set(self.q_nonfinite_tokens) & set(tokens)
+            or set(self.new_kv_nonfinite_tokens)
+        )
 
 
 @dataclass
@@ -162,8 +165,10 @@ class Report:
     def summary(self) -> str:
         """One line: 'clean: ...' or the mismatch count, its pattern and the top cause."""
         if self.ok:
-            return (f"clean: all {self.total} elements within atol={self.atol:g}, rtol={self.rtol:g} "
-                    f"(max |out-ref| {self.max_abs_err:.3g})")
+            return (
+                f"clean: all {self.total} elements within atol={self.atol:g}, rtol={self.rtol:g} "
+                f"(max |out-ref| {self.max_abs_err:.3g})"
+            )
         bits = [f"{self.mismatched} / {self.total} elements mismatch: {self.pattern()}"]
         if self.nan or self.inf:
             bits.append(f"{self.nan} NaN, {self.inf} inf")
@@ -175,8 +180,9 @@ class Report:
         d["tokens"] = d["tokens"][:TOKENS_LISTED]
         d["ok"] = self.ok
         d["summary"] = self.summary()
-        d["causes"] = [dict(id=c.id, score=round(c.score, 3), meaning=c.meaning, evidence=c.evidence)
-                       for c in self.diagnose()]
+        d["causes"] = [
+            dict(id=c.id, score=round(c.score, 3), meaning=c.meaning, evidence=c.evidence) for c in self.diagnose()
+        ]
         return d
 
     def to_json(self, **kwargs) -> str:
@@ -190,12 +196,24 @@ class Report:
 # ---------------------------------------------------------------------------------------------
 # compare: all the per-element work, vectorised
 # ---------------------------------------------------------------------------------------------
-def compare(out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata, *, atol: float | None = None,
-            rtol: float | None = None, num_kv_heads: int | None = None, block_size: int | None = None,
-            sliding_window: int | None = None, q: torch.Tensor | None = None, k_new: torch.Tensor | None = None,
-            v_new: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
-            v_cache: torch.Tensor | None = None, contract: str | None = None,
-            decode_from_cache: bool = False) -> Report:
+def compare(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    batch: BatchMetadata,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    num_kv_heads: int | None = None,
+    block_size: int | None = None,
+    sliding_window: int | None = None,
+    q: torch.Tensor | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    contract: str | None = None,
+    decode_from_cache: bool = False,
+) -> Report:
     """Compare `out` with `ref` ([num_tokens, num_q_heads, head_size], rows as in `batch`).
 
     atol/rtol default to `tolerances.default_tolerance(out.dtype)` (fp32 2e-5, fp16 2e-3, bf16
@@ -215,8 +233,9 @@ def compare(out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata, *, atol:
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
     if out.dim() != 3 or tuple(out.shape) != tuple(ref.shape):
-        raise ShapeError(f"out {tuple(out.shape)} and ref {tuple(ref.shape)} must both be "
-                         f"[num_tokens, num_q_heads, head_size]")
+        raise ShapeError(
+            f"out {tuple(out.shape)} and ref {tuple(ref.shape)} must both be [num_tokens, num_q_heads, head_size]"
+        )
     num_tokens, num_q_heads, head_size = out.shape
     query_lens = torch.tensor(batch.host_query_lens(), dtype=torch.long)
     seq_lens = torch.tensor(batch.host_seq_lens(), dtype=torch.long)
@@ -265,8 +284,11 @@ def compare(out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata, *, atol:
         head_bad = bad_th.sum(dim=0).cpu()
         dim_bad = bad.view(-1, head_size).sum(dim=0).cpu()
         mismatched = int(tok_bad.sum())
-        uniform, zero_share = _fit_scale(out.detach(), ref.detach().to(out.device), bad, mismatched, atol,
-                                         rtol) if mismatched else (None, 0.0)
+        uniform, zero_share = (
+            _fit_scale(out.detach(), ref.detach().to(out.device), bad, mismatched, atol, rtol)
+            if mismatched
+            else (None, 0.0)
+        )
         del bad, ratio, o
 
     # per-token geometry (host, [num_tokens])
@@ -276,9 +298,18 @@ def compare(out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata, *, atol:
     qi = torch.arange(num_tokens) - starts[seq_of]
     ctx = (seq_lens - query_lens)[seq_of]
     pos = ctx + qi
-    tok = dict(seq=seq_of, i=qi, pos=pos, from_end=query_lens[seq_of] - 1 - qi,
-               qlen=query_lens[seq_of], bad=tok_bad, heads=tok_heads, nonfinite=tok_nonfinite,
-               max=tok_max, full=tok_bad == num_q_heads * head_size)
+    tok = dict(
+        seq=seq_of,
+        i=qi,
+        pos=pos,
+        from_end=query_lens[seq_of] - 1 - qi,
+        qlen=query_lens[seq_of],
+        bad=tok_bad,
+        heads=tok_heads,
+        nonfinite=tok_nonfinite,
+        max=tok_max,
+        full=tok_bad == num_q_heads * head_size,
+    )
     if block_size:
         tok["block_off"] = pos % block_size
     if sliding_window:
@@ -289,31 +320,57 @@ def compare(out: torch.Tensor, ref: torch.Tensor, batch: BatchMetadata, *, atol:
     seq_bad_elems = torch.zeros(num_seqs, dtype=torch.long).index_add_(0, seq_of, tok_bad)
     seq_max = torch.full((num_seqs,), -1.0).scatter_reduce_(0, seq_of, tok_max.float(), "amax")
     sequences = [
-        SequenceGroup(s, "decode" if int(query_lens[s]) == 1 else "prefill", int(query_lens[s]),
-                      int(seq_lens[s] - query_lens[s]), int(seq_bad_tokens[s]), int(seq_bad_elems[s]),
-                      float(seq_max[s]))
+        SequenceGroup(
+            s,
+            "decode" if int(query_lens[s]) == 1 else "prefill",
+            int(query_lens[s]),
+            int(seq_lens[s] - query_lens[s]),
+            int(seq_bad_tokens[s]),
+            int(seq_bad_elems[s]),
+            float(seq_max[s]),
+        )
         for s in seq_bad_tokens.nonzero().flatten().tolist()
     ]
     bad_tokens = is_bad.nonzero().flatten()
     tokens = [
         TokenGroup(
-            t, int(seq_of[t]), int(qi[t]), int(pos[t]), int(tok["from_end"][t]),
+            t,
+            int(seq_of[t]),
+            int(qi[t]),
+            int(pos[t]),
+            int(tok["from_end"][t]),
             int(tok["block_off"][t]) if block_size else None,
             bool(tok["block_off"][t] == 0 and pos[t] > 0) if block_size else None,
             int(tok["window_dist"][t]) if sliding_window else None,
-            int(tok_heads[t]), int(tok_bad[t]), int(tok_nonfinite[t]), float(tok_max[t]),
+            int(tok_heads[t]),
+            int(tok_bad[t]),
+            int(tok_nonfinite[t]),
+            float(tok_max[t]),
         )
         for t in bad_tokens[:TOKENS_LISTED].tolist()
     ]
     return Report(
-        shape=(num_tokens, num_q_heads, head_size), atol=atol, rtol=rtol,
-        total=num_tokens * num_q_heads * head_size, mismatched=mismatched, nan=nan, inf=inf,
-        max_abs_err=max_abs_err, max_abs_err_index=max_index, worst_excess=worst_excess,
-        num_kv_heads=num_kv_heads, block_size=block_size, sliding_window=sliding_window,
-        sequences=sequences, tokens=tokens, num_bad_tokens=len(bad_tokens),
+        shape=(num_tokens, num_q_heads, head_size),
+        atol=atol,
+        rtol=rtol,
+        total=num_tokens * num_q_heads * head_size,
+        mismatched=mismatched,
+        nan=nan,
+        inf=inf,
+        max_abs_err=max_abs_err,
+        max_abs_err_index=max_index,
+        worst_excess=worst_excess,
+        num_kv_heads=num_kv_heads,
+        block_size=block_size,
+        sliding_window=sliding_window,
+        sequences=sequences,
+        tokens=tokens,
+        num_bad_tokens=len(bad_tokens),
         bad_heads=(head_bad > 0).nonzero().flatten().tolist(),
         bad_dims=(dim_bad > 0).nonzero().flatten().tolist(),
-        uniform_scale=uniform, zeroed=zero_share >= 0.95, shared_nonfinite=shared_nonfinite,
+        uniform_scale=uniform,
+        zeroed=zero_share >= 0.95,
+        shared_nonfinite=shared_nonfinite,
         inputs=_input_evidence(batch, q, k_new, v_new, k_cache, v_cache, contract, decode_from_cache),
         per_token=tok,
     )
@@ -343,17 +400,31 @@ def _input_evidence(batch, q, k_new, v_new, k_cache, v_cache, contract, decode_f
             e.new_kv_nonfinite_tokens = sorted(set(e.new_kv_nonfinite_tokens) | set(_nonfinite_rows(t.detach())))
     if k_cache is not None:
         e.given.append("cache")
-        scan = scan_reads(k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_table, contract,
-                          decode_from_cache, query_lens_host=batch.host_query_lens(),
-                          seq_lens_host=batch.host_seq_lens())
+        scan = scan_reads(
+            k_cache,
+            v_cache,
+            batch.cu_seqlens_q,
+            batch.seq_lens,
+            batch.block_table,
+            contract,
+            decode_from_cache,
+            query_lens_host=batch.host_query_lens(),
+            seq_lens_host=batch.host_seq_lens(),
+        )
         if scan is not None:
             bs = scan.block_size
             for flags, kind in ((K_POISON | V_POISON, "poisoned"), (K_NONFINITE | V_NONFINITE, "nonfinite")):
                 mask = (scan.code & flags) != 0
                 sel = scan.select(mask)
-                reads = [(int(s), int(p), int(b), int(b) * bs + int(o))
-                         for s, p, b, o in zip(sel.seq[:READS_LISTED], sel.pos[:READS_LISTED],
-                                               sel.block[:READS_LISTED], sel.offset[:READS_LISTED])]
+                reads = [
+                    (int(s), int(p), int(b), int(b) * bs + int(o))
+                    for s, p, b, o in zip(
+                        sel.seq[:READS_LISTED],
+                        sel.pos[:READS_LISTED],
+                        sel.block[:READS_LISTED],
+                        sel.offset[:READS_LISTED],
+                    )
+                ]
                 setattr(e, f"{kind}_reads", reads)
                 setattr(e, f"num_{kind}_reads", int(mask.sum()))
                 setattr(e, f"{kind}_read_seqs", sorted(set(sel.seq.tolist())))
@@ -368,6 +439,7 @@ def load_batch(meta) -> tuple[BatchMetadata, dict]:
     `cu_seqlens_q`, and `seq_lens` (or `ctx_lens`, seq_len = ctx_len + query_len); optional
     `block_table`. Returns the batch and the other keys compare() takes (contract, decode_from_cache,
     num_kv_heads, block_size, sliding_window, atol, rtol)."""
+
     def ints(x):
         return [int(v) for v in (x.flatten().tolist() if isinstance(x, torch.Tensor) else x)]
 
@@ -387,12 +459,15 @@ def load_batch(meta) -> tuple[BatchMetadata, dict]:
     if len(seq_lens) != len(query_lens):
         raise BatchMetadataError(f"seq_lens has {len(seq_lens)} entries but the batch has {len(query_lens)} sequences")
     table = meta.get("block_table")
-    rows = ([ints(r) for r in table] if table is not None else [[0] for _ in query_lens])
+    rows = [ints(r) for r in table] if table is not None else [[0] for _ in query_lens]
     batch = BatchMetadata.from_lens(query_lens, seq_lens, rows)
     if "contract" in meta:
         batch.contract = meta["contract"]
-    options = {k: meta[k] for k in ("contract", "decode_from_cache", "num_kv_heads", "block_size",
-                                    "sliding_window", "atol", "rtol") if meta.get(k) is not None}
+    options = {
+        k: meta[k]
+        for k in ("contract", "decode_from_cache", "num_kv_heads", "block_size", "sliding_window", "atol", "rtol")
+        if meta.get(k) is not None
+    }
     return batch, options
 
 
@@ -432,8 +507,15 @@ def compare_saved(out_path, ref_path, batch_path, **options) -> Report:
     return compare(out, ref, batch, **{**file_options, **inputs, **options})
 
 
-def _fit_scale(o: torch.Tensor, r: torch.Tensor, bad: torch.Tensor, mismatched: int, atol: float,
-               rtol: float, sample: int = 1 << 20) -> tuple[float | None, float]:
+def _fit_scale(
+    o: torch.Tensor,
+    r: torch.Tensor,
+    bad: torch.Tensor,
+    mismatched: int,
+    atol: float,
+    rtol: float,
+    sample: int = 1 << 20,
+) -> tuple[float | None, float]:
     """(s, zero share): s if out ~= s * ref on >= 95% of the finite mismatched elements (else None),
     and the share of mismatched outputs that are exactly 0. Works on at most `sample` mismatches
     (all of them when sparse, a strided sample when dense)."""
@@ -466,19 +548,34 @@ def render(report: Report, max_rows: int = 12):
         return Text(report.summary(), style="green")
     n, h, d = report.shape
     lines = [
-        Text(f"{report.mismatched} / {report.total} elements mismatch "
-             f"({report.mismatched / report.total:.4%}): {report.pattern()}", style="bold red"),
-        Text(f"NaN {report.nan}, inf {report.inf}; " + (
-            f"greatest finite |out-ref| {report.max_abs_err:.4g} at index {report.max_abs_err_index}"
-            if report.max_abs_err_index else "no finite difference")
-            + f"; tolerance atol={report.atol:g} rtol={report.rtol:g}"),
+        Text(
+            f"{report.mismatched} / {report.total} elements mismatch "
+            f"({report.mismatched / report.total:.4%}): {report.pattern()}",
+            style="bold red",
+        ),
+        Text(
+            f"NaN {report.nan}, inf {report.inf}; "
+            + (
+                f"greatest finite |out-ref| {report.max_abs_err:.4g} at index {report.max_abs_err_index}"
+                if report.max_abs_err_index
+                else "no finite difference"
+            )
+            + f"; tolerance atol={report.atol:g} rtol={report.rtol:g}"
+        ),
     ]
     seqs = Table(title="by sequence", title_justify="left")
     for col in ("seq", "kind", "query_len", "ctx_len", "bad tokens", "bad elements", "max err"):
         seqs.add_column(col, justify="right")
     for s in report.sequences[:max_rows]:
-        seqs.add_row(str(s.index), s.kind, str(s.query_len), str(s.ctx_len), f"{s.bad_tokens}/{s.query_len}",
-                     str(s.bad_elements), _fmt(s.max_abs_err))
+        seqs.add_row(
+            str(s.index),
+            s.kind,
+            str(s.query_len),
+            str(s.ctx_len),
+            f"{s.bad_tokens}/{s.query_len}",
+            str(s.bad_elements),
+            _fmt(s.max_abs_err),
+        )
     toks = Table(title=f"by token ({report.num_bad_tokens} bad)", title_justify="left")
     cols = ["token", "seq", "i", "p", "from end"]
     cols += ["block off"] if report.block_size else []

@@ -37,8 +37,6 @@ See docs/torch-integration.md for which arguments must stay fixed when a graph i
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -57,50 +55,122 @@ NAMESPACE = "pagedattn"
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{NAMESPACE}::write_kv", mutates_args=("k_cache", "v_cache"))
 def write_kv_op(
-    k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
-    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
-    *, fp8_dtype: Optional[torch.dtype] = None, checked: bool = False,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+    *,
+    fp8_dtype: torch.dtype | None = None,
+    checked: bool = False,
 ) -> None:
-    _write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale,
-                    fp8_dtype=fp8_dtype, checked=checked)
+    _write_kv(
+        k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale, fp8_dtype=fp8_dtype, checked=checked
+    )
 
 
 @torch.library.custom_op(f"{NAMESPACE}::paged_attention", mutates_args=("out",))
 def paged_attention_op(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens: Tensor,
-    block_table: Tensor, out: Tensor,
-    alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
-    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
-    *, max_query_len: Optional[int] = None, max_seq_len: Optional[int] = None,
-    scale: Optional[float] = None, sliding_window: Optional[int] = None,
-    softcap: Optional[float] = None, kv_layout: str = "nhd", backend: str = "auto",
-    checked: bool = False, validate: Optional[bool] = None,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cu_seqlens_q: Tensor,
+    seq_lens: Tensor,
+    block_table: Tensor,
+    out: Tensor,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    kv_layout: str = "nhd",
+    backend: str = "auto",
+    checked: bool = False,
+    validate: bool | None = None,
 ) -> None:
     _paged_attention(
-        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, max_query_len=max_query_len,
-        max_seq_len=max_seq_len, scale=scale, sliding_window=sliding_window,
-        alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
-        out=out, kv_layout=kv_layout, backend=backend, checked=checked or None,  # None: PAGEDATTN_CHECKED
-        validate=validate)
+        q,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seq_lens,
+        block_table,
+        max_query_len=max_query_len,
+        max_seq_len=max_seq_len,
+        scale=scale,
+        sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        sinks=sinks,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        out=out,
+        kv_layout=kv_layout,
+        backend=backend,
+        checked=checked or None,  # None: PAGEDATTN_CHECKED
+        validate=validate,
+    )
 
 
 @torch.library.custom_op(f"{NAMESPACE}::prefix_prefill", mutates_args=("out",))
 def prefix_prefill_op(
-    q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
-    cu_seqlens_q: Tensor, seq_lens: Tensor, block_table: Tensor, out: Tensor,
-    alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
-    k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None,
-    *, decode_from_cache: bool = False, max_query_len: Optional[int] = None,
-    max_seq_len: Optional[int] = None, scale: Optional[float] = None,
-    sliding_window: Optional[int] = None, softcap: Optional[float] = None,
-    kv_layout: str = "nhd", backend: str = "auto", checked: bool = False, validate: Optional[bool] = None,
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cu_seqlens_q: Tensor,
+    seq_lens: Tensor,
+    block_table: Tensor,
+    out: Tensor,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+    *,
+    decode_from_cache: bool = False,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    kv_layout: str = "nhd",
+    backend: str = "auto",
+    checked: bool = False,
+    validate: bool | None = None,
 ) -> None:
     _prefix_prefill(
-        q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table,
-        decode_from_cache=decode_from_cache, max_query_len=max_query_len, max_seq_len=max_seq_len,
-        scale=scale, sliding_window=sliding_window, alibi_slopes=alibi_slopes, softcap=softcap,
-        sinks=sinks, k_scale=k_scale, v_scale=v_scale, out=out, kv_layout=kv_layout,
-        backend=backend, checked=checked or None, validate=validate)
+        q,
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seq_lens,
+        block_table,
+        decode_from_cache=decode_from_cache,
+        max_query_len=max_query_len,
+        max_seq_len=max_seq_len,
+        scale=scale,
+        sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        sinks=sinks,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        out=out,
+        kv_layout=kv_layout,
+        backend=backend,
+        checked=checked or None,
+        validate=validate,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,10 +183,16 @@ def _fake_check(name: str, t: Tensor, rank: int) -> None:
 
 
 @torch.library.register_fake(f"{NAMESPACE}::write_kv")
-def _write_kv_fake(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
-                   fp8_dtype=None, checked=False) -> None:
-    for name, t, rank in (("k", k, 3), ("v", v, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
-                          ("slot_mapping", slot_mapping, 1)):
+def _write_kv_fake(
+    k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *, fp8_dtype=None, checked=False
+) -> None:
+    for name, t, rank in (
+        ("k", k, 3),
+        ("v", v, 3),
+        ("k_cache", k_cache, 4),
+        ("v_cache", v_cache, 4),
+        ("slot_mapping", slot_mapping, 1),
+    ):
         _fake_check(name, t, rank)
     if slot_mapping.shape[0] != k.shape[0]:
         raise ShapeError(f"slot_mapping must have num_tokens = {k.shape[0]} entries, got {slot_mapping.shape[0]}")
@@ -131,21 +207,21 @@ def _fake_attention(q, out) -> None:
 
 
 @torch.library.register_fake(f"{NAMESPACE}::paged_attention")
-def _paged_attention_fake(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, *args,
-                          **kwargs) -> None:
+def _paged_attention_fake(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, *args, **kwargs) -> None:
     _fake_attention(q, out)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::prefix_prefill")
-def _prefix_prefill_fake(q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table,
-                         out, *args, **kwargs) -> None:
+def _prefix_prefill_fake(
+    q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, *args, **kwargs
+) -> None:
     _fake_attention(q, out)
 
 
 # ---------------------------------------------------------------------------------------------
 # Python wrappers with the library's signatures (traced through by torch.compile)
 # ---------------------------------------------------------------------------------------------
-def _scale_arg(scale, cache: Tensor, device: torch.device) -> Optional[Tensor]:
+def _scale_arg(scale, cache: Tensor, device: torch.device) -> Tensor | None:
     """A scale as the ops take it: a float32 tensor for an fp8 cache, None otherwise (ignored)."""
     if scale is None or isinstance(scale, Tensor):
         return scale
@@ -154,43 +230,106 @@ def _scale_arg(scale, cache: Tensor, device: torch.device) -> Optional[Tensor]:
     return torch.full((1,), float(scale), dtype=torch.float32, device=device)
 
 
-def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, *,
-             k_scale: float | Tensor | None = None, v_scale: float | Tensor | None = None,
-             fp8_dtype: torch.dtype | None = None, checked: bool = False) -> None:
+def write_kv(
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    *,
+    k_scale: float | Tensor | None = None,
+    v_scale: float | Tensor | None = None,
+    fp8_dtype: torch.dtype | None = None,
+    checked: bool = False,
+) -> None:
     """`pagedattn.kernels.write.write_kv` through `torch.ops.pagedattn.write_kv`: k[i], v[i] to
     slot slot_mapping[i] of the caches (in place); slot -1 is skipped."""
     if isinstance(fp8_dtype, str):
         fp8_dtype = resolve_fp8_dtype(k_cache.dtype, fp8_dtype)
-    write_kv_op(k, v, k_cache, v_cache, slot_mapping, _scale_arg(k_scale, k_cache, k_cache.device),
-                _scale_arg(v_scale, k_cache, k_cache.device), fp8_dtype=fp8_dtype, checked=checked)
+    write_kv_op(
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        _scale_arg(k_scale, k_cache, k_cache.device),
+        _scale_arg(v_scale, k_cache, k_cache.device),
+        fp8_dtype=fp8_dtype,
+        checked=checked,
+    )
 
 
-def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor,
-                    seq_lens: Tensor, block_table: Tensor, *, out: Tensor | None = None,
-                    alibi_slopes: Tensor | None = None, sinks: Tensor | None = None,
-                    k_scale: float | Tensor | None = None, v_scale: float | Tensor | None = None,
-                    **options) -> Tensor:
+def paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cu_seqlens_q: Tensor,
+    seq_lens: Tensor,
+    block_table: Tensor,
+    *,
+    out: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    k_scale: float | Tensor | None = None,
+    v_scale: float | Tensor | None = None,
+    **options,
+) -> Tensor:
     """`pagedattn.paged_attention` through `torch.ops.pagedattn.paged_attention`; returns `out`
     (allocated like q when not given). `options`: the op's keyword-only arguments."""
     out = torch.empty_like(q) if out is None else out
-    paged_attention_op(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, alibi_slopes,
-                       sinks, _scale_arg(k_scale, k_cache, q.device),
-                       _scale_arg(v_scale, k_cache, q.device), **options)
+    paged_attention_op(
+        q,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seq_lens,
+        block_table,
+        out,
+        alibi_slopes,
+        sinks,
+        _scale_arg(k_scale, k_cache, q.device),
+        _scale_arg(v_scale, k_cache, q.device),
+        **options,
+    )
     return out
 
 
-def prefix_prefill(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
-                   cu_seqlens_q: Tensor, seq_lens: Tensor, block_table: Tensor, *,
-                   out: Tensor | None = None, alibi_slopes: Tensor | None = None,
-                   sinks: Tensor | None = None, k_scale: float | Tensor | None = None,
-                   v_scale: float | Tensor | None = None, **options) -> Tensor:
+def prefix_prefill(
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cu_seqlens_q: Tensor,
+    seq_lens: Tensor,
+    block_table: Tensor,
+    *,
+    out: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
+    k_scale: float | Tensor | None = None,
+    v_scale: float | Tensor | None = None,
+    **options,
+) -> Tensor:
     """`pagedattn.prefix_prefill` through `torch.ops.pagedattn.prefix_prefill`; returns `out`."""
     out = torch.empty_like(q) if out is None else out
-    prefix_prefill_op(q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out,
-                      alibi_slopes, sinks, _scale_arg(k_scale, k_cache, q.device),
-                      _scale_arg(v_scale, k_cache, q.device), **options)
+    prefix_prefill_op(
+        q,
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        cu_seqlens_q,
+        seq_lens,
+        block_table,
+        out,
+        alibi_slopes,
+        sinks,
+        _scale_arg(k_scale, k_cache, q.device),
+        _scale_arg(v_scale, k_cache, q.device),
+        **options,
+    )
     return out
 
 
-OPS = {"write_kv": write_kv_op, "paged_attention": paged_attention_op,
-       "prefix_prefill": prefix_prefill_op}
+OPS = {"write_kv": write_kv_op, "paged_attention": paged_attention_op, "prefix_prefill": prefix_prefill_op}

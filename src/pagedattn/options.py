@@ -53,10 +53,11 @@ class AttentionOptions:
     kv_layout: str = "nhd"
 
     def __post_init__(self) -> None:
-        check_option_scalars(scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap,
-                             kv_layout=self.kv_layout)
+        check_option_scalars(
+            scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap, kv_layout=self.kv_layout
+        )
 
-    def replace(self, **changes) -> "AttentionOptions":
+    def replace(self, **changes) -> AttentionOptions:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:

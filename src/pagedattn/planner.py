@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,9 +33,24 @@ from .config import FP8_DTYPES, QUERY_DTYPES
 from .errors import BatchMetadataError, DTypeError, PagedAttentionError, ShapeError, UnsupportedConfigError
 from .kernels import unified
 from .options import AttentionOptions
-from .validate import (CONTRACTS, cache_geometry, cache_strides, check_caches, check_choice, check_geometry, check_metadata_tensors,
-                       check_metadata_values, check_new_kv, check_no_overlap, check_options, check_out, check_query,
-                       check_scale, extent, nhd_views)
+from .validate import (
+    CONTRACTS,
+    cache_geometry,
+    cache_strides,
+    check_caches,
+    check_choice,
+    check_geometry,
+    check_metadata_tensors,
+    check_metadata_values,
+    check_new_kv,
+    check_no_overlap,
+    check_options,
+    check_out,
+    check_query,
+    check_scale,
+    extent,
+    nhd_views,
+)
 
 
 def checked_default(checked: bool | None) -> bool:
@@ -113,16 +128,28 @@ class PagedAttention:
         have the first one's num_seqs, num_tokens and bounds.
     """
 
-    def __init__(self, options: AttentionOptions | None = None, *, num_q_heads: int, num_kv_heads: int,
-                 head_size: int, block_size: int, dtype: torch.dtype = torch.bfloat16,
-                 kv_cache_dtype: torch.dtype | None = None, num_blocks: int | None = None,
-                 device: torch.device | str = "cuda", contract: str = "full", decode_from_cache: bool = False,
-                 checked: bool | None = None, backend: str = "auto", cuda_graph: bool = False):
+    def __init__(
+        self,
+        options: AttentionOptions | None = None,
+        *,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_size: int,
+        block_size: int,
+        dtype: torch.dtype = torch.bfloat16,
+        kv_cache_dtype: torch.dtype | None = None,
+        num_blocks: int | None = None,
+        device: torch.device | str = "cuda",
+        contract: str = "full",
+        decode_from_cache: bool = False,
+        checked: bool | None = None,
+        backend: str = "auto",
+        cuda_graph: bool = False,
+    ):
         options = AttentionOptions() if options is None else options
         if not isinstance(options, AttentionOptions):
             raise UnsupportedConfigError(f"options must be an AttentionOptions, got {type(options).__name__}")
-        check_geometry(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
-                       block_size=block_size)
+        check_geometry(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size, block_size=block_size)
         check_choice("contract", contract, CONTRACTS)
         check_choice("backend", backend, ("auto", "triton", "reference"))
         if dtype not in QUERY_DTYPES:
@@ -133,7 +160,11 @@ class PagedAttention:
         check_options(options, num_q_heads=num_q_heads, device=self.device)
         self.options = options
         self.num_q_heads, self.num_kv_heads, self.head_size, self.block_size = (
-            num_q_heads, num_kv_heads, head_size, block_size)
+            num_q_heads,
+            num_kv_heads,
+            head_size,
+            block_size,
+        )
         self.dtype = dtype
         self.kv_cache_dtype = kv_cache_dtype or dtype
         self.num_blocks = num_blocks
@@ -144,9 +175,16 @@ class PagedAttention:
         self.fp8 = self.kv_cache_dtype in FP8_DTYPES
         self.scale = 1.0 / math.sqrt(head_size) if options.scale is None else float(options.scale)
         self._kernel_options = dict(
-            scale=self.scale, softcap=float(options.softcap or 0.0), sliding_window=int(options.sliding_window or 0),
-            alibi=options.alibi_slopes, sinks=options.sinks, context=contract == "context",
-            decode_from_cache=self.decode_from_cache, k_scale=None, v_scale=None)
+            scale=self.scale,
+            softcap=float(options.softcap or 0.0),
+            sliding_window=int(options.sliding_window or 0),
+            alibi=options.alibi_slopes,
+            sinks=options.sinks,
+            context=contract == "context",
+            decode_from_cache=self.decode_from_cache,
+            k_scale=None,
+            v_scale=None,
+        )
         if self.fp8:
             check_scale("k_scale", options.k_scale, self.device, checked=self.checked)
             check_scale("v_scale", options.v_scale, self.device, checked=self.checked)
@@ -162,11 +200,21 @@ class PagedAttention:
     # ------------------------------------------------------------------------------------------
     # plan: once per step
     # ------------------------------------------------------------------------------------------
-    def plan(self, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
-             query_lens_host: Sequence[int] | None = None, seq_lens_host: Sequence[int] | None = None,
-             block_table_host: torch.Tensor | np.ndarray | None = None, max_query_len: int | None = None,
-             max_seq_len: int | None = None, num_tokens: int | None = None,
-             validate: bool | None = None, dispatch_plan: dispatch.Plan | None = None) -> "PagedAttention":
+    def plan(
+        self,
+        cu_seqlens_q: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        *,
+        query_lens_host: Sequence[int] | None = None,
+        seq_lens_host: Sequence[int] | None = None,
+        block_table_host: torch.Tensor | np.ndarray | None = None,
+        max_query_len: int | None = None,
+        max_seq_len: int | None = None,
+        num_tokens: int | None = None,
+        validate: bool | None = None,
+        dispatch_plan: dispatch.Plan | None = None,
+    ) -> PagedAttention:
         """Plan a step from its metadata.
 
         Parameters
@@ -208,17 +256,27 @@ class PagedAttention:
         query_lens = None
         if have_host:
             if query_lens_host is not None and len(query_lens_host) != num_seqs:
-                raise BatchMetadataError(f"query_lens_host has {len(query_lens_host)} entries but seq_lens has "
-                                         f"{num_seqs} sequences")
+                raise BatchMetadataError(
+                    f"query_lens_host has {len(query_lens_host)} entries but seq_lens has {num_seqs} sequences"
+                )
             if len(seq_lens_host) != num_seqs:
-                raise BatchMetadataError(f"seq_lens_host has {len(seq_lens_host)} entries but seq_lens has "
-                                         f"{num_seqs} sequences")
+                raise BatchMetadataError(
+                    f"seq_lens_host has {len(seq_lens_host)} entries but seq_lens has {num_seqs} sequences"
+                )
             if validate:
                 query_lens, seqs = check_metadata_values(
-                    cu_seqlens_q=cu_host, query_lens=None if cu_host is not None else query_lens_host,
-                    seq_lens=seq_lens_host, block_table=block_table_host, block_size=self.block_size,
-                    num_blocks=self.num_blocks, num_tokens=num_tokens, max_query_len=max_query_len,
-                    max_seq_len=max_seq_len, contract=self.contract, decode_from_cache=self.decode_from_cache)
+                    cu_seqlens_q=cu_host,
+                    query_lens=None if cu_host is not None else query_lens_host,
+                    seq_lens=seq_lens_host,
+                    block_table=block_table_host,
+                    block_size=self.block_size,
+                    num_blocks=self.num_blocks,
+                    num_tokens=num_tokens,
+                    max_query_len=max_query_len,
+                    max_seq_len=max_seq_len,
+                    contract=self.contract,
+                    decode_from_cache=self.decode_from_cache,
+                )
             else:
                 query_lens = np.diff(np.asarray(cu_host)) if cu_host is not None else np.asarray(query_lens_host)
                 seqs = np.asarray(seq_lens_host)
@@ -232,13 +290,22 @@ class PagedAttention:
             max_seq_len = block_table.shape[1] * self.block_size
         if self.cuda_graph:
             cu_seqlens_q, seq_lens, block_table = self._into_graph_buffers(
-                cu_seqlens_q, seq_lens, block_table, (num_tokens, max_query_len, max_seq_len))
+                cu_seqlens_q, seq_lens, block_table, (num_tokens, max_query_len, max_seq_len)
+            )
         else:
             self._bindings.clear()
             self._plans.clear()
-        self._batch = _Batch(cu_seqlens_q, seq_lens, block_table, num_tokens, max_query_len, max_seq_len,
-                             None if self.cuda_graph else query_lens, bool(validate),
-                             None if (self.cuda_graph or not have_host) else seqs)
+        self._batch = _Batch(
+            cu_seqlens_q,
+            seq_lens,
+            block_table,
+            num_tokens,
+            max_query_len,
+            max_seq_len,
+            None if self.cuda_graph else query_lens,
+            bool(validate),
+            None if (self.cuda_graph or not have_host) else seqs,
+        )
         self._forced = dispatch_plan
         return self
 
@@ -248,15 +315,20 @@ class PagedAttention:
             self._graph_bounds = bounds
             return self._graph_buffers
         buffers = self._graph_buffers
-        for name, buf, new in zip(("cu_seqlens_q", "seq_lens", "block_table"), buffers,
-                                  (cu_seqlens_q, seq_lens, block_table)):
+        for name, buf, new in zip(
+            ("cu_seqlens_q", "seq_lens", "block_table"), buffers, (cu_seqlens_q, seq_lens, block_table)
+        ):
             if buf.shape != new.shape:
-                raise ShapeError(f"cuda_graph=True: {name} has shape {tuple(new.shape)}, but this PagedAttention "
-                                 f"was first planned with {tuple(buf.shape)} (captured graphs keep their shapes: "
-                                 "make one PagedAttention per captured batch size)")
+                raise ShapeError(
+                    f"cuda_graph=True: {name} has shape {tuple(new.shape)}, but this PagedAttention "
+                    f"was first planned with {tuple(buf.shape)} (captured graphs keep their shapes: "
+                    "make one PagedAttention per captured batch size)"
+                )
         if bounds != self._graph_bounds:
-            raise ShapeError(f"cuda_graph=True: (num_tokens, max_query_len, max_seq_len) = {bounds}, but the first "
-                             f"plan had {self._graph_bounds}; pass the same bounds every step")
+            raise ShapeError(
+                f"cuda_graph=True: (num_tokens, max_query_len, max_seq_len) = {bounds}, but the first "
+                f"plan had {self._graph_bounds}; pass the same bounds every step"
+            )
         for buf, new in zip(buffers, (cu_seqlens_q, seq_lens, block_table)):
             if buf.data_ptr() != new.data_ptr():
                 buf.copy_(new, non_blocking=True)
@@ -269,13 +341,22 @@ class PagedAttention:
         if plan is None:
             b = self._batch
             plan = dispatch.plan(
-                num_seqs=b.seq_lens.shape[0], num_tokens=num_tokens,
+                num_seqs=b.seq_lens.shape[0],
+                num_tokens=num_tokens,
                 max_query_len=num_tokens if b.max_query_len is None else b.max_query_len,
-                max_seq_len=b.max_seq_len, num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads,
-                head_size=self.head_size, block_size=self.block_size, dtype=self.dtype,
-                cache_dtype=self.kv_cache_dtype, sliding_window=int(self.options.sliding_window or 0),
-                context_contract=self.contract == "context", alibi=self.options.alibi_slopes is not None,
-                device=self.device, backend=self.backend)
+                max_seq_len=b.max_seq_len,
+                num_q_heads=self.num_q_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_size=self.head_size,
+                block_size=self.block_size,
+                dtype=self.dtype,
+                cache_dtype=self.kv_cache_dtype,
+                sliding_window=int(self.options.sliding_window or 0),
+                context_contract=self.contract == "context",
+                alibi=self.options.alibi_slopes is not None,
+                device=self.device,
+                backend=self.backend,
+            )
             self._plans[num_tokens] = plan
         return plan
 
@@ -294,8 +375,16 @@ class PagedAttention:
     # ------------------------------------------------------------------------------------------
     # run: once per layer
     # ------------------------------------------------------------------------------------------
-    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, out: torch.Tensor | None = None,
-            k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        out: torch.Tensor | None = None,
+        k_new: torch.Tensor | None = None,
+        v_new: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attention of `q` over the caches, for the planned step.
 
         Parameters
@@ -314,11 +403,23 @@ class PagedAttention:
         b = self._batch
         if b is None:
             raise PagedAttentionError("run() before plan(): plan the step first")
-        key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.shape,
-               v_cache.stride(), k_cache.dtype, v_cache.dtype, k_cache.device, v_cache.device,
-               None if out is None else (out.shape, out.stride(), out.dtype, out.device),
-               None if k_new is None else (k_new.shape, k_new.stride(), k_new.dtype, k_new.device),
-               None if v_new is None else (v_new.shape, v_new.stride(), v_new.dtype, v_new.device))
+        key = (
+            q.shape,
+            q.stride(),
+            q.dtype,
+            q.device,
+            k_cache.shape,
+            k_cache.stride(),
+            v_cache.shape,
+            v_cache.stride(),
+            k_cache.dtype,
+            v_cache.dtype,
+            k_cache.device,
+            v_cache.device,
+            None if out is None else (out.shape, out.stride(), out.dtype, out.device),
+            None if k_new is None else (k_new.shape, k_new.stride(), k_new.dtype, k_new.device),
+            None if v_new is None else (v_new.shape, v_new.stride(), v_new.dtype, v_new.device),
+        )
         binding = self._bindings.get(key)
         if binding is None:  # a new layout: full host checks (and the checked reads) first
             binding = self._bind(q, k_cache, v_cache, out, k_new, v_new)
@@ -343,15 +444,33 @@ class PagedAttention:
     def _bind(self, q, k_cache, v_cache, out, k_new, v_new) -> _Binding:
         """Full host checks of a new layout, then the launches with its strides bound."""
         b = self._batch
-        check_query(q, num_q_heads=self.num_q_heads, head_size=self.head_size, dtype=self.dtype, device=self.device,
-                    num_tokens=b.num_tokens)
+        check_query(
+            q,
+            num_q_heads=self.num_q_heads,
+            head_size=self.head_size,
+            dtype=self.dtype,
+            device=self.device,
+            num_tokens=b.num_tokens,
+        )
         num_tokens = q.shape[0]
         layout = self.options.kv_layout
-        check_caches(k_cache, v_cache, kv_layout=layout, device=self.device,
-                     geometry=(self.num_blocks, self.block_size, self.num_kv_heads, self.head_size),
-                     cache_dtype=self.kv_cache_dtype)
-        check_new_kv(k_new, v_new, num_tokens=num_tokens, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
-                     device=self.device, context=self.contract == "context")
+        check_caches(
+            k_cache,
+            v_cache,
+            kv_layout=layout,
+            device=self.device,
+            geometry=(self.num_blocks, self.block_size, self.num_kv_heads, self.head_size),
+            cache_dtype=self.kv_cache_dtype,
+        )
+        check_new_kv(
+            k_new,
+            v_new,
+            num_tokens=num_tokens,
+            num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size,
+            device=self.device,
+            context=self.contract == "context",
+        )
         if out is not None:
             check_out(out, q)
         spans = tuple(None if t is None else extent(t)[1] - t.data_ptr() for t in (q, k_cache, v_cache, k_new, v_new))
@@ -374,24 +493,44 @@ class PagedAttention:
         if out is None and not q.is_contiguous():
             o_strides = torch.empty(q.shape, dtype=q.dtype, device="meta").stride()
         zero = (0, 0, 0)
-        strides = (q.stride(), o_strides, k_strides, v_strides,
-                   zero if k_new is None else k_new.stride(), zero if v_new is None else v_new.stride())
+        strides = (
+            q.stride(),
+            o_strides,
+            k_strides,
+            v_strides,
+            zero if k_new is None else k_new.stride(),
+            zero if v_new is None else v_new.stride(),
+        )
         parts = [p for p in plan.launches if self.cuda_graph or self._has_work(p)]
         idx64 = max(kc.numel(), vc.numel(), extent(kc)[1] - kc.data_ptr(), extent(vc)[1] - vc.data_ptr()) >= 2**31
         launches = unified.bind_attention(
-            parts, strides=strides,
-            shapes=(num_tokens, self.num_q_heads, self.num_kv_heads, self.head_size, self.block_size, k_x,
-                    num_blocks, self.dtype, k_cache.dtype),
-            metadata=(b.cu_seqlens_q, b.seq_lens, b.block_table), options=self._kernel_options, idx64=idx64,
-            device=self.device)
+            parts,
+            strides=strides,
+            shapes=(
+                num_tokens,
+                self.num_q_heads,
+                self.num_kv_heads,
+                self.head_size,
+                self.block_size,
+                k_x,
+                num_blocks,
+                self.dtype,
+                k_cache.dtype,
+            ),
+            metadata=(b.cu_seqlens_q, b.seq_lens, b.block_table),
+            options=self._kernel_options,
+            idx64=idx64,
+            device=self.device,
+        )
         return _Binding(launches, spans, fp8)
 
     @staticmethod
     def _check_overlap(binding, out, q, k_cache, v_cache, k_new, v_new) -> None:
         o0 = out.data_ptr()
         o1 = o0 + binding.spans[-1] if len(binding.spans) == 6 else extent(out)[1]
-        for name, t, span in zip(("q", "k_cache", "v_cache", "k_new", "v_new"), (q, k_cache, v_cache, k_new, v_new),
-                                 binding.spans):
+        for name, t, span in zip(
+            ("q", "k_cache", "v_cache", "k_new", "v_new"), (q, k_cache, v_cache, k_new, v_new), binding.spans
+        ):
             if t is not None:
                 t0 = t.data_ptr()
                 if o0 < t0 + span and t0 < o1:
@@ -399,20 +538,40 @@ class PagedAttention:
 
     def _check_reads(self, k_cache, v_cache) -> None:
         from . import checks  # checked mode only
+
         b = self._batch
         k, v = nhd_views(k_cache, v_cache, self.options.kv_layout)
-        checks.check_cache_finite(k, v, b.cu_seqlens_q, b.seq_lens, b.block_table, contract=self.contract,
-                                  decode_from_cache=self.decode_from_cache,
-                                  query_lens_host=None if b.query_lens is None else b.query_lens.tolist(),
-                                  seq_lens_host=None if b.seq_lens_host is None else b.seq_lens_host.tolist())
+        checks.check_cache_finite(
+            k,
+            v,
+            b.cu_seqlens_q,
+            b.seq_lens,
+            b.block_table,
+            contract=self.contract,
+            decode_from_cache=self.decode_from_cache,
+            query_lens_host=None if b.query_lens is None else b.query_lens.tolist(),
+            seq_lens_host=None if b.seq_lens_host is None else b.seq_lens_host.tolist(),
+        )
 
     def _reference(self, q, k_cache, v_cache, out, k_new, v_new) -> torch.Tensor:
         b = self._batch
         o = self.options
         ref = reference.attention(
-            q, *nhd_views(k_cache, v_cache, o.kv_layout), b.cu_seqlens_q, b.seq_lens, b.block_table,
-            scale=self.scale, sliding_window=o.sliding_window, alibi_slopes=o.alibi_slopes, softcap=o.softcap,
-            sinks=o.sinks, k_scale=o.k_scale, v_scale=o.v_scale, k_new=k_new, v_new=v_new,
-            decode_from_cache=self.decode_from_cache)
+            q,
+            *nhd_views(k_cache, v_cache, o.kv_layout),
+            b.cu_seqlens_q,
+            b.seq_lens,
+            b.block_table,
+            scale=self.scale,
+            sliding_window=o.sliding_window,
+            alibi_slopes=o.alibi_slopes,
+            softcap=o.softcap,
+            sinks=o.sinks,
+            k_scale=o.k_scale,
+            v_scale=o.v_scale,
+            k_new=k_new,
+            v_new=v_new,
+            decode_from_cache=self.decode_from_cache,
+        )
         out.copy_(ref)
         return out

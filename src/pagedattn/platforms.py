@@ -20,8 +20,8 @@ failed, and the tests check each against vLLM's text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -55,11 +55,23 @@ class VllmCase:
     sinks: bool = False
 
     @classmethod
-    def from_config(cls, config: AttentionConfig, max_seq_len: int) -> "VllmCase":
-        kv = "auto" if config.kv_dtype == "auto" else ("fp8" if config.kv_dtype in ("fp8", "fp8_e4m3", "e4m3")
-                                                         else "fp8_e5m2")
-        return cls(config.dtype, config.head_size, config.block_size, config.num_queries_per_kv, max_seq_len,
-                   config.sliding_window, kv, config.use_alibi, config.use_sinks)
+    def from_config(cls, config: AttentionConfig, max_seq_len: int) -> VllmCase:
+        kv = (
+            "auto"
+            if config.kv_dtype == "auto"
+            else ("fp8" if config.kv_dtype in ("fp8", "fp8_e4m3", "e4m3") else "fp8_e5m2")
+        )
+        return cls(
+            config.dtype,
+            config.head_size,
+            config.block_size,
+            config.num_queries_per_kv,
+            max_seq_len,
+            config.sliding_window,
+            kv,
+            config.use_alibi,
+            config.use_sinks,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,8 +80,9 @@ class Condition:
     holds: Callable[[VllmCase], bool]
 
 
-_HALF_OR_BF16 = Condition("qtype == torch.half or qtype == torch.bfloat16",
-                          lambda c: c.dtype in (torch.float16, torch.bfloat16))
+_HALF_OR_BF16 = Condition(
+    "qtype == torch.half or qtype == torch.bfloat16", lambda c: c.dtype in (torch.float16, torch.bfloat16)
+)
 _NO_WINDOW = Condition("sliding_window == 0", lambda c: not c.sliding_window)
 _SEQ_LEN = Condition("max_seq_len <= 128 * 1024", lambda c: c.max_seq_len <= MAX_SEQ_LEN)
 _NO_SINKS = Condition("sinks is None", lambda c: not c.sinks)
@@ -78,14 +91,17 @@ _NO_SINKS = Condition("sinks is None", lambda c: not c.sinks)
 CUSTOM_KERNEL_RULES: dict[str, tuple[Condition, ...]] = {
     "cuda": (),
     "rocm-cdna": (
-        _NO_WINDOW, _HALF_OR_BF16,
+        _NO_WINDOW,
+        _HALF_OR_BF16,
         Condition("head_size == 64 or head_size == 128", lambda c: c.head_size in (64, 128)),
         Condition("block_size == 16 or block_size == 32", lambda c: c.block_size in (16, 32)),
         Condition("gqa_ratio >= 1 and gqa_ratio <= 16", lambda c: 1 <= c.gqa_ratio <= 16),
-        _SEQ_LEN, _NO_SINKS,
+        _SEQ_LEN,
+        _NO_SINKS,
     ),
     "rocm-gfx1x": (
-        _NO_WINDOW, _HALF_OR_BF16,
+        _NO_WINDOW,
+        _HALF_OR_BF16,
         Condition("head_size == 128", lambda c: c.head_size == 128),
         Condition("block_size == 16", lambda c: c.block_size == 16),
         Condition("gqa_ratio >= 3 and gqa_ratio <= 16", lambda c: 3 <= c.gqa_ratio <= 16),
@@ -96,8 +112,10 @@ CUSTOM_KERNEL_RULES: dict[str, tuple[Condition, ...]] = {
     ),
 }
 # chunked_prefill_paged_decode, after the rule: Triton for a block size that is not a power of two
-_POW2_BLOCK = Condition("block_size is a power of two (chunked_prefill_paged_decode)",
-                        lambda c: c.block_size > 0 and c.block_size & (c.block_size - 1) == 0)
+_POW2_BLOCK = Condition(
+    "block_size is a power of two (chunked_prefill_paged_decode)",
+    lambda c: c.block_size > 0 and c.block_size & (c.block_size - 1) == 0,
+)
 
 
 @dataclass(frozen=True)
@@ -134,5 +152,6 @@ def vllm_kernel(platform: str, case: VllmCase, op: str = "chunked_prefill_paged_
     if failed:
         why = "Triton: " + "; ".join(failed) if platform != "cuda" else "Triton: " + failed[0]
         return VllmChoice(platform, op, TRITON_DECODE, TRITON_PREFIX, why)
-    return VllmChoice(platform, op, ROCM_CUSTOM, TRITON_PREFIX,
-                      "every condition of use_rocm_custom_paged_attention holds")
+    return VllmChoice(
+        platform, op, ROCM_CUSTOM, TRITON_PREFIX, "every condition of use_rocm_custom_paged_attention holds"
+    )

@@ -34,8 +34,7 @@ import torch
 from .config import FP8_DTYPES
 from .errors import DTypeError, LayoutError, UnsupportedConfigError
 
-__all__ = ["POISON_BITS", "poison_", "poison_bits", "is_poison", "is_nonfinite", "empty_kv_cache",
-           "KV_LAYOUTS"]
+__all__ = ["POISON_BITS", "poison_", "poison_bits", "is_poison", "is_nonfinite", "empty_kv_cache", "KV_LAYOUTS"]
 
 # dtype -> (poison bit pattern, the integer dtype of the same width it is compared in, exponent mask)
 POISON_BITS = {
@@ -63,8 +62,10 @@ def _format(t: torch.Tensor, dtype: torch.dtype | None, name: str = "tensor") ->
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype == torch.uint8:
         if dtype not in FP8_DTYPES:
-            raise DTypeError(f"{name} is torch.uint8 (fp8 storage): pass dtype=torch.float8_e4m3fn or "
-                             f"torch.float8_e5m2 to say which format it holds, got dtype={dtype}")
+            raise DTypeError(
+                f"{name} is torch.uint8 (fp8 storage): pass dtype=torch.float8_e4m3fn or "
+                f"torch.float8_e5m2 to say which format it holds, got dtype={dtype}"
+            )
         return dtype
     if dtype is not None and dtype != t.dtype:
         raise DTypeError(f"{name} is {t.dtype} but dtype={dtype} was given (dtype= is only for uint8 storage)")
@@ -141,14 +142,21 @@ KV_LAYOUTS = {
     "nhd": "k, v: [num_blocks, block_size, num_kv_heads, head_size] (vLLM's flash layout, pagedattn's own)",
     "hnd": "k, v: [num_blocks, num_kv_heads, block_size, head_size] (FlashInfer's HND)",
     "vllm_v0": "k: [num_blocks, num_kv_heads, head_size // x, block_size, x], x = 16 bytes / element size; "
-               "v: [num_blocks, num_kv_heads, head_size, block_size] (vLLM's older layout, "
-               "context_attention_fwd / chunked_prefill_paged_decode)",
+    "v: [num_blocks, num_kv_heads, head_size, block_size] (vLLM's older layout, "
+    "context_attention_fwd / chunked_prefill_paged_decode)",
 }
 
 
-def empty_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, *,
-                   dtype: torch.dtype = torch.float16, layout: str = "nhd",
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def empty_kv_cache(
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_size: int,
+    *,
+    dtype: torch.dtype = torch.float16,
+    layout: str = "nhd",
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A (k_cache, v_cache) pair, every element poisoned: any slot read before it is written turns
     the outputs that read it into NaN, and checked mode names it.
 
@@ -156,8 +164,12 @@ def empty_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_siz
     vLLM code that wants uint8 fp8 storage can `.view(torch.uint8)` the result); `layout` one of
     `KV_LAYOUTS` ("nhd", "hnd", "vllm_v0"). Returns two separate contiguous tensors in that layout.
     The cost is one fill pass over the memory, like torch.full."""
-    for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
-                        ("num_kv_heads", num_kv_heads), ("head_size", head_size)):
+    for name, value in (
+        ("num_blocks", num_blocks),
+        ("block_size", block_size),
+        ("num_kv_heads", num_kv_heads),
+        ("head_size", head_size),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise UnsupportedConfigError(f"{name} must be a positive int, got {value!r}")
     if dtype not in POISON_BITS:
@@ -169,8 +181,10 @@ def empty_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_siz
     elif layout == "vllm_v0":
         x = 16 // dtype.itemsize
         if head_size % x:
-            raise LayoutError(f"layout 'vllm_v0' packs head_size in chunks of x = 16 bytes / {dtype.itemsize} = {x} "
-                              f"elements; head_size {head_size} is not a multiple of {x}")
+            raise LayoutError(
+                f"layout 'vllm_v0' packs head_size in chunks of x = 16 bytes / {dtype.itemsize} = {x} "
+                f"elements; head_size {head_size} is not a multiple of {x}"
+            )
         k_shape = (num_blocks, num_kv_heads, head_size // x, block_size, x)
         v_shape = (num_blocks, num_kv_heads, head_size, block_size)
     else:
@@ -178,4 +192,3 @@ def empty_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_siz
     k = poison_(torch.empty(k_shape, dtype=dtype, device=device))
     v = poison_(torch.empty(v_shape, dtype=dtype, device=device))
     return k, v
-

@@ -30,8 +30,13 @@ import math
 import torch
 
 
-def gather_sequence(cache: torch.Tensor, block_table_row: torch.Tensor, length: int,
-                    scale: float | torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def gather_sequence(
+    cache: torch.Tensor,
+    block_table_row: torch.Tensor,
+    length: int,
+    scale: float | torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Tokens 0..length-1 of one sequence: [length, num_kv_heads, head_size] in `dtype`.
     `cache` is [num_blocks, block_size, num_kv_heads, head_size]."""
     block_size = cache.shape[1]

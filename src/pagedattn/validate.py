@@ -14,14 +14,21 @@ Every message names the argument, what was expected and what came.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from .config import FP8_DTYPES, MAX_HEAD_SIZE, QUERY_DTYPES, SUPPORTED_BLOCK_SIZES
-from .errors import (BatchMetadataError, DeviceError, DTypeError, LayoutError, ScaleError, ShapeError,
-                     UnsupportedConfigError)
+from .errors import (
+    BatchMetadataError,
+    DeviceError,
+    DTypeError,
+    LayoutError,
+    ScaleError,
+    ShapeError,
+    UnsupportedConfigError,
+)
 
 # Cache layouts, by the order of a cache tensor's dimensions:
 #   "nhd":     [num_blocks, block_size, num_kv_heads, head_size]  (vLLM flash layout, FlashInfer NHD)
@@ -128,8 +135,9 @@ def check_scale(name: str, scale, device: torch.device, *, checked: bool = False
 # ---------------------------------------------------------------------------------------------
 # per-call tensors (host checks only)
 # ---------------------------------------------------------------------------------------------
-def check_query(q, *, num_q_heads: int, head_size: int, dtype: torch.dtype | None, device: torch.device,
-                num_tokens: int | None) -> None:
+def check_query(
+    q, *, num_q_heads: int, head_size: int, dtype: torch.dtype | None, device: torch.device, num_tokens: int | None
+) -> None:
     """q: [num_tokens, num_q_heads, head_size] of the planned dtype on the planned device."""
     check_tensor("q", q, 3, device)
     if q.dtype not in QUERY_DTYPES:
@@ -137,15 +145,26 @@ def check_query(q, *, num_q_heads: int, head_size: int, dtype: torch.dtype | Non
     if dtype is not None and q.dtype != dtype:
         raise DTypeError(f"q is {q.dtype} but this attention was planned for {dtype}")
     if (q.shape[1], q.shape[2]) != (num_q_heads, head_size):
-        raise ShapeError(f"q must be [num_tokens, num_q_heads, head_size] with num_q_heads={num_q_heads}, "
-                         f"head_size={head_size}, got {list(q.shape)}")
+        raise ShapeError(
+            f"q must be [num_tokens, num_q_heads, head_size] with num_q_heads={num_q_heads}, "
+            f"head_size={head_size}, got {list(q.shape)}"
+        )
     if num_tokens is not None and q.shape[0] != num_tokens:
-        raise ShapeError(f"q has {q.shape[0]} rows (tokens) but the batch has {num_tokens} query tokens "
-                         f"(cu_seqlens_q[-1]); the kernel would read and write rows that are not there")
+        raise ShapeError(
+            f"q has {q.shape[0]} rows (tokens) but the batch has {num_tokens} query tokens "
+            f"(cu_seqlens_q[-1]); the kernel would read and write rows that are not there"
+        )
 
 
-def check_caches(k_cache, v_cache, *, kv_layout: str, device: torch.device, geometry: tuple[int, int, int, int],
-                 cache_dtype: torch.dtype | None) -> None:
+def check_caches(
+    k_cache,
+    v_cache,
+    *,
+    kv_layout: str,
+    device: torch.device,
+    geometry: tuple[int, int, int, int],
+    cache_dtype: torch.dtype | None,
+) -> None:
     """The caches have the planned geometry, a supported dtype, contiguous head dims."""
     got = cache_geometry(k_cache, v_cache, kv_layout, device)
     num_blocks, block_size, num_kv_heads, head_size = geometry
@@ -153,7 +172,8 @@ def check_caches(k_cache, v_cache, *, kv_layout: str, device: torch.device, geom
         raise ShapeError(
             f"k_cache has (num_blocks, block_size, num_kv_heads, head_size) = {got}, planned for "
             f"{(num_blocks if num_blocks is not None else got[0], block_size, num_kv_heads, head_size)} "
-            f"(kv_layout {kv_layout!r})")
+            f"(kv_layout {kv_layout!r})"
+        )
     if k_cache.dtype != v_cache.dtype:
         raise DTypeError(f"k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must share a dtype")
     if k_cache.dtype not in QUERY_DTYPES + FP8_DTYPES:
@@ -168,15 +188,18 @@ def check_new_kv(k_new, v_new, *, num_tokens: int, num_kv_heads: int, head_size:
             if t is not None:
                 raise UnsupportedConfigError(
                     f"{name} was given to a full-cache attention (the new tokens' K/V must already be in "
-                    f"the cache); plan with contract='context' to pass them separately")
+                    f"the cache); plan with contract='context' to pass them separately"
+                )
         return
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         if t is None:
             raise UnsupportedConfigError(f"{name} is required under the context-cache contract")
         check_tensor(name, t, 3, device)
         if tuple(t.shape) != (num_tokens, num_kv_heads, head_size):
-            raise ShapeError(f"{name} must be [num_tokens, num_kv_heads, head_size] = "
-                             f"{[num_tokens, num_kv_heads, head_size]}, got {list(t.shape)}")
+            raise ShapeError(
+                f"{name} must be [num_tokens, num_kv_heads, head_size] = "
+                f"{[num_tokens, num_kv_heads, head_size]}, got {list(t.shape)}"
+            )
         if t.dtype not in QUERY_DTYPES:
             raise DTypeError(f"{name} must be fp16/bf16/fp32, got {t.dtype}")
 
@@ -225,8 +248,9 @@ def check_options(options, *, num_q_heads: int, device: torch.device) -> None:
 
 
 def check_option_scalars(*, scale, sliding_window, softcap, kv_layout) -> None:
-    if sliding_window is not None and (not isinstance(sliding_window, int) or isinstance(sliding_window, bool)
-                                       or sliding_window < 0):
+    if sliding_window is not None and (
+        not isinstance(sliding_window, int) or isinstance(sliding_window, bool) or sliding_window < 0
+    ):
         raise UnsupportedConfigError(f"sliding_window must be None, 0 (none) or a positive int, got {sliding_window!r}")
     if softcap is not None and (not math.isfinite(float(softcap)) or float(softcap) < 0):
         raise UnsupportedConfigError(f"softcap must be None, 0 (off) or finite and > 0, got {softcap!r}")
@@ -236,8 +260,12 @@ def check_option_scalars(*, scale, sliding_window, softcap, kv_layout) -> None:
 
 
 def check_geometry(*, num_q_heads: int, num_kv_heads: int, head_size: int, block_size: int) -> None:
-    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_size", head_size),
-                        ("block_size", block_size)):
+    for name, value in (
+        ("num_q_heads", num_q_heads),
+        ("num_kv_heads", num_kv_heads),
+        ("head_size", head_size),
+        ("block_size", block_size),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise UnsupportedConfigError(f"{name} must be a positive int, got {value!r}")
     if head_size > MAX_HEAD_SIZE:
@@ -253,8 +281,11 @@ def check_geometry(*, num_q_heads: int, num_kv_heads: int, head_size: int, block
 # ---------------------------------------------------------------------------------------------
 def check_metadata_tensors(cu_seqlens_q, seq_lens, block_table, device: torch.device | None = None) -> None:
     """Ranks, sizes, dtypes, devices of the metadata (no device sync)."""
-    for name, t, rank in (("cu_seqlens_q", cu_seqlens_q, 1), ("seq_lens", seq_lens, 1),
-                          ("block_table", block_table, 2)):
+    for name, t, rank in (
+        ("cu_seqlens_q", cu_seqlens_q, 1),
+        ("seq_lens", seq_lens, 1),
+        ("block_table", block_table, 2),
+    ):
         check_tensor(name, t)
         if t.dtype != torch.int32:
             raise DTypeError(f"{name} must be int32, got {t.dtype}")
@@ -264,8 +295,10 @@ def check_metadata_tensors(cu_seqlens_q, seq_lens, block_table, device: torch.de
     if num_seqs == 0:
         raise BatchMetadataError("the batch is empty: seq_lens has 0 sequences")
     if cu_seqlens_q.shape[0] != num_seqs + 1:
-        raise ShapeError(f"cu_seqlens_q must have num_seqs + 1 = {num_seqs + 1} entries (num_seqs from "
-                         f"seq_lens), got {cu_seqlens_q.shape[0]}")
+        raise ShapeError(
+            f"cu_seqlens_q must have num_seqs + 1 = {num_seqs + 1} entries (num_seqs from "
+            f"seq_lens), got {cu_seqlens_q.shape[0]}"
+        )
     if block_table.shape[0] < num_seqs:
         raise ShapeError(f"block_table must have at least num_seqs = {num_seqs} rows, got {block_table.shape[0]}")
     device = device or seq_lens.device
@@ -278,11 +311,20 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def check_metadata_values(*, cu_seqlens_q: Sequence[int] | None, query_lens: Sequence[int] | None,
-                          seq_lens: Sequence[int], block_table: torch.Tensor | np.ndarray | None,
-                          block_size: int, num_blocks: int | None, num_tokens: int | None,
-                          max_query_len: int | None, max_seq_len: int | None, contract: str = "full",
-                          decode_from_cache: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def check_metadata_values(
+    *,
+    cu_seqlens_q: Sequence[int] | None,
+    query_lens: Sequence[int] | None,
+    seq_lens: Sequence[int],
+    block_table: torch.Tensor | np.ndarray | None,
+    block_size: int,
+    num_blocks: int | None,
+    num_tokens: int | None,
+    max_query_len: int | None,
+    max_seq_len: int | None,
+    contract: str = "full",
+    decode_from_cache: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Every value rule of a batch, on host copies, vectorised (no device sync). Give the offsets
     (`cu_seqlens_q`) or the lengths (`query_lens`). Returns (query_lens, seq_lens) as int64 arrays.
 
@@ -300,8 +342,10 @@ def check_metadata_values(*, cu_seqlens_q: Sequence[int] | None, query_lens: Seq
         q = np.diff(cu)
         if (q < 0).any():
             i = _first(q < 0)
-            raise BatchMetadataError(f"cu_seqlens_q must be non-decreasing: cu_seqlens_q[{i}] = {int(cu[i])} > "
-                                     f"cu_seqlens_q[{i + 1}] = {int(cu[i + 1])} (sequence {i})")
+            raise BatchMetadataError(
+                f"cu_seqlens_q must be non-decreasing: cu_seqlens_q[{i}] = {int(cu[i])} > "
+                f"cu_seqlens_q[{i + 1}] = {int(cu[i + 1])} (sequence {i})"
+            )
     else:
         q = np.asarray(query_lens, dtype=np.int64)
         if q.shape != seq.shape:
@@ -311,15 +355,18 @@ def check_metadata_values(*, cu_seqlens_q: Sequence[int] | None, query_lens: Seq
             raise BatchMetadataError(f"query_lens[{i}] = {int(q[i])} is negative")
     total = int(q.sum())
     if num_tokens is not None and total != num_tokens:
-        raise BatchMetadataError(f"cu_seqlens_q[-1] = {total} (the batch's query tokens) but q has {num_tokens} "
-                                 f"rows: they must be equal")
+        raise BatchMetadataError(
+            f"cu_seqlens_q[-1] = {total} (the batch's query tokens) but q has {num_tokens} rows: they must be equal"
+        )
     if (seq < 0).any():
         i = _first(seq < 0)
         raise BatchMetadataError(f"seq_lens[{i}] = {int(seq[i])} is negative")
     if (q > seq).any():
         i = _first(q > seq)
-        raise BatchMetadataError(f"sequence {i}: query_len {int(q[i])} (cu_seqlens_q[{i + 1}] - cu_seqlens_q[{i}]) "
-                                 f"exceeds seq_lens[{i}] = {int(seq[i])}")
+        raise BatchMetadataError(
+            f"sequence {i}: query_len {int(q[i])} (cu_seqlens_q[{i + 1}] - cu_seqlens_q[{i}]) "
+            f"exceeds seq_lens[{i}] = {int(seq[i])}"
+        )
     if max_query_len is not None and q.size and int(q.max()) > max_query_len:
         i = int(q.argmax())
         raise BatchMetadataError(f"max_query_len = {max_query_len} but sequence {i} has query_len {int(q[i])}")
@@ -340,8 +387,10 @@ def _check_block_table(block_table, reads: np.ndarray, block_size: int, num_bloc
     needed = -(-reads // block_size)
     if needed.size and int(needed.max()) > width:
         i = int(needed.argmax())
-        raise BatchMetadataError(f"sequence {i}: reading {int(reads[i])} positions needs {int(needed[i])} blocks of "
-                                 f"{block_size} tokens, but block_table has only {width} columns")
+        raise BatchMetadataError(
+            f"sequence {i}: reading {int(reads[i])} positions needs {int(needed[i])} blocks of "
+            f"{block_size} tokens, but block_table has only {width} columns"
+        )
     if num_blocks is None or not needed.size:
         return
     used = np.arange(width)[None, :] < needed[:, None]
@@ -349,5 +398,6 @@ def _check_block_table(block_table, reads: np.ndarray, block_size: int, num_bloc
     bad = used & ((rows < 0) | (rows >= num_blocks))
     if bad.any():
         i, j = (int(x) for x in np.argwhere(bad)[0])
-        raise BatchMetadataError(f"block_table[{i}, {j}] = {int(rows[i, j])} is out of range for a cache of "
-                                 f"{num_blocks} blocks")
+        raise BatchMetadataError(
+            f"block_table[{i}, {j}] = {int(rows[i, j])} is out of range for a cache of {num_blocks} blocks"
+        )

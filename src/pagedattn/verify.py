@@ -56,27 +56,44 @@ def best_device() -> tuple[torch.device, str]:
         return torch.device("cuda"), f"Triton kernels on {torch.cuda.get_device_name()}"
     if dispatch.interpreter_enabled():
         return torch.device("cpu"), "Triton kernels through the interpreter (CPU, TRITON_INTERPRET=1)"
-    return torch.device("cpu"), ("the PyTorch reference (CPU, TRITON_INTERPRET unset): this checks the "
-                                 "harness, not a kernel; set TRITON_INTERPRET=1 or use a GPU")
+    return torch.device("cpu"), (
+        "the PyTorch reference (CPU, TRITON_INTERPRET unset): this checks the "
+        "harness, not a kernel; set TRITON_INTERPRET=1 or use a GPU"
+    )
 
 
 def run_case(case: Case, device="cpu", contract: str = "full", seed: int = 0) -> CaseResult:
     """Build the case through the cache, run `attention` (checked) into a NaN-poisoned buffer, compare
     with the reference. Errors raised by the library become a failed result naming them."""
     device = torch.device(device)
-    kernel = dispatch.plan_for(case.config, case.shape, device=device,
-                               context_contract=contract == "context").kernel
+    kernel = dispatch.plan_for(case.config, case.shape, device=device, context_contract=contract == "context").kernel
     start = time.perf_counter()
     try:
         step = make_step(case.config, case.shape, device=device, seed=seed, contract=contract)
         out = torch.full_like(step.q, float("nan"))
-        attention(step.q, step.cache, step.batch, out=out, checked=True,
-                  sliding_window=case.config.sliding_window or None, **step.call_options())
+        attention(
+            step.q,
+            step.cache,
+            step.batch,
+            out=out,
+            checked=True,
+            sliding_window=case.config.sliding_window or None,
+            **step.call_options(),
+        )
         ref = step.reference()
         report = step.compare(out, ref)
-    except Exception as e:  # noqa: BLE001: a case that raises is a failed case, reported as such
-        return CaseResult(case.label(), contract, kernel, math.nan, False, f"{type(e).__name__}: {e}",
-                          time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001  (a case that raises is a failed case, reported as such)
+        return CaseResult(
+            case.label(), contract, kernel, math.nan, False, f"{type(e).__name__}: {e}", time.perf_counter() - start
+        )
     summary = report.summary() if not report.ok else "ok"
-    return CaseResult(case.label(), contract, kernel, report.max_abs_err if not report.nan else math.inf,
-                      report.ok, summary, time.perf_counter() - start, report)
+    return CaseResult(
+        case.label(),
+        contract,
+        kernel,
+        report.max_abs_err if not report.nan else math.inf,
+        report.ok,
+        summary,
+        time.perf_counter() - start,
+        report,
+    )

@@ -15,11 +15,15 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="the output under test (torch.save of one tensor)")
     parser.add_argument("ref", metavar="REF", help="the expected output (torch.save of one tensor)")
-    parser.add_argument("--batch", required=True, metavar="META",
-                        help="batch metadata: a JSON file (query_lens or cu_seqlens_q, seq_lens or ctx_lens, "
-                             "optional block_table, contract, decode_from_cache, num_kv_heads, block_size, "
-                             "sliding_window, num_q_heads; q/k_new/v_new/k_cache/v_cache as paths to saved "
-                             "tensors) or a torch.save'd dict with the same keys")
+    parser.add_argument(
+        "--batch",
+        required=True,
+        metavar="META",
+        help="batch metadata: a JSON file (query_lens or cu_seqlens_q, seq_lens or ctx_lens, "
+        "optional block_table, contract, decode_from_cache, num_kv_heads, block_size, "
+        "sliding_window, num_q_heads; q/k_new/v_new/k_cache/v_cache as paths to saved "
+        "tensors) or a torch.save'd dict with the same keys",
+    )
     parser.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: by OUT's dtype)")
     parser.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: by OUT's dtype)")
     parser.add_argument("--max-rows", type=int, default=12, help="rows shown per table")

@@ -10,8 +10,11 @@ KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vllm-grid", action="store_true",
-                        help="explain every configuration of vLLM's chunked-prefill test grid instead")
+    parser.add_argument(
+        "--vllm-grid",
+        action="store_true",
+        help="explain every configuration of vLLM's chunked-prefill test grid instead",
+    )
     parser.add_argument("--seed-grid", dest="vllm_grid", action="store_true", help=argparse.SUPPRESS)  # old name
     parser.add_argument("--num-q-heads", type=int, default=32, help="query heads")
     parser.add_argument("--num-kv-heads", type=int, default=8, help="KV heads")
@@ -19,19 +22,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
     parser.add_argument("--sliding-window", type=int, default=0, help="0: no window")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16", help="query and output dtype")
-    parser.add_argument("--kv-dtype", default="auto", metavar="{" + ",".join(KV_DTYPES) + "}",
-                        help="cache dtype: auto (= --dtype) or an fp8 format")
-    parser.add_argument("--query-lens", type=lengths, default="1,1,1,1", metavar="N,...",
-                        help="query tokens per sequence, comma-separated")
-    parser.add_argument("--ctx-lens", type=lengths, default="32767,32767,32767,32767", metavar="N,...",
-                        help="tokens already in the cache per sequence, comma-separated")
+    parser.add_argument(
+        "--kv-dtype",
+        default="auto",
+        metavar="{" + ",".join(KV_DTYPES) + "}",
+        help="cache dtype: auto (= --dtype) or an fp8 format",
+    )
+    parser.add_argument(
+        "--query-lens",
+        type=lengths,
+        default="1,1,1,1",
+        metavar="N,...",
+        help="query tokens per sequence, comma-separated",
+    )
+    parser.add_argument(
+        "--ctx-lens",
+        type=lengths,
+        default="32767,32767,32767,32767",
+        metavar="N,...",
+        help="tokens already in the cache per sequence, comma-separated",
+    )
     parser.add_argument("--sms", type=int, default=None, help="plan for this many SMs (default: the GPU's, or 132)")
-    parser.add_argument("--platform", type=platforms, default=(), metavar="{cuda,rocm-cdna,rocm-gfx1x,all}[,...]",
-                        help="also show the kernel vLLM 0.33 itself picks on these platforms for its decode rows "
-                             "(use_rocm_custom_paged_attention; comma-separated, or all)")
-    parser.add_argument("--vllm-op", default="chunked_prefill_paged_decode",
-                        choices=["chunked_prefill_paged_decode", "context_attention_fwd", "unified_attention"],
-                        help="the vLLM op whose choice --platform shows")
+    parser.add_argument(
+        "--platform",
+        type=platforms,
+        default=(),
+        metavar="{cuda,rocm-cdna,rocm-gfx1x,all}[,...]",
+        help="also show the kernel vLLM 0.33 itself picks on these platforms for its decode rows "
+        "(use_rocm_custom_paged_attention; comma-separated, or all)",
+    )
+    parser.add_argument(
+        "--vllm-op",
+        default="chunked_prefill_paged_decode",
+        choices=["chunked_prefill_paged_decode", "context_attention_fwd", "unified_attention"],
+        help="the vLLM op whose choice --platform shows",
+    )
     parser.add_argument("--json", action="store_true", help="print the plans as JSON")
 
 
@@ -61,8 +86,15 @@ def plans(args) -> tuple[list[dict], str]:
     else:
         try:
             shape = BatchShape(args.query_lens, args.ctx_lens)
-            config = AttentionConfig(args.num_q_heads, args.num_kv_heads, args.head_size, args.block_size,
-                                     DTYPE_NAMES[args.dtype], args.kv_dtype, args.sliding_window)
+            config = AttentionConfig(
+                args.num_q_heads,
+                args.num_kv_heads,
+                args.head_size,
+                args.block_size,
+                DTYPE_NAMES[args.dtype],
+                args.kv_dtype,
+                args.sliding_window,
+            )
         except (ValueError, UnsupportedConfigError) as e:
             raise SystemExit(f"pagedattn explain: {e}") from None
         cases = [(config, shape)]

@@ -37,22 +37,38 @@ import torch
 
 from ..attention import paged_attention, prefix_prefill
 from ..config import FP8_DTYPES, fp8_dtype_of
-from ..errors import (DTypeError, LayoutError, PagedAttentionError, ScaleError, ShapeError,
-                      UnsupportedConfigError)
+from ..errors import DTypeError, LayoutError, PagedAttentionError, ScaleError, ShapeError, UnsupportedConfigError
 from ..kernels.write import check_scale, quantize_fp8, write_kv
 
 __all__ = [
-    "context_attention_fwd", "chunked_prefill_paged_decode", "unified_attention",
-    "reshape_and_cache_flash", "reshape_and_cache",
+    "context_attention_fwd",
+    "chunked_prefill_paged_decode",
+    "unified_attention",
+    "reshape_and_cache_flash",
+    "reshape_and_cache",
 ]
 
 # non-fp8 kv_cache_dtype names vLLM uses ("auto" = the model dtype)
-_FLOAT_CACHE_DTYPES = {"auto": None, "float16": torch.float16, "half": torch.float16,
-                       "bfloat16": torch.bfloat16, "float": torch.float32, "float32": torch.float32}
+_FLOAT_CACHE_DTYPES = {
+    "auto": None,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float": torch.float32,
+    "float32": torch.float32,
+}
 # unified_attention keywords that only size vLLM's own scratch buffers: accepted and ignored
 # (use_td: a tensor-descriptor load switch of vLLM's kernel; pagedattn chooses its own loads)
-_SCRATCH_KWARGS = frozenset({"use_td", "seq_threshold_3D", "num_par_softmax_segments", "softmax_segm_output",
-                             "softmax_segm_max", "softmax_segm_expsum"})
+_SCRATCH_KWARGS = frozenset(
+    {
+        "use_td",
+        "seq_threshold_3D",
+        "num_par_softmax_segments",
+        "softmax_segm_output",
+        "softmax_segm_max",
+        "softmax_segm_expsum",
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +85,9 @@ def _short(value) -> str:
     return repr(value)
 
 
-def _cache_views(kv_cache_dtype, k_cache, v_cache, fn: str,
-                 names: tuple[str, str] = ("k_cache", "v_cache")) -> tuple[torch.Tensor, torch.Tensor]:
+def _cache_views(
+    kv_cache_dtype, k_cache, v_cache, fn: str, names: tuple[str, str] = ("k_cache", "v_cache")
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The caches as pagedattn reads them: uint8 fp8 storage viewed as the torch fp8 dtype."""
     if not isinstance(kv_cache_dtype, str):
         raise UnsupportedConfigError(f"{fn}: kv_cache_dtype must be a string, got {kv_cache_dtype!r}")
@@ -81,24 +98,31 @@ def _cache_views(kv_cache_dtype, k_cache, v_cache, fn: str,
     if "fp8" in kv_cache_dtype:
         target = fp8_dtype_of(kv_cache_dtype)
         if torch.version.hip is not None and target == torch.float8_e4m3fn:
-            raise UnsupportedConfigError(f"{fn}: on ROCm vLLM's kv_cache_dtype={kv_cache_dtype!r} is "
-                                         f"float8_e4m3fnuz, which pagedattn does not read (e4m3fn, e5m2 only)")
+            raise UnsupportedConfigError(
+                f"{fn}: on ROCm vLLM's kv_cache_dtype={kv_cache_dtype!r} is "
+                f"float8_e4m3fnuz, which pagedattn does not read (e4m3fn, e5m2 only)"
+            )
         views = []
         for name, c in caches:
             if c.dtype not in (torch.uint8, target):
-                raise DTypeError(f"{fn}: {name} must be torch.uint8 storage or {target} for "
-                                 f"kv_cache_dtype={kv_cache_dtype!r}, got {c.dtype}")
+                raise DTypeError(
+                    f"{fn}: {name} must be torch.uint8 storage or {target} for "
+                    f"kv_cache_dtype={kv_cache_dtype!r}, got {c.dtype}"
+                )
             views.append(c.view(target))
         return views[0], views[1]
     if kv_cache_dtype not in _FLOAT_CACHE_DTYPES:
         raise UnsupportedConfigError(
             f"{fn}: kv_cache_dtype must be one of {sorted(_FLOAT_CACHE_DTYPES)} or 'fp8', 'fp8_e4m3', "
-            f"'fp8_e5m2', got {kv_cache_dtype!r}")
+            f"'fp8_e5m2', got {kv_cache_dtype!r}"
+        )
     expected = _FLOAT_CACHE_DTYPES[kv_cache_dtype]
     for name, c in caches:
         if c.dtype == torch.uint8:
-            raise DTypeError(f"{fn}: {name} is torch.uint8 (fp8 storage) but kv_cache_dtype="
-                             f"{kv_cache_dtype!r}; pass 'fp8', 'fp8_e4m3' or 'fp8_e5m2'")
+            raise DTypeError(
+                f"{fn}: {name} is torch.uint8 (fp8 storage) but kv_cache_dtype="
+                f"{kv_cache_dtype!r}; pass 'fp8', 'fp8_e4m3' or 'fp8_e5m2'"
+            )
         if expected is not None and c.dtype != expected:
             raise DTypeError(f"{fn}: {name} must be {expected} for kv_cache_dtype={kv_cache_dtype!r}, got {c.dtype}")
     return k_cache, v_cache
@@ -113,8 +137,10 @@ def _per_tensor_scale(name: str, scale):
         return scale
     first = scale[(0,) * scale.dim()]
     if any(st != 0 for st in scale.stride()) and not bool((scale == first).all()):
-        raise ScaleError(f"{name} must hold one per-tensor scale; got a tensor of shape "
-                         f"{tuple(scale.shape)} with different values (per-sequence/head scales are not supported)")
+        raise ScaleError(
+            f"{name} must hold one per-tensor scale; got a tensor of shape "
+            f"{tuple(scale.shape)} with different values (per-sequence/head scales are not supported)"
+        )
     return first
 
 
@@ -159,7 +185,8 @@ def _window_from_window_size(window_size) -> int | None:
         raise UnsupportedConfigError(f"window_size must be a pair (left, right) of ints, got {window_size!r}") from None
     if right not in (-1, 0):
         raise UnsupportedConfigError(
-            f"window_size[1] (right) must be -1 or 0 for causal attention, got {right} (window_size={window_size!r})")
+            f"window_size[1] (right) must be -1 or 0 for causal attention, got {right} (window_size={window_size!r})"
+        )
     if left < -1:
         raise UnsupportedConfigError(f"window_size[0] (left) must be -1 (none) or >= 0, got {left}")
     return None if left == -1 else left + 1
@@ -167,12 +194,16 @@ def _window_from_window_size(window_size) -> int | None:
 
 def _check_older_layout(fn: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if k_cache.dim() != 5 or v_cache.dim() != 4:
-        hint = (" (that is the flash layout: use unified_attention for it)"
-                if k_cache.dim() == 4 and k_cache.shape == v_cache.shape else "")
+        hint = (
+            " (that is the flash layout: use unified_attention for it)"
+            if k_cache.dim() == 4 and k_cache.shape == v_cache.shape
+            else ""
+        )
         raise LayoutError(
             f"{fn} takes vLLM's older cache layout: k_cache [num_blocks, num_kv_heads, head_size // x, "
             f"block_size, x] (5 dims) and v_cache [num_blocks, num_kv_heads, head_size, block_size] "
-            f"(4 dims); got k_cache {list(k_cache.shape)}, v_cache {list(v_cache.shape)}{hint}")
+            f"(4 dims); got k_cache {list(k_cache.shape)}, v_cache {list(v_cache.shape)}{hint}"
+        )
 
 
 @contextlib.contextmanager
@@ -181,8 +212,11 @@ def _vllm_names(fn: str, names: dict[str, str]):
     try:
         yield
     except PagedAttentionError as e:
-        said = ", ".join(f"{ours} = {theirs}" for ours, theirs in names.items()
-                         if ours != theirs and re.search(rf"\b{ours}\b", str(e)))
+        said = ", ".join(
+            f"{ours} = {theirs}"
+            for ours, theirs in names.items()
+            if ours != theirs and re.search(rf"\b{ours}\b", str(e))
+        )
         raise type(e)(f"{fn}: {e}" + (f" (pagedattn's names: {said})" if said else "")) from e
 
 
@@ -194,13 +228,36 @@ def _decode_rows(cu_seqlens_q: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return query_lens.index_select(0, seq.clamp_max(query_lens.shape[0] - 1)) == 1
 
 
-def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_table, query_start_loc,
-             seq_lens, max_query_len, k_scale, v_scale, alibi_slopes, sliding_window, sm_scale, sinks,
-             decode_from_cache, skip_decode=False, checked=None, validate=None):
+def _context(
+    fn,
+    names,
+    q,
+    k,
+    v,
+    o,
+    kv_cache_dtype,
+    k_cache,
+    v_cache,
+    block_table,
+    query_start_loc,
+    seq_lens,
+    max_query_len,
+    k_scale,
+    v_scale,
+    alibi_slopes,
+    sliding_window,
+    sm_scale,
+    sinks,
+    decode_from_cache,
+    skip_decode=False,
+    checked=None,
+    validate=None,
+):
     """The shared body of context_attention_fwd and chunked_prefill_paged_decode; `names` maps
     pagedattn's argument names to the caller's."""
-    k_cache, v_cache = _cache_views(kv_cache_dtype, k_cache, v_cache, fn,
-                                    (names.get("k_cache", "k_cache"), names.get("v_cache", "v_cache")))
+    k_cache, v_cache = _cache_views(
+        kv_cache_dtype, k_cache, v_cache, fn, (names.get("k_cache", "k_cache"), names.get("v_cache", "v_cache"))
+    )
     _check_older_layout(fn, k_cache, v_cache)
     if alibi_slopes is not None and sinks is not None:
         raise UnsupportedConfigError(f"{fn}: sinks cannot be combined with alibi_slopes (as in vLLM)")
@@ -209,9 +266,11 @@ def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_tabl
     seq_lens = _int32(names["seq_lens"], seq_lens)
     block_table = _int32(names["block_table"], block_table)
     if query_start_loc.dim() != 1 or seq_lens.dim() != 1 or query_start_loc.shape[0] != seq_lens.shape[0] + 1:
-        raise ShapeError(f"{fn}: {names['cu_seqlens_q']} must hold the query start offsets of every sequence "
-                         f"and the total, [num_seqs + 1] = [{seq_lens.shape[0] + 1}] for {names['seq_lens']} "
-                         f"of shape {list(seq_lens.shape)}; got shape {list(query_start_loc.shape)}")
+        raise ShapeError(
+            f"{fn}: {names['cu_seqlens_q']} must hold the query start offsets of every sequence "
+            f"and the total, [num_seqs + 1] = [{seq_lens.shape[0] + 1}] for {names['seq_lens']} "
+            f"of shape {list(seq_lens.shape)}; got shape {list(query_start_loc.shape)}"
+        )
     max_query_len = int(max_query_len)
     # vLLM never relied on max_seq_len (its tests pass one below the true maximum): it is not
     # passed on, so the planner takes the true maximum from host copies (or the table's capacity).
@@ -221,12 +280,29 @@ def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_tabl
     if skip_decode and isinstance(o, torch.Tensor) and o.dim() == 3 and o.shape[0] > 0:
         saved = o.clone()  # restore the decode rows afterwards
     with _vllm_names(fn, names):
-        prefix_prefill(q, k, v, k_cache, v_cache, query_start_loc, seq_lens, block_table,
-                       decode_from_cache=decode_from_cache, max_query_len=max_query_len,
-                       max_seq_len=max_seq_len, scale=sm_scale, sliding_window=_window(sliding_window),
-                       alibi_slopes=_float32("alibi_slopes", alibi_slopes), sinks=_float32("sinks", sinks),
-                       k_scale=k_scale, v_scale=v_scale, out=o, kv_layout="vllm_v0", checked=checked,
-                       validate=validate)
+        prefix_prefill(
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            query_start_loc,
+            seq_lens,
+            block_table,
+            decode_from_cache=decode_from_cache,
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+            scale=sm_scale,
+            sliding_window=_window(sliding_window),
+            alibi_slopes=_float32("alibi_slopes", alibi_slopes),
+            sinks=_float32("sinks", sinks),
+            k_scale=k_scale,
+            v_scale=v_scale,
+            out=o,
+            kv_layout="vllm_v0",
+            checked=checked,
+            validate=validate,
+        )
     if saved is not None:
         decode = _decode_rows(query_start_loc, o.shape[0])
         o.copy_(torch.where(decode[:, None, None], saved, o))
@@ -236,10 +312,32 @@ def _context(fn, names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, block_tabl
 # ---------------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------------
-def context_attention_fwd(q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc, b_start_loc, b_seq_len,
-                          max_seq_len, max_input_len, k_scale, v_scale, alibi_slopes=None,
-                          sliding_window=None, sm_scale=None, skip_decode=False, fp8_out_scale=None,
-                          sinks=None, is_block_table_ptr=False, *, checked=None, validate=None):
+def context_attention_fwd(
+    q,
+    k,
+    v,
+    o,
+    kv_cache_dtype,
+    k_cache,
+    v_cache,
+    b_loc,
+    b_start_loc,
+    b_seq_len,
+    max_seq_len,
+    max_input_len,
+    k_scale,
+    v_scale,
+    alibi_slopes=None,
+    sliding_window=None,
+    sm_scale=None,
+    skip_decode=False,
+    fp8_out_scale=None,
+    sinks=None,
+    is_block_table_ptr=False,
+    *,
+    checked=None,
+    validate=None,
+):
     """vLLM's prefix-prefill op. Context-cache contract: the cache (older layout) holds the first
     ctx_len = b_seq_len - query_len tokens of each sequence; the query tokens' K/V are `k`/`v`
     ([num_tokens, num_kv_heads, head_size], rows aligned with `q`). b_loc is the block table,
@@ -251,19 +349,60 @@ def context_attention_fwd(q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc, b
     _refuse("fp8_out_scale", fp8_out_scale, "pagedattn writes the output in q's dtype")
     if is_block_table_ptr:
         raise UnsupportedConfigError("is_block_table_ptr=True (block table of raw pointers) is not supported")
-    names = dict(k_new="k", v_new="v", out="o", cu_seqlens_q="b_start_loc", seq_lens="b_seq_len",
-                 block_table="b_loc")
-    return _context("context_attention_fwd", names, q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc,
-                    b_start_loc, b_seq_len, max_input_len, k_scale, v_scale, alibi_slopes,
-                    sliding_window, sm_scale, sinks, decode_from_cache=False, skip_decode=skip_decode,
-                    checked=checked, validate=validate)
+    names = dict(k_new="k", v_new="v", out="o", cu_seqlens_q="b_start_loc", seq_lens="b_seq_len", block_table="b_loc")
+    return _context(
+        "context_attention_fwd",
+        names,
+        q,
+        k,
+        v,
+        o,
+        kv_cache_dtype,
+        k_cache,
+        v_cache,
+        b_loc,
+        b_start_loc,
+        b_seq_len,
+        max_input_len,
+        k_scale,
+        v_scale,
+        alibi_slopes,
+        sliding_window,
+        sm_scale,
+        sinks,
+        decode_from_cache=False,
+        skip_decode=skip_decode,
+        checked=checked,
+        validate=validate,
+    )
 
 
-def chunked_prefill_paged_decode(query, key, value, output, kv_cache_dtype, key_cache, value_cache,
-                                 block_table, query_start_loc, seq_lens, max_seq_len, max_query_len,
-                                 k_scale, v_scale, alibi_slopes=None, sliding_window=None, sm_scale=None,
-                                 output_scale=None, sinks=None, is_block_table_ptr=False, causal=True, *,
-                                 checked=None, validate=None):
+def chunked_prefill_paged_decode(
+    query,
+    key,
+    value,
+    output,
+    kv_cache_dtype,
+    key_cache,
+    value_cache,
+    block_table,
+    query_start_loc,
+    seq_lens,
+    max_seq_len,
+    max_query_len,
+    k_scale,
+    v_scale,
+    alibi_slopes=None,
+    sliding_window=None,
+    sm_scale=None,
+    output_scale=None,
+    sinks=None,
+    is_block_table_ptr=False,
+    causal=True,
+    *,
+    checked=None,
+    validate=None,
+):
     """vLLM's chunked-prefill op over the older cache layout, in one launch: sequences with
     query_len > 1 follow the context-cache contract (ctx_len tokens in the cache, their own K/V in
     `key`/`value`); sequences with query_len == 1 read all seq_len tokens from the cache, so the
@@ -275,23 +414,76 @@ def chunked_prefill_paged_decode(query, key, value, output, kv_cache_dtype, key_
     slot to be read holds poison. Refused: output_scale (fp8 output), sinks together with ALiBi."""
     _refuse("output_scale", output_scale, "pagedattn writes the output in the query's dtype")
     if causal is not True:
-        raise UnsupportedConfigError(f"chunked_prefill_paged_decode: only causal attention is supported "
-                                     f"(causal=True), got causal={causal!r}")
+        raise UnsupportedConfigError(
+            f"chunked_prefill_paged_decode: only causal attention is supported (causal=True), got causal={causal!r}"
+        )
     if is_block_table_ptr:
-        raise UnsupportedConfigError("chunked_prefill_paged_decode: is_block_table_ptr=True (a block table of "
-                                     "raw pointers) is not supported")
-    names = dict(q="query", k_new="key", v_new="value", out="output", cu_seqlens_q="query_start_loc",
-                 seq_lens="seq_lens", block_table="block_table", k_cache="key_cache", v_cache="value_cache")
-    return _context("chunked_prefill_paged_decode", names, query, key, value, output, kv_cache_dtype,
-                    key_cache, value_cache, block_table, query_start_loc, seq_lens, max_query_len,
-                    k_scale, v_scale, alibi_slopes, sliding_window, sm_scale, sinks, decode_from_cache=True,
-                    checked=checked, validate=validate)
+        raise UnsupportedConfigError(
+            "chunked_prefill_paged_decode: is_block_table_ptr=True (a block table of raw pointers) is not supported"
+        )
+    names = dict(
+        q="query",
+        k_new="key",
+        v_new="value",
+        out="output",
+        cu_seqlens_q="query_start_loc",
+        seq_lens="seq_lens",
+        block_table="block_table",
+        k_cache="key_cache",
+        v_cache="value_cache",
+    )
+    return _context(
+        "chunked_prefill_paged_decode",
+        names,
+        query,
+        key,
+        value,
+        output,
+        kv_cache_dtype,
+        key_cache,
+        value_cache,
+        block_table,
+        query_start_loc,
+        seq_lens,
+        max_query_len,
+        k_scale,
+        v_scale,
+        alibi_slopes,
+        sliding_window,
+        sm_scale,
+        sinks,
+        decode_from_cache=True,
+        checked=checked,
+        validate=validate,
+    )
 
 
-def unified_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
-                      causal, window_size, block_table, softcap, q_descale, k_descale, v_descale,
-                      alibi_slopes=None, output_scale=None, qq_bias=None, sinks=None, *, checked=None,
-                      validate=None, **scratch_kwargs):
+def unified_attention(
+    q,
+    k,
+    v,
+    out,
+    cu_seqlens_q,
+    max_seqlen_q,
+    seqused_k,
+    max_seqlen_k,
+    softmax_scale,
+    causal,
+    window_size,
+    block_table,
+    softcap,
+    q_descale,
+    k_descale,
+    v_descale,
+    alibi_slopes=None,
+    output_scale=None,
+    qq_bias=None,
+    sinks=None,
+    *,
+    checked=None,
+    validate=None,
+    **scratch_kwargs,
+):
     """vLLM v1's unified attention. Full-cache contract: `k`/`v` ARE the caches, flash layout
     [num_blocks, block_size, num_kv_heads, head_size] (fp8 as torch fp8 dtypes, dequantized with
     k_descale / v_descale), and hold all seqused_k tokens of every sequence. Writes `out`, returns it.
@@ -318,23 +510,41 @@ def unified_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_s
         if c.dim() != 4:
             raise LayoutError(
                 f"{fn}: {name} must be a flash-layout cache [num_blocks, block_size, num_kv_heads, head_size] "
-                f"(4 dims), got shape {list(c.shape)} (older 5-dim layouts go to chunked_prefill_paged_decode)")
+                f"(4 dims), got shape {list(c.shape)} (older 5-dim layouts go to chunked_prefill_paged_decode)"
+            )
         if c.dtype == torch.uint8:
-            raise DTypeError(f"{fn}: {name} is torch.uint8: view an fp8 cache as torch.float8_e4m3fn or "
-                             f"torch.float8_e5m2 before the call (unified_attention has no kv_cache_dtype)")
+            raise DTypeError(
+                f"{fn}: {name} is torch.uint8: view an fp8 cache as torch.float8_e4m3fn or "
+                f"torch.float8_e5m2 before the call (unified_attention has no kv_cache_dtype)"
+            )
     k_scale, v_scale = _scales(k, k_descale, v_descale, "k_descale", "v_descale")
     if softcap is not None and float(softcap) < 0:
         raise UnsupportedConfigError(f"{fn}: softcap must be 0 (off) or > 0, got {softcap!r}")
-    names = dict(k_cache="k", v_cache="v", seq_lens="seqused_k", k_scale="k_descale", v_scale="v_descale",
-                 scale="softmax_scale")
+    names = dict(
+        k_cache="k", v_cache="v", seq_lens="seqused_k", k_scale="k_descale", v_scale="v_descale", scale="softmax_scale"
+    )
     with _vllm_names(fn, names):
         return paged_attention(
-            q, k, v, _int32("cu_seqlens_q", cu_seqlens_q), _int32("seqused_k", seqused_k),
-            _int32("block_table", block_table), max_query_len=int(max_seqlen_q), max_seq_len=int(max_seqlen_k),
-            scale=float(softmax_scale), sliding_window=_window_from_window_size(window_size),
-            alibi_slopes=_float32("alibi_slopes", alibi_slopes), softcap=float(softcap) if softcap else None,
-            sinks=_float32("sinks", sinks), k_scale=k_scale, v_scale=v_scale, out=out, kv_layout="nhd",
-            checked=checked, validate=validate)
+            q,
+            k,
+            v,
+            _int32("cu_seqlens_q", cu_seqlens_q),
+            _int32("seqused_k", seqused_k),
+            _int32("block_table", block_table),
+            max_query_len=int(max_seqlen_q),
+            max_seq_len=int(max_seqlen_k),
+            scale=float(softmax_scale),
+            sliding_window=_window_from_window_size(window_size),
+            alibi_slopes=_float32("alibi_slopes", alibi_slopes),
+            softcap=float(softcap) if softcap else None,
+            sinks=_float32("sinks", sinks),
+            k_scale=k_scale,
+            v_scale=v_scale,
+            out=out,
+            kv_layout="nhd",
+            checked=checked,
+            validate=validate,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,40 +555,52 @@ def _check_write_args(fn, key, value, slot_mapping, kv_cache_dtype, key_cache, v
         if not isinstance(t, torch.Tensor):
             raise DTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if key.dim() != 3 or value.shape != key.shape:
-        raise ShapeError(f"{fn}: key and value must both be [num_tokens, num_kv_heads, head_size], "
-                         f"got {list(key.shape)} and {list(value.shape)}")
+        raise ShapeError(
+            f"{fn}: key and value must both be [num_tokens, num_kv_heads, head_size], "
+            f"got {list(key.shape)} and {list(value.shape)}"
+        )
     if slot_mapping.dim() != 1 or slot_mapping.shape[0] > key.shape[0]:
-        raise ShapeError(f"{fn}: slot_mapping must be [num_tokens] with num_tokens <= key.shape[0] = "
-                         f"{key.shape[0]}, got shape {list(slot_mapping.shape)}")
+        raise ShapeError(
+            f"{fn}: slot_mapping must be [num_tokens] with num_tokens <= key.shape[0] = "
+            f"{key.shape[0]}, got shape {list(slot_mapping.shape)}"
+        )
     if slot_mapping.dtype not in (torch.int64, torch.int32):
         raise DTypeError(f"{fn}: slot_mapping must be int64 (or int32), got {slot_mapping.dtype}")
     key_cache, value_cache = _cache_views(kv_cache_dtype, key_cache, value_cache, fn, ("key_cache", "value_cache"))
     if key_cache.dtype in FP8_DTYPES:
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
             if s is None:
-                raise ScaleError(f"{fn}: {name} is required for kv_cache_dtype={kv_cache_dtype!r} "
-                                 f"(stored value = {name.split('_')[0]} / {name})")
+                raise ScaleError(
+                    f"{fn}: {name} is required for kv_cache_dtype={kv_cache_dtype!r} "
+                    f"(stored value = {name.split('_')[0]} / {name})"
+                )
         k_scale, v_scale = _per_tensor_scale("k_scale", k_scale), _per_tensor_scale("v_scale", v_scale)
     else:
         if key_cache.dtype != key.dtype:
-            raise DTypeError(f"{fn}: key_cache ({key_cache.dtype}) must have key's dtype ({key.dtype}) "
-                             f"for kv_cache_dtype={kv_cache_dtype!r}")
+            raise DTypeError(
+                f"{fn}: key_cache ({key_cache.dtype}) must have key's dtype ({key.dtype}) "
+                f"for kv_cache_dtype={kv_cache_dtype!r}"
+            )
         k_scale = v_scale = None
     n = slot_mapping.shape[0]  # vLLM: key may hold padding rows beyond the slots
     return key[:n], value[:n], key_cache, value_cache, slot_mapping.long(), k_scale, v_scale
 
 
-def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, *,
-                            validate=None):
+def reshape_and_cache_flash(
+    key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, *, validate=None
+):
     """vLLM's cache write for the flash layout: token i of key/value goes to slot slot_mapping[i]
     (block slot // block_size, position slot % block_size); slots < 0 are padding and skipped. fp8
     caches (uint8 storage or fp8 dtype) store key / k_scale. Runs pagedattn's write kernel."""
     fn = "reshape_and_cache_flash"
     if isinstance(key_cache, torch.Tensor) and key_cache.dim() != 4:
-        raise LayoutError(f"{fn}: key_cache must be a flash-layout cache [num_blocks, block_size, num_kv_heads, "
-                          f"head_size], got shape {list(key_cache.shape)} (older layouts: reshape_and_cache)")
+        raise LayoutError(
+            f"{fn}: key_cache must be a flash-layout cache [num_blocks, block_size, num_kv_heads, "
+            f"head_size], got shape {list(key_cache.shape)} (older layouts: reshape_and_cache)"
+        )
     key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale = _check_write_args(
-        fn, key, value, slot_mapping, kv_cache_dtype, key_cache, value_cache, k_scale, v_scale)
+        fn, key, value, slot_mapping, kv_cache_dtype, key_cache, value_cache, k_scale, v_scale
+    )
     write_kv(key, value, key_cache, value_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale, validate=validate)
 
 
@@ -391,13 +613,16 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache
     if isinstance(key_cache, torch.Tensor) and isinstance(value_cache, torch.Tensor):
         _check_older_layout(fn, key_cache, value_cache)
     key, value, kc, vc, slots, k_scale, v_scale = _check_write_args(
-        fn, key, value, slot_mapping, kv_cache_dtype, key_cache, value_cache, k_scale, v_scale)
+        fn, key, value, slot_mapping, kv_cache_dtype, key_cache, value_cache, k_scale, v_scale
+    )
     num_blocks, num_kv_heads, chunks, block_size, x = kc.shape
     head_size = key.shape[2]
     expected_v = (num_blocks, num_kv_heads, head_size, block_size)
     if (key.shape[1], head_size) != (num_kv_heads, chunks * x) or tuple(vc.shape) != expected_v:
-        raise ShapeError(f"{fn}: key {list(key.shape)} does not fit key_cache {list(kc.shape)} / value_cache "
-                         f"{list(vc.shape)} (num_kv_heads {num_kv_heads}, head_size {chunks} x {x})")
+        raise ShapeError(
+            f"{fn}: key {list(key.shape)} does not fit key_cache {list(kc.shape)} / value_cache "
+            f"{list(vc.shape)} (num_kv_heads {num_kv_heads}, head_size {chunks} x {x})"
+        )
     keep = slots >= 0
     slots, key, value = slots[keep], key[keep], value[keep]
     blocks, offsets = slots // block_size, slots % block_size
@@ -410,4 +635,3 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache
     # advanced indices split by slices put the token dimension first: [tokens, heads, chunks, x]
     kc[blocks, :, :, offsets, :] = key.reshape(-1, num_kv_heads, chunks, x).to(kc.dtype)
     vc[blocks, :, :, offsets] = value.to(vc.dtype)
-

@@ -102,11 +102,13 @@ def register(name: str = DEFAULT_NAME, *, checked: bool = False) -> str:
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise TransformersVersionError(
             f"transformers is not installed: pip install 'pagedattn[transformers]' "
-            f"(>={SUPPORTED_RANGE[0]},<{SUPPORTED_RANGE[1]})") from exc
+            f"(>={SUPPORTED_RANGE[0]},<{SUPPORTED_RANGE[1]})"
+        ) from exc
     check_transformers_version(transformers.__version__)
     if not name.startswith("paged|"):
         raise UnsupportedConfigError(f"name must start with 'paged|' (continuous batching's prefix), got {name!r}")
     from transformers import AttentionInterface
+
     _CHECKED = checked
     AttentionInterface.register(name, paged_attention_forward)
     return name
@@ -115,21 +117,27 @@ def register(name: str = DEFAULT_NAME, *, checked: bool = False) -> str:
 # ---------------------------------------------------------------------------------------------
 # metadata: transformers' slot lists -> seq_lens + block_table (device only, no sync)
 # ---------------------------------------------------------------------------------------------
-def full_attention_metadata(slots: torch.Tensor, cu_seqlens_k: torch.Tensor, block_size: int,
-                            max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def full_attention_metadata(
+    slots: torch.Tensor, cu_seqlens_k: torch.Tensor, block_size: int, max_seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(seq_lens [num_seqs] int32, block_table [num_seqs, max_blocks_per_seq] int32) from the slots
     of positions 0..seq_len-1 of each sequence, laid out back to back as cu_seqlens_k says."""
     seq_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
     max_blocks_per_seq = max(1, -(-max_seq_len // block_size))
     starts = cu_seqlens_k[:-1].long()
-    key = torch.arange(max_blocks_per_seq, device=slots.device) * block_size         # first position of block j
+    key = torch.arange(max_blocks_per_seq, device=slots.device) * block_size  # first position of block j
     valid = key[None, :] < seq_lens[:, None]
     return seq_lens, _gather_blocks(slots, starts[:, None] + key[None, :], valid, block_size)
 
 
-def sliding_window_metadata(read_slots: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                            block_size: int, sliding_window: int, max_seqlen_k: int
-                            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def sliding_window_metadata(
+    read_slots: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    block_size: int,
+    sliding_window: int,
+    max_seqlen_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(seq_lens, block_table, max_seq_len) in shifted coordinates for the context-cache contract:
     sequence i has ctx_len = v0 + cached keys, where its cached key c sits at virtual position
     v0 + c and v0 = (slot of its first cached key) % block_size; its query tokens follow."""
@@ -137,9 +145,10 @@ def sliding_window_metadata(read_slots: torch.Tensor, cu_seqlens_q: torch.Tensor
         raise UnsupportedConfigError(
             f"sliding_window ({sliding_window}) must be a multiple of the cache's block_size ({block_size}): "
             "transformers keeps a window's keys in a ring of blocks, which is a block table only when ring "
-            "and block boundaries coincide (set ContinuousBatchingConfig(block_size=...) to a divisor)")
+            "and block boundaries coincide (set ContinuousBatchingConfig(block_size=...) to a divisor)"
+        )
     query_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    cached = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]) - query_lens                    # <= window - 1
+    cached = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]) - query_lens  # <= window - 1
     starts = cu_seqlens_k[:-1].long()
     if read_slots.numel():
         first = read_slots[starts.clamp(max=read_slots.numel() - 1)]
@@ -163,23 +172,26 @@ def _gather_blocks(slots: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
     return torch.where(valid, blocks, 0).to(torch.int32)
 
 
-def verify_block_table(slots: torch.Tensor, starts, lengths, first_pos, block_table: torch.Tensor,
-                       block_size: int) -> None:
+def verify_block_table(
+    slots: torch.Tensor, starts, lengths, first_pos, block_table: torch.Tensor, block_size: int
+) -> None:
     """Checked mode: position first_pos[i] + c of sequence i maps through block_table to
     slots[starts[i] + c] for every c < lengths[i]. One device sync; raises ContractError."""
     from ..errors import ContractError
+
     for i, (start, length, v0) in enumerate(zip(starts.tolist(), lengths.tolist(), first_pos.tolist())):
         if length == 0:
             continue
         pos = torch.arange(v0, v0 + length, device=slots.device)
         mapped = block_table[i, pos // block_size].long() * block_size + pos % block_size
-        expected = slots[start:start + length]
+        expected = slots[start : start + length]
         bad = (mapped != expected).nonzero()
         if bad.numel():
             c = int(bad[0, 0])
             raise ContractError(
                 f"sequence {i}: position {v0 + c} maps to slot {int(mapped[c])} through the derived block table, "
-                f"transformers' slot list says {int(expected[c])}")
+                f"transformers' slot list says {int(expected[c])}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,13 +204,13 @@ class GroupPlan:
     block_table: torch.Tensor
     max_query_len: int
     max_seq_len: int
-    sliding_window: int          # 0: full attention (full-cache contract); > 0: context-cache contract
+    sliding_window: int  # 0: full attention (full-cache contract); > 0: context-cache contract
 
 
 @dataclass
 class _Step:
-    cu_seqlens_q: torch.Tensor   # identity of the step: transformers makes new views every step
-    capturing: bool              # a plan made outside a CUDA graph capture is not replayed by it
+    cu_seqlens_q: torch.Tensor  # identity of the step: transformers makes new views every step
+    capturing: bool  # a plan made outside a CUDA graph capture is not replayed by it
     groups: dict
 
 
@@ -249,8 +261,16 @@ def _plan_for(cache, group: int, sliding_window: int, kwargs) -> GroupPlan:
 # ---------------------------------------------------------------------------------------------
 # the attention function transformers calls
 # ---------------------------------------------------------------------------------------------
-def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+):
     """transformers' AttentionInterface signature; query/key/value [1, heads, num_tokens, head_size].
     Returns ([1, num_tokens, num_q_heads, head_size], None)."""
     from ..attention import paged_attention, prefix_prefill
@@ -260,13 +280,15 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if cache is None:
         raise UnsupportedConfigError(
             "pagedattn's transformers attention needs continuous batching's paged cache (generate_batch / "
-            "ContinuousBatchingManager); for a plain forward or generate() use 'sdpa'")
+            "ContinuousBatchingManager); for a plain forward or generate() use 'sdpa'"
+        )
     if dropout:
         raise UnsupportedConfigError(f"dropout must be 0 for paged attention, got {dropout}")
     for feature in ("s_aux", "softcap"):
         if kwargs.get(feature) is not None:
             raise UnsupportedConfigError(
-                f"the model passes {feature!r} to its attention; this integration does not forward it yet")
+                f"the model passes {feature!r} to its attention; this integration does not forward it yet"
+            )
     if kwargs.get("block_table") is not None:
         raise UnsupportedConfigError("transformers' flash decode fast path (block_table) is not used with pagedattn")
     layer_idx = module.layer_idx
@@ -277,8 +299,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     bs, num_kv_heads, head_size = cache.block_size, key.shape[1], key.shape[3]
     k_cache = cache.key_cache[in_group].view(-1, bs, num_kv_heads, head_size)
     v_cache = cache.value_cache[in_group].view(-1, bs, num_kv_heads, head_size)
-    q = query[0].transpose(0, 1)                      # [num_tokens, num_q_heads, head_size] (strided view)
-    k = key[0].transpose(0, 1)                        # [num_tokens, num_kv_heads, head_size]
+    q = query[0].transpose(0, 1)  # [num_tokens, num_q_heads, head_size] (strided view)
+    k = key[0].transpose(0, 1)  # [num_tokens, num_kv_heads, head_size]
     v = value[0].transpose(0, 1)
     write_index = kwargs["write_index"][group]
     # rows of padding tokens (CUDA-graph padding) belong to no sequence: zeros, not garbage
@@ -288,7 +310,17 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         write_kv(k, v, k_cache, v_cache, write_index)
         paged_attention(q, k_cache, v_cache, plan.cu_seqlens_q, plan.seq_lens, plan.block_table, **common)
     else:
-        prefix_prefill(q, k, v, k_cache, v_cache, plan.cu_seqlens_q, plan.seq_lens, plan.block_table,
-                       sliding_window=plan.sliding_window, **common)
+        prefix_prefill(
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            plan.cu_seqlens_q,
+            plan.seq_lens,
+            plan.block_table,
+            sliding_window=plan.sliding_window,
+            **common,
+        )
         write_kv(k, v, k_cache, v_cache, write_index)
     return out.unsqueeze(0), None

@@ -15,31 +15,80 @@ import torch
 
 # kind -> (architecture, config arguments); tiny ones run through the Triton interpreter in CI
 CONFIGS = {
-    "llama-gqa": ("llama", dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+    "llama-gqa": (
+        "llama",
+        dict(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
+    ),
     # layer 0 full attention, layer 1 a 32-token sliding window: two cache groups, dict metadata
-    "qwen2-sliding": ("qwen2", dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                                    sliding_window=32, max_window_layers=1)),
-    "neox-mha": ("gpt_neox", dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                  num_attention_heads=2, rotary_pct=0.5)),
+    "qwen2-sliding": (
+        "qwen2",
+        dict(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=32,
+            max_window_layers=1,
+        ),
+    ),
+    "neox-mha": (
+        "gpt_neox",
+        dict(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            rotary_pct=0.5,
+        ),
+    ),
     # 1B-class (Llama 3.2 1B shapes): 16 layers, 32 query / 8 KV heads of 64, hidden 2048
-    "llama-1b": ("llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                               num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                               rope_theta=500000.0)),
+    "llama-1b": (
+        "llama",
+        dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            rope_theta=500000.0,
+        ),
+    ),
 }
 
 
 def model_config(kind: str, *, initializer_range: float = 0.1, max_position_embeddings: int = 4096, **overrides):
     from transformers import AutoConfig
+
     arch, args = CONFIGS[kind]
-    return AutoConfig.for_model(arch, **{**args, "initializer_range": initializer_range,
-                                         "max_position_embeddings": max_position_embeddings, **overrides})
+    return AutoConfig.for_model(
+        arch,
+        **{
+            **args,
+            "initializer_range": initializer_range,
+            "max_position_embeddings": max_position_embeddings,
+            **overrides,
+        },
+    )
 
 
 def build_model(config, *, dtype=torch.float32, device="cpu", seed: int = 0, attn_implementation="sdpa", **kwargs):
     """A causal LM with random weights (seeded), in eval mode."""
     from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype, **kwargs)
     return model.to(device).eval()
@@ -52,14 +101,15 @@ def make_prompts(lengths, vocab_size: int, seed: int = 0) -> list[list[int]]:
 
 def greedy_config(max_new_tokens: int):
     from transformers import GenerationConfig
+
     # eos -1: never stops early, so every request makes exactly max_new_tokens steps
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
 
 
 @dataclass
 class Generation:
-    tokens: list[list[int]]          # per prompt, the generated tokens
-    logprobs: list[list[float]]      # log-softmax of each generated token
+    tokens: list[list[int]]  # per prompt, the generated tokens
+    logprobs: list[list[float]]  # log-softmax of each generated token
     margins: list[list[float]] | None  # top-1 minus top-2 logit at each step (reference only)
     seconds: float
 
@@ -72,10 +122,14 @@ def reference_generate(model, prompts, max_new_tokens: int) -> Generation:
     start = time.perf_counter()
     device = next(model.parameters()).device
     for prompt in prompts:
-        out = model.generate(torch.tensor([prompt], device=device), generation_config=greedy_config(max_new_tokens),
-                             output_logits=True, return_dict_in_generate=True)
-        new = out.sequences[0, len(prompt):].tolist()
-        logits = torch.stack(out.logits, 0)[:, 0].float()            # [steps, vocab]
+        out = model.generate(
+            torch.tensor([prompt], device=device),
+            generation_config=greedy_config(max_new_tokens),
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new = out.sequences[0, len(prompt) :].tolist()
+        logits = torch.stack(out.logits, 0)[:, 0].float()  # [steps, vocab]
         top2 = logits.topk(2, dim=-1).values
         tokens.append(new)
         logprobs.append(logits.log_softmax(-1).gather(1, torch.tensor(new, device=device)[:, None])[:, 0].tolist())
@@ -88,11 +142,13 @@ def batch_generate(model, attn_implementation: str, prompts, max_new_tokens: int
     """generate_batch (continuous batching) with `attn_implementation`; `cb_options` go to
     ContinuousBatchingConfig (block_size, num_blocks, max_batch_tokens, use_cuda_graph, ...)."""
     from transformers import ContinuousBatchingConfig
+
     model.set_attn_implementation(attn_implementation)
     cb = ContinuousBatchingConfig(return_logprobs=True, **cb_options)
     start = time.perf_counter()
-    out = model.generate_batch(prompts, generation_config=greedy_config(max_new_tokens),
-                               continuous_batching_config=cb, progress_bar=False)
+    out = model.generate_batch(
+        prompts, generation_config=greedy_config(max_new_tokens), continuous_batching_config=cb, progress_bar=False
+    )
     seconds = time.perf_counter() - start
     by_index = sorted(out.values(), key=lambda r: int(r.request_id.rsplit("_", 1)[1]))
     if len(by_index) != len(prompts) or any(r.error for r in by_index):
@@ -104,20 +160,23 @@ def batch_generate(model, attn_implementation: str, prompts, max_new_tokens: int
 @dataclass
 class Comparison:
     requests: int
-    identical: int                   # requests whose tokens all match
-    first_divergence: list           # (request, step, reference margin at that step)
-    max_logprob_diff: float          # over the steps before each request's first divergence
+    identical: int  # requests whose tokens all match
+    first_divergence: list  # (request, step, reference margin at that step)
+    max_logprob_diff: float  # over the steps before each request's first divergence
 
     @property
     def all_identical(self) -> bool:
         return self.identical == self.requests
 
     def summary(self) -> str:
-        text = (f"{self.identical}/{self.requests} requests token-identical, "
-                f"max |logprob diff| {self.max_logprob_diff:.2e} on the common prefix")
+        text = (
+            f"{self.identical}/{self.requests} requests token-identical, "
+            f"max |logprob diff| {self.max_logprob_diff:.2e} on the common prefix"
+        )
         if self.first_divergence:
             text += "; first divergences (request, step, reference top1-top2 logit margin): " + ", ".join(
-                f"({r}, {s}, {m if m is None else round(m, 4)})" for r, s, m in self.first_divergence[:5])
+                f"({r}, {s}, {m if m is None else round(m, 4)})" for r, s, m in self.first_divergence[:5]
+            )
         return text
 
 

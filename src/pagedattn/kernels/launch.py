@@ -62,8 +62,12 @@ class FastKernel:
     def launch(self, grid: tuple[int, ...], args, kwargs: dict):
         """Launch; returns (compiled kernel, constexpr values, device) when the launch went through
         the fast path or compiled for it (what `BoundLaunch` keeps), else None."""
-        if ALWAYS_TRITON or not (args and getattr(args[0], "is_cuda", False)) or interpreter_enabled() \
-                or _hooks_set(self.fn):
+        if (
+            ALWAYS_TRITON
+            or not (args and getattr(args[0], "is_cuda", False))
+            or interpreter_enabled()
+            or _hooks_set(self.fn)
+        ):
             self.fn[grid](*args, **kwargs)
             return
         classes = tuple(arg_class(a) for a in args)
@@ -79,15 +83,26 @@ class FastKernel:
                 return
             if hasattr(kernel, "result"):  # an asynchronous compile
                 kernel = kernel.result()
-            names = self.fn.arg_names[len(args):]  # the constexprs, in signature order
+            names = self.fn.arg_names[len(args) :]  # the constexprs, in signature order
             if set(names) <= kwargs.keys():
                 entry = self._kernels[key] = (kernel, tuple(kwargs[n] for n in names), device)
             return entry
         kernel, constexprs, _ = entry
         stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's driver asks torch for
         size = len(grid)
-        kernel.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, kernel.function,
-                   kernel.packed_metadata, None, None, None, *args, *constexprs)
+        kernel.run(
+            grid[0],
+            grid[1] if size > 1 else 1,
+            grid[2] if size > 2 else 1,
+            stream,
+            kernel.function,
+            kernel.packed_metadata,
+            None,
+            None,
+            None,
+            *args,
+            *constexprs,
+        )
         return entry
 
 
@@ -102,8 +117,15 @@ class BoundLaunch:
 
     __slots__ = ("kernel", "grid", "args", "slots", "uses", "kwargs", "_compiled")
 
-    def __init__(self, kernel: FastKernel, grid: tuple[int, ...], args: list, slots: tuple[int, ...],
-                 kwargs: dict, uses: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        kernel: FastKernel,
+        grid: tuple[int, ...],
+        args: list,
+        slots: tuple[int, ...],
+        kwargs: dict,
+        uses: tuple[int, ...] | None = None,
+    ):
         self.kernel = kernel
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.args = list(args)
@@ -127,11 +149,28 @@ class BoundLaunch:
             return
         kernel, constexprs, device = entry
         g0, g1, g2 = self.grid
-        kernel.run(g0, g1, g2, torch._C._cuda_getCurrentRawStream(device), kernel.function,
-                   kernel.packed_metadata, None, None, None, *args, *constexprs)
+        kernel.run(
+            g0,
+            g1,
+            g2,
+            torch._C._cuda_getCurrentRawStream(device),
+            kernel.function,
+            kernel.packed_metadata,
+            None,
+            None,
+            None,
+            *args,
+            *constexprs,
+        )
 
 
 def _hooks_set(fn) -> bool:
     runtime = knobs.runtime
-    return bool(runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls or runtime.debug
-                or knobs.compilation.instrumentation_mode or fn.pre_run_hooks or fn.debug)
+    return bool(
+        runtime.launch_enter_hook.calls
+        or runtime.launch_exit_hook.calls
+        or runtime.debug
+        or knobs.compilation.instrumentation_mode
+        or fn.pre_run_hooks
+        or fn.debug
+    )

@@ -79,9 +79,21 @@ def _sequence(cu_seqlens_q_ptr, seq_lens_ptr, seq, num_seqs, num_tokens):
 
 
 @triton.jit
-def _store_nan_rows(out_ptr, stride_ot, stride_oh, stride_od, tok_lo, tok_hi, num_tokens, kv_head,
-                    QPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr):
+def _store_nan_rows(
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    tok_lo,
+    tok_hi,
+    num_tokens,
+    kv_head,
+    QPK: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+):
     """NaN into rows [tok_lo, tok_hi) (clipped to [0, num_tokens)) of this KV head's query heads."""
     rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_PAD)
@@ -114,8 +126,21 @@ def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.con
 
 @triton.jit
 def _scores(
-    q, k, key_pos, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap, sliding_window,
-    IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, SLIDING: tl.constexpr,
+    q,
+    k,
+    key_pos,
+    row_pos,
+    row_valid,
+    head_alibi,
+    key_start,
+    key_end,
+    qk_scale,
+    softcap,
+    sliding_window,
+    IEEE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    SLIDING: tl.constexpr,
     MASK: tl.constexpr,
 ):
     """Scores of a key tile, [BLOCK_M, BLOCK_N], masked with -inf where MASK. In log2 units with
@@ -144,7 +169,15 @@ def _scores(
 
 @triton.jit
 def _softmax_pv(
-    acc, m_i, l_i, s, v, qk_scale, PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, FOLD: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    s,
+    v,
+    qk_scale,
+    PV_DTYPE: tl.constexpr,
+    IEEE: tl.constexpr,
+    FOLD: tl.constexpr,
     MASK: tl.constexpr,
 ):
     """One online-softmax step: scores s of a key tile (raw when FOLD, else in log2 units) and its
@@ -173,8 +206,18 @@ def _softmax_pv(
 
 
 @triton.jit
-def _tile_blocks(bt_row, start, key_start, key_end, num_blocks, max_blocks, BLOCK_N: tl.constexpr,
-                 PAGE: tl.constexpr, MASK: tl.constexpr, IDX64: tl.constexpr):
+def _tile_blocks(
+    bt_row,
+    start,
+    key_start,
+    key_end,
+    num_blocks,
+    max_blocks,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    MASK: tl.constexpr,
+    IDX64: tl.constexpr,
+):
     """Key positions of the tile at `start`, which of them are in range, their cache blocks (through
     the block table: a tile may span several pages), their slots within the blocks, and whether
     any in-range key has no valid block (an id outside [0, num_blocks), or a column past the
@@ -194,9 +237,22 @@ def _tile_blocks(bt_row, start, key_start, key_end, num_blocks, max_blocks, BLOC
 
 
 @triton.jit
-def _load_tile(cache_ptr, block, in_block, key_ok, head_off, stride_b, stride_t, dim_off, dim_valid,
-               MASK: tl.constexpr, EVEN_D: tl.constexpr, KV_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
-               INTERPRET: tl.constexpr):
+def _load_tile(
+    cache_ptr,
+    block,
+    in_block,
+    key_ok,
+    head_off,
+    stride_b,
+    stride_t,
+    dim_off,
+    dim_valid,
+    MASK: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
     """A [BLOCK_N, HEAD_PAD] K or V tile from the paged cache, converted to OUT_DTYPE."""
     offs = block[:, None] * stride_b + in_block[:, None] * stride_t + head_off + dim_off[None, :]
     if MASK:
@@ -210,13 +266,46 @@ def _load_tile(cache_ptr, block, in_block, key_ok, head_off, stride_b, stride_t,
 
 @triton.jit
 def _cache_tiles(
-    acc, m_i, l_i, q, lo, hi,
-    k_cache_ptr, v_cache_ptr, bt_row, num_blocks, max_blocks, k_head, v_head, stride_kb, stride_kt,
-    stride_vb, stride_vt, k_dim_off, v_dim_off, dim_valid,
-    row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap, sliding_window,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr,
-    SLIDING: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr, IDX64: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,
+    lo,
+    hi,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row,
+    num_blocks,
+    max_blocks,
+    k_head,
+    v_head,
+    stride_kb,
+    stride_kt,
+    stride_vb,
+    stride_vt,
+    k_dim_off,
+    v_dim_off,
+    dim_valid,
+    row_pos,
+    row_valid,
+    head_alibi,
+    key_start,
+    key_end,
+    qk_scale,
+    softcap,
+    sliding_window,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PV_DTYPE: tl.constexpr,
+    IEEE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    SLIDING: tl.constexpr,
+    MASK: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IDX64: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """Key tiles [lo, hi) (lo a multiple of BLOCK_N) gathered from the paged cache through the
@@ -224,13 +313,58 @@ def _cache_tiles(
     FOLD: tl.constexpr = not (USE_SOFTCAP or USE_ALIBI)
     for start in range(lo, hi, BLOCK_N):
         key_pos, key_ok, block, in_block = _tile_blocks(
-            bt_row, start, key_start, key_end, num_blocks, max_blocks, BLOCK_N, PAGE, MASK, IDX64)
-        k = _load_tile(k_cache_ptr, block, in_block, key_ok, k_head, stride_kb, stride_kt, k_dim_off,
-                       dim_valid, MASK, EVEN_D, KV_FP8, DOT_DTYPE, INTERPRET)
-        v = _load_tile(v_cache_ptr, block, in_block, key_ok, v_head, stride_vb, stride_vt, v_dim_off,
-                       dim_valid, MASK, EVEN_D, KV_FP8, PV_DTYPE, INTERPRET)
-        s = _scores(q, k, key_pos, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
-                    sliding_window, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, MASK)
+            bt_row, start, key_start, key_end, num_blocks, max_blocks, BLOCK_N, PAGE, MASK, IDX64
+        )
+        k = _load_tile(
+            k_cache_ptr,
+            block,
+            in_block,
+            key_ok,
+            k_head,
+            stride_kb,
+            stride_kt,
+            k_dim_off,
+            dim_valid,
+            MASK,
+            EVEN_D,
+            KV_FP8,
+            DOT_DTYPE,
+            INTERPRET,
+        )
+        v = _load_tile(
+            v_cache_ptr,
+            block,
+            in_block,
+            key_ok,
+            v_head,
+            stride_vb,
+            stride_vt,
+            v_dim_off,
+            dim_valid,
+            MASK,
+            EVEN_D,
+            KV_FP8,
+            PV_DTYPE,
+            INTERPRET,
+        )
+        s = _scores(
+            q,
+            k,
+            key_pos,
+            row_pos,
+            row_valid,
+            head_alibi,
+            key_start,
+            key_end,
+            qk_scale,
+            softcap,
+            sliding_window,
+            IEEE,
+            USE_SOFTCAP,
+            USE_ALIBI,
+            SLIDING,
+            MASK,
+        )
         acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PV_DTYPE, IEEE, FOLD, MASK)
     return acc, m_i, l_i
 
@@ -255,25 +389,77 @@ def _bad_blocks(bt_row, key_start, key_stop, num_blocks, max_blocks, PAGE: tl.co
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, stride_qt, stride_qh, stride_qd,  # q: [num_tokens, num_q_heads, head_size]
-    out_ptr, stride_ot, stride_oh, stride_od,  # out: like q
+    q_ptr,
+    stride_qt,
+    stride_qh,
+    stride_qd,  # q: [num_tokens, num_q_heads, head_size]
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    stride_od,  # out: like q
     # K cache element (block, slot, head, d) at block*sb + slot*st + head*sh + (d // K_X)*sx + (d % K_X)*sd
-    k_cache_ptr, stride_kb, stride_kt, stride_kh, stride_kx, stride_kd,
-    v_cache_ptr, stride_vb, stride_vt, stride_vh, stride_vd,  # V cache: (block, slot, head, d)
-    k_new_ptr, stride_knt, stride_knh, stride_knd,  # k_new: [num_tokens, num_kv_heads, head_size]
-    v_new_ptr, stride_vnt, stride_vnh, stride_vnd,  # v_new: like k_new (context contract only)
-    cu_seqlens_q_ptr, seq_lens_ptr,  # [num_seqs + 1], [num_seqs]
-    block_table_ptr, stride_bt, stride_bc,  # [num_seqs, max_blocks]
-    k_scale_ptr, v_scale_ptr, alibi_ptr, sinks_ptr,
-    part_acc_ptr, part_m_ptr, part_l_ptr,  # split-KV partials [num_tokens, num_q_heads, NUM_SPLITS, (HEAD_PAD|1)]
-    num_seqs, num_tokens, num_blocks, max_blocks,  # the tensors' real extents
-    qk_scale, softcap, sliding_window, partition_size, min_query_len, max_query_len,
-    QPK: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, K_X: tl.constexpr, KV_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PV_DTYPE: tl.constexpr, IEEE: tl.constexpr, CONTEXT: tl.constexpr, DECODE_FROM_CACHE: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SINKS: tl.constexpr,
-    SLIDING: tl.constexpr, NUM_SPLITS: tl.constexpr, IDX64: tl.constexpr, INTERPRET: tl.constexpr,
+    k_cache_ptr,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_kx,
+    stride_kd,
+    v_cache_ptr,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,  # V cache: (block, slot, head, d)
+    k_new_ptr,
+    stride_knt,
+    stride_knh,
+    stride_knd,  # k_new: [num_tokens, num_kv_heads, head_size]
+    v_new_ptr,
+    stride_vnt,
+    stride_vnh,
+    stride_vnd,  # v_new: like k_new (context contract only)
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,  # [num_seqs + 1], [num_seqs]
+    block_table_ptr,
+    stride_bt,
+    stride_bc,  # [num_seqs, max_blocks]
+    k_scale_ptr,
+    v_scale_ptr,
+    alibi_ptr,
+    sinks_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,  # split-KV partials [num_tokens, num_q_heads, NUM_SPLITS, (HEAD_PAD|1)]
+    num_seqs,
+    num_tokens,
+    num_blocks,
+    max_blocks,  # the tensors' real extents
+    qk_scale,
+    softcap,
+    sliding_window,
+    partition_size,
+    min_query_len,
+    max_query_len,
+    QPK: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    K_X: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PV_DTYPE: tl.constexpr,
+    IEEE: tl.constexpr,
+    CONTEXT: tl.constexpr,
+    DECODE_FROM_CACHE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+    SLIDING: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    IDX64: tl.constexpr,
+    INTERPRET: tl.constexpr,
     SEQ_GRID: tl.constexpr,
 ):
     tile_idx = tl.program_id(0)
@@ -308,13 +494,39 @@ def _paged_attention_kernel(
     if bad:
         if split == 0:
             if SEQ_GRID:
-                _store_nan_rows(out_ptr, stride_ot, stride_oh, stride_od, q_start, q_start + query_len,
-                                num_tokens, kv_head, QPK, BLOCK_Q, BLOCK_M, HEAD_SIZE, HEAD_PAD)
+                _store_nan_rows(
+                    out_ptr,
+                    stride_ot,
+                    stride_oh,
+                    stride_od,
+                    q_start,
+                    q_start + query_len,
+                    num_tokens,
+                    kv_head,
+                    QPK,
+                    BLOCK_Q,
+                    BLOCK_M,
+                    HEAD_SIZE,
+                    HEAD_PAD,
+                )
             else:
                 tok_lo = q_start + tile_in_seq * BLOCK_Q
                 tok_hi = tl.minimum(tok_lo + BLOCK_Q, q_start + query_len)
-                _store_nan_rows(out_ptr, stride_ot, stride_oh, stride_od, tok_lo, tok_hi, num_tokens,
-                                kv_head, QPK, BLOCK_Q, BLOCK_M, HEAD_SIZE, HEAD_PAD)
+                _store_nan_rows(
+                    out_ptr,
+                    stride_ot,
+                    stride_oh,
+                    stride_od,
+                    tok_lo,
+                    tok_hi,
+                    num_tokens,
+                    kv_head,
+                    QPK,
+                    BLOCK_Q,
+                    BLOCK_M,
+                    HEAD_SIZE,
+                    HEAD_PAD,
+                )
         return
     if (tile_in_seq * BLOCK_Q >= query_len) | (not in_launch):
         return  # past the sequence's last tile, or a sequence of the other launch of a mixed batch
@@ -330,8 +542,11 @@ def _paged_attention_kernel(
     dim_valid = dims < HEAD_SIZE
     io_mask = row_valid[:, None] & dim_valid[None, :]
 
-    q_offs = (q_start + row_tok).to(tl.int64)[:, None] * stride_qt + row_head[:, None] * stride_qh \
+    q_offs = (
+        (q_start + row_tok).to(tl.int64)[:, None] * stride_qt
+        + row_head[:, None] * stride_qh
         + dims[None, :] * stride_qd
+    )
     q = tl.load(q_ptr + q_offs, mask=io_mask, other=0.0).to(DOT_DTYPE)
 
     # keys this tile needs: up to its last row's position; with a window, from its first row's
@@ -393,12 +608,47 @@ def _paged_attention_kernel(
         lo = tile_start if r == 0 else (full_lo if r == 1 else full_hi)
         hi = full_lo if r == 0 else (full_hi if r == 1 else cache_stop)
         acc, m_i, l_i = _cache_tiles(
-            acc, m_i, l_i, q, lo, hi,
-            k_cache_ptr, v_cache_ptr, bt_row, num_blocks, max_blocks, k_head, v_head, stride_kb,
-            stride_kt, stride_vb, stride_vt, k_dim_off, v_dim_off, dim_valid,
-            row_pos, row_valid, head_alibi, key_start, cache_stop, tile_scale, softcap, sliding_window,
-            BLOCK_N, PAGE, KV_FP8, DOT_DTYPE, PV_DTYPE, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, r != 1,
-            HEAD_PAD == HEAD_SIZE, IDX64, INTERPRET,
+            acc,
+            m_i,
+            l_i,
+            q,
+            lo,
+            hi,
+            k_cache_ptr,
+            v_cache_ptr,
+            bt_row,
+            num_blocks,
+            max_blocks,
+            k_head,
+            v_head,
+            stride_kb,
+            stride_kt,
+            stride_vb,
+            stride_vt,
+            k_dim_off,
+            v_dim_off,
+            dim_valid,
+            row_pos,
+            row_valid,
+            head_alibi,
+            key_start,
+            cache_stop,
+            tile_scale,
+            softcap,
+            sliding_window,
+            BLOCK_N,
+            PAGE,
+            KV_FP8,
+            DOT_DTYPE,
+            PV_DTYPE,
+            IEEE,
+            USE_SOFTCAP,
+            USE_ALIBI,
+            SLIDING,
+            r != 1,
+            HEAD_PAD == HEAD_SIZE,
+            IDX64,
+            INTERPRET,
         )
     # a key with no valid block makes every row of the tile NaN (never a plausible number)
     if _bad_blocks(bt_row, key_start, cache_stop, num_blocks, max_blocks, PAGE):
@@ -419,10 +669,27 @@ def _paged_attention_kernel(
             k = tl.load(k_new_ptr + k_offs, mask=new_mask, other=0.0).to(DOT_DTYPE)
             v_offs = tok[:, None] * stride_vnt + kv_head * stride_vnh + dims[None, :] * stride_vnd
             v = tl.load(v_new_ptr + v_offs, mask=new_mask, other=0.0).to(DOT_DTYPE)
-            s = _scores(q, k, key_pos, row_pos, row_valid, head_alibi, key_start, key_end, qk_scale, softcap,
-                        sliding_window, IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING, True)
-            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, DOT_DTYPE, IEEE,
-                                        not (USE_SOFTCAP or USE_ALIBI), True)
+            s = _scores(
+                q,
+                k,
+                key_pos,
+                row_pos,
+                row_valid,
+                head_alibi,
+                key_start,
+                key_end,
+                qk_scale,
+                softcap,
+                sliding_window,
+                IEEE,
+                USE_SOFTCAP,
+                USE_ALIBI,
+                SLIDING,
+                True,
+            )
+            acc, m_i, l_i = _softmax_pv(
+                acc, m_i, l_i, s, v, qk_scale, DOT_DTYPE, IEEE, not (USE_SOFTCAP or USE_ALIBI), True
+            )
 
     out_rows = (q_start + row_tok).to(tl.int64)
     if NUM_SPLITS == 1:
@@ -441,10 +708,26 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    out_ptr, stride_ot, stride_oh, stride_od, part_acc_ptr, part_m_ptr, part_l_ptr,
-    cu_seqlens_q_ptr, seq_lens_ptr, num_seqs, num_tokens, num_q_heads, min_query_len, max_query_len, max_keys,
-    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,
+    num_seqs,
+    num_tokens,
+    num_q_heads,
+    min_query_len,
+    max_query_len,
+    max_keys,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
 ):
     """out[t, h] = sum_s acc_s * 2^(m_s - M) / sum_s l_s * 2^(m_s - M), M = max_s m_s; 0 if empty.
     One program per (sequence, query head), over the sequence's few query tokens. Sequences with
@@ -467,12 +750,18 @@ def _merge_splits_kernel(
         m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
         w = tl.math.exp2(m - m_safe)
         denom = tl.sum(l * w, 0)
-        acc = tl.load(part_acc_ptr + (base + splits)[:, None] * HEAD_PAD + dims[None, :],
-                      mask=split_ok[:, None] & (dims[None, :] < HEAD_SIZE), other=0.0)
+        acc = tl.load(
+            part_acc_ptr + (base + splits)[:, None] * HEAD_PAD + dims[None, :],
+            mask=split_ok[:, None] & (dims[None, :] < HEAD_SIZE),
+            other=0.0,
+        )
         num = tl.sum(acc * w[:, None], 0)
         out = tl.where(denom == 0, 0.0, num / tl.where(denom == 0, 1.0, denom))  # NaN stays NaN
-        tl.store(out_ptr + token * stride_ot + head * stride_oh + dims * stride_od,
-                 out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_SIZE)
+        tl.store(
+            out_ptr + token * stride_ot + head * stride_oh + dims * stride_od,
+            out.to(out_ptr.dtype.element_ty),
+            mask=dims < HEAD_SIZE,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,9 +793,11 @@ def workspace(num_tokens: int, num_q_heads: int, num_splits: int, head_pad: int,
         if ws is not None:
             _retired_workspaces.append(ws)
         rows = triton.next_power_of_2(need)
-        ws = (torch.empty(rows * head_pad, dtype=torch.float32, device=device),
-              torch.empty(rows, dtype=torch.float32, device=device),
-              torch.empty(rows, dtype=torch.float32, device=device))
+        ws = (
+            torch.empty(rows * head_pad, dtype=torch.float32, device=device),
+            torch.empty(rows, dtype=torch.float32, device=device),
+            torch.empty(rows, dtype=torch.float32, device=device),
+        )
         _workspaces[key] = ws
     return ws
 
@@ -553,32 +844,93 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
         tiles = num_seqs if part.seq_grid else num_tokens // part.block_q + num_seqs
         max_query_len = min(part.max_query_len, 2**31 - 1)
         args = [
-            None, *sq, None, *so, None, *sk, None, *sv, None, *skn, None, *svn,
-            cu_seqlens_q, seq_lens, block_table, block_table.stride(0), block_table.stride(1),
-            k_scale, v_scale, alibi if alibi is not None else placeholder,
-            sinks if sinks is not None else placeholder, part_acc, part_m, part_l,
-            num_seqs, num_tokens, num_blocks, block_table.shape[1],
-            options["scale"] * 1.4426950408889634, float(options["softcap"] or 1.0),
-            int(options["sliding_window"] or 0), int(part.partition_size or 1), part.min_query_len, max_query_len,
+            None,
+            *sq,
+            None,
+            *so,
+            None,
+            *sk,
+            None,
+            *sv,
+            None,
+            *skn,
+            None,
+            *svn,
+            cu_seqlens_q,
+            seq_lens,
+            block_table,
+            block_table.stride(0),
+            block_table.stride(1),
+            k_scale,
+            v_scale,
+            alibi if alibi is not None else placeholder,
+            sinks if sinks is not None else placeholder,
+            part_acc,
+            part_m,
+            part_l,
+            num_seqs,
+            num_tokens,
+            num_blocks,
+            block_table.shape[1],
+            options["scale"] * 1.4426950408889634,
+            float(options["softcap"] or 1.0),
+            int(options["sliding_window"] or 0),
+            int(part.partition_size or 1),
+            part.min_query_len,
+            max_query_len,
         ]
         kwargs = dict(
-            QPK=num_q_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=head_pad,
-            BLOCK_M=part.block_m, BLOCK_Q=part.block_q, BLOCK_N=part.block_n, PAGE=page, K_X=k_x,
-            KV_FP8=fp8, DOT_DTYPE=dot_dtype, PV_DTYPE=pv_dtype,
-            IEEE=(q_dtype == torch.float32 and not interp), CONTEXT=options["context"],
-            DECODE_FROM_CACHE=bool(options["decode_from_cache"]), USE_SOFTCAP=bool(options["softcap"]),
-            USE_ALIBI=alibi is not None, USE_SINKS=sinks is not None,
-            SLIDING=bool(options["sliding_window"]), NUM_SPLITS=num_splits, IDX64=idx64, INTERPRET=interp,
-            SEQ_GRID=part.seq_grid, num_warps=part.num_warps, num_stages=part.num_stages,
+            QPK=num_q_heads // num_kv_heads,
+            HEAD_SIZE=head_size,
+            HEAD_PAD=head_pad,
+            BLOCK_M=part.block_m,
+            BLOCK_Q=part.block_q,
+            BLOCK_N=part.block_n,
+            PAGE=page,
+            K_X=k_x,
+            KV_FP8=fp8,
+            DOT_DTYPE=dot_dtype,
+            PV_DTYPE=pv_dtype,
+            IEEE=(q_dtype == torch.float32 and not interp),
+            CONTEXT=options["context"],
+            DECODE_FROM_CACHE=bool(options["decode_from_cache"]),
+            USE_SOFTCAP=bool(options["softcap"]),
+            USE_ALIBI=alibi is not None,
+            USE_SINKS=sinks is not None,
+            SLIDING=bool(options["sliding_window"]),
+            NUM_SPLITS=num_splits,
+            IDX64=idx64,
+            INTERPRET=interp,
+            SEQ_GRID=part.seq_grid,
+            num_warps=part.num_warps,
+            num_stages=part.num_stages,
         )
-        launches.append(BoundLaunch(_PAGED_ATTENTION, (tiles, num_kv_heads, num_splits), args,
-                                    ATTENTION_SLOTS, kwargs))
+        launches.append(BoundLaunch(_PAGED_ATTENTION, (tiles, num_kv_heads, num_splits), args, ATTENTION_SLOTS, kwargs))
         if num_splits > 1:
-            merge_args = [None, *so, part_acc, part_m, part_l, cu_seqlens_q, seq_lens, num_seqs, num_tokens,
-                          num_q_heads, part.min_query_len, max_query_len, block_table.shape[1] * page]
-            merge_kwargs = dict(HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-                                SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), BLOCK_Q=part.block_q,
-                                num_warps=4)
-            launches.append(BoundLaunch(_MERGE_SPLITS, (num_seqs, num_q_heads), merge_args, (0,), merge_kwargs,
-                                        uses=(1,)))
+            merge_args = [
+                None,
+                *so,
+                part_acc,
+                part_m,
+                part_l,
+                cu_seqlens_q,
+                seq_lens,
+                num_seqs,
+                num_tokens,
+                num_q_heads,
+                part.min_query_len,
+                max_query_len,
+                block_table.shape[1] * page,
+            ]
+            merge_kwargs = dict(
+                HEAD_SIZE=head_size,
+                HEAD_PAD=head_pad,
+                NUM_SPLITS=num_splits,
+                SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+                BLOCK_Q=part.block_q,
+                num_warps=4,
+            )
+            launches.append(
+                BoundLaunch(_MERGE_SPLITS, (num_seqs, num_q_heads), merge_args, (0,), merge_kwargs, uses=(1,))
+            )
     return launches

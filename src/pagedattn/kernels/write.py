@@ -24,8 +24,16 @@ import triton
 import triton.language as tl
 
 from ..config import FP8_DTYPES, MAX_HEAD_SIZE, QUERY_DTYPES, fp8_dtype_of
-from ..errors import (BatchMetadataError, DeviceError, DTypeError, LayoutError, ScaleError, ShapeError,
-                      SlotConflictError, UnsupportedConfigError)
+from ..errors import (
+    BatchMetadataError,
+    DeviceError,
+    DTypeError,
+    LayoutError,
+    ScaleError,
+    ShapeError,
+    SlotConflictError,
+    UnsupportedConfigError,
+)
 from .launch import FastKernel, interpreter_enabled
 
 # (exponent bits, mantissa bits) of each fp8 format
@@ -58,17 +66,33 @@ def _fp32_to_fp8_bits(x, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, SUBNORM
 
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr,  # [num_tokens, num_kv_heads, head_size]
-    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size] (uint8 view if fp8)
+    k_ptr,
+    v_ptr,  # [num_tokens, num_kv_heads, head_size]
+    k_cache_ptr,
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size] (uint8 view if fp8)
     slot_mapping_ptr,  # [num_tokens] int64
-    k_scale, v_scale,  # fp32 scalars, or pointers to one fp32 each (SCALE_IS_TENSOR)
-    stride_k_token, stride_k_head, stride_v_token, stride_v_head,
-    stride_kc_block, stride_kc_slot, stride_kc_head,
-    stride_vc_block, stride_vc_slot, stride_vc_head,
-    block_size, head_size, num_slots,
+    k_scale,
+    v_scale,  # fp32 scalars, or pointers to one fp32 each (SCALE_IS_TENSOR)
+    stride_k_token,
+    stride_k_head,
+    stride_v_token,
+    stride_v_head,
+    stride_kc_block,
+    stride_kc_slot,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_slot,
+    stride_vc_head,
+    block_size,
+    head_size,
+    num_slots,
     HEAD_PAD: tl.constexpr,
-    FP8: tl.constexpr, SCALE_IS_TENSOR: tl.constexpr, FP8_MAX: tl.constexpr,
-    EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, SUBNORMAL_SCALE: tl.constexpr,
+    FP8: tl.constexpr,
+    SCALE_IS_TENSOR: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    EXP_BITS: tl.constexpr,
+    MAN_BITS: tl.constexpr,
+    SUBNORMAL_SCALE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -105,10 +129,12 @@ def _write_kv_kernel(
     else:
         k_out = k.to(k_cache_ptr.dtype.element_ty)
         v_out = v.to(v_cache_ptr.dtype.element_ty)
-    tl.store(k_cache_ptr + block * stride_kc_block + offset * stride_kc_slot + head * stride_kc_head + dims,
-             k_out, mask=mask)
-    tl.store(v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot + head * stride_vc_head + dims,
-             v_out, mask=mask)
+    tl.store(
+        k_cache_ptr + block * stride_kc_block + offset * stride_kc_slot + head * stride_kc_head + dims, k_out, mask=mask
+    )
+    tl.store(
+        v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot + head * stride_vc_head + dims, v_out, mask=mask
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +162,9 @@ def write_kv(
     when it is None and slot_mapping is on the CPU (free there) or `checked=True`; unvalidated, the
     kernel skips a slot out of range (it never writes outside the caches). With `checked=True`, no
     slot may be written by two tokens either."""
-    fp8 = check_write_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale,
-                             fp8_dtype=fp8_dtype, checked=checked)
+    fp8 = check_write_inputs(
+        k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale, fp8_dtype=fp8_dtype, checked=checked
+    )
     if k.shape[0] == 0:
         return
     num_slots = k_cache.shape[0] * k_cache.shape[1]
@@ -180,13 +207,33 @@ def _launch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8):
     head_pad = triton.next_power_of_2(head_size)
     # one program per (token, KV head); a row is at most 256 elements, so a warp or two suffices
     _WRITE_KV[(num_tokens, num_kv_heads)](
-        k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_size, head_size, k_cache.shape[0] * block_size,
-        HEAD_PAD=head_pad, FP8=fp8 is not None, SCALE_IS_TENSOR=scale_is_tensor, FP8_MAX=fp8_max,
-        EXP_BITS=exp_bits, MAN_BITS=man_bits, SUBNORMAL_SCALE=subnormal_scale,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k_scale,
+        v_scale,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_size,
+        head_size,
+        k_cache.shape[0] * block_size,
+        HEAD_PAD=head_pad,
+        FP8=fp8 is not None,
+        SCALE_IS_TENSOR=scale_is_tensor,
+        FP8_MAX=fp8_max,
+        EXP_BITS=exp_bits,
+        MAN_BITS=man_bits,
+        SUBNORMAL_SCALE=subnormal_scale,
         num_warps=1 if head_pad <= 64 else 2,
     )
 
@@ -268,11 +315,17 @@ def check_scale(name: str, scale, device: torch.device, *, checked: bool = False
         raise ScaleError(f"{name} must be finite and > 0, got {value}")
 
 
-def check_write_inputs(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None,
-                       fp8_dtype=None, checked=False) -> torch.dtype | None:
+def check_write_inputs(
+    k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, fp8_dtype=None, checked=False
+) -> torch.dtype | None:
     """Host-side checks of write_kv's arguments (no device sync); returns the cache's fp8 dtype or None."""
-    for name, t, rank in (("k", k, 3), ("v", v, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
-                          ("slot_mapping", slot_mapping, 1)):
+    for name, t, rank in (
+        ("k", k, 3),
+        ("v", v, 3),
+        ("k_cache", k_cache, 4),
+        ("v_cache", v_cache, 4),
+        ("slot_mapping", slot_mapping, 1),
+    ):
         if not isinstance(t, torch.Tensor):
             raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != rank:
@@ -315,7 +368,9 @@ def check_write_inputs(k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_
     fp8 = resolve_fp8_dtype(k_cache.dtype, fp8_dtype)
     if fp8 is None:
         if k.dtype != k_cache.dtype:
-            raise DTypeError(f"k is {k.dtype} but k_cache is {k_cache.dtype}: a non-fp8 cache takes K/V in its own dtype")
+            raise DTypeError(
+                f"k is {k.dtype} but k_cache is {k_cache.dtype}: a non-fp8 cache takes K/V in its own dtype"
+            )
     else:
         check_scale("k_scale", k_scale, device, checked=checked)
         check_scale("v_scale", v_scale, device, checked=checked)

@@ -64,9 +64,15 @@ def compile_case(config, shape, contract: str = "full") -> list[dict]:
     options = {k: v for k, v in x.options.items() if v is not None}
     attn = PagedAttention(
         AttentionOptions(scale=config.head_size**-0.5, **options),
-        num_q_heads=config.num_q_heads, num_kv_heads=config.num_kv_heads, head_size=config.head_size,
-        block_size=config.block_size, dtype=x.q.dtype, kv_cache_dtype=x.k_cache.dtype, device=x.q.device,
-        contract="context" if context else "full", decode_from_cache=contract == "context-decode",
+        num_q_heads=config.num_q_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_size=config.head_size,
+        block_size=config.block_size,
+        dtype=x.q.dtype,
+        kv_cache_dtype=x.k_cache.dtype,
+        device=x.q.device,
+        contract="context" if context else "full",
+        decode_from_cache=contract == "context-decode",
     )
     # the H100 plan, forced: on this CPU the planner's own dispatch would pick the reference
     attn.plan(x.cu_seqlens_q, x.seq_lens, x.block_table, validate=False, dispatch_plan=plan)
