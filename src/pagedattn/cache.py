@@ -48,6 +48,23 @@ CONTRACTS = ("full", "context")
 
 
 class PagedKVCache:
+    """K/V cache in pages: a pool of `num_blocks` blocks of `block_size` token slots, handed out to
+    sequences.
+
+    k, v: [num_blocks, block_size, num_kv_heads, head_size]. `dtype` is the query dtype
+    (fp16/bf16/fp32); `kv_dtype` is "auto" (= dtype) or "fp8"/"fp8_e4m3"/"fp8_e5m2", stored as
+    x / k_scale (x / v_scale). `checked=True` tracks written slots, so attention over this cache
+    refuses a read of an unwritten slot (UnwrittenKVError). `poison=True` (default) fills unwritten
+    and freed blocks with pagedattn's NaN bit pattern (`pagedattn.poison_`).
+
+    `new_sequence()` returns an id; `append(ids, k, v, query_lens)` grows sequences and writes their
+    K/V; `reserve()` grows without writing (for engines writing through `write_kv`);
+    `batch(ids, query_lens, contract)` gives one step's BatchMetadata; `fork(id)` shares all blocks;
+    `free(id)` releases them. Copy-on-write: the sequence that grows into a shared, partly filled
+    block gets a fresh copy; the others keep the original. Every method checks before it mutates;
+    an error leaves the cache unchanged.
+    """
+
     def __init__(
         self,
         num_blocks: int,

@@ -17,6 +17,7 @@ import torch
 
 from .config import FP8_DTYPES, AttentionConfig, BatchShape
 from .kernels.launch import interpreter_enabled  # noqa: F401  (re-exported)
+from .text import plural
 
 # ---------------------------------------------------------------------------------------------
 # the rules, as data
@@ -316,7 +317,7 @@ def plan(
             decode_plan,
             max_query_len=1 << 30,
             rule=(
-                f"decode batch (max_query_len {max_query_len} <= {d_q}: {qpk} query heads per KV head "
+                f"decode batch (max_query_len {max_query_len} <= {d_q}: {plural(qpk, 'query head')} per KV head "
                 f"fit one {d_m}-row tile): {why}"
             ),
         )
@@ -343,7 +344,7 @@ def plan(
         decode_part=dataclasses.replace(decode_plan, rule=why),
         rule=(
             f"max_query_len {max_query_len} > {d_q}: prefill tiles of {block_q} query tokens x "
-            f"{qpk} heads per KV head for sequences with query_len > {d_q}; sequences with "
+            f"{plural(qpk, 'head')} per KV head for sequences with query_len > {d_q}; sequences with "
             f"query_len <= {d_q} (decodes) in a second launch with {d_m}-row decode tiles"
             + (f" and {splits} KV splits" if splits > 1 else "")
             + workaround

@@ -33,7 +33,7 @@ from .batch import BatchMetadata
 from .checks import K_NONFINITE, K_POISON, V_NONFINITE, V_POISON, scan_reads
 from .diagnosis import CAUSES, Cause, diagnose
 from .errors import BatchMetadataError, ShapeError
-from .text import runs
+from .text import plural, runs
 from .tolerances import default_tolerance
 
 __all__ = ["compare", "compare_saved", "load_batch", "Report", "InputEvidence", "Cause", "CAUSES"]
@@ -157,7 +157,7 @@ class Report:
             kind = self.sequences[0].kind if self.sequences else "?"
             toks = f"1 token (seq {t.seq}, {kind}, position {t.position})"
         else:
-            toks = f"{self.num_bad_tokens} tokens in {len(self.sequences)} sequences"
+            toks = f"{plural(self.num_bad_tokens, 'token')} in {plural(len(self.sequences), 'sequence')}"
         heads = f"all {h} heads" if len(self.bad_heads) == h else f"heads {runs(self.bad_heads)}"
         dims = f"all {d} dims" if len(self.bad_dims) == d else f"dims {runs(self.bad_dims)}"
         return f"{toks} x {heads} x {dims}"
