@@ -20,8 +20,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "pagedattn"
 # Lowest first. A module (or a package, by prefix) may import modules of its own layer or below.
 LAYERS = [
     ("base", ["errors", "text", "tolerances", "_env"]),
-    ("config", ["config", "validate", "options", "poison"]),
+    ("config", ["config", "poison"]),
     ("kernels", ["kernels"]),
+    ("validation", ["validate", "options"]),
     ("data", ["batch", "checks", "cache", "reference"]),
     ("planning", ["dispatch", "planner", "platforms"]),
     ("entry points", ["attention", "ops", "compat"]),

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import BatchMetadataError, DeviceError, DTypeError, ShapeError
+from .errors import BatchMetadataError
+from .validate import check_metadata_tensors
 
 
 @dataclass
@@ -158,36 +159,6 @@ class BatchMetadata:
         if block_size is not None:
             check_block_table_values(self.block_table, seq_lens, block_size, num_blocks)
         return self
-
-
-def check_metadata_tensors(
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, device: torch.device | None = None
-) -> None:
-    """Cheap host-side checks (no device sync): ranks, sizes, dtypes, devices."""
-    for name, t, rank in (
-        ("cu_seqlens_q", cu_seqlens_q, 1),
-        ("seq_lens", seq_lens, 1),
-        ("block_table", block_table, 2),
-    ):
-        if not isinstance(t, torch.Tensor):
-            raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.int32:
-            raise DTypeError(f"{name} must be int32, got {t.dtype}")
-        if t.dim() != rank:
-            raise ShapeError(f"{name} must have {rank} dimension(s), got shape {tuple(t.shape)}")
-    num_seqs = seq_lens.shape[0]
-    if num_seqs == 0:
-        raise BatchMetadataError("the batch is empty: seq_lens has 0 sequences")
-    if cu_seqlens_q.shape[0] != num_seqs + 1:
-        raise ShapeError(f"cu_seqlens_q must have num_seqs + 1 = {num_seqs + 1} entries, got {cu_seqlens_q.shape[0]}")
-    if block_table.shape[0] < num_seqs:
-        raise ShapeError(f"block_table must have at least num_seqs = {num_seqs} rows, got {block_table.shape[0]}")
-    if block_table.stride(-1) != 1:
-        raise ShapeError(f"block_table rows must be contiguous, got strides {block_table.stride()}")
-    device = device or seq_lens.device
-    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens", seq_lens), ("block_table", block_table)):
-        if t.device != device:
-            raise DeviceError(f"{name} is on {t.device}, expected {device}")
 
 
 def check_block_table_values(

@@ -25,10 +25,10 @@ from .errors import (
     DeviceError,
     DTypeError,
     LayoutError,
-    ScaleError,
     ShapeError,
     UnsupportedConfigError,
 )
+from .kernels.write import check_scale  # noqa: F401  (one definition, re-exported here)
 
 # Cache layouts, by the order of a cache tensor's dimensions:
 #   "nhd":     [num_blocks, block_size, num_kv_heads, head_size]  (vLLM flash layout, FlashInfer NHD)
@@ -107,29 +107,6 @@ def cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_layout: str, 
     kb, kh, kx, kt, kd = k_cache.stride()
     vb, vh, vd, vt = v_cache.stride()
     return (kb, kt, kh, kx, kd), k_cache.shape[4], (vb, vt, vh, vd)
-
-
-def check_scale(name: str, scale, device: torch.device, *, checked: bool = False) -> None:
-    """An fp8 scale: a float or a one-element float tensor, finite and > 0 (a device tensor's value
-    is read only in checked mode: reading it would sync)."""
-    if scale is None:
-        raise ScaleError(f"{name} is required for an fp8 cache (the cache holds x / {name})")
-    if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1:
-            raise ScaleError(f"{name} must be one value (per-tensor scale), got shape {tuple(scale.shape)}")
-        if not scale.dtype.is_floating_point:
-            raise ScaleError(f"{name} must be a floating-point tensor, got {scale.dtype}")
-        if scale.device != device and scale.device.type != "cpu":
-            raise DeviceError(f"{name} is on {scale.device}, expected {device} or cpu")
-        if scale.device.type != "cpu" and not checked:
-            return
-        scale = float(scale)
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        raise ScaleError(f"{name} must be a float or a one-element tensor, got {type(scale).__name__}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ScaleError(f"{name} must be finite and > 0, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------
