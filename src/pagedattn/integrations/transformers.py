@@ -31,10 +31,11 @@ How the slot lists become pagedattn metadata, with no copy of the cache and no d
   occupy its blocks b0, b1, ... from offset 0), so the slot of position p is
   block_table[p // block_size] * block_size + p % block_size exactly, and the block table is the
   slots at p = 0, block_size, 2 * block_size, ... divided by block_size. The new K/V are written
-  first (write kernel, in place), then `paged_attention` (full-cache contract) reads the cache.
+  first (write kernel, in place), then a `PagedAttention` (full-cache contract) reads the cache:
+  planned by the step's first layer of each cache group, `run` by every layer.
 - Sliding window: each sequence owns window / block_size blocks used as a ring. Writing first
   would overwrite keys that earlier queries of a chunk still need, so these layers use the
-  context-cache contract (`prefix_prefill`): the cached window is read through the ring, the new
+  context-cache contract (a `PagedAttention` with contract="context"): the cached window is read through the ring, the new
   tokens' K/V come from the projections, and the write follows the attention. The ring is a
   block table in shifted coordinates: the first cached key sits at virtual position
   v0 = its slot % block_size, key i at v0 + i; when window % block_size == 0 every block
@@ -48,11 +49,13 @@ so a captured CUDA graph replays it with the next step's indices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import UnsupportedConfigError
+from ..options import AttentionOptions
+from ..planner import PagedAttention
 
 SUPPORTED_RANGE = ("5.17.0", "5.18.0")  # [first supported, first unsupported)
 DEFAULT_NAME = "paged|pagedattn"
@@ -205,6 +208,33 @@ class GroupPlan:
     max_query_len: int
     max_seq_len: int
     sliding_window: int  # 0: full attention (full-cache contract); > 0: context-cache contract
+    planners: dict = field(default_factory=dict)  # one planned PagedAttention per (scale, dtypes, heads)
+
+    def planner(self, q: torch.Tensor, k_cache: torch.Tensor, scaling: float | None) -> PagedAttention:
+        """The step's PagedAttention for these layers: planned by the first layer, run by every layer."""
+        key = (scaling, q.dtype, k_cache.dtype, q.shape[1], k_cache.shape[2], q.shape[2])
+        attn = self.planners.get(key)
+        if attn is None:
+            attn = PagedAttention(
+                AttentionOptions(scale=scaling, sliding_window=self.sliding_window or None),
+                num_q_heads=q.shape[1],
+                num_kv_heads=k_cache.shape[2],
+                head_size=q.shape[2],
+                block_size=k_cache.shape[1],
+                dtype=q.dtype,
+                kv_cache_dtype=k_cache.dtype,
+                device=q.device,
+                contract="context" if self.sliding_window else "full",
+            )
+            attn.plan(
+                self.cu_seqlens_q,
+                self.seq_lens,
+                self.block_table,
+                max_query_len=self.max_query_len,
+                max_seq_len=self.max_seq_len,
+            )
+            self.planners[key] = attn
+        return attn
 
 
 @dataclass
@@ -273,7 +303,6 @@ def paged_attention_forward(
 ):
     """transformers' AttentionInterface signature; query/key/value [1, heads, num_tokens, head_size].
     Returns ([1, num_tokens, num_q_heads, head_size], None)."""
-    from ..attention import paged_attention, prefix_prefill
     from ..kernels.write import write_kv
 
     cache = kwargs.get("cache")
@@ -305,22 +334,11 @@ def paged_attention_forward(
     write_index = kwargs["write_index"][group]
     # rows of padding tokens (CUDA-graph padding) belong to no sequence: zeros, not garbage
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    common = dict(max_query_len=plan.max_query_len, max_seq_len=plan.max_seq_len, scale=scaling, out=out)
+    attn = plan.planner(q, k_cache, scaling)  # planned once per step and group; this layer only runs it
     if plan.sliding_window == 0:
         write_kv(k, v, k_cache, v_cache, write_index)
-        paged_attention(q, k_cache, v_cache, plan.cu_seqlens_q, plan.seq_lens, plan.block_table, **common)
+        attn.run(q, k_cache, v_cache, out=out)
     else:
-        prefix_prefill(
-            q,
-            k,
-            v,
-            k_cache,
-            v_cache,
-            plan.cu_seqlens_q,
-            plan.seq_lens,
-            plan.block_table,
-            sliding_window=plan.sliding_window,
-            **common,
-        )
+        attn.run(q, k_cache, v_cache, out=out, k_new=k, v_new=v)
         write_kv(k, v, k_cache, v_cache, write_index)
     return out.unsqueeze(0), None
