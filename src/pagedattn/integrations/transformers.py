@@ -35,7 +35,8 @@ How the slot lists become pagedattn metadata, with no copy of the cache and no d
   planned by the step's first layer of each cache group, `run` by every layer.
 - Sliding window: each sequence owns window / block_size blocks used as a ring. Writing first
   would overwrite keys that earlier queries of a chunk still need, so these layers use the
-  context-cache contract (a `PagedAttention` with contract="context"): the cached window is read through the ring, the new
+  context-cache contract (a `PagedAttention` with contract="context"): the cached window is read
+  through the ring, the new
   tokens' K/V come from the projections, and the write follows the attention. The ring is a
   block table in shifted coordinates: the first cached key sits at virtual position
   v0 = its slot % block_size, key i at v0 + i; when window % block_size == 0 every block
