@@ -276,7 +276,8 @@ def paged_attention(
 ) -> Tensor:
     """`pagedattn.paged_attention` through `torch.ops.pagedattn.paged_attention`; returns `out`
     (allocated like q when not given). `options`: the op's keyword-only arguments."""
-    out = torch.empty_like(q) if out is None else out
+    # rows no sequence covers (unvalidated offsets) stay NaN, never leftovers
+    out = torch.full_like(q, float("nan")) if out is None else out
     paged_attention_op(
         q,
         k_cache,
@@ -312,7 +313,8 @@ def prefix_prefill(
     **options,
 ) -> Tensor:
     """`pagedattn.prefix_prefill` through `torch.ops.pagedattn.prefix_prefill`; returns `out`."""
-    out = torch.empty_like(q) if out is None else out
+    # rows no sequence covers (unvalidated offsets) stay NaN, never leftovers
+    out = torch.full_like(q, float("nan")) if out is None else out
     prefix_prefill_op(
         q,
         k_new,
