@@ -77,14 +77,14 @@ EXPECTED_SCHEMAS = {
     "Tensor? alibi_slopes=None, Tensor? sinks=None, Tensor? k_scale=None, "
     "Tensor? v_scale=None, *, SymInt? max_query_len=None, SymInt? max_seq_len=None, "
     "float? scale=None, SymInt? sliding_window=None, float? softcap=None, "
-    'str kv_layout="nhd", str backend="auto", bool checked=False) -> ()',
+    'str kv_layout="nhd", str backend="auto", bool checked=False, bool? validate=None) -> ()',
     "prefix_prefill": "pagedattn::prefix_prefill(Tensor q, Tensor k_new, Tensor v_new, Tensor k_cache, "
     "Tensor v_cache, Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_table, "
     "Tensor(a8!) out, Tensor? alibi_slopes=None, Tensor? sinks=None, "
     "Tensor? k_scale=None, Tensor? v_scale=None, *, bool decode_from_cache=False, "
     "SymInt? max_query_len=None, SymInt? max_seq_len=None, float? scale=None, "
     'SymInt? sliding_window=None, float? softcap=None, str kv_layout="nhd", '
-    'str backend="auto", bool checked=False) -> ()',
+    'str backend="auto", bool checked=False, bool? validate=None) -> ()',
 }
 MUTATED = {"write_kv": {"k_cache", "v_cache"}, "paged_attention": {"out"}, "prefix_prefill": {"out"}}
 

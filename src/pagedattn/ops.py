@@ -13,7 +13,7 @@ does not: the registration is global state and an engine asks for it):
         Tensor? sinks=None, Tensor? k_scale=None, Tensor? v_scale=None, *,
         SymInt? max_query_len=None, SymInt? max_seq_len=None, float? scale=None,
         SymInt? sliding_window=None, float? softcap=None, str kv_layout="nhd",
-        str backend="auto", bool checked=False) -> ()
+        str backend="auto", bool checked=False, bool? validate=None) -> ()
     pagedattn::prefix_prefill(Tensor q, Tensor k_new, Tensor v_new, Tensor k_cache, Tensor v_cache,
         Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_table, Tensor(a!) out, <the same
         optional tensors>, *, bool decode_from_cache=False, <the same options>) -> ()
