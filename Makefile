@@ -38,7 +38,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
-	TRITON_INTERPRET=1 $(PY) -m pytest -n $(JOBS) -q
+	TRITON_INTERPRET=1 $(PY) -m pytest -n $(JOBS) -q --durations=15
 
 $(STAMP_NEWEST): requirements.lock pyproject.toml
 	@echo "installing requirements.lock with triton==$(TRITON_NEWEST) into $(VENV_NEWEST) (once)"
