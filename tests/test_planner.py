@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from pagedattn import AttentionOptions, PagedAttention, reference
-from pagedattn.errors import BatchMetadataError, DTypeError, LayoutError, PagedAttentionError, ShapeError
+from pagedattn.errors import (
+    BatchMetadataError,
+    DTypeError,
+    LayoutError,
+    PagedAttentionError,
+    ShapeError,
+    UnsupportedConfigError,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -158,3 +165,20 @@ def test_cuda_graph_replay_after_replan():
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, ref(q, k, v, cu, sl, table), atol=2e-2, rtol=2e-2)
+
+
+def test_new_arguments_are_validated():
+    cu, seq_lens, table = batch()
+    with pytest.raises(DTypeError, match="kv_cache_dtype"):
+        planner(kv_cache_dtype=torch.int8)
+    with pytest.raises(UnsupportedConfigError, match="num_blocks"):
+        planner(num_blocks=0)
+    with pytest.raises(UnsupportedConfigError, match="contract"):
+        planner(contract="partial")
+    attn = planner()
+    with pytest.raises(UnsupportedConfigError, match="validate"):
+        attn.plan(cu, seq_lens, table, validate="yes")
+    with pytest.raises(UnsupportedConfigError, match="max_query_len"):
+        attn.plan(cu, seq_lens, table, max_query_len=-1)
+    with pytest.raises(UnsupportedConfigError, match="dispatch_plan"):
+        attn.plan(cu, seq_lens, table, dispatch_plan="split")

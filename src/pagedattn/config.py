@@ -41,31 +41,6 @@ def fp8_dtype_of(kv_dtype: str) -> torch.dtype | None:
         raise UnsupportedConfigError(f"kv_dtype must be one of {sorted(_KV_DTYPE_ALIASES)}, got {kv_dtype!r}") from None
 
 
-def parse_device(value: str) -> torch.device:
-    """argparse type for --device: a torch device name ("cpu", "cuda", "cuda:1")."""
-    import argparse
-
-    try:
-        return torch.device(value)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"--device must be a torch device such as cpu or cuda, got {value!r}"
-        ) from None
-
-
-def parse_lengths(value: str) -> tuple[int, ...]:
-    """argparse type for comma-separated lengths: ints >= 0."""
-    import argparse
-
-    try:
-        lens = tuple(int(x) for x in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 0, got {value!r}") from None
-    if any(n < 0 for n in lens):
-        raise argparse.ArgumentTypeError(f"lengths must be >= 0, got {value!r}")
-    return lens
-
-
 def fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 

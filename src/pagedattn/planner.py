@@ -154,6 +154,12 @@ class PagedAttention:
         check_choice("backend", backend, ("auto", "triton", "reference"))
         if dtype not in QUERY_DTYPES:
             raise DTypeError(f"dtype (of q) must be one of {QUERY_DTYPES}, got {dtype}")
+        if kv_cache_dtype is not None and kv_cache_dtype not in QUERY_DTYPES + FP8_DTYPES:
+            raise DTypeError(f"kv_cache_dtype must be None or one of {QUERY_DTYPES + FP8_DTYPES}, got {kv_cache_dtype}")
+        if num_blocks is not None and (
+            not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks <= 0
+        ):
+            raise UnsupportedConfigError(f"num_blocks must be None or a positive int, got {num_blocks!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -239,6 +245,13 @@ class PagedAttention:
 
         Returns self. Raises BatchMetadataError (or ShapeError/DTypeError/DeviceError) naming the
         argument."""
+        if validate not in (None, True, False):
+            raise UnsupportedConfigError(f"validate must be None, True or False, got {validate!r}")
+        if dispatch_plan is not None and not isinstance(dispatch_plan, dispatch.Plan):
+            raise UnsupportedConfigError(f"dispatch_plan must be a dispatch.Plan, got {type(dispatch_plan).__name__}")
+        for name, value in (("max_query_len", max_query_len), ("max_seq_len", max_seq_len), ("num_tokens", num_tokens)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise UnsupportedConfigError(f"{name} must be None or an int >= 0, got {value!r}")
         check_metadata_tensors(cu_seqlens_q, seq_lens, block_table, self.device)
         num_seqs = seq_lens.shape[0]
         on_cpu = self.device.type == "cpu"
