@@ -155,7 +155,7 @@ class PagedAttention:
         if dtype not in QUERY_DTYPES:
             raise DTypeError(f"dtype (of q) must be one of {QUERY_DTYPES}, got {dtype}")
         if kv_cache_dtype is not None and kv_cache_dtype not in QUERY_DTYPES + FP8_DTYPES:
-            raise DTypeError(f"kv_cache_dtype must be None or one of {QUERY_DTYPES + FP8_DTYPES}, got {kv_cache_dtype}")
+            raise DTypeError(f"kv_cache_dtype: k_cache must be fp16/bf16/fp32 or an fp8 dtype, got {kv_cache_dtype}")
         if num_blocks is not None and (
             not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks <= 0
         ):
