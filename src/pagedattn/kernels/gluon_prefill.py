@@ -140,6 +140,104 @@ def _store_rows(
     gl.store(out_ptr + offs[:, None] + d[None, :], val.to(out_ptr.dtype.element_ty), mask=(tok < n_valid)[:, None])
 
 
+@gluon.jit
+def _step(
+    j,
+    acc,
+    m_i,
+    l_i,
+    p_op,
+    blk_k,
+    blk_v,
+    bad_acc,
+    q_smem,
+    k_ring,
+    v_ring,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row,
+    kv_lim,
+    num_blocks,
+    max_blocks,
+    k_head,
+    v_head,
+    stride_kb,
+    stride_kt,
+    stride_vb,
+    stride_vt,
+    row_pos,
+    cols,
+    seq_len,
+    qk_scale,
+    s_zero,
+    MASK: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    HEAD: gl.constexpr,
+    PAGE: gl.constexpr,
+    RING: gl.constexpr,
+    LOAD: gl.constexpr,
+    O_L: gl.constexpr,
+    P_L: gl.constexpr,
+):
+    """Iteration j >= 1 of the key loop: refill the ring slots iteration j-1 released (K of tile
+    j + RING - 1, V of tile j + RING - 2), then q.k(j) and P.V(j-1) asynchronously, softmax(j)
+    while P.V(j-1) runs, the accumulator rescaled once P.V(j-1) is done. Branch-free (MASK is a
+    constexpr): no basic-block boundary between the wgmma issue and its waits."""
+    async_copy.wait_group(RING - 2)  # K(j) and V(j-1) have landed (this thread's copies)
+    fence_async_shared()  # cp.async writes -> the async proxy wgmma reads through
+    gl.thread_barrier()  # every thread's copies, and every warp is past iteration j-1
+    _issue_tile(
+        k_ring,
+        (j + RING - 1) % RING,
+        k_cache_ptr,
+        blk_k,
+        (j + RING - 1) * BLOCK_N,
+        kv_lim,
+        k_head,
+        stride_kb,
+        stride_kt,
+        BLOCK_N,
+        HEAD,
+        PAGE,
+        LOAD,
+    )
+    _issue_tile(
+        v_ring,
+        (j + RING - 2) % RING,
+        v_cache_ptr,
+        blk_v,
+        (j + RING - 2) * BLOCK_N,
+        kv_lim,
+        v_head,
+        stride_vb,
+        stride_vt,
+        BLOCK_N,
+        HEAD,
+        PAGE,
+        LOAD,
+    )
+    async_copy.commit_group()
+    blk_v = blk_k
+    blk_k, bad = _tile_blocks(bt_row, (j + RING) * BLOCK_N, kv_lim, num_blocks, max_blocks, BLOCK_N, PAGE, LOAD)
+    bad_acc = gl.maximum(bad_acc, bad.to(gl.int32))
+
+    s_tok = warpgroup_mma(q_smem, k_ring.index(j % RING).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    o_tok = warpgroup_mma(p_op, v_ring.index((j - 1) % RING), acc, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+    if MASK:
+        keys = j * BLOCK_N + cols
+        visible = (keys[None, :] <= row_pos[:, None]) & (keys < seq_len)[None, :]
+        s = gl.where(visible, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + gl.sum(p, 1)
+    p_op = gl.convert_layout(p.to(p_op.dtype), P_L)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
+    return acc, m_new, l_i, p_op, blk_k, blk_v, bad_acc
+
+
 # ---------------------------------------------------------------------------------------------
 # the kernel
 # ---------------------------------------------------------------------------------------------
@@ -339,61 +437,89 @@ def _gluon_prefill_kernel(
     p_op = gl.convert_layout(p.to(dtype), P_L)
     acc = gl.zeros([BLOCK_M, HEAD], gl.float32, O_L)
 
-    # ---- steady state: q.k(j) and P.V(j-1) in flight together, softmax(j) under P.V(j-1)
-    for j in range(1, n_tiles):
-        async_copy.wait_group(RING - 2)
-        fence_async_shared()
-        gl.thread_barrier()  # every warp is past iteration j-1: its slots may be refilled
-        _issue_tile(
-            k_ring,
-            (j + RING - 1) % RING,
-            k_cache_ptr,
+    # ---- steady state: q.k(j) and P.V(j-1) in flight together, softmax(j) under P.V(j-1). Two
+    # loops, the unmasked tiles then the diagonal ones, so that no branch sits between the wgmma
+    # issue and its wait: ptxas retires every in-flight wgmma at a basic-block boundary, which
+    # would serialize the softmax behind P.V again.
+    mask_start = gl.maximum(gl.minimum(mask_from, n_tiles), 1)
+    for j in range(1, mask_start):
+        acc, m_i, l_i, p_op, blk_k, blk_v, bad_acc = _step(
+            j,
+            acc,
+            m_i,
+            l_i,
+            p_op,
             blk_k,
-            (j + RING - 1) * BLOCK_N,
+            blk_v,
+            bad_acc,
+            q_smem,
+            k_ring,
+            v_ring,
+            k_cache_ptr,
+            v_cache_ptr,
+            bt_row,
             kv_lim,
+            num_blocks,
+            max_blocks,
             k_head,
+            v_head,
             stride_kb,
             stride_kt,
-            BLOCK_N,
-            HEAD,
-            PAGE,
-            LOAD,
-        )
-        _issue_tile(
-            v_ring,
-            (j + RING - 2) % RING,
-            v_cache_ptr,
-            blk_v,
-            (j + RING - 2) * BLOCK_N,
-            kv_lim,
-            v_head,
             stride_vb,
             stride_vt,
+            row_pos,
+            cols,
+            seq_len,
+            qk_scale,
+            s_zero,
+            False,
             BLOCK_N,
             HEAD,
             PAGE,
+            RING,
             LOAD,
+            O_L,
+            P_L,
         )
-        async_copy.commit_group()
-        blk_v = blk_k
-        blk_k, bad = _tile_blocks(bt_row, (j + RING) * BLOCK_N, kv_lim, num_blocks, max_blocks, BLOCK_N, PAGE, LOAD)
-        bad_acc = gl.maximum(bad_acc, bad.to(gl.int32))
-
-        s_tok = warpgroup_mma(q_smem, k_ring.index(j % RING).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        o_tok = warpgroup_mma(p_op, v_ring.index((j - 1) % RING), acc, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-        if j >= mask_from:
-            keys = j * BLOCK_N + cols
-            visible = (keys[None, :] <= row_pos[:, None]) & (keys < seq_len)[None, :]
-            s = gl.where(visible, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
-        p_op = gl.convert_layout(p.to(dtype), P_L)
+    for j in range(mask_start, n_tiles):
+        acc, m_i, l_i, p_op, blk_k, blk_v, bad_acc = _step(
+            j,
+            acc,
+            m_i,
+            l_i,
+            p_op,
+            blk_k,
+            blk_v,
+            bad_acc,
+            q_smem,
+            k_ring,
+            v_ring,
+            k_cache_ptr,
+            v_cache_ptr,
+            bt_row,
+            kv_lim,
+            num_blocks,
+            max_blocks,
+            k_head,
+            v_head,
+            stride_kb,
+            stride_kt,
+            stride_vb,
+            stride_vt,
+            row_pos,
+            cols,
+            seq_len,
+            qk_scale,
+            s_zero,
+            True,
+            BLOCK_N,
+            HEAD,
+            PAGE,
+            RING,
+            LOAD,
+            O_L,
+            P_L,
+        )
 
     # ---- the last tile's P.V
     async_copy.wait_group(0)
