@@ -90,26 +90,24 @@ def _issue_tile(
     stride_t,
     BLOCK_N: gl.constexpr,
     HEAD: gl.constexpr,
-    PAGE: gl.constexpr,
+    page_shift,
     LOAD: gl.constexpr,
 ):
     """cp.async of the [BLOCK_N, HEAD] K or V tile at key `start` (block ids `blk`, already
     clamped) into ring slot `slot`; keys at or past kv_lim are zero-filled without a read."""
     keys = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
     dims = gl.arange(0, HEAD, layout=gl.SliceLayout(0, LOAD))
-    rows = blk.to(gl.int64) * stride_b + (keys % PAGE) * stride_t + head_off
+    rows = blk.to(gl.int64) * stride_b + (keys & ((1 << page_shift) - 1)) * stride_t + head_off
     ptrs = cache_ptr + rows[:, None] + dims[None, :]
     async_copy.async_copy_global_to_shared(ring.index(slot), ptrs, mask=(keys < kv_lim)[:, None])
 
 
 @gluon.jit
-def _tile_blocks(
-    bt_row, start, kv_lim, num_blocks, max_blocks, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, LOAD: gl.constexpr
-):
+def _tile_blocks(bt_row, start, kv_lim, num_blocks, max_blocks, BLOCK_N: gl.constexpr, page_shift, LOAD: gl.constexpr):
     """Block ids of the keys of the tile at `start` (clamped to a valid block) and which in-range
     keys had none (an id outside [0, num_blocks) or a column past the table's width)."""
     keys = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LOAD))
-    col = keys // PAGE
+    col = keys >> page_shift
     used = keys < kv_lim
     blk = gl.load(bt_row + col, mask=used & (col < max_blocks), other=-1)
     bad = used & ((blk < 0) | (blk >= num_blocks))
@@ -173,7 +171,7 @@ def _step(
     MASK: gl.constexpr,
     BLOCK_N: gl.constexpr,
     HEAD: gl.constexpr,
-    PAGE: gl.constexpr,
+    page_shift,
     RING: gl.constexpr,
     LOAD: gl.constexpr,
     O_L: gl.constexpr,
@@ -198,7 +196,7 @@ def _step(
         stride_kt,
         BLOCK_N,
         HEAD,
-        PAGE,
+        page_shift,
         LOAD,
     )
     _issue_tile(
@@ -213,12 +211,12 @@ def _step(
         stride_vt,
         BLOCK_N,
         HEAD,
-        PAGE,
+        page_shift,
         LOAD,
     )
     async_copy.commit_group()
     blk_v = blk_k
-    blk_k, bad = _tile_blocks(bt_row, (j + RING) * BLOCK_N, kv_lim, num_blocks, max_blocks, BLOCK_N, PAGE, LOAD)
+    blk_k, bad = _tile_blocks(bt_row, (j + RING) * BLOCK_N, kv_lim, num_blocks, max_blocks, BLOCK_N, page_shift, LOAD)
     bad_acc = gl.maximum(bad_acc, bad.to(gl.int32))
 
     s_tok = warpgroup_mma(q_smem, k_ring.index(j % RING).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -268,7 +266,7 @@ def _gluon_prefill_kernel(
     qk_scale,  # softmax scale * log2(e)
     QPK: gl.constexpr,
     HEAD: gl.constexpr,
-    PAGE: gl.constexpr,
+    page_shift,
     BLOCK_N: gl.constexpr,
     RING: gl.constexpr,
     num_warps: gl.constexpr,
@@ -348,10 +346,22 @@ def _gluon_prefill_kernel(
     bad_acc = gl.zeros([BLOCK_N], gl.int32, gl.SliceLayout(1, LOAD))
     blk_v = gl.zeros([BLOCK_N], gl.int32, gl.SliceLayout(1, LOAD))
     for i in gl.static_range(RING - 1):
-        blk_k, bad = _tile_blocks(bt_row, i * BLOCK_N, kv_lim, num_blocks, max_blocks, BLOCK_N, PAGE, LOAD)
+        blk_k, bad = _tile_blocks(bt_row, i * BLOCK_N, kv_lim, num_blocks, max_blocks, BLOCK_N, page_shift, LOAD)
         bad_acc = gl.maximum(bad_acc, bad.to(gl.int32))
         _issue_tile(
-            k_ring, i, k_cache_ptr, blk_k, i * BLOCK_N, kv_lim, k_head, stride_kb, stride_kt, BLOCK_N, HEAD, PAGE, LOAD
+            k_ring,
+            i,
+            k_cache_ptr,
+            blk_k,
+            i * BLOCK_N,
+            kv_lim,
+            k_head,
+            stride_kb,
+            stride_kt,
+            BLOCK_N,
+            HEAD,
+            page_shift,
+            LOAD,
         )
         if i >= 1:
             _issue_tile(
@@ -366,13 +376,13 @@ def _gluon_prefill_kernel(
                 stride_vt,
                 BLOCK_N,
                 HEAD,
-                PAGE,
+                page_shift,
                 LOAD,
             )
         async_copy.commit_group()
         blk_v = blk_k
     # block ids of the next K tile to issue (RING - 1), one iteration ahead
-    blk_k, bad = _tile_blocks(bt_row, (RING - 1) * BLOCK_N, kv_lim, num_blocks, max_blocks, BLOCK_N, PAGE, LOAD)
+    blk_k, bad = _tile_blocks(bt_row, (RING - 1) * BLOCK_N, kv_lim, num_blocks, max_blocks, BLOCK_N, page_shift, LOAD)
     bad_acc = gl.maximum(bad_acc, bad.to(gl.int32))
 
     # Q tile: packed rows, zero past the sequence's tokens
@@ -403,7 +413,7 @@ def _gluon_prefill_kernel(
         stride_kt,
         BLOCK_N,
         HEAD,
-        PAGE,
+        page_shift,
         LOAD,
     )
     _issue_tile(
@@ -418,12 +428,12 @@ def _gluon_prefill_kernel(
         stride_vt,
         BLOCK_N,
         HEAD,
-        PAGE,
+        page_shift,
         LOAD,
     )
     async_copy.commit_group()
     blk_v = blk_k
-    blk_k, bad = _tile_blocks(bt_row, RING * BLOCK_N, kv_lim, num_blocks, max_blocks, BLOCK_N, PAGE, LOAD)
+    blk_k, bad = _tile_blocks(bt_row, RING * BLOCK_N, kv_lim, num_blocks, max_blocks, BLOCK_N, page_shift, LOAD)
     bad_acc = gl.maximum(bad_acc, bad.to(gl.int32))
 
     s_tok = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -475,7 +485,7 @@ def _gluon_prefill_kernel(
             False,
             BLOCK_N,
             HEAD,
-            PAGE,
+            page_shift,
             RING,
             LOAD,
             O_L,
@@ -514,7 +524,7 @@ def _gluon_prefill_kernel(
             True,
             BLOCK_N,
             HEAD,
-            PAGE,
+            page_shift,
             RING,
             LOAD,
             O_L,
@@ -671,7 +681,9 @@ def launch_args(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, s
         block_table.shape[1],
         float(scale) * LOG2E,
     )
-    meta = dict(QPK=qpk, HEAD=head_size, PAGE=block_size, BLOCK_N=block_n, RING=ring, num_warps=NUM_WARPS)
+    meta = dict(
+        QPK=qpk, HEAD=head_size, page_shift=block_size.bit_length() - 1, BLOCK_N=block_n, RING=ring, num_warps=NUM_WARPS
+    )
     return grid, args, meta
 
 
