@@ -272,3 +272,36 @@ def test_block_id_outside_the_cache_gives_nan_rows_on_hopper():
     assert not torch.isnan(out[:40]).any()  # sequence 0 is served
     # sequence 1's tiles that reach column 5 (keys 80..95) are NaN: those of query rows >= 0 all do
     assert torch.isnan(out[40:]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels
+@pytest.mark.parametrize("ws", [False, True])
+def test_min_query_len_leaves_short_sequences_to_the_other_launch(ws):
+    """A mixed batch's prefill launch: sequences below min_query_len keep their `out` rows as they
+    were; the others match the reference."""
+    from pagedattn import reference
+    from pagedattn.testing import assert_close_to_reference, make_inputs
+
+    config = AttentionConfig(32, 8, 128, 16, torch.bfloat16)
+    shape = BatchShape((1, 200, 3, 129), (500, 0, 40, 77))
+    x = make_inputs(config, shape, device="cuda", seed=11)
+    out = torch.full_like(x.q, 7.0)
+    gp.gluon_prefill(
+        x.q,
+        x.k_cache,
+        x.v_cache,
+        x.cu_seqlens_q,
+        x.seq_lens,
+        x.block_table,
+        scale=0.09,
+        out=out,
+        min_query_len=4,
+        warp_specialized=ws,
+    )
+    ref = reference.attention(
+        x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, scale=0.09, compute_dtype=torch.float64
+    )
+    assert (out[0:1] == 7.0).all() and (out[201:204] == 7.0).all()
+    assert_close_to_reference(out[1:201], ref[1:201], config.dtype, "sequence 1")
+    assert_close_to_reference(out[204:], ref[204:], config.dtype, "sequence 3")

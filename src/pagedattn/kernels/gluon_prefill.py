@@ -274,6 +274,7 @@ def _gluon_prefill_kernel(
     num_blocks,
     max_blocks,
     qk_scale,  # softmax scale * log2(e)
+    min_query_len,  # sequences with fewer query tokens are another launch's (a mixed batch's decodes)
     QPK: gl.constexpr,
     HEAD: gl.constexpr,
     page_shift,
@@ -311,7 +312,7 @@ def _gluon_prefill_kernel(
     query_len = q_end - q_start
     tile = pid - (q_start // BLOCK_Q + seq)
     t_lo = tile * BLOCK_Q  # first token of the tile within the sequence
-    if t_lo >= query_len:
+    if (t_lo >= query_len) | (query_len < min_query_len):
         return
     n_valid = gl.minimum(query_len - t_lo, BLOCK_Q)
     t0 = q_start + t_lo  # its row in q / out
@@ -885,6 +886,7 @@ def _gluon_prefill_ws_kernel(
     num_blocks,
     max_blocks,
     qk_scale,
+    min_query_len,  # sequences with fewer query tokens are another launch's (a mixed batch's decodes)
     QPK: gl.constexpr,
     HEAD: gl.constexpr,
     page_shift,
@@ -917,7 +919,7 @@ def _gluon_prefill_ws_kernel(
     query_len = q_end - q_start
     tile = pid - (q_start // BLOCK_Q + seq)
     t_lo = tile * BLOCK_Q
-    if t_lo >= query_len:
+    if (t_lo >= query_len) | (query_len < min_query_len):
         return
     n_valid = gl.minimum(query_len - t_lo, BLOCK_Q)
     t0 = q_start + t_lo
@@ -1128,7 +1130,17 @@ def _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out) -> Non
 
 
 def launch_args(
-    q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, scale: float, tiles=None, warp_specialized=False
+    q,
+    k_cache,
+    v_cache,
+    cu_seqlens_q,
+    seq_lens,
+    block_table,
+    out,
+    scale: float,
+    tiles=None,
+    warp_specialized=False,
+    min_query_len: int = 0,
 ):
     """(kernel, grid, positional args, constexpr kwargs) of one launch; shared by gluon_prefill and
     the offline sm_90 compile in the tests."""
@@ -1175,6 +1187,7 @@ def launch_args(
         num_blocks,
         block_table.shape[1],
         float(scale) * LOG2E,
+        min_query_len,
     )
     meta = dict(
         QPK=qpk, HEAD=head_size, page_shift=block_size.bit_length() - 1, BLOCK_N=block_n, RING=ring, num_warps=NUM_WARPS
@@ -1200,15 +1213,18 @@ def gluon_prefill(
     out: torch.Tensor | None = None,
     tiles: tuple[int, int] | None = None,
     warp_specialized: bool = False,
+    min_query_len: int = 0,
 ) -> torch.Tensor:
     """Causal paged attention of every query token over the full cache (the query tokens' own keys
     included), on Hopper. Raises UnsupportedConfigError for what `unsupported_reason` rejects.
+    Sequences with fewer than `min_query_len` query tokens are left alone (untouched `out` rows):
+    the prefill launch of a mixed batch, whose decodes another kernel serves.
     `tiles` = (BLOCK_N, RING) overrides `tiles_for`; `warp_specialized` picks the producer/consumer
     variant (experimental: not yet run on a GPU)."""
     if out is None:
         out = torch.empty_like(q)
     kernel, grid, args, meta = launch_args(
-        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, scale, tiles, warp_specialized
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, scale, tiles, warp_specialized, min_query_len
     )
     if q.shape[0] and seq_lens.shape[0]:
         kernel[grid](*args, **meta)
