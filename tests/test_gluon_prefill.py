@@ -195,6 +195,8 @@ def test_launch_rejects_bad_arguments_before_any_launch():
         gp.gluon_prefill(qt, k, v, cu, sl, bt, scale=0.1)
     with pytest.raises(ShapeError, match="out must match q"):
         gp.gluon_prefill(q, k, v, cu, sl, bt, scale=0.1, out=torch.empty(3, 8, 128, dtype=q.dtype))
+    with pytest.raises(UnsupportedConfigError, match="scale must be > 0"):
+        gp.gluon_prefill(q, k, v, cu, sl, bt, scale=-0.1)
     with pytest.raises(UnsupportedConfigError, match="BLOCK_N >= block_size"):
         gp.gluon_prefill(q, k, v, cu, sl, bt, scale=0.1, tiles=(8, 2))
 

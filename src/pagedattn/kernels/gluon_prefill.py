@@ -1157,6 +1157,8 @@ def launch_args(
     if reason is not None:
         raise UnsupportedConfigError(reason)
     _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out)
+    if not float(scale) > 0:  # the kernel scales each row's max by it: a positive scale keeps the max
+        raise UnsupportedConfigError(f"scale must be > 0 on the Gluon path, got {scale}")
     qpk = num_q_heads // num_kv_heads
     block_n, ring = tiles or tiles_for(head_size)
     if block_size > block_n or ring < 2:
