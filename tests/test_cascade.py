@@ -1,0 +1,329 @@
+"""Shared-prefix (cascade) attention through the planner, against the float64 reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pagedattn import AttentionOptions, PagedAttention, reference
+from pagedattn import shared_prefix as sharing
+from pagedattn.errors import BatchMetadataError, UnsupportedConfigError
+from pagedattn.tolerances import default_tolerance
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+pytestmark = pytest.mark.kernels
+
+
+def shared_batch(query_lens, seq_lens, groups, *, block_size, seed=0, spare_columns=1, device=DEVICE):
+    """(cu_seqlens_q, seq_lens, block_table) on the host: groups = [(members, shared blocks)], the
+    members' first blocks the same ids, every other block a fresh one, in a shuffled cache."""
+    rng = np.random.default_rng(seed)
+    need = [-(-s // block_size) for s in seq_lens]
+    width = max(need) + spare_columns
+    rows = [[] for _ in seq_lens]
+    next_id = 0
+    for members, blocks in groups:
+        ids = list(range(next_id, next_id + blocks))
+        next_id += blocks
+        for m in members:
+            rows[m] = list(ids)
+    for i, n in enumerate(need):
+        own = n - len(rows[i])
+        rows[i] += list(range(next_id, next_id + own))
+        next_id += own
+    num_blocks = next_id + 3
+    perm = rng.permutation(num_blocks)
+    table = np.full((len(seq_lens), width), num_blocks + 7, dtype=np.int64)  # past the used columns: garbage
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = perm[r]
+    cu = np.r_[0, np.cumsum(query_lens)]
+    return (
+        torch.tensor(cu, dtype=torch.int32, device=device),
+        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        torch.tensor(table, dtype=torch.int32, device=device),
+        num_blocks,
+    )
+
+
+def run_case(
+    query_lens,
+    seq_lens,
+    groups,
+    *,
+    hq=4,
+    hkv=2,
+    d=16,
+    bs=4,
+    dtype=torch.float32,
+    options=None,
+    shared_prefix=None,
+    splits=2,
+    seed=0,
+    expect_cascade=True,
+):
+    cu, sl, bt, nb = shared_batch(query_lens, seq_lens, groups, block_size=bs, seed=seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(int(cu[-1]), hq, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(nb, bs, hkv, d, generator=g).to(DEVICE, dtype)
+    v = torch.randn(nb, bs, hkv, d, generator=g).to(DEVICE, dtype)
+    options = options or AttentionOptions()
+    attn = PagedAttention(
+        options, num_q_heads=hq, num_kv_heads=hkv, head_size=d, block_size=bs, dtype=dtype, device=DEVICE
+    )
+    attn.cascade_min_prefix, attn.cascade_min_saved_keys, attn.cascade_prefix_splits = 1, 1, splits
+    attn.plan(
+        cu,
+        sl,
+        bt,
+        query_lens_host=list(query_lens),
+        seq_lens_host=list(seq_lens),
+        block_table_host=bt.cpu(),
+        shared_prefix=shared_prefix,
+    )
+    assert (attn._cascade is not None) == expect_cascade, attn.explain()
+    assert ("cascade:" in attn.explain()) == expect_cascade
+    out = torch.full_like(q, float("nan"))
+    attn.run(q, k, v, out=out)
+    ref = reference.attention(
+        q,
+        k,
+        v,
+        cu,
+        sl,
+        bt,
+        scale=options.scale,
+        alibi_slopes=options.alibi_slopes,
+        softcap=options.softcap,
+        sinks=options.sinks,
+        compute_dtype=torch.float64,
+    )
+    assert not out.isnan().any(), "rows left unwritten"
+    atol, rtol = default_tolerance(dtype)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    return attn
+
+
+def reference_of(q, k, v, cu, sl, bt, options):
+    return reference.attention(
+        q,
+        k,
+        v,
+        cu,
+        sl,
+        bt,
+        scale=options.scale,
+        alibi_slopes=options.alibi_slopes,
+        softcap=options.softcap,
+        sinks=options.sinks,
+        compute_dtype=torch.float64,
+    )
+
+
+# ---- shapes of sharing -------------------------------------------------------------------------
+def test_decode_one_group_many_blocks_takes_a_view_of_the_table():
+    attn = run_case([1] * 5, [23, 30, 21, 27, 40], [([0, 1, 2, 3, 4], 5)])
+    assert len(attn._cascade.groups) == 1 and attn._cascade.shift_view
+
+
+def test_prefix_of_exactly_one_block():
+    """Sequence 0's first query token sits right after the shared block (ctx_len = block_size)."""
+    attn = run_case([1, 1, 1], [5, 9, 7], [([0, 1, 2], 1)], splits=1)
+    assert [b for _, b, _ in attn._cascade.groups] == [1]
+
+
+def test_prefix_shorter_than_a_block_takes_the_plain_path():
+    # sharing only the block the queries sit in: no whole block below the first query position
+    run_case([1, 1, 1], [3, 4, 2], [([0, 1, 2], 1)], expect_cascade=False)
+    # told 3 shared tokens with blocks of 4: rounds down to no block
+    run_case([1, 1, 1], [9, 10, 7], [([0, 1, 2], 1)], shared_prefix=[([0, 1, 2], 3)], expect_cascade=False)
+
+
+def test_told_tokens_round_down_to_whole_blocks():
+    """6 shared tokens with blocks of 4: the whole block is the prefix, the 2 others are read
+    with each suffix."""
+    attn = run_case([1, 1, 1], [9, 10, 13], [([0, 1, 2], 1)], shared_prefix=[([0, 1, 2], 6)])
+    assert attn._cascade.groups[0][1] == 1
+
+
+def test_prefix_shared_by_a_subset_detected():
+    attn = run_case([1] * 5, [14, 25, 9, 22, 18], [([1, 3, 4], 4)], seed=3)
+    ((members, blocks, _),) = attn._cascade.groups
+    assert members.tolist() == [1, 3, 4] and blocks == 4 and not attn._cascade.shift_view
+
+
+def test_two_groups_detected():
+    attn = run_case([1] * 6, [14, 25, 13, 22, 18, 6], [([0, 2], 3), ([1, 3, 4], 4)], seed=4)
+    found = sorted((m.tolist(), b) for m, b, _ in attn._cascade.groups)
+    assert found == [([0, 2], 3), ([1, 3, 4], 4)]
+
+
+def test_group_prefix_is_the_most_saving_length():
+    """Four sequences share 2 blocks, three of them 5: the prefix is 5 blocks for those three
+    (saves 2 x 5 key blocks) rather than 2 blocks for all four (3 x 2); the fourth runs plain."""
+    cu, sl, bt, _ = shared_batch([1] * 4, [30, 29, 31, 12], [([0, 1, 2, 3], 2)], block_size=4)
+    bt[1, 2:5] = bt[0, 2:5]
+    bt[2, 2:5] = bt[0, 2:5]
+    groups = sharing.detect(bt.cpu().numpy(), (sl - 1).cpu().numpy(), 4)
+    assert [(m.tolist(), b) for m, b, _ in groups] == [([0, 1, 2], 5)]
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (2, 2), (8, 1)], ids=["gqa2", "mha", "mqa8"])
+def test_mixed_prefill_and_decode(hq, hkv):
+    """Prefill members (query tokens after the shared blocks), decodes and a non-member; the
+    prefill launch and the decode launch each merge their own sequences."""
+    attn = run_case([1, 12, 1, 20, 3], [21, 30, 19, 36, 9], [([0, 1, 2, 3], 3)], hq=hq, hkv=hkv, seed=5, splits=3)
+    assert "decode launch" in attn.explain()
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["sinks", "alibi", "softcap", "all"],
+)
+def test_options(what):
+    g = torch.Generator().manual_seed(7)
+    hq = 4
+    opts = {}
+    if what in ("sinks", "all"):
+        opts["sinks"] = (torch.randn(hq, generator=g) * 2).to(DEVICE)
+    if what in ("alibi", "all"):
+        opts["alibi_slopes"] = torch.rand(hq, generator=g).to(DEVICE) * 0.5
+    if what in ("softcap", "all"):
+        opts["softcap"] = 3.0
+    options = AttentionOptions(scale=0.4, **opts)
+    run_case([1, 5, 1, 1], [21, 26, 17, 24], [([0, 1, 2, 3], 4)], hq=hq, options=options, seed=8, splits=2)
+
+
+def test_bf16():
+    run_case([1, 1, 1, 1], [33, 30, 41, 29], [([0, 1, 2, 3], 6)], dtype=torch.bfloat16, seed=9)
+
+
+def test_no_sharing_takes_the_plain_path_with_the_plain_launches():
+    attn = run_case([1, 3, 1], [13, 22, 9], [], expect_cascade=False)
+    assert "no shared prefix" in attn.explain()
+    assert all(launch.kernel.fn.__name__ != "_prefix_kernel" for b in attn._bindings.values() for launch in b.launches)
+
+
+def test_default_thresholds_keep_small_sharing_plain():
+    cu, sl, bt, _ = shared_batch([1] * 3, [30, 29, 31], [([0, 1, 2], 6)], block_size=4)
+    attn = PagedAttention(num_q_heads=4, num_kv_heads=2, head_size=16, block_size=4, dtype=torch.float32, device=DEVICE)
+    attn.plan(cu, sl, bt, query_lens_host=[1] * 3, seq_lens_host=[30, 29, 31], block_table_host=bt.cpu())
+    assert attn._cascade is None and "256+" in attn._cascade_why
+    attn.plan(cu, sl, bt, query_lens_host=[1] * 3, seq_lens_host=[30, 29, 31], shared_prefix=[([0, 1, 2], 24)])
+    assert attn._cascade is not None, "told groups need no threshold"
+
+
+def test_sliding_window_and_context_contract_take_the_plain_path():
+    cu, sl, bt, _ = shared_batch([1] * 3, [30, 29, 31], [([0, 1, 2], 6)], block_size=4)
+    host = dict(query_lens_host=[1] * 3, seq_lens_host=[30, 29, 31], shared_prefix=[([0, 1, 2], 24)])
+    kw = dict(num_q_heads=4, num_kv_heads=2, head_size=16, block_size=4, dtype=torch.float32, device=DEVICE)
+    attn = PagedAttention(AttentionOptions(sliding_window=8), **kw).plan(cu, sl, bt, **host)
+    assert attn._cascade is None and "sliding window" in attn.explain()
+    attn = PagedAttention(contract="context", **kw).plan(cu, sl, bt, **host)
+    assert attn._cascade is None and "context" in attn._cascade_why
+
+
+# ---- told groups are checked -------------------------------------------------------------------
+def test_told_groups_are_checked():
+    cu, sl, bt, _ = shared_batch([1, 1, 2], [30, 29, 31], [([0, 1], 6)], block_size=4)
+    attn = PagedAttention(num_q_heads=4, num_kv_heads=2, head_size=16, block_size=4, dtype=torch.float32, device=DEVICE)
+    host = dict(query_lens_host=[1, 1, 2], seq_lens_host=[30, 29, 31], block_table_host=bt.cpu())
+    with pytest.raises(BatchMetadataError, match=r"block_table\[2, 0\]"):
+        attn.plan(cu, sl, bt, **host, shared_prefix=[([0, 1, 2], 8)])
+    with pytest.raises(BatchMetadataError, match="first query token is at position 28"):
+        attn.plan(cu, sl, bt, **host, shared_prefix=[([0, 1], 29)])
+    with pytest.raises(BatchMetadataError, match="listed twice"):
+        attn.plan(cu, sl, bt, **host, shared_prefix=[([0, 1], 8), ([1], 4)])
+    with pytest.raises(BatchMetadataError, match="out of range"):
+        attn.plan(cu, sl, bt, **host, shared_prefix=[([0, 3], 8)])
+    with pytest.raises(UnsupportedConfigError, match="shared tokens"):
+        attn.plan(cu, sl, bt, **host, shared_prefix=[([0, 1], -4)])
+
+
+# ---- CUDA-graph style: re-planning into the same buffers ---------------------------------------
+def test_replan_into_the_same_buffers():
+    """cuda_graph=True: the first plan's launches stay bound (no new binding) while later plans
+    change the groups, drop the sharing, or share differently; every run is right."""
+    hq, hkv, d, bs = 4, 2, 16, 4
+    seq_lens = [22, 26, 19, 24]
+    nb_max = 64
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(4, hq, d, generator=g).to(DEVICE)
+    k = torch.randn(nb_max, bs, hkv, d, generator=g).to(DEVICE)
+    v = torch.randn(nb_max, bs, hkv, d, generator=g).to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    attn = PagedAttention(
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_size=d,
+        block_size=bs,
+        dtype=torch.float32,
+        device=DEVICE,
+        cuda_graph=True,
+    )
+    attn.cascade_min_prefix, attn.cascade_min_saved_keys, attn.cascade_prefix_splits = 1, 1, 2
+    steps = [
+        [([0, 1, 2, 3], 4)],
+        [([1, 3], 5), ([0, 2], 2)],
+        [],
+        [([0, 1, 2], 3)],
+    ]
+    for i, groups in enumerate(steps):
+        cu, sl, bt, _ = shared_batch([1] * 4, seq_lens, groups, block_size=bs, seed=20 + i, spare_columns=0)
+        bt = torch.nn.functional.pad(bt, (0, 8 - bt.shape[1]), value=0) if bt.shape[1] < 8 else bt
+        attn.plan(
+            cu,
+            sl,
+            bt,
+            query_lens_host=[1] * 4,
+            seq_lens_host=seq_lens,
+            block_table_host=bt.cpu(),
+            max_query_len=1,
+            max_seq_len=32,
+        )
+        assert attn._cascade is not None, "the first plan cascaded: every later one keeps its launches"
+        out.fill_(float("nan"))
+        attn.run(q, k, v, out=out)
+        assert len(attn._bindings) == 1
+        ref = reference_of(q, k, v, cu, sl, bt, AttentionOptions())
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_graph_plan_without_sharing_at_first_stays_plain():
+    hq, hkv, d, bs = 4, 2, 16, 4
+    attn = PagedAttention(
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_size=d,
+        block_size=bs,
+        dtype=torch.float32,
+        device=DEVICE,
+        cuda_graph=True,
+    )
+    attn.cascade_min_prefix, attn.cascade_min_saved_keys = 1, 1
+    for groups in ([], [([0, 1, 2], 4)]):
+        cu, sl, bt, _ = shared_batch([1] * 3, [22, 26, 19], groups, block_size=bs, spare_columns=2)
+        bt = bt[:, :8]
+        attn.plan(
+            cu,
+            sl,
+            bt,
+            query_lens_host=[1] * 3,
+            seq_lens_host=[22, 26, 19],
+            block_table_host=bt.cpu(),
+            max_query_len=1,
+            max_seq_len=32,
+        )
+        assert attn._cascade is None
+    assert "first CUDA-graph plan" in attn.explain()
+
+
+# ---- detection is cheap for a batch without sharing --------------------------------------------
+def test_detection_stops_at_the_first_column_without_sharing():
+    rng = np.random.default_rng(0)
+    table = rng.permutation(256 * 64).reshape(256, 64).astype(np.int32)
+    assert sharing.detect(table, np.full(256, 1000), 16) == []
+    table[5, :10] = table[9, :10]
+    ((members, blocks, _),) = sharing.detect(table, np.full(256, 1000), 16)
+    assert members.tolist() == [5, 9] and blocks == 10
