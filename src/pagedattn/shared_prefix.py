@@ -73,7 +73,9 @@ class Cascade:
 def detect(block_table: np.ndarray, ctx_lens: np.ndarray, block_size: int, min_blocks: int = 1):
     """Groups of sequences sharing leading block ids: [(members, blocks, source row)], members sorted.
     Only blocks wholly below a member's first query position count."""
-    bt = np.asarray(block_table)
+    bt = _numpy(block_table)
+    if not first_blocks_repeat(bt):
+        return []
     usable = np.minimum(np.asarray(ctx_lens) // block_size, bt.shape[1])
     cand = np.flatnonzero(usable >= max(1, min_blocks))
     if cand.size < 2:
@@ -83,7 +85,7 @@ def detect(block_table: np.ndarray, ctx_lens: np.ndarray, block_size: int, min_b
     f = first[order]
     same = f[1:] == f[:-1]
     if not same.any():
-        return []  # no two sequences start with the same block: the whole cost for a plain batch
+        return []
     starts = np.flatnonzero(np.r_[True, ~same])
     sizes = np.diff(np.r_[starts, f.size])
     run = np.repeat(np.arange(starts.size), sizes)
@@ -110,6 +112,20 @@ def detect(block_table: np.ndarray, ctx_lens: np.ndarray, block_size: int, min_b
         members = np.sort(seqs[(gid == g) & (lcp >= best_blocks[g])])
         groups.append((members, int(best_blocks[g]), int(leaders[g])))
     return groups
+
+
+def _numpy(table) -> np.ndarray:
+    return table.numpy() if isinstance(table, torch.Tensor) else np.asarray(table)
+
+
+def first_blocks_repeat(block_table) -> bool:
+    """Whether two rows start with the same block id: one sort of the first column, the whole
+    cost of detection for a batch without sharing."""
+    bt = _numpy(block_table)
+    if bt.ndim != 2 or bt.shape[0] < 2 or bt.shape[1] == 0:
+        return False
+    first = np.sort(bt[:, 0])
+    return bool((first[1:] == first[:-1]).any())
 
 
 def told(spec, num_seqs: int, block_table, ctx_lens: np.ndarray, block_size: int):
@@ -251,6 +267,11 @@ def plan(
             )
         return None, "no host copies of the lengths and block table to detect sharing on"
     cu_host, query_lens, seqs, bt_host = host
+    if spec is None and previous is None:
+        if bt_host is None:
+            return None, "no host copy of the block table (block_table_host) to detect sharing on"
+        if not first_blocks_repeat(bt_host):
+            return None, "no two sequences start with the same block"
     query_lens, seqs = np.asarray(query_lens), np.asarray(seqs)
     ctx = seqs - query_lens
     num_seqs = seqs.size
