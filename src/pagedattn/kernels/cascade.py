@@ -16,11 +16,12 @@ prefix part is non-causal. Two kernels:
   sequence's remaining keys, through a block table shifted past the shared blocks and seq_lens
   minus the shared tokens. Positions there are relative, which changes nothing: causality and
   ALiBi depend on key - query differences only. Sinks join its first split (once).
-- `_cascade_merge_kernel`: per (token, query head), the prefix's and the suffix's partials merged:
+- `_cascade_merge_kernel`: per query token (and group of query heads), the prefix's and the suffix's
+  partials merged:
   out = sum_i acc_i 2^(m_i - M) / sum_i l_i 2^(m_i - M), M = max_i m_i. A sequence in no group
   has no prefix partials (its shared length is 0).
 
-The group metadata is one int32 tensor the plan fills (`pack_groups` documents its layout), so
+The group metadata is one int32 tensor the plan fills (`pack_size` gives its layout), so
 re-planning into the same buffers keeps CUDA-graph launches valid: the grid depends on the
 number of tokens and the group capacity only.
 
@@ -229,18 +230,18 @@ def _cascade_merge_kernel(
     max_keys,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
+    HEADS: tl.constexpr,
     PRE_SPLITS: tl.constexpr,
-    PRE_PAD: tl.constexpr,
     SUF_SPLITS: tl.constexpr,
-    SUF_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     SEQ_GRID: tl.constexpr,
 ):
-    """One program per (query token, query head), for the sequences of one suffix launch. The
-    sequences the suffix launch gave NaN rows (invalid metadata) or left to another launch are
-    skipped, with the unified kernel's own conditions."""
+    """One program per (query token, HEADS query heads), for the sequences of one suffix launch:
+    the splits folded in one at a time (online log-sum-exp). The sequences the suffix launch gave
+    NaN rows (invalid metadata) or left to another launch are skipped, with the unified kernel's
+    own conditions."""
     token = tl.program_id(0)
-    head = tl.program_id(1)
+    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     lo = 0
     hi = num_seqs
     while lo < hi:  # the last sequence starting at or before `token`
@@ -261,34 +262,34 @@ def _cascade_merge_kernel(
         return
     shared = tl.load(shared_ptr + seq)
     dims = tl.arange(0, HEAD_PAD)
-    dim_ok = dims < HEAD_SIZE
-    t64 = token.to(tl.int64)
-
-    s_idx = tl.arange(0, SUF_PAD)
-    s_ok = s_idx < SUF_SPLITS
-    s_base = (t64 * num_q_heads + head) * SUF_SPLITS + s_idx
-    m_s = tl.load(suf_m_ptr + s_base, mask=s_ok, other=float("-inf"))
-    l_s = tl.load(suf_l_ptr + s_base, mask=s_ok, other=0.0)
-    p_idx = tl.arange(0, PRE_PAD)
-    p_ok = (p_idx < PRE_SPLITS) & (shared > 0)
-    p_base = (t64 * num_q_heads + head) * PRE_SPLITS + p_idx
-    m_p = tl.load(pre_m_ptr + p_base, mask=p_ok, other=float("-inf"))
-    l_p = tl.load(pre_l_ptr + p_base, mask=p_ok, other=0.0)
-
-    m_max = tl.maximum(tl.max(m_s, 0), tl.max(m_p, 0))
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w_s = tl.math.exp2(m_s - m_safe)
-    w_p = tl.math.exp2(m_p - m_safe)
-    denom = tl.sum(l_s * w_s, 0) + tl.sum(l_p * w_p, 0)
-    acc_s = tl.load(suf_acc_ptr + s_base[:, None] * HEAD_PAD + dims[None, :], mask=s_ok[:, None] & dim_ok[None, :])
-    acc_p = tl.load(pre_acc_ptr + p_base[:, None] * HEAD_PAD + dims[None, :], mask=p_ok[:, None] & dim_ok[None, :])
-    num = tl.sum(acc_s * w_s[:, None], 0) + tl.sum(acc_p * w_p[:, None], 0)
-    out = tl.where(denom == 0, 0.0, num / tl.where(denom == 0, 1.0, denom))  # NaN stays NaN
-    tl.store(
-        out_ptr + t64 * stride_ot + head * stride_oh + dims * stride_od,
-        out.to(out_ptr.dtype.element_ty),
-        mask=dim_ok,
-    )
+    head_ok = heads < num_q_heads
+    mask = head_ok[:, None] & (dims < HEAD_SIZE)[None, :]
+    row = token.to(tl.int64) * num_q_heads + heads  # [HEADS]
+    m_i = tl.full([HEADS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([HEADS], dtype=tl.float32)
+    acc = tl.zeros([HEADS, HEAD_PAD], dtype=tl.float32)
+    num_pre = tl.where(shared > 0, PRE_SPLITS, 0)
+    for i in range(0, num_pre + SUF_SPLITS):
+        if i < num_pre:
+            slot = row * PRE_SPLITS + i
+            m_s = tl.load(pre_m_ptr + slot, mask=head_ok, other=float("-inf"))
+            l_s = tl.load(pre_l_ptr + slot, mask=head_ok, other=0.0)
+            acc_s = tl.load(pre_acc_ptr + slot[:, None] * HEAD_PAD + dims[None, :], mask=mask, other=0.0)
+        else:
+            slot = row * SUF_SPLITS + (i - num_pre)
+            m_s = tl.load(suf_m_ptr + slot, mask=head_ok, other=float("-inf"))
+            l_s = tl.load(suf_l_ptr + slot, mask=head_ok, other=0.0)
+            acc_s = tl.load(suf_acc_ptr + slot[:, None] * HEAD_PAD + dims[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.math.exp2(m_i - m_safe)
+        b = tl.math.exp2(m_s - m_safe)
+        l_i = l_i * a + l_s * b
+        acc = acc * a[:, None] + acc_s * b[:, None]
+        m_i = m_new
+    out = tl.where(l_i[:, None] == 0, 0.0, acc / tl.where(l_i == 0, 1.0, l_i)[:, None])  # NaN stays NaN
+    offs = token.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :] * stride_od
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +410,7 @@ def bind_cascade(
     tiles = num_tokens // block_q + num_groups
     prefix = BoundLaunch(_PREFIX, (tiles, num_kv_heads, num_splits), args, PREFIX_SLOTS, kwargs, uses=(0, 2, 3))
     cu_seqlens_q, suffix_seq_lens, shared, max_keys = options["suffix"]
+    heads = min(triton.next_power_of_2(num_q_heads), max(1, 4096 // head_pad))  # a [heads, head_pad] tile
 
     def merge(part, acc, m, l):  # noqa: E741
         merge_args = [
@@ -433,14 +435,14 @@ def bind_cascade(
         merge_kwargs = dict(
             HEAD_SIZE=head_size,
             HEAD_PAD=head_pad,
+            HEADS=heads,
             PRE_SPLITS=num_splits,
-            PRE_PAD=max(2, triton.next_power_of_2(num_splits)),
             SUF_SPLITS=part.num_splits,
-            SUF_PAD=max(2, triton.next_power_of_2(part.num_splits)),
             BLOCK_Q=part.block_q,
             SEQ_GRID=part.seq_grid,
             num_warps=4,
         )
-        return BoundLaunch(_MERGE, (num_tokens, num_q_heads), merge_args, (0,), merge_kwargs, uses=(1,))
+        grid = (num_tokens, triton.cdiv(num_q_heads, heads))
+        return BoundLaunch(_MERGE, grid, merge_args, (0,), merge_kwargs, uses=(1,))
 
     return prefix, merge
