@@ -327,3 +327,115 @@ def test_detection_stops_at_the_first_column_without_sharing():
     table[5, :10] = table[9, :10]
     ((members, blocks, _),) = sharing.detect(table, np.full(256, 1000), 16)
     assert members.tolist() == [5, 9] and blocks == 10
+
+
+# ---- GPU, realistic shapes ---------------------------------------------------------------------
+def gpu_case(query_lens, seq_lens, groups, *, options=None, dtype=torch.bfloat16, seed=0, **plan_kw):
+    hq, hkv, d, bs = 32, 8, 128, 16
+    cu, sl, bt, nb = shared_batch(query_lens, seq_lens, groups, block_size=bs, seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(int(cu[-1]), hq, d, generator=g, device="cuda").to(dtype)
+    k = torch.randn(nb, bs, hkv, d, generator=g, device="cuda").to(dtype)
+    v = torch.randn(nb, bs, hkv, d, generator=g, device="cuda").to(dtype)
+    options = options or AttentionOptions()
+    attn = PagedAttention(options, num_q_heads=hq, num_kv_heads=hkv, head_size=d, block_size=bs, dtype=dtype)
+    attn.plan(
+        cu,
+        sl,
+        bt,
+        query_lens_host=list(query_lens),
+        seq_lens_host=list(seq_lens),
+        block_table_host=bt.cpu(),
+        **plan_kw,
+    )
+    return attn, (q, k, v, cu, sl, bt, options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("what", ["plain", "sinks+alibi+softcap"])
+def test_gpu_decode_and_prefill_sharing_a_4k_prefix(what):
+    """48 decodes and 2 chunked prefills sharing 4096 tokens (detected), 8 sequences alone."""
+    options = None
+    if what != "plain":
+        g = torch.Generator().manual_seed(1)
+        options = AttentionOptions(
+            sinks=torch.randn(32, generator=g).cuda(),
+            alibi_slopes=torch.rand(32, generator=g).cuda() * 0.05,
+            softcap=20.0,
+        )
+    rng = np.random.default_rng(0)
+    query_lens = [1] * 48 + [300, 77] + [1] * 8
+    seq_lens = (
+        [4096 + int(x) for x in rng.integers(1, 400, 48)]
+        + [4096 + 300, 4096 + 500]
+        + [int(x) for x in rng.integers(100, 5000, 8)]
+    )
+    attn, (q, k, v, cu, sl, bt, options) = gpu_case(query_lens, seq_lens, [(list(range(50)), 256)], options=options)
+    assert attn._cascade is not None and attn._cascade.groups[0][0].tolist() == list(range(50)), attn.explain()
+    out = torch.full_like(q, float("nan"))
+    attn.run(q, k, v, out=out)
+    ref = reference_of(q, k, v, cu, sl, bt, options)
+    assert not out.isnan().any()
+    atol, rtol = default_tolerance(q.dtype)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_after_replan():
+    """Capture run() with a cascade; re-plan other sharing (and none) into the same buffers; replay."""
+    query_lens, seq_lens = [1] * 16, [2048 + 37 * i for i in range(16)]
+    steps = [[(list(range(16)), 128)], [(list(range(0, 16, 2)), 100), (list(range(1, 16, 2)), 64)], []]
+    attn = PagedAttention(num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16, cuda_graph=True)
+    bounds = dict(max_query_len=1, max_seq_len=4096)
+    graph, out = None, None
+    for i, groups in enumerate(steps):
+        cu, sl, bt, nb = shared_batch(query_lens, seq_lens, groups, block_size=16, seed=i, spare_columns=0)
+        bt = torch.nn.functional.pad(bt, (0, 256 - bt.shape[1]))
+        if graph is None:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(16, 32, 128, generator=g, device="cuda").to(torch.bfloat16)
+            k = torch.randn(4096, 16, 8, 128, generator=g, device="cuda").to(torch.bfloat16)
+            v = torch.randn_like(k)
+            out = torch.empty_like(q)
+        attn.plan(cu, sl, bt, query_lens_host=query_lens, seq_lens_host=seq_lens, block_table_host=bt.cpu(), **bounds)
+        if graph is None:
+            assert attn._cascade is not None, attn.explain()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                attn.run(q, k, v, out=out)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                attn.run(q, k, v, out=out)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference_of(q, k, v, cu, sl, bt, AttentionOptions())
+        torch.testing.assert_close(out.double(), ref, atol=1.5e-2, rtol=1.5e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_shared_prefix_workload_subset_matches_the_plain_path():
+    """The benchmark's batch at 64 sequences x (8k shared + 512 own): cascade equals the plain path."""
+    from pagedattn.bench.workloads import build_shared_prefix, shared_prefix_workload
+
+    w = shared_prefix_workload(num_seqs=64, prefix_len=8192, own_len=512)
+    x = build_shared_prefix(w, "cuda", num_sets=1)
+    s = x.sets[0]
+    outs = []
+    for spec in (None, False):
+        attn = PagedAttention(num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16)
+        attn.plan(
+            s.cu_seqlens_q,
+            s.seq_lens,
+            s.block_table,
+            query_lens_host=list(w.shape.query_lens),
+            seq_lens_host=list(w.shape.seq_lens),
+            block_table_host=s.block_table.cpu(),
+            shared_prefix=spec,
+        )
+        assert (attn._cascade is not None) == (spec is None), attn.explain()
+        outs.append(attn.run(s.q, x.k_cache, x.v_cache))
+    assert torch.isfinite(outs[0]).all()
+    torch.testing.assert_close(outs[0], outs[1], atol=1.5e-2, rtol=1.5e-2)
