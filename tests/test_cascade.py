@@ -62,6 +62,7 @@ def run_case(
     splits=2,
     seed=0,
     expect_cascade=True,
+    kv_dtype=None,
 ):
     cu, sl, bt, nb = shared_batch(query_lens, seq_lens, groups, block_size=bs, seed=seed)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -69,8 +70,18 @@ def run_case(
     k = torch.randn(nb, bs, hkv, d, generator=g).to(DEVICE, dtype)
     v = torch.randn(nb, bs, hkv, d, generator=g).to(DEVICE, dtype)
     options = options or AttentionOptions()
+    if kv_dtype is not None:  # fp8 caches hold x / scale
+        options = options.replace(k_scale=0.05, v_scale=0.04)
+        k, v = (k.float() / 0.05).to(kv_dtype), (v.float() / 0.04).to(kv_dtype)
     attn = PagedAttention(
-        options, num_q_heads=hq, num_kv_heads=hkv, head_size=d, block_size=bs, dtype=dtype, device=DEVICE
+        options,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_size=d,
+        block_size=bs,
+        dtype=dtype,
+        kv_cache_dtype=kv_dtype,
+        device=DEVICE,
     )
     attn.cascade_min_prefix, attn.cascade_min_saved_keys, attn.cascade_prefix_splits = 1, 1, splits
     attn.plan(
@@ -86,19 +97,7 @@ def run_case(
     assert ("cascade:" in attn.explain()) == expect_cascade
     out = torch.full_like(q, float("nan"))
     attn.run(q, k, v, out=out)
-    ref = reference.attention(
-        q,
-        k,
-        v,
-        cu,
-        sl,
-        bt,
-        scale=options.scale,
-        alibi_slopes=options.alibi_slopes,
-        softcap=options.softcap,
-        sinks=options.sinks,
-        compute_dtype=torch.float64,
-    )
+    ref = reference_of(q, k, v, cu, sl, bt, options)
     assert not out.isnan().any(), "rows left unwritten"
     atol, rtol = default_tolerance(dtype)
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
@@ -117,6 +116,8 @@ def reference_of(q, k, v, cu, sl, bt, options):
         alibi_slopes=options.alibi_slopes,
         softcap=options.softcap,
         sinks=options.sinks,
+        k_scale=options.k_scale,
+        v_scale=options.v_scale,
         compute_dtype=torch.float64,
     )
 
@@ -197,6 +198,10 @@ def test_options(what):
 
 def test_bf16():
     run_case([1, 1, 1, 1], [33, 30, 41, 29], [([0, 1, 2, 3], 6)], dtype=torch.bfloat16, seed=9)
+
+
+def test_fp8_cache():
+    run_case([1, 4, 1], [33, 30, 41], [([0, 1, 2], 6)], kv_dtype=torch.float8_e4m3fn, seed=10)
 
 
 def test_no_sharing_takes_the_plain_path_with_the_plain_launches():
