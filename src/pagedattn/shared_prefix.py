@@ -303,10 +303,12 @@ def plan(
         capacity, launch = previous.capacity, previous.launch
     host_pack = torch.from_numpy(pack(groups, capacity, cu, ctx, num_tokens, attn.block_size))
     shared_host = host_pack[pack_size(capacity, num_tokens) :].numpy()
-    shift = shared_host[0] // attn.block_size
+    shift = int(shared_host[0]) // attn.block_size if num_seqs else 0
+    if device.type == "cuda":  # pinned: the copy is queued, plan() does not wait for the stream's work
+        host_pack = host_pack.pin_memory()
     uniform = not attn.cuda_graph and bool((shared_host == shared_host[0]).all()) and shift > 0
     if previous is None:
-        packed = host_pack.to(device)
+        packed = host_pack.to(device, non_blocking=True)
         shared = packed[pack_size(capacity, num_tokens) :]
         if uniform:
             suffix_lens, suffix_table = seq_lens - int(shared_host[0]), block_table[:, shift:]
