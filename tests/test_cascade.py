@@ -246,6 +246,30 @@ def test_told_groups_are_checked():
         attn.plan(cu, sl, bt, **host, shared_prefix=[([0, 1], -4)])
 
 
+def test_unvalidated_bad_shared_block_gives_nan_rows_to_its_group_only():
+    """validate=False: a shared block id outside the cache makes every member's rows NaN (never
+    plausible numbers); the sequence outside the group is right."""
+    hq, hkv, d, bs = 4, 2, 16, 4
+    cu, sl, bt, nb = shared_batch([1, 1, 1], [21, 22, 19], [([0, 1], 4)], block_size=bs)
+    bt[:2, 2] = nb + 100
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(3, hq, d, generator=g).to(DEVICE)
+    k, v = (torch.randn(nb, bs, hkv, d, generator=g).to(DEVICE) for _ in range(2))
+    attn = PagedAttention(
+        num_q_heads=hq, num_kv_heads=hkv, head_size=d, block_size=bs, dtype=torch.float32, device=DEVICE
+    )
+    attn.plan(
+        cu, sl, bt, query_lens_host=[1, 1, 1], seq_lens_host=[21, 22, 19], validate=False, shared_prefix=[([0, 1], 16)]
+    )
+    assert attn._cascade is not None
+    out = attn.run(q, k, v)
+    assert out[:2].isnan().all()
+    ref = reference.attention(
+        q[2:], k, v, torch.tensor([0, 1], dtype=torch.int32, device=DEVICE), sl[2:], bt[2:], compute_dtype=torch.float64
+    )
+    torch.testing.assert_close(out[2:].double(), ref, atol=2e-5, rtol=2e-5)
+
+
 # ---- CUDA-graph style: re-planning into the same buffers ---------------------------------------
 def test_replan_into_the_same_buffers():
     """cuda_graph=True: the first plan's launches stay bound (no new binding) while later plans
