@@ -86,32 +86,57 @@ def detect(block_table: np.ndarray, ctx_lens: np.ndarray, block_size: int, min_b
     same = f[1:] == f[:-1]
     if not same.any():
         return []
-    starts = np.flatnonzero(np.r_[True, ~same])
-    sizes = np.diff(np.r_[starts, f.size])
+    starts = np.concatenate(([0], np.flatnonzero(~same) + 1))
+    sizes = np.diff(starts, append=f.size)
     run = np.repeat(np.arange(starts.size), sizes)
     keep = sizes[run] >= 2
     seqs = cand[order][keep]
     gid = np.unique(run[keep], return_inverse=True)[1]
     leaders = cand[order][starts[sizes >= 2]]
-    lead = leaders[gid]
-    width = int(usable[seqs].max())
-    eq = bt[seqs, :width] == bt[lead, :width]
-    lcp = np.where(eq.all(1), width, eq.argmin(1))
+    if leaders.size <= 8:  # few groups (the usual case): each against its leader's row, no gathered copy
+        lcp = np.empty(seqs.size, dtype=np.int64)
+        for g, leader in enumerate(leaders):
+            where = np.flatnonzero(gid == g)
+            lcp[where] = _common_prefix(bt, seqs[where], leader, usable)
+    else:
+        width = int(usable[seqs].max())
+        eq = bt[seqs, :width] == bt[leaders[gid], :width]
+        lcp = np.where(eq.all(1), width, eq.argmin(1))
     lcp = np.minimum(lcp, usable[seqs])  # the leader (longest) has the largest: it is always a member
     # per group, the prefix length p saving most: (members with lcp >= p) - 1 times p
     o = np.lexsort((-lcp, gid))
     g_sorted, l_sorted = gid[o], lcp[o]
-    first_of = np.r_[0, np.flatnonzero(g_sorted[1:] != g_sorted[:-1]) + 1]
-    rank = np.arange(o.size) - np.repeat(first_of, np.diff(np.r_[first_of, o.size]))
+    first_of = np.concatenate(([0], np.flatnonzero(g_sorted[1:] != g_sorted[:-1]) + 1))
+    rank = np.arange(o.size) - np.repeat(first_of, np.diff(first_of, append=o.size))
     gain = rank * l_sorted
     best = np.lexsort((rank, gain, g_sorted))  # the last of each group: the best (most members on ties)
-    last = np.r_[np.flatnonzero(g_sorted[best][1:] != g_sorted[best][:-1]), o.size - 1]
+    last = np.append(np.flatnonzero(g_sorted[best][1:] != g_sorted[best][:-1]), o.size - 1)
     best_blocks = l_sorted[best[last]]
     groups = []
     for g in np.flatnonzero((gain[best[last]] > 0) & (best_blocks >= max(1, min_blocks))):
         members = np.sort(seqs[(gid == g) & (lcp >= best_blocks[g])])
         groups.append((members, int(best_blocks[g]), int(leaders[g])))
     return groups
+
+
+def _common_prefix(bt: np.ndarray, members: np.ndarray, leader: int, usable: np.ndarray) -> np.ndarray:
+    """How many leading block ids each member's row shares with the leader's (up to the members'
+    usable blocks). Rows of a contiguous range of sequences are compared in place."""
+    width = int(usable[members].max())
+    order = np.argsort(members, kind="stable")
+    ordered = members[order]
+    if ordered[-1] - ordered[0] + 1 == ordered.size:
+        rows = bt[ordered[0] : ordered[-1] + 1, :width]
+    else:
+        rows = bt[ordered, :width]
+    eq = rows == bt[leader, :width]
+    full = eq.all(1)
+    lcp = np.full(ordered.size, width, dtype=np.int64)
+    if not full.all():
+        lcp[~full] = eq[~full].argmin(1)
+    out = np.empty_like(lcp)
+    out[order] = lcp
+    return out
 
 
 def _numpy(table) -> np.ndarray:
@@ -291,7 +316,7 @@ def plan(
         why = "no group shares a whole block"
     if not groups and previous is None:
         return None, why
-    cu = np.asarray(cu_host) if cu_host is not None else np.r_[0, np.cumsum(query_lens)]
+    cu = np.asarray(cu_host) if cu_host is not None else np.concatenate(([0], np.cumsum(query_lens)))
     device = attn.device
     if previous is None:
         capacity = num_seqs if attn.cuda_graph else len(groups)
