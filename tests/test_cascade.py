@@ -468,3 +468,26 @@ def test_gpu_shared_prefix_workload_subset_matches_the_plain_path():
         outs.append(attn.run(s.q, x.k_cache, x.v_cache))
     assert torch.isfinite(outs[0]).all()
     torch.testing.assert_close(outs[0], outs[1], atol=1.5e-2, rtol=1.5e-2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_detected_groups_are_valid_on_random_tables(seed):
+    """Random tables with planted sharing (nested prefixes, short members, padding rows): every
+    group found has 2+ disjoint members whose rows start with the source row's `blocks` ids, all
+    below each member's first query position."""
+    rng = np.random.default_rng(seed)
+    n, width = int(rng.integers(2, 40)), int(rng.integers(1, 30))
+    table = rng.permutation(n * width * 2)[: n * width].reshape(n, width).astype(np.int32)
+    for _ in range(int(rng.integers(0, 4))):  # plant prefixes shared by random subsets
+        members = rng.choice(n, size=int(rng.integers(2, n + 1)), replace=False)
+        length = int(rng.integers(1, width + 1))
+        table[members, :length] = table[members[0], :length]
+    table[rng.random(n) < 0.1] = 0  # padding rows (an engine's unused batch slots)
+    ctx = rng.integers(0, width * 4 + 8, n)
+    groups = sharing.detect(table, ctx, 4)
+    seen = set()
+    for members, blocks, src in groups:
+        assert len(members) >= 2 and blocks >= 1 and not (seen & set(members.tolist()))
+        seen |= set(members.tolist())
+        assert (table[members, :blocks] == table[src, :blocks]).all()
+        assert (ctx[members] >= blocks * 4).all()
