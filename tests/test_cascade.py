@@ -491,3 +491,24 @@ def test_detected_groups_are_valid_on_random_tables(seed):
         seen |= set(members.tolist())
         assert (table[members, :blocks] == table[src, :blocks]).all()
         assert (ctx[members] >= blocks * 4).all()
+
+
+def test_shared_prefix_workload_inputs():
+    """The bench workload's batch: every row starts with the same prefix blocks, the rest of the
+    blocks (across sets too) are each used once; the accounting counts the prefix once."""
+    from pagedattn.bench.workloads import SHARED_PREFIX, build_shared_prefix, shared_prefix_workload
+
+    assert shared_prefix_workload().name == SHARED_PREFIX
+    w = shared_prefix_workload(num_seqs=5, prefix_len=64, own_len=20, num_q_heads=4, num_kv_heads=2, head_size=16)
+    x = build_shared_prefix(w, "cpu", num_sets=2)
+    prefix_blocks = 64 // 16
+    used = []
+    for s in x.sets:
+        t = s.block_table
+        assert (t[:, :prefix_blocks] == t[0, :prefix_blocks]).all()
+        used += t[0, :prefix_blocks].tolist() + t[:, prefix_blocks:].flatten().tolist()
+        assert s.seq_lens.tolist() == [84] * 5 and s.out.isnan().all()
+    assert len(used) == len(set(used)) == x.k_cache.shape[0]
+    assert w.kv_bytes == 2 * 5 * 84 * 2 * 16 * 2 and w.kv_bytes_unique == 2 * (64 + 5 * 20) * 2 * 16 * 2
+    groups = sharing.detect(x.sets[0].block_table, (x.sets[0].seq_lens - 1).numpy(), 16)
+    assert [(m.tolist(), b) for m, b, _ in groups] == [(list(range(5)), prefix_blocks)]
