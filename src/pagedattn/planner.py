@@ -262,8 +262,9 @@ class PagedAttention:
         shared_prefix : list of (member sequence indices, shared tokens), False or None
             Shared-prefix attention. None: detected on the host copies (needs `block_table_host`, or
             CPU metadata, and host lengths). A list: these groups share the first `tokens` tokens
-            (whole blocks of the same block ids, below each member's first query token; checked
-            on the host copies, which it needs). False: never.
+            (rounded down to whole blocks of the same block ids, below each member's first query
+            token): needs host lengths, which it is checked against, and is checked against
+            `block_table_host` when given (otherwise the first member's row is read). False: never.
 
         Returns self. Raises BatchMetadataError (or ShapeError/DTypeError/DeviceError) naming the
         argument."""
