@@ -219,6 +219,7 @@ class PagedAttention:
                 scales[i] = _scalar_tensor(value, self.device)
         self._scales = tuple(scales)
         self._scale_used = tuple(w[1] for w in wanted)
+        self._seen_scales: dict[tuple, tuple] = {}
         self.backend = backend
         self._batch: _Batch | None = None
         self._plans: dict[int, dispatch.Plan] = {}
@@ -470,14 +471,7 @@ class PagedAttention:
             raise PagedAttentionError("run() before plan(): plan the step first")
         scales = self._scales
         if k_scale is not None or v_scale is not None or q_scale is not None or out_scale is not None:
-            scales = check_run_scales(
-                (k_scale, v_scale, q_scale, out_scale),
-                scales,
-                self._scale_used,
-                device=self.device,
-                num_kv_heads=self.num_kv_heads,
-                read_values=self.checked or self.device.type == "cpu",
-            )
+            scales = self._run_scales(k_scale, v_scale, q_scale, out_scale)
         key = (
             scales[0].shape,
             scales[1].shape,
@@ -520,6 +514,29 @@ class PagedAttention:
         for launch in binding.launches:
             launch(tensors)
         return out
+
+    def _run_scales(self, k_scale, v_scale, q_scale, out_scale) -> tuple:
+        """The scales a run() reads, its own where given. An engine passes the same per-layer
+        tensors every step: those seen before (the same objects) skip the host checks, unless
+        their values are read (checked mode, CPU)."""
+        given = (k_scale, v_scale, q_scale, out_scale)
+        read_values = self.checked or self.device.type == "cpu"
+        key = (id(k_scale), id(v_scale), id(q_scale), id(out_scale))
+        seen = self._seen_scales.get(key)
+        if seen is not None and not read_values and all(a is b for a, b in zip(seen[0], given)):
+            return seen[1]
+        scales = check_run_scales(
+            given,
+            self._scales,
+            self._scale_used,
+            device=self.device,
+            num_kv_heads=self.num_kv_heads,
+            read_values=read_values,
+        )
+        if len(self._seen_scales) >= 4096:  # layers x distinct scale sets: bounded
+            self._seen_scales.clear()
+        self._seen_scales[key] = (given, scales)  # holding `given` keeps the ids from being reused
+        return scales
 
     def _bind(self, q, k_cache, v_cache, out, k_new, v_new, scales) -> _Binding:
         """Full host checks of a new layout, then the launches with its strides bound."""

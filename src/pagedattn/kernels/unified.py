@@ -932,6 +932,11 @@ def bind_attention(
         new_tl = _TL_DTYPES[new_dtype] if q_fp8 and new_dtype in _TL_DTYPES else dot_dtype
     alibi, sinks = options["alibi"], options["sinks"]
     placeholder = cu_seqlens_q  # for pointer arguments a launch never reads
+    # the scales a launch reads are per-call tensors; the others are bound once (no per-call cost)
+    out_fp8 = out_dtype == torch.float8_e4m3fn
+    scale_read = (bool(fp8), bool(fp8), q_fp8, out_fp8)
+    slots = ATTENTION_SLOTS[:6] + tuple(slot for slot, read in zip(ATTENTION_SLOTS[6:], scale_read) if read)
+    uses = tuple(range(6)) + tuple(6 + i for i, read in enumerate(scale_read) if read)
     launches = []
     for part in parts:
         num_splits = part.num_splits
@@ -959,10 +964,10 @@ def bind_attention(
             block_table,
             block_table.stride(0),
             block_table.stride(1),
-            None,  # k_scale, v_scale, q_scale, out_scale: per call
-            None,
-            None,
-            None,
+            None if scale_read[0] else placeholder,  # k_scale, v_scale, q_scale, out_scale: per call
+            None if scale_read[1] else placeholder,
+            None if scale_read[2] else placeholder,
+            None if scale_read[3] else placeholder,
             alibi if alibi is not None else placeholder,
             sinks if sinks is not None else placeholder,
             part_acc,
@@ -992,7 +997,7 @@ def bind_attention(
             K_X=k_x,
             KV_FP8=fp8,
             Q_FP8=q_fp8,
-            OUT_FP8=out_dtype == torch.float8_e4m3fn,
+            OUT_FP8=out_fp8,
             DOT_DTYPE=dot_dtype,
             PV_DTYPE=pv_dtype,
             NEW_DTYPE=new_tl,
@@ -1010,12 +1015,12 @@ def bind_attention(
             num_warps=part.num_warps,
             num_stages=part.num_stages,
         )
-        launches.append(BoundLaunch(_PAGED_ATTENTION, (tiles, num_kv_heads, num_splits), args, ATTENTION_SLOTS, kwargs))
+        launches.append(BoundLaunch(_PAGED_ATTENTION, (tiles, num_kv_heads, num_splits), args, slots, kwargs, uses))
         if num_splits > 1:
             merge_args = [
                 None,
                 *so,
-                None,  # out_scale: per call
+                None if out_fp8 else placeholder,  # out_scale: per call
                 part_acc,
                 part_m,
                 part_l,
@@ -1029,7 +1034,7 @@ def bind_attention(
                 block_table.shape[1] * page,
             ]
             merge_kwargs = dict(
-                OUT_FP8=out_dtype == torch.float8_e4m3fn,
+                OUT_FP8=out_fp8,
                 HEAD_SIZE=head_size,
                 HEAD_PAD=head_pad,
                 NUM_SPLITS=num_splits,
@@ -1038,6 +1043,13 @@ def bind_attention(
                 num_warps=4,
             )
             launches.append(
-                BoundLaunch(_MERGE_SPLITS, (num_seqs, num_q_heads), merge_args, (0, 4), merge_kwargs, uses=(1, 9))
+                BoundLaunch(
+                    _MERGE_SPLITS,
+                    (num_seqs, num_q_heads),
+                    merge_args,
+                    (0, 4) if out_fp8 else (0,),
+                    merge_kwargs,
+                    uses=(1, 9) if out_fp8 else (1,),
+                )
             )
     return launches
