@@ -534,3 +534,23 @@ def test_gpu_fp8_q_accuracy_against_unquantized_inputs():
     )
     atol, rtol = FP8_QUERY_TOLERANCE
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels
+@pytest.mark.parametrize("contract", ["full", "context"])
+def test_gpu_fp8_pv(contract):
+    """fp8_pv (P.V on fp8 tensor cores, P quantized): within vLLM's fp8 tolerance of the reference
+    of the same dequantized values; explain says so on an sm_89+ GPU."""
+    shape = BatchShape((700, 1, 33), (0, 3000, 1500))
+    c = _case(BIG, shape, contract, "e4m3", seed=14, device="cuda")
+    attn = _attn(c, BIG, torch.bfloat16, fp8_pv=True)
+    out = _run(c, attn, torch.bfloat16)
+    if torch.cuda.get_device_capability() >= (8, 9):
+        assert "P.V too" in attn.explain(), attn.explain()
+    ref = _reference(c)
+    atol, rtol = FP8_QUERY_TOLERANCE
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    # and closer on average: e4m3 rounds P by <= 2^-4 relative, about 2.5% RMS
+    assert float((out.double() - ref).norm() / ref.norm()) < 0.05
