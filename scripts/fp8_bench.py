@@ -22,6 +22,7 @@ Takes about a minute on an H200 (most of it Triton compiles); prints the table l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -74,7 +75,7 @@ def _batch(query_lens, seq_lens, device, seed):
     return q, k, v, meta
 
 
-def _variant(name, sets, meta, query_lens, seq_lens, *, q_fp8, kv_fp8, fp8_pv=False, device="cuda"):
+def _variant(name, sets, meta, query_lens, seq_lens, *, q_fp8, kv_fp8, fp8_pv=False, device="cuda", tiles=None):
     """(PagedAttention planned for the batch, per-set run arguments) of one variant."""
     runs = []
     for q, k, v in sets:
@@ -105,6 +106,9 @@ def _variant(name, sets, meta, query_lens, seq_lens, *, q_fp8, kv_fp8, fp8_pv=Fa
         fp8_pv=fp8_pv,
     )
     attn.plan(**meta, query_lens_host=query_lens, seq_lens_host=seq_lens)
+    if tiles:  # a forced variant of dispatch's plan (the --sweep rows)
+        plan = dataclasses.replace(attn._dispatch(sum(query_lens)), **tiles)
+        attn.plan(**meta, query_lens_host=query_lens, seq_lens_host=seq_lens, dispatch_plan=plan)
     for r in runs:  # each set's own scales, as per-layer tensors through run()
         r["run_scales"] = {k: torch.tensor([s], dtype=torch.float32, device=device) for k, s in r.pop("scales").items()}
     return attn, runs
@@ -131,7 +135,10 @@ def _once_timer(fn) -> dict:
     return dict(ms=(time.perf_counter() - t0) * 1e3)
 
 
-def bench(quick: bool, dry_run: bool = False) -> dict:
+SWEEP = (dict(block_n=64), dict(num_warps=4), dict(num_stages=2), dict(block_n=64, num_stages=4))
+
+
+def bench(quick: bool, dry_run: bool = False, sweep: bool = False) -> dict:
     global HQ, HKV, D
     device = "cpu" if dry_run else "cuda"
     timer = _once_timer if dry_run else make_timer(quick=quick, cuda_graph=True)
@@ -186,7 +193,13 @@ def bench(quick: bool, dry_run: bool = False) -> dict:
     base_d = measure("decode", "bf16 KV", *decode, 7, q_fp8=False, kv_fp8=False)
     fp8_kv = measure("decode", "fp8 KV (bf16 q)", *decode, 7, q_fp8=False, kv_fp8=True)
     fp8_qd = measure("decode", "fp8 KV + fp8 q", *decode, 7, q_fp8=True, kv_fp8=True)
-    best = min(fp8_qk, fp8_pv, key=lambda r: r["ms"])
+    swept = []
+    for tiles in SWEEP if sweep else ():
+        label = ",".join(f"{k}={v}" for k, v in tiles.items())
+        for pv in (False, True):
+            name = f"fp8{' +P.V' if pv else ''} {label}"
+            swept.append(measure("sweep", name, *prefill, 1, q_fp8=True, kv_fp8=True, fp8_pv=pv, tiles=tiles))
+    best = min([fp8_qk, fp8_pv] + [r for r in swept if r["within"]], key=lambda r: r["ms"])
     results["targets"] = dict(
         prefill_speedup_fp8_qk=base_p["ms"] / fp8_qk["ms"],
         prefill_speedup_fp8_pv=base_p["ms"] / fp8_pv["ms"],
@@ -206,6 +219,7 @@ def table(results: dict) -> str:
         f"{'group':8s} {'variant':24s} {'us':>9s} {'x bf16':>7s} {'rel_l2':>9s} {'max_err':>8s} within-tol",
     ]
     base = {r["group"]: r["ms"] for r in results["rows"] if r["variant"].startswith("bf16")}
+    base["sweep"] = base["prefill"]
     for r in results["rows"]:
         speed = base[r["group"]] / r["ms"]
         lines.append(
@@ -215,7 +229,8 @@ def table(results: dict) -> str:
     t = results["targets"]
     lines.append(
         f"TARGET prefill fp8 >= 1.6x bf16: fp8 q.k {t['prefill_speedup_fp8_qk']:.2f}x, "
-        f"+P.V {t['prefill_speedup_fp8_pv']:.2f}x -> {'MET' if t['prefill_target_met'] else 'NOT MET'}"
+        f"+P.V {t['prefill_speedup_fp8_pv']:.2f}x, best {t['prefill_best']!r} "
+        f"-> {'MET' if t['prefill_target_met'] else 'NOT MET'}"
     )
     lines.append(
         f"TARGET decode fp8 KV <= 0.55x bf16: {t['decode_ratio_fp8_kv']:.3f}x "
@@ -229,11 +244,12 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "fp8_bench_out"))
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1), no timing")
+    parser.add_argument("--sweep", action="store_true", help="also fp8 prefill with forced tile variants")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.dry_run:
         print("fp8_bench needs a CUDA GPU", file=sys.stderr)
         return 2
-    results = bench(args.quick, args.dry_run)
+    results = bench(args.quick, args.dry_run, args.sweep)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fp8_bench.json").write_text(json.dumps(results, indent=1))

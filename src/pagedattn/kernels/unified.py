@@ -924,8 +924,6 @@ def bind_attention(
     # fp8 V converts to fp16 in hardware and is exact there (e4m3 and e5m2 both fit), and P in [0, 1]
     # keeps more bits in fp16 than in bf16: the P.V dot runs in fp16 with no fp16 -> bf16 step
     pv_dtype = tl.float16 if fp8 and dot_dtype in (tl.float16, tl.bfloat16, tl.float8e4nv) else dot_dtype
-    if fp8_pv and dot_dtype == tl.float8e4nv:
-        pv_dtype = tl.float8e4nv  # FlashAttention-3's fp8 mode: P in e4m3 (scaled), V as stored
     if interp:
         new_tl = tl.float32
     else:
@@ -999,7 +997,9 @@ def bind_attention(
             Q_FP8=q_fp8,
             OUT_FP8=out_fp8,
             DOT_DTYPE=dot_dtype,
-            PV_DTYPE=pv_dtype,
+            # fp8_pv: FlashAttention-3's fp8 mode, P in e4m3 (scaled), V as stored; an fp8 dot
+            # needs K >= 32, here the key tile
+            PV_DTYPE=tl.float8e4nv if fp8_pv and dot_dtype == tl.float8e4nv and part.block_n >= 32 else pv_dtype,
             NEW_DTYPE=new_tl,
             IEEE=(dot_dtype == tl.float32 and not interp),
             CONTEXT=options["context"],
