@@ -609,6 +609,7 @@ def test_context_attention_fwd_rejects(tiny, case):
 
 BAD_UNIFIED = {
     "causal=False": (UnsupportedConfigError, "causal", dict(causal=False)),
+    "q_descale": (UnsupportedConfigError, "q_descale is for fp8 queries", dict(q_descale=torch.tensor(1.0))),
     "fp8 q without q_descale": (ScaleError, "q_descale is required", "fp8-q"),
     "q_descale per KV head": (ScaleError, "q_descale must hold one per-tensor scale", "fp8-q-per-head"),
     "qq_bias": (UnsupportedConfigError, "qq_bias", dict(qq_bias=torch.zeros(4, 4))),

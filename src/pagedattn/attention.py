@@ -289,7 +289,9 @@ def _plan_and_run(
     check_tensor("q", q, 3)
     if q.dtype not in QUERY_DTYPES + (torch.float8_e4m3fn,):
         raise DTypeError(f"q must be one of {QUERY_DTYPES + (torch.float8_e4m3fn,)}, got {q.dtype}")
-    out_dtype = out.dtype if isinstance(out, torch.Tensor) else None
+    out_dtype = None  # out in q's dtype, except with fp8 q or an fp8 out
+    if isinstance(out, torch.Tensor) and torch.float8_e4m3fn in (q.dtype, out.dtype):
+        out_dtype = out.dtype
     if not 0 < q.shape[2] <= MAX_HEAD_SIZE:
         raise UnsupportedConfigError(f"head_size (q.shape[2]) must be in 1..{MAX_HEAD_SIZE}, got {q.shape[2]}")
     num_blocks, block_size, num_kv_heads, head_size = cache_geometry(k_cache, v_cache, options.kv_layout, q.device)

@@ -187,9 +187,10 @@ def check_out(out, q, dtype: torch.dtype | None = None) -> None:
     check_tensor("out", out, 3, q.device)
     if out.shape != q.shape:
         raise ShapeError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-    if dtype is None and out.dtype != q.dtype:
-        raise DTypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
-    if dtype is not None and out.dtype != dtype:
+    if dtype is None or dtype == q.dtype:
+        if out.dtype != q.dtype:
+            raise DTypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
+    elif out.dtype != dtype:
         raise DTypeError(f"out must be {dtype} (the planned output dtype), got {out.dtype}")
 
 

@@ -502,12 +502,13 @@ def unified_attention(
     1-element tensor, or flash-attn's [num_seqs, num_kv_heads] holding one value); `out` may be
     torch.float8_e4m3fn with `output_scale` (out holds attention / output_scale saturated to +-448,
     vLLM's meaning). k_descale / v_descale: one value, or one per KV head ([num_kv_heads], or
-    [num_seqs, num_kv_heads] with the same row for every sequence). Scales of a tensor that is not
-    fp8 are ignored, as in vLLM.
+    [num_seqs, num_kv_heads] with the same row for every sequence); ignored for caches that are
+    not fp8, as in vLLM. q_descale with a q that is not fp8 is refused.
 
     Accepted and ignored: vLLM's scratch-buffer keywords (seq_threshold_3D, num_par_softmax_segments,
     softmax_segm_output/max/expsum, use_td). Refused with an UnsupportedConfigError: causal=False,
-    qq_bias, output_scale with an out that is not fp8, window_size right > 0, and any other keyword
+    q_descale with a q that is not fp8, qq_bias, output_scale with an out that is not fp8,
+    window_size right > 0, and any other keyword
     whose value is not None/False/"none" (mm_prefix_range, use_alibi_sqrt, ...)."""
     fn = "unified_attention"
     for name, value in scratch_kwargs.items():
@@ -523,6 +524,11 @@ def unified_attention(
     out_fp8 = isinstance(out, torch.Tensor) and out.dtype == torch.float8_e4m3fn
     if q_fp8 and q_descale is None:
         raise ScaleError(f"{fn}: q is {q.dtype}: q_descale is required (real q = q * q_descale)")
+    if not q_fp8 and q_descale is not None:  # vLLM's triton kernel asserts q_descale is None
+        raise UnsupportedConfigError(
+            f"{fn}: q_descale is for fp8 queries (torch.float8_e4m3fn), but q is "
+            f"{getattr(q, 'dtype', type(q).__name__)}; pass None, got {_short(q_descale)}"
+        )
     if output_scale is not None and not out_fp8:
         raise UnsupportedConfigError(
             f"{fn}: output_scale needs an fp8 out (torch.float8_e4m3fn, holding attention / output_scale); "
