@@ -126,7 +126,7 @@ def test_fp8_query_kernels_use_fp8_tensor_cores_and_fit_sm90():
         attention = [r for r in rows if r["kernel"] == "_paged_attention_kernel"]
         assert len(attention) == 2, rows
         prefill = attention[0]
-        # q.k: 8 wgmma instructions per key tile at these tiles; P.V in fp8 doubles them
+        # e4m3 MMA instructions in the PTX: 8 for q.k at these tiles (Triton 3.6), twice that with P.V
         assert prefill["fp8_mma"] >= (16 if pv else 8), prefill
         for r in rows:
             where = f"{config.label()} fp8 q -> {out_dtype} fp8_pv={pv} {r['kernel']} [{r['params']}]"
