@@ -499,8 +499,10 @@ class PagedAttention:
             self._check_reads(k_cache, v_cache)
         if out is None:
             out = torch.empty(q.shape, dtype=self.out_dtype, device=q.device)
-            if not b.validated:  # rows no sequence covers (unvalidated offsets) stay NaN
-                out.view(torch.uint8).fill_(0x7F) if self.out_fp8 else out.fill_(float("nan"))
+            if not b.validated and self.out_fp8:  # rows no sequence covers (unvalidated offsets) stay NaN
+                out.view(torch.uint8).fill_(0x7F)  # e4m3's NaN
+            elif not b.validated:
+                out.fill_(float("nan"))
         else:
             self._check_overlap(binding, out, q, k_cache, v_cache, k_new, v_new)
         if binding.reference is not None:
