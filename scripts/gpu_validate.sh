@@ -38,6 +38,10 @@ case "${1:-}" in
   bench)
     timeout "${TIMEOUT:-560}" python3 -m pagedattn bench --out "$OUT/bench" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
     echo "exit $?"; grep -E "^ceilings|rror" "$OUT/bench.log" | head -20; cat "$OUT/bench/results.md" ;;
+  fp8-tests|fp8-bench)
+    # compiled kernels kept in an ignored folder: a second call on a warm machine skips the compiles
+    export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/out/triton-cache}"
+    ;;&
   fp8-tests)
     timeout "${TIMEOUT:-170}" python3 -m pytest tests/test_fp8.py tests/test_write.py -v -n "${JOBS:-8}" \
       -p no:cacheprovider --tb=short > "$OUT/fp8_tests.log" 2>&1
