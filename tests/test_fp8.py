@@ -362,6 +362,24 @@ def test_paged_kv_cache_per_head_scales():
     assert_close_to_reference(out, ref, torch.bfloat16, "PagedKVCache per-head scales")
 
 
+@pytest.mark.kernels
+def test_compat_reshape_and_cache_flash_per_head_scales():
+    """vLLM's per-head ("attn_head") fp8 scales in its cache write: [num_kv_heads] tensors."""
+    heads, d = 2, 32
+    key = torch.randn(5, heads, d, device=DEVICE).to(torch.bfloat16)
+    value = torch.randn(5, heads, d, device=DEVICE).to(torch.bfloat16)
+    kc = torch.zeros(3, 16, heads, d, dtype=torch.uint8, device=DEVICE)
+    vc = torch.zeros_like(kc)
+    ks, vs = torch.tensor([0.02, 0.05], device=DEVICE), torch.tensor([0.03, 0.01], device=DEVICE)
+    slots = torch.tensor([3, 17, -1, 40, 0], device=DEVICE)
+    vllm.reshape_and_cache_flash(key, value, kc, vc, slots, "fp8", ks, vs)
+    kept = slots >= 0
+    want = (key[kept].float() / ks.reshape(1, -1, 1)).clamp(-448, 448).to(E4M3).view(torch.uint8)
+    assert torch.equal(kc.view(-1, heads, d)[slots[kept]], want)
+    want = (value[kept].float() / vs.reshape(1, -1, 1)).clamp(-448, 448).to(E4M3).view(torch.uint8)
+    assert torch.equal(vc.view(-1, heads, d)[slots[kept]], want)
+
+
 # ---------------------------------------------------------------------------------------------
 # vLLM's unified_attention keywords
 # ---------------------------------------------------------------------------------------------

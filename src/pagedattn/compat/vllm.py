@@ -617,7 +617,8 @@ def _check_write_args(fn, key, value, slot_mapping, kv_cache_dtype, key_cache, v
                     f"{fn}: {name} is required for kv_cache_dtype={kv_cache_dtype!r} "
                     f"(stored value = {name.split('_')[0]} / {name})"
                 )
-        k_scale, v_scale = _per_tensor_scale("k_scale", k_scale), _per_tensor_scale("v_scale", v_scale)
+        heads = key.shape[1]  # one scale, or one per KV head (vLLM's "attn_head" scales)
+        k_scale, v_scale = _per_tensor_scale("k_scale", k_scale, heads), _per_tensor_scale("v_scale", v_scale, heads)
     else:
         if key_cache.dtype != key.dtype:
             raise DTypeError(
@@ -634,7 +635,8 @@ def reshape_and_cache_flash(
 ):
     """vLLM's cache write for the flash layout: token i of key/value goes to slot slot_mapping[i]
     (block slot // block_size, position slot % block_size); slots < 0 are padding and skipped. fp8
-    caches (uint8 storage or fp8 dtype) store key / k_scale. Runs pagedattn's write kernel."""
+    caches (uint8 storage or fp8 dtype) store key / k_scale, k_scale one value or one per KV head
+    ([num_kv_heads]: vLLM's per-head "attn_head" scales). Runs pagedattn's write kernel."""
     fn = "reshape_and_cache_flash"
     if isinstance(key_cache, torch.Tensor) and key_cache.dim() != 4:
         raise LayoutError(
@@ -671,7 +673,7 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache
     blocks, offsets = slots // block_size, slots % block_size
     if kc.dtype in FP8_DTYPES:
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            check_scale(name, s, key.device)
+            check_scale(name, s, key.device, num_kv_heads=num_kv_heads)
         key = quantize_fp8(key, k_scale, kc.dtype).view(torch.uint8)
         value = quantize_fp8(value, v_scale, kc.dtype).view(torch.uint8)
         kc, vc = kc.view(torch.uint8), vc.view(torch.uint8)  # index_put on uint8: fp8 has no CPU kernel
