@@ -13,6 +13,11 @@ Keys are read in tiles of BLOCK_N tokens gathered across pages (BLOCK_N may span
 blocks). Under the context-cache contract the keys past ctx_len come from k_new/v_new instead.
 Softmax runs online in fp32, in the log2 domain (scale pre-multiplied by log2(e), exp2).
 
+fp8 (e4m3) tensors arrive as uint8 and are bitcast. fp8 queries (Q_FP8) are either the operands of
+an fp8 tensor-core q.k dot over an e4m3 cache (DOT_DTYPE float8e4nv, sm_89+) or upcast exactly;
+q_scale joins the softmax scale. k_scale / v_scale are one value or one per KV head (stride 0 or
+1). An fp8 output (OUT_FP8) stores out / out_scale, saturated and rounded as the write kernel does.
+
 Every tensor is addressed with its own strides (q, out, k_new, v_new, both caches), so strided
 views (fused QKV, K|V halves of one buffer, HND caches) are read in place.
 
