@@ -185,6 +185,11 @@ class PagedAttention:
         self.q_fp8 = dtype == torch.float8_e4m3fn
         self.out_dtype = out_dtype or (torch.bfloat16 if self.q_fp8 else dtype)
         self.out_fp8 = self.out_dtype == torch.float8_e4m3fn
+        if self.q_fp8 and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise UnsupportedConfigError(
+                f"dtype=torch.float8_e4m3fn (fp8 q) needs an sm_89+ GPU (Triton converts e4m3 only there); "
+                f"{self.device} is sm_{''.join(map(str, torch.cuda.get_device_capability(self.device)))}"
+            )
         self.num_blocks = num_blocks
         self.contract = contract
         self.decode_from_cache = bool(decode_from_cache) and contract == "context"
