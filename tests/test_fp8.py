@@ -572,3 +572,22 @@ def test_gpu_fp8_pv(contract):
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
     # and closer on average: e4m3 rounds P by <= 2^-4 relative, about 2.5% RMS
     assert float((out.double() - ref).norm() / ref.norm()) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels
+def test_gpu_per_layer_scales_are_read_by_pointer():
+    """A per-layer scale tensor is checked once and then read in place: a value changed in the
+    tensor (as a captured CUDA graph would see it) is what the next run uses."""
+    c = _case(SMALL, MIXED, "full", "e4m3", seed=15, device="cuda")
+    attn = _attn(c, SMALL, torch.bfloat16)
+    x = c.x
+    attn.plan(x.cu_seqlens_q, x.seq_lens, x.block_table, max_query_len=x.max_query_len, max_seq_len=x.max_seq_len)
+    qs = torch.tensor([Q_SCALE], device="cuda")
+    for factor in (1.0, 2.5):
+        if factor != 1.0:
+            qs.mul_(factor)
+        out = _poisoned(tuple(c.q.shape), torch.bfloat16, "cuda")
+        attn.run(c.q, c.k_cache, c.v_cache, out=out, q_scale=qs)
+        _check(out, _reference(c, q_scale=Q_SCALE * factor), torch.bfloat16, f"q_scale x{factor}")
+    assert len(attn._seen_scales) == 1
