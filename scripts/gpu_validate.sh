@@ -6,6 +6,8 @@
 #   bash scripts/gpu_validate.sh sanitize   # compute-sanitizer memcheck (all kernels) + racecheck (split-KV)
 #   bash scripts/gpu_validate.sh seed       # the seed scenario at full size: 8,192 NaN, checked mode
 #   bash scripts/gpu_validate.sh bench      # pagedattn bench: workloads, sweeps, peers, roofline
+#   bash scripts/gpu_validate.sh fp8-tests  # tests/test_fp8.py natively (fp8 q / out, per-head scales), < 3 min
+#   bash scripts/gpu_validate.sh fp8-bench  # scripts/fp8_bench.py: issue 19's fp8 targets, < 3 min (FP8_ARGS=--sweep: tiles)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}
@@ -36,5 +38,18 @@ case "${1:-}" in
   bench)
     timeout "${TIMEOUT:-560}" python3 -m pagedattn bench --out "$OUT/bench" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
     echo "exit $?"; grep -E "^ceilings|rror" "$OUT/bench.log" | head -20; cat "$OUT/bench/results.md" ;;
-  *) echo "usage: $0 tests|bigmem|sanitize|seed|bench" >&2; exit 2 ;;
+  fp8-tests|fp8-bench)
+    # compiled kernels kept in an ignored folder: a second call on a warm machine skips the compiles
+    export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/out/triton-cache}"
+    ;;&
+  fp8-tests)
+    timeout "${TIMEOUT:-170}" python3 -m pytest tests/test_fp8.py tests/test_write.py -v -n "${JOBS:-8}" \
+      -p no:cacheprovider --tb=short > "$OUT/fp8_tests.log" 2>&1
+    echo "exit $?"
+    grep -E "FAILED|ERROR" "$OUT/fp8_tests.log" | sed 's/^\[gw[0-9]*\] //' | sort | uniq | head -30
+    tail -1 "$OUT/fp8_tests.log" ;;
+  fp8-bench)
+    timeout "${TIMEOUT:-170}" python3 scripts/fp8_bench.py --quick --out "$OUT" ${FP8_ARGS:-} > "$OUT/fp8_bench.log" 2>&1
+    echo "exit $?"; grep -E "rror" "$OUT/fp8_bench.log" | head -5; tail -14 "$OUT/fp8_bench.log" ;;
+  *) echo "usage: $0 tests|bigmem|sanitize|seed|bench|fp8-tests|fp8-bench" >&2; exit 2 ;;
 esac

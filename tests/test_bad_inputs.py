@@ -659,10 +659,10 @@ ROWS = [
     P(lambda e: pa8(e, k_scale=-0.5), ScaleError, "k_scale", id="pa-fp8-k_scale-negative"),
     P(lambda e: pa8(e, v_scale=0.0), ScaleError, "v_scale", id="pa-fp8-v_scale-zero"),
     P(
-        lambda e: pa8(e, k_scale=torch.tensor([0.5, 0.5])),
+        lambda e: pa8(e, k_scale=torch.tensor([0.5, 0.5, 0.5])),  # 2 KV heads: [2] is one scale per head
         ScaleError,
         "k_scale must be one value",
-        id="pa-fp8-k_scale-two-values",
+        id="pa-fp8-k_scale-three-values",
     ),
     P(lambda e: pa8(e, v_scale=torch.tensor(NAN)), ScaleError, "v_scale", id="pa-fp8-v_scale-nan-tensor"),
     # ---- paged_attention, checked mode: metadata values

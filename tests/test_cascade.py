@@ -63,6 +63,7 @@ def run_case(
     seed=0,
     expect_cascade=True,
     kv_dtype=None,
+    kv_scales=(0.05, 0.04),
 ):
     cu, sl, bt, nb = shared_batch(query_lens, seq_lens, groups, block_size=bs, seed=seed)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -71,8 +72,10 @@ def run_case(
     v = torch.randn(nb, bs, hkv, d, generator=g).to(DEVICE, dtype)
     options = options or AttentionOptions()
     if kv_dtype is not None:  # fp8 caches hold x / scale
-        options = options.replace(k_scale=0.05, v_scale=0.04)
-        k, v = (k.float() / 0.05).to(kv_dtype), (v.float() / 0.04).to(kv_dtype)
+        ks, vs = (torch.as_tensor(x, dtype=torch.float32) for x in kv_scales)  # one, or one per KV head
+        k = (k.float().cpu() / ks.view(-1, 1)).to(DEVICE, kv_dtype)
+        v = (v.float().cpu() / vs.view(-1, 1)).to(DEVICE, kv_dtype)
+        options = options.replace(k_scale=ks.to(DEVICE), v_scale=vs.to(DEVICE))
     attn = PagedAttention(
         options,
         num_q_heads=hq,
@@ -202,6 +205,29 @@ def test_bf16():
 
 def test_fp8_cache():
     run_case([1, 4, 1], [33, 30, 41], [([0, 1, 2], 6)], kv_dtype=torch.float8_e4m3fn, seed=10)
+
+
+def test_fp8_cache_per_kv_head_scales():
+    """One k/v scale per KV head: the prefix kernel reads each head's (a per-tensor read of
+    head 0's scale for every head would fail this)."""
+    scales = ([0.05, 0.11], [0.04, 0.09])
+    run_case([1, 3, 1], [33, 30, 41], [([0, 1, 2], 6)], kv_dtype=torch.float8_e4m3fn, kv_scales=scales, seed=12)
+
+
+def test_fp8_queries_take_the_plain_path():
+    cu, sl, bt, _ = shared_batch([1] * 3, [30, 29, 31], [([0, 1, 2], 6)], block_size=4)
+    attn = PagedAttention(
+        AttentionOptions(q_scale=0.5, k_scale=0.1, v_scale=0.1),
+        num_q_heads=4,
+        num_kv_heads=2,
+        head_size=16,
+        block_size=4,
+        dtype=torch.float8_e4m3fn,
+        kv_cache_dtype=torch.float8_e4m3fn,
+        device="cpu",
+    )
+    attn.plan(cu, sl, bt, query_lens_host=[1] * 3, seq_lens_host=[30, 29, 31], shared_prefix=[([0, 1, 2], 24)])
+    assert attn._cascade is None and "fp8 queries" in attn.explain()
 
 
 def test_no_sharing_takes_the_plain_path_with_the_plain_launches():

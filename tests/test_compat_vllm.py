@@ -609,7 +609,9 @@ def test_context_attention_fwd_rejects(tiny, case):
 
 BAD_UNIFIED = {
     "causal=False": (UnsupportedConfigError, "causal", dict(causal=False)),
-    "q_descale": (UnsupportedConfigError, "q_descale", dict(q_descale=torch.tensor(1.0))),
+    "q_descale": (UnsupportedConfigError, "q_descale is for fp8 queries", dict(q_descale=torch.tensor(1.0))),
+    "fp8 q without q_descale": (ScaleError, "q_descale is required", "fp8-q"),
+    "q_descale per KV head": (ScaleError, "q_descale must hold one per-tensor scale", "fp8-q-per-head"),
     "qq_bias": (UnsupportedConfigError, "qq_bias", dict(qq_bias=torch.zeros(4, 4))),
     "output_scale": (UnsupportedConfigError, "output_scale", dict(output_scale=torch.tensor(1.0))),
     "right window": (UnsupportedConfigError, r"window_size\[1\]", dict(window_size=(-1, 4))),
@@ -630,6 +632,10 @@ def test_unified_attention_rejects(tiny, case):
         change = dict(k=older[0], v=older[1])
     elif change == "uint8":
         change = dict(k=flash[0].view(torch.uint8)[..., :16], v=flash[1].view(torch.uint8)[..., :16])
+    elif isinstance(change, str) and change.startswith("fp8-q"):  # q_descale: read for fp8 q only
+        change = dict(q=b.query.to(torch.float8_e4m3fn), out=torch.empty_like(b.query))
+        if case == "q_descale per KV head":
+            change["q_descale"] = torch.tensor([[0.5, 1.0]]).expand(b.b_seq_len.shape[0], 2)
     elif change in ("fp8", "fp8-per-seq"):
         k8, v8 = flash[0].to(torch.float8_e4m3fn), flash[1].to(torch.float8_e4m3fn)
         change = dict(k=k8, v=v8, v_descale=torch.tensor(1.0))

@@ -93,6 +93,48 @@ def test_alibi_context_prefill_avoids_the_ptxas_crash():
     assert dispatch.plan_for(config, shape, device="cuda").num_stages == 3
 
 
+# fp8 queries (issue 19): the prefill launch must use fp8 tensor-core instructions for q.k (and for
+# P.V with fp8_pv), every launch must fit an H100/H200, the fp8 output included
+FP8_Q_CASES = [
+    (AttentionConfig(32, 8, 128, 16, torch.bfloat16, kv_dtype="fp8_e4m3"), torch.float8_e4m3fn, False),
+    (AttentionConfig(32, 8, 128, 16, torch.bfloat16, kv_dtype="fp8_e4m3"), torch.bfloat16, True),
+]
+
+
+def _compile_fp8_calls(cases: list) -> list[list[dict]]:
+    import json
+    import subprocess
+
+    code = (
+        "import json, pickle, sys, torch\n"
+        "from pagedattn.tools import sm90\n"
+        "rows = [sm90.compile_case(c, s, 'full', q_dtype=torch.float8_e4m3fn, out_dtype=o, fp8_pv=pv)\n"
+        "        for c, s, o, pv in pickle.loads(sys.stdin.buffer.read())]\n"
+        "print(json.dumps(rows))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(cases), env=env, capture_output=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+def test_fp8_query_kernels_use_fp8_tensor_cores_and_fit_sm90():
+    cases = [(c, MIXED, o, pv) for c, o, pv in FP8_Q_CASES]
+    for (config, _, out_dtype, pv), rows in zip(cases, _compile_fp8_calls(cases)):
+        attention = [r for r in rows if r["kernel"] == "_paged_attention_kernel"]
+        assert len(attention) == 2, rows
+        prefill = attention[0]
+        # e4m3 MMA instructions in the PTX: 8 for q.k at these tiles (Triton 3.6), twice that with P.V
+        assert prefill["fp8_mma"] >= (16 if pv else 8), prefill
+        for r in rows:
+            where = f"{config.label()} fp8 q -> {out_dtype} fp8_pv={pv} {r['kernel']} [{r['params']}]"
+            assert r["shared"] <= compile_check.SHARED_PER_BLOCK, f"{where}: shared {r['shared']}"
+            assert r["regs"] * 32 * r["warps"] <= compile_check.REGISTERS_PER_SM, f"{where}: {r['regs']} regs"
+            assert r["stack"] <= 1024, f"{where}: {r['stack']} B of stack per thread (spilled registers)"
+
+
 # Shared-prefix (cascade) launches: the prefix kernel, the suffix's partial-writing unified launch(es)
 # and the merge, for the benchmark's batch (256 x 32k shared + 512) and for option-heavy variants.
 CASCADE_CASES = [

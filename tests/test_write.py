@@ -270,7 +270,9 @@ def test_write_rejects_aliased_caches():
         write_kv(**_args(k_cache=cache, v_cache=cache))
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), torch.tensor([1.0, 2.0])])
+@pytest.mark.parametrize(
+    "bad", [0.0, -1.0, float("nan"), float("inf"), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, -2.0])]
+)  # 2 KV heads: [2] is per head
 def test_write_rejects_bad_fp8_scales(bad):
     cache = torch.zeros(4, 4, 2, 8).to(torch.float8_e5m2)
     with pytest.raises(ScaleError, match="k_scale"):

@@ -19,7 +19,10 @@ always run and cost no device sync; metadata values are validated whenever host 
 rows and the kernels never touch memory outside their tensors.
 
 q may be fp16/bf16/fp32 over a cache of any supported dtype (fp16/bf16/fp32/fp8): K and V are
-converted to q's dtype for the dot products (fp32 q over a bf16 cache computes in fp32).
+converted to q's dtype for the dot products (fp32 q over a bf16 cache computes in fp32). q may
+also be fp8 (float8_e4m3fn, with `q_scale`: real q = q * q_scale) over an fp16/bf16/fp8 cache;
+the output is then bf16 unless `out` says otherwise. An fp8 (e4m3) `out` with `out_scale` holds
+out / out_scale (vLLM's output_scale).
 An engine that calls attention once per layer should use `PagedAttention` (plan once per step).
 """
 
@@ -64,6 +67,8 @@ def paged_attention(
     sinks: torch.Tensor | None = None,
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
+    q_scale: float | torch.Tensor | None = None,
+    out_scale: float | torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     kv_layout: str = "nhd",
     query_lens_host: Sequence[int] | None = None,
@@ -85,7 +90,9 @@ def paged_attention(
     `checked=True` (default: the environment's PAGEDATTN_CHECKED), metadata values are validated
     (one device sync without host copies) and every cache position the kernel will read is proved
     to hold no poison. `validate=False` skips value validation (see the module docstring)."""
-    options = AttentionOptions(scale, sliding_window, alibi_slopes, softcap, sinks, k_scale, v_scale, kv_layout)
+    options = AttentionOptions(
+        scale, sliding_window, alibi_slopes, softcap, sinks, k_scale, v_scale, kv_layout, q_scale, out_scale
+    )
     return _plan_and_run(
         "full",
         q,
@@ -129,6 +136,8 @@ def prefix_prefill(
     sinks: torch.Tensor | None = None,
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
+    q_scale: float | torch.Tensor | None = None,
+    out_scale: float | torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     kv_layout: str = "nhd",
     query_lens_host: Sequence[int] | None = None,
@@ -142,7 +151,9 @@ def prefix_prefill(
     `v_new` (rows aligned with `q`). With `decode_from_cache=True`, sequences with query_len == 1
     instead read all seq_len tokens from the cache (vLLM's chunked_prefill_paged_decode), so their
     own K/V must already be in the cache: exactly the contract the seed's test broke."""
-    options = AttentionOptions(scale, sliding_window, alibi_slopes, softcap, sinks, k_scale, v_scale, kv_layout)
+    options = AttentionOptions(
+        scale, sliding_window, alibi_slopes, softcap, sinks, k_scale, v_scale, kv_layout, q_scale, out_scale
+    )
     return _plan_and_run(
         "context",
         q,
@@ -276,8 +287,11 @@ def _plan_and_run(
     validate,
 ):
     check_tensor("q", q, 3)
-    if q.dtype not in QUERY_DTYPES:
-        raise DTypeError(f"q must be one of {QUERY_DTYPES}, got {q.dtype}")
+    if q.dtype not in QUERY_DTYPES + (torch.float8_e4m3fn,):
+        raise DTypeError(f"q must be one of {QUERY_DTYPES + (torch.float8_e4m3fn,)}, got {q.dtype}")
+    out_dtype = None  # out in q's dtype, except with fp8 q or an fp8 out
+    if isinstance(out, torch.Tensor) and torch.float8_e4m3fn in (q.dtype, out.dtype):
+        out_dtype = out.dtype
     if not 0 < q.shape[2] <= MAX_HEAD_SIZE:
         raise UnsupportedConfigError(f"head_size (q.shape[2]) must be in 1..{MAX_HEAD_SIZE}, got {q.shape[2]}")
     num_blocks, block_size, num_kv_heads, head_size = cache_geometry(k_cache, v_cache, options.kv_layout, q.device)
@@ -295,6 +309,7 @@ def _plan_and_run(
         block_size=block_size,
         dtype=q.dtype,
         kv_cache_dtype=k_cache.dtype,
+        out_dtype=out_dtype,
         num_blocks=num_blocks,
         device=q.device,
         contract=contract,

@@ -53,7 +53,8 @@ class PagedKVCache:
 
     k, v: [num_blocks, block_size, num_kv_heads, head_size]. `dtype` is the query dtype
     (fp16/bf16/fp32); `kv_dtype` is "auto" (= dtype) or "fp8"/"fp8_e4m3"/"fp8_e5m2", stored as
-    x / k_scale (x / v_scale). `checked=True` tracks written slots, so attention over this cache
+    x / k_scale (x / v_scale; a scale is one float or a [num_kv_heads] tensor, one per KV head).
+    `checked=True` tracks written slots, so attention over this cache
     refuses a read of an unwritten slot (UnwrittenKVError). `poison=True` (default) fills unwritten
     and freed blocks with pagedattn's NaN bit pattern (`pagedattn.poison_`).
 
@@ -74,8 +75,8 @@ class PagedKVCache:
         dtype: torch.dtype = torch.bfloat16,
         kv_dtype: str = "auto",
         device: torch.device | str = "cpu",
-        k_scale: float = 1.0,
-        v_scale: float = 1.0,
+        k_scale: float | torch.Tensor = 1.0,
+        v_scale: float | torch.Tensor = 1.0,
         checked: bool = False,
         poison: bool = True,
     ) -> None:
@@ -89,11 +90,24 @@ class PagedKVCache:
         if dtype not in QUERY_DTYPES:
             raise DTypeError(f"dtype (the query dtype) must be one of {QUERY_DTYPES}, got {dtype}")
         fp8 = fp8_dtype_of(kv_dtype)
+        scales = []
         for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if isinstance(value, torch.Tensor) and value.numel() > 1:  # one scale per KV head
+                if tuple(value.shape) != (num_kv_heads,) or not value.dtype.is_floating_point:
+                    raise ScaleError(
+                        f"{name} must be a float, a one-element tensor or a [num_kv_heads] = [{num_kv_heads}] "
+                        f"float tensor (one scale per KV head), got {value.dtype} of shape {tuple(value.shape)}"
+                    )
+                bad = [float(x) for x in value.detach().double().cpu() if not (math.isfinite(x) and x > 0)]
+                if bad:
+                    raise ScaleError(f"{name} must hold finite values > 0, got {bad[0]!r}")
+                scales.append(value.detach().to(device=device, dtype=torch.float32).contiguous())
+                continue
             if isinstance(value, torch.Tensor):
                 value = float(value)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ScaleError(f"{name} must be a finite float > 0, got {value!r}")
+            scales.append(float(value))
 
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -104,8 +118,8 @@ class PagedKVCache:
         self.cache_dtype = fp8 or dtype
         self.is_fp8 = fp8 is not None
         self.device = torch.device(device)
-        self.k_scale = float(k_scale)
-        self.v_scale = float(v_scale)
+        # floats, or [num_kv_heads] float32 tensors on the cache's device (one scale per KV head)
+        self.k_scale, self.v_scale = scales
         self.checked = bool(checked)
         self.poison = bool(poison)
 

@@ -26,8 +26,9 @@ so every host-side check runs as in eager code; their fake implementations only 
 so torch.compile traces a model step through them without running a kernel or reading a value.
 
 Differences from the plain functions, all forced by the op schema language:
-- fp8 scales are one-element float32 tensors on the cache's device (as vLLM's ops take them). The
-  wrappers turn a float into such a tensor; under CUDA-graph capture pass tensors made once.
+- fp8 scales are one-element float32 tensors on the cache's device (as vLLM's ops take them), or
+  [num_kv_heads] ones (one scale per KV head). The wrappers turn a float into such a tensor; under
+  CUDA-graph capture pass tensors made once.
 - `query_lens_host` is not an op argument: a host tuple that changes every step would be a
   recompilation guard under torch.compile, and a captured graph cannot skip launches anyway.
 - Optional tensors come before the keyword-only options (custom ops take no keyword-only tensors).

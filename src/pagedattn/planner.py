@@ -30,8 +30,8 @@ import torch
 
 from . import dispatch, reference
 from . import shared_prefix as sharing
-from .config import FP8_DTYPES, QUERY_DTYPES
-from .errors import BatchMetadataError, DTypeError, PagedAttentionError, ShapeError, UnsupportedConfigError
+from .config import FP8_DTYPES
+from .errors import BatchMetadataError, PagedAttentionError, ShapeError, UnsupportedConfigError
 from .kernels import cascade as cascade_kernels
 from .kernels import unified
 from .options import AttentionOptions
@@ -41,6 +41,7 @@ from .validate import (
     cache_strides,
     check_caches,
     check_choice,
+    check_fp8_dtypes,
     check_geometry,
     check_metadata_tensors,
     check_metadata_values,
@@ -49,6 +50,7 @@ from .validate import (
     check_options,
     check_out,
     check_query,
+    check_run_scales,
     check_scale,
     extent,
     nhd_views,
@@ -84,8 +86,9 @@ def checked_default(checked: bool | None) -> bool:
 
 
 def _scalar_tensor(value, device: torch.device) -> torch.Tensor:
+    """A scale as the kernels read it: [1] float32 (or [num_kv_heads], per KV head) on `device`."""
     if isinstance(value, torch.Tensor):
-        return value.detach().reshape(1).to(device=device, dtype=torch.float32)
+        return value.detach().reshape(-1).to(device=device, dtype=torch.float32).contiguous()
     return torch.tensor([float(value)], dtype=torch.float32, device=device)
 
 
@@ -126,7 +129,10 @@ class PagedAttention:
     num_q_heads, num_kv_heads, head_size, block_size : int
         The geometry every layer shares.
     dtype : torch.dtype
-        Query and output dtype (fp16, bf16 or fp32).
+        Query dtype: fp16, bf16, fp32, or float8_e4m3fn (real q = q_fp8 * options.q_scale; q.k
+        runs on fp8 tensor cores over an e4m3 cache where the GPU has them, sm_89+).
+    out_dtype : torch.dtype, optional
+        Output dtype: default `dtype` (bf16 for fp8 q); float8_e4m3fn stores out / options.out_scale.
     kv_cache_dtype : torch.dtype, optional
         The caches' dtype when it differs from `dtype` (fp8 e4m3 / e5m2, or another float dtype).
     num_blocks : int, optional
@@ -144,6 +150,10 @@ class PagedAttention:
         before each run, that every cache slot to be read holds no poison. Default: the
         environment's PAGEDATTN_CHECKED.
     backend : {"auto", "triton", "reference"}
+    fp8_pv : bool
+        fp8 q over an e4m3 cache, on a GPU with fp8 tensor cores: run P.V on them too, with P
+        quantized to e4m3 (FlashAttention-3's fp8 mode). Faster prefill; accuracy within vLLM's
+        fp8 tolerance (`tolerances.FP8_QUERY_TOLERANCE`) rather than the output dtype's. Default off.
     cuda_graph : bool
         Capturable runs that stay valid across plans: plan() copies the metadata into buffers this
         object owns (allocated by the first plan), and the launches depend on shapes and bounds
@@ -175,6 +185,7 @@ class PagedAttention:
         block_size: int,
         dtype: torch.dtype = torch.bfloat16,
         kv_cache_dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None,
         num_blocks: int | None = None,
         device: torch.device | str = "cuda",
         contract: str = "full",
@@ -182,6 +193,7 @@ class PagedAttention:
         checked: bool | None = None,
         backend: str = "auto",
         cuda_graph: bool = False,
+        fp8_pv: bool = False,
     ):
         options = AttentionOptions() if options is None else options
         if not isinstance(options, AttentionOptions):
@@ -189,10 +201,7 @@ class PagedAttention:
         check_geometry(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size, block_size=block_size)
         check_choice("contract", contract, CONTRACTS)
         check_choice("backend", backend, ("auto", "triton", "reference"))
-        if dtype not in QUERY_DTYPES:
-            raise DTypeError(f"dtype (of q) must be one of {QUERY_DTYPES}, got {dtype}")
-        if kv_cache_dtype is not None and kv_cache_dtype not in QUERY_DTYPES + FP8_DTYPES:
-            raise DTypeError(f"kv_cache_dtype: k_cache must be fp16/bf16/fp32 or an fp8 dtype, got {kv_cache_dtype}")
+        check_fp8_dtypes(dtype, kv_cache_dtype, out_dtype)
         if num_blocks is not None and (
             not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks <= 0
         ):
@@ -210,11 +219,20 @@ class PagedAttention:
         )
         self.dtype = dtype
         self.kv_cache_dtype = kv_cache_dtype or dtype
+        self.q_fp8 = dtype == torch.float8_e4m3fn
+        self.out_dtype = out_dtype or (torch.bfloat16 if self.q_fp8 else dtype)
+        self.out_fp8 = self.out_dtype == torch.float8_e4m3fn
+        if self.q_fp8 and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise UnsupportedConfigError(
+                f"dtype=torch.float8_e4m3fn (fp8 q) needs an sm_89+ GPU (Triton converts e4m3 only there); "
+                f"{self.device} is sm_{''.join(map(str, torch.cuda.get_device_capability(self.device)))}"
+            )
         self.num_blocks = num_blocks
         self.contract = contract
         self.decode_from_cache = bool(decode_from_cache) and contract == "context"
         self.checked = checked_default(checked)
         self.cuda_graph = bool(cuda_graph)
+        self.fp8_pv = bool(fp8_pv)
         self.fp8 = self.kv_cache_dtype in FP8_DTYPES
         self.scale = 1.0 / math.sqrt(head_size) if options.scale is None else float(options.scale)
         self._kernel_options = dict(
@@ -225,14 +243,25 @@ class PagedAttention:
             sinks=options.sinks,
             context=contract == "context",
             decode_from_cache=self.decode_from_cache,
-            k_scale=None,
-            v_scale=None,
         )
-        if self.fp8:
-            check_scale("k_scale", options.k_scale, self.device, checked=self.checked)
-            check_scale("v_scale", options.v_scale, self.device, checked=self.checked)
-            self._kernel_options["k_scale"] = _scalar_tensor(options.k_scale, self.device)
-            self._kernel_options["v_scale"] = _scalar_tensor(options.v_scale, self.device)
+        # the scales the kernels read (k, v, q, out): per-model defaults, replaced per run() call
+        # by per-layer tensors; a scale nothing reads is any small tensor
+        placeholder = torch.ones(1, dtype=torch.float32, device=self.device)
+        scales = [placeholder] * 4
+        wanted = (
+            ("k_scale", self.fp8, self.num_kv_heads, "an fp8 cache (the cache holds k / k_scale)"),
+            ("v_scale", self.fp8, self.num_kv_heads, "an fp8 cache (the cache holds v / v_scale)"),
+            ("q_scale", self.q_fp8, None, "fp8 queries (real q = q_fp8 * q_scale)"),
+            ("out_scale", self.out_fp8, None, "an fp8 output (it holds out / out_scale)"),
+        )
+        for i, (name, used, heads, what) in enumerate(wanted):
+            if used:
+                value = getattr(options, name)
+                check_scale(name, value, self.device, checked=self.checked, num_kv_heads=heads, what=what)
+                scales[i] = _scalar_tensor(value, self.device)
+        self._scales = tuple(scales)
+        self._scale_used = tuple(w[1] for w in wanted)
+        self._seen_scales: dict[tuple, tuple] = {}
         self.backend = backend
         self._batch: _Batch | None = None
         self._plans: dict[int, dispatch.Plan] = {}
@@ -440,11 +469,31 @@ class PagedAttention:
         p = self._dispatch(num_tokens or self._batch.num_tokens or 1)
         launches = [part for part in p.launches if self._has_work(part)] if p.kernel != "reference" else []
         text = f"{p.kernel} [{p.params()}] ({len(launches)} launch(es) with work): {p.rule}"
+        text += self._fp8_note(p.kernel)
         if p.kernel == "reference":
             return text
         if self._cascade is None:
             return f"{text}; no shared prefix: {self._cascade_why}"
         return f"{self._cascade.describe()}; suffix: {text}"
+
+    def _fp8_note(self, kernel: str) -> str:
+        """What explain says about fp8 queries and outputs (nothing when there are none)."""
+        notes = []
+        if self.q_fp8:
+            if kernel == "reference":
+                how = "dequantized by the reference"
+            elif self.kv_cache_dtype == torch.float8_e4m3fn and unified.fp8_dot_available(self.device):
+                how = "q.k on fp8 tensor cores (e4m3 x e4m3, fp32 accumulation)"
+                if self.fp8_pv:
+                    how += ", P.V too (P quantized to e4m3)"
+            else:
+                e4m3 = self.kv_cache_dtype == torch.float8_e4m3fn
+                why = "no fp8 tensor cores here" if e4m3 else "the cache is not e4m3"
+                how = f"q upcast exactly for the q.k dot ({why})"
+            notes.append(f"fp8 q (e4m3, real q = q * q_scale): {how}")
+        if self.out_fp8:
+            notes.append("fp8 out (e4m3): stores out / out_scale, saturated to +-448")
+        return "".join(f"; {n}" for n in notes)
 
     def _has_work(self, part) -> bool:
         q = self._batch.query_lens
@@ -462,6 +511,10 @@ class PagedAttention:
         out: torch.Tensor | None = None,
         k_new: torch.Tensor | None = None,
         v_new: torch.Tensor | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
+        q_scale: torch.Tensor | None = None,
+        out_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of `q` over the caches, for the planned step.
 
@@ -476,12 +529,22 @@ class PagedAttention:
             Like q (any strides); allocated when not given.
         k_new, v_new : torch.Tensor, optional
             Context contract: [num_tokens, num_kv_heads, head_size], the query tokens' K/V.
+        k_scale, v_scale, q_scale, out_scale : torch.Tensor, optional
+            This layer's scales, replacing the options' for this call: float32 on the plan's device,
+            [1] ([1] or [num_kv_heads] for k_scale / v_scale). Passed by pointer (nothing is copied
+            or synced; values are checked in checked mode and on the CPU). Ignored where the options'
+            would be (k/v for non-fp8 caches, q for non-fp8 q, out for a non-fp8 output).
 
         Returns out."""
         b = self._batch
         if b is None:
             raise PagedAttentionError("run() before plan(): plan the step first")
+        scales = self._scales
+        if k_scale is not None or v_scale is not None or q_scale is not None or out_scale is not None:
+            scales = self._run_scales(k_scale, v_scale, q_scale, out_scale)
         key = (
+            scales[0].shape,
+            scales[1].shape,
             q.shape,
             q.stride(),
             q.dtype,
@@ -500,26 +563,54 @@ class PagedAttention:
         )
         binding = self._bindings.get(key)
         if binding is None:  # a new layout: full host checks (and the checked reads) first
-            binding = self._bind(q, k_cache, v_cache, out, k_new, v_new)
+            binding = self._bind(q, k_cache, v_cache, out, k_new, v_new, scales)
             self._bindings[key] = binding
         elif self.checked:
             self._check_reads(k_cache, v_cache)
         if out is None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            if not b.validated:
-                out.fill_(float("nan"))  # rows no sequence covers (unvalidated offsets) stay NaN
+            out = torch.empty(q.shape, dtype=self.out_dtype, device=q.device)
+            if not b.validated and self.out_fp8:  # rows no sequence covers (unvalidated offsets) stay NaN
+                out.view(torch.uint8).fill_(0x7F)  # e4m3's NaN
+            elif not b.validated:
+                out.fill_(float("nan"))
         else:
             self._check_overlap(binding, out, q, k_cache, v_cache, k_new, v_new)
         if binding.reference is not None:
-            return binding.reference(q, k_cache, v_cache, out, k_new, v_new)
+            return binding.reference(q, k_cache, v_cache, out, k_new, v_new, scales)
         if binding.fp8:
             k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
-        tensors = (q, out, k_cache, v_cache, q if k_new is None else k_new, q if v_new is None else v_new)
+        o = out.view(torch.uint8) if self.out_fp8 else out
+        if self.q_fp8:
+            q = q.view(torch.uint8)
+        tensors = (q, o, k_cache, v_cache, q if k_new is None else k_new, q if v_new is None else v_new, *scales)
         for launch in binding.launches:
             launch(tensors)
         return out
 
-    def _bind(self, q, k_cache, v_cache, out, k_new, v_new) -> _Binding:
+    def _run_scales(self, k_scale, v_scale, q_scale, out_scale) -> tuple:
+        """The scales a run() reads, its own where given. An engine passes the same per-layer
+        tensors every step: those seen before (the same objects) skip the host checks, unless
+        their values are read (checked mode, CPU)."""
+        given = (k_scale, v_scale, q_scale, out_scale)
+        read_values = self.checked or self.device.type == "cpu"
+        key = (id(k_scale), id(v_scale), id(q_scale), id(out_scale))
+        seen = self._seen_scales.get(key)
+        if seen is not None and not read_values and all(a is b for a, b in zip(seen[0], given)):
+            return seen[1]
+        scales = check_run_scales(
+            given,
+            self._scales,
+            self._scale_used,
+            device=self.device,
+            num_kv_heads=self.num_kv_heads,
+            read_values=read_values,
+        )
+        if len(self._seen_scales) >= 4096:  # layers x distinct scale sets: bounded
+            self._seen_scales.clear()
+        self._seen_scales[key] = (given, scales)  # holding `given` keeps the ids from being reused
+        return scales
+
+    def _bind(self, q, k_cache, v_cache, out, k_new, v_new, scales) -> _Binding:
         """Full host checks of a new layout, then the launches with its strides bound."""
         b = self._batch
         check_query(
@@ -550,7 +641,7 @@ class PagedAttention:
             context=self.contract == "context",
         )
         if out is not None:
-            check_out(out, q)
+            check_out(out, q, self.out_dtype)
         spans = tuple(None if t is None else extent(t)[1] - t.data_ptr() for t in (q, k_cache, v_cache, k_new, v_new))
         if out is not None:
             spans = spans + (extent(out)[1] - out.data_ptr(),)
@@ -592,6 +683,7 @@ class PagedAttention:
             self.dtype,
             k_cache.dtype,
         )
+        scale_strides = (int(scales[0].shape[0] > 1), int(scales[1].shape[0] > 1))
         metadata, prefix, merge = (b.cu_seqlens_q, b.seq_lens, b.block_table), [], None
         c = self._cascade
         if c is not None:  # the shared prefix once per group, each sequence's suffix, the merge
@@ -610,6 +702,7 @@ class PagedAttention:
                 options=options,
                 idx64=idx64,
                 device=self.device,
+                scale_strides=scale_strides,
             )
             prefix = [launch]
         launches = prefix + unified.bind_attention(
@@ -620,6 +713,10 @@ class PagedAttention:
             options=self._kernel_options,
             idx64=idx64,
             device=self.device,
+            out_dtype=self.out_dtype,
+            new_dtype=None if k_new is None else k_new.dtype,
+            scale_strides=scale_strides,
+            fp8_pv=self.fp8_pv,
             partials=merge,
         )
         return _Binding(launches, spans, fp8)
@@ -653,9 +750,10 @@ class PagedAttention:
             seq_lens_host=None if b.seq_lens_host is None else b.seq_lens_host.tolist(),
         )
 
-    def _reference(self, q, k_cache, v_cache, out, k_new, v_new) -> torch.Tensor:
+    def _reference(self, q, k_cache, v_cache, out, k_new, v_new, scales) -> torch.Tensor:
         b = self._batch
         o = self.options
+        k_scale, v_scale, q_scale, out_scale = scales
         ref = reference.attention(
             q,
             *nhd_views(k_cache, v_cache, o.kv_layout),
@@ -667,11 +765,14 @@ class PagedAttention:
             alibi_slopes=o.alibi_slopes,
             softcap=o.softcap,
             sinks=o.sinks,
-            k_scale=o.k_scale,
-            v_scale=o.v_scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            q_scale=q_scale if self.q_fp8 else None,
             k_new=k_new,
             v_new=v_new,
             decode_from_cache=self.decode_from_cache,
         )
+        if self.out_fp8:  # out / out_scale, saturated and rounded as the kernels store it
+            ref = reference.quantize_output(ref, out_scale, self.out_dtype)
         out.copy_(ref)
         return out

@@ -12,7 +12,11 @@ Semantics (the kernels implement exactly these):
 - logits = scale * q.k; then soft-cap (cap * tanh(logits / cap)); then ALiBi (+ slope[h] * (j - p)).
 - `sinks[h]` is an extra logit per query head that joins the softmax denominator with no value.
 - A row that sees no key gives 0 (never NaN).
-- fp8 caches hold k / k_scale; they are read back as float(k_fp8) * k_scale.
+- fp8 caches hold k / k_scale; they are read back as float(k_fp8) * k_scale. k_scale / v_scale
+  are one value, or one per KV head ([num_kv_heads]).
+- fp8 (e4m3) queries are real q = float(q_fp8) * q_scale.
+- An fp8 output holds out / out_scale, saturated to +-448 and rounded to nearest even
+  (`quantize_output`; vLLM's output_scale).
 - Query head h reads KV head h // (num_q_heads // num_kv_heads).
 
 Contracts:
@@ -29,6 +33,8 @@ import math
 
 import torch
 
+from .errors import ScaleError
+
 
 def gather_sequence(
     cache: torch.Tensor,
@@ -44,8 +50,17 @@ def gather_sequence(
     blocks = block_table_row.to(cache.device).long()[positions // block_size]
     tokens = cache[blocks, positions % block_size].to(dtype)
     if scale is not None:
-        tokens = tokens * torch.as_tensor(scale, dtype=dtype, device=cache.device).reshape(())
+        s = torch.as_tensor(scale, dtype=dtype, device=cache.device).reshape(-1)
+        tokens = tokens * (s.reshape(1, -1, 1) if s.numel() > 1 else s.reshape(()))  # per KV head
     return tokens
+
+
+def quantize_output(out: torch.Tensor, out_scale, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """An attention output as an fp8 output stores it: out / out_scale (division in float32, as the
+    kernels do), saturated to +-finfo(dtype).max, rounded to nearest even; NaN stays NaN."""
+    fp8_max = torch.finfo(dtype).max
+    s = torch.as_tensor(out_scale, dtype=torch.float32, device=out.device).reshape(1)
+    return (out.float() / s).clamp(-fp8_max, fp8_max).to(dtype)
 
 
 def attention(
@@ -63,6 +78,7 @@ def attention(
     sinks: torch.Tensor | None = None,
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
+    q_scale: float | torch.Tensor | None = None,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
     decode_from_cache: bool = False,
@@ -79,6 +95,9 @@ def attention(
     fp8 = k_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
     if not fp8:
         k_scale = v_scale = None
+    q_fp8 = q.dtype == torch.float8_e4m3fn
+    if q_fp8 and q_scale is None:
+        raise ScaleError("q_scale is required for fp8 queries (real q = q_fp8 * q_scale)")
     out = torch.zeros(num_tokens, num_q_heads, head_size, dtype=compute_dtype, device=q.device)
     cu = cu_seqlens_q.tolist()
     for s, seq_len in enumerate(seq_lens.tolist()):
@@ -99,6 +118,8 @@ def attention(
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [num_q_heads, seq_len, head_size]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         qs = q[start:end].to(compute_dtype).transpose(0, 1)  # [num_q_heads, query_len, head_size]
+        if q_fp8:
+            qs = qs * torch.as_tensor(q_scale, dtype=compute_dtype, device=q.device).reshape(())
         logits = scale * (qs @ k.transpose(1, 2))  # [num_q_heads, query_len, seq_len]
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)

@@ -282,6 +282,8 @@ def plan(
         return None, "a sliding window (shared keys would need per-query masks)"
     if attn.contract != "full":
         return None, "the context-cache contract"
+    if attn.q_fp8 or attn.out_fp8:
+        return None, "fp8 queries or outputs (the shared-prefix kernels read and write fp16/bf16/fp32)"
     if locked:
         return None, "the first CUDA-graph plan had no shared prefix (its launches are captured)"
     if host is None or num_tokens is None:

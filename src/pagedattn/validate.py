@@ -25,6 +25,7 @@ from .errors import (
     DeviceError,
     DTypeError,
     LayoutError,
+    ScaleError,
     ShapeError,
     UnsupportedConfigError,
 )
@@ -117,8 +118,8 @@ def check_query(
 ) -> None:
     """q: [num_tokens, num_q_heads, head_size] of the planned dtype on the planned device."""
     check_tensor("q", q, 3, device)
-    if q.dtype not in QUERY_DTYPES:
-        raise DTypeError(f"q must be one of {QUERY_DTYPES}, got {q.dtype}")
+    if q.dtype not in QUERY_DTYPES + (torch.float8_e4m3fn,):
+        raise DTypeError(f"q must be one of {QUERY_DTYPES + (torch.float8_e4m3fn,)}, got {q.dtype}")
     if dtype is not None and q.dtype != dtype:
         raise DTypeError(f"q is {q.dtype} but this attention was planned for {dtype}")
     if (q.shape[1], q.shape[2]) != (num_q_heads, head_size):
@@ -181,12 +182,43 @@ def check_new_kv(k_new, v_new, *, num_tokens: int, num_kv_heads: int, head_size:
             raise DTypeError(f"{name} must be fp16/bf16/fp32, got {t.dtype}")
 
 
-def check_out(out, q) -> None:
+def check_out(out, q, dtype: torch.dtype | None = None) -> None:
+    """out: q's shape, on q's device, in `dtype` (default q's dtype)."""
     check_tensor("out", out, 3, q.device)
     if out.shape != q.shape:
         raise ShapeError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-    if out.dtype != q.dtype:
-        raise DTypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
+    if dtype is None or dtype == q.dtype:
+        if out.dtype != q.dtype:
+            raise DTypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
+    elif out.dtype != dtype:
+        raise DTypeError(f"out must be {dtype} (the planned output dtype), got {out.dtype}")
+
+
+FP8_Q_DTYPE = torch.float8_e4m3fn  # fp8 queries and outputs are e4m3 (what fp8 tensor cores take)
+
+
+def check_fp8_dtypes(dtype, kv_cache_dtype, out_dtype) -> None:
+    """The query / cache / output dtypes of a planned attention, fp8 queries and outputs included."""
+    if dtype == torch.float8_e5m2:
+        raise DTypeError("dtype (of q): float8_e5m2 queries are not supported; fp8 queries are torch.float8_e4m3fn")
+    if dtype not in QUERY_DTYPES + (FP8_Q_DTYPE,):
+        raise DTypeError(f"dtype (of q) must be one of {QUERY_DTYPES + (FP8_Q_DTYPE,)}, got {dtype}")
+    if kv_cache_dtype is not None and kv_cache_dtype not in QUERY_DTYPES + FP8_DTYPES:
+        raise DTypeError(f"kv_cache_dtype: k_cache must be fp16/bf16/fp32 or an fp8 dtype, got {kv_cache_dtype}")
+    if out_dtype is not None and out_dtype not in QUERY_DTYPES + (FP8_Q_DTYPE,):
+        raise DTypeError(
+            f"out_dtype must be one of {QUERY_DTYPES + (FP8_Q_DTYPE,)} (fp8 outputs are e4m3), got {out_dtype}"
+        )
+    if dtype == FP8_Q_DTYPE or out_dtype == FP8_Q_DTYPE:
+        if torch.version.hip is not None:
+            raise UnsupportedConfigError(
+                "fp8 q / out (torch.float8_e4m3fn) is not supported on ROCm (its fp8 is e4m3fnuz)"
+            )
+    if dtype == FP8_Q_DTYPE and (kv_cache_dtype or dtype) == torch.float32:
+        raise UnsupportedConfigError(
+            "dtype=torch.float8_e4m3fn (fp8 q) over an fp32 cache (kv_cache_dtype=torch.float32) is not "
+            "supported: fp8 queries compute in fp8/fp16/bf16; use an fp16, bf16 or fp8 cache"
+        )
 
 
 def extent(t: torch.Tensor) -> tuple[int, int]:
@@ -378,3 +410,43 @@ def _check_block_table(block_table, reads: np.ndarray, block_size: int, num_bloc
         raise BatchMetadataError(
             f"block_table[{i}, {j}] = {int(rows[i, j])} is out of range for a cache of {num_blocks} blocks"
         )
+
+
+RUN_SCALE_NAMES = ("k_scale", "v_scale", "q_scale", "out_scale")
+
+
+def check_run_scales(given, defaults, used, *, device, num_kv_heads: int, read_values: bool) -> tuple:
+    """Per-call scales of `PagedAttention.run` (k, v, q, out; None = the plan's default): float32
+    tensors on the plan's device, [1] (or 0-dim), k/v also [num_kv_heads]. Values are read (finite,
+    > 0) only when `read_values` (checked mode, or on the CPU where it is free). Returns the scales
+    the kernels read: a given tensor where it is used, else the default."""
+    scales = list(defaults)
+    for i, t in enumerate(given):
+        if t is None:
+            continue
+        name = RUN_SCALE_NAMES[i]
+        if not isinstance(t, torch.Tensor):
+            raise ScaleError(
+                f"run(): {name} must be a float32 tensor on {device} (per-layer scales are read by "
+                f"pointer; floats go in AttentionOptions), got {type(t).__name__}"
+            )
+        if t.dtype != torch.float32:
+            raise DTypeError(f"run(): {name} must be float32, got {t.dtype}")
+        if t.device != device:
+            raise DeviceError(f"run(): {name} is on {t.device}, expected {device} (the kernels read it in place)")
+        heads = num_kv_heads if i < 2 else 1
+        if t.dim() > 1 or t.numel() not in (1, heads):
+            allowed = "[1]" if heads == 1 else f"[1] or [num_kv_heads] = [{heads}]"
+            raise ShapeError(f"run(): {name} must be {allowed}, got shape {tuple(t.shape)}")
+        if t.numel() > 1 and t.stride(0) != 1:
+            raise LayoutError(f"run(): {name} must be contiguous, got stride {t.stride()}")
+        if not used[i]:
+            continue
+        if read_values:
+            values = t.detach().double().cpu().flatten().tolist()
+            for j, value in enumerate(values):
+                if not math.isfinite(value) or value <= 0:
+                    at = f"[{j}]" if len(values) > 1 else ""
+                    raise ScaleError(f"run(): {name}{at} must be finite and > 0, got {value}")
+        scales[i] = t if t.dim() == 1 else t.reshape(1)
+    return tuple(scales)

@@ -128,26 +128,36 @@ def _cache_views(
     return k_cache, v_cache
 
 
-def _per_tensor_scale(name: str, scale):
-    """A per-tensor fp8 scale as our kernels take it: a float or a 1-element tensor. vLLM also
-    passes scales expanded to [num_seqs, num_kv_heads] (one value, stride 0) and its kernels read
-    element 0; a materialized multi-element scale is accepted only if it holds one value (this
-    check reads it: one device sync)."""
+def _per_tensor_scale(name: str, scale, num_kv_heads: int | None = None):
+    """An fp8 scale as our kernels take it: a float or a 1-element tensor, or (with `num_kv_heads`)
+    a [num_kv_heads] tensor, one per KV head. vLLM also passes scales expanded to [num_seqs,
+    num_kv_heads] (flash-attn's descale layout): one value (strides 0), or one per KV head (stride
+    0 over sequences: vLLM's per-head "attn_head" scales). A materialized multi-element scale is
+    accepted if it holds one value, or the same row for every sequence (this check reads it: one
+    device sync)."""
     if not isinstance(scale, torch.Tensor) or scale.numel() <= 1:
         return scale
+    if num_kv_heads is not None and num_kv_heads > 1:
+        if tuple(scale.shape) == (num_kv_heads,):
+            return scale
+        if scale.dim() == 2 and scale.shape[0] >= 1 and scale.shape[1] == num_kv_heads:
+            row = scale[0]
+            if scale.stride(0) == 0 or bool((scale == row).all()):  # the same row for every sequence
+                return row[0] if row.stride(0) == 0 else row
     first = scale[(0,) * scale.dim()]
     if any(st != 0 for st in scale.stride()) and not bool((scale == first).all()):
+        heads = "" if num_kv_heads is None else " or one per KV head, the same for every sequence"
         raise ScaleError(
-            f"{name} must hold one per-tensor scale; got a tensor of shape "
-            f"{tuple(scale.shape)} with different values (per-sequence/head scales are not supported)"
+            f"{name} must hold one per-tensor scale{heads}; got a tensor of shape "
+            f"{tuple(scale.shape)} with different values (per-sequence scales are not supported)"
         )
     return first
 
 
-def _scales(k_cache, k_scale, v_scale, k_name="k_scale", v_name="v_scale"):
+def _scales(k_cache, k_scale, v_scale, k_name="k_scale", v_name="v_scale", num_kv_heads=None):
     if k_cache.dtype not in FP8_DTYPES:
         return None, None  # vLLM passes scales for every cache dtype; only fp8 reads them
-    return _per_tensor_scale(k_name, k_scale), _per_tensor_scale(v_name, v_scale)
+    return _per_tensor_scale(k_name, k_scale, num_kv_heads), _per_tensor_scale(v_name, v_scale, num_kv_heads)
 
 
 def _int32(name: str, t) -> torch.Tensor:
@@ -261,7 +271,7 @@ def _context(
     _check_older_layout(fn, k_cache, v_cache)
     if alibi_slopes is not None and sinks is not None:
         raise UnsupportedConfigError(f"{fn}: sinks cannot be combined with alibi_slopes (as in vLLM)")
-    k_scale, v_scale = _scales(k_cache, k_scale, v_scale)
+    k_scale, v_scale = _scales(k_cache, k_scale, v_scale, num_kv_heads=k_cache.shape[1])
     query_start_loc = _int32(names["cu_seqlens_q"], query_start_loc)
     seq_lens = _int32(names["seq_lens"], seq_lens)
     block_table = _int32(names["block_table"], block_table)
@@ -488,10 +498,18 @@ def unified_attention(
     [num_blocks, block_size, num_kv_heads, head_size] (fp8 as torch fp8 dtypes, dequantized with
     k_descale / v_descale), and hold all seqused_k tokens of every sequence. Writes `out`, returns it.
 
+    fp8: `q` may be torch.float8_e4m3fn with `q_descale` (real q = q * q_descale; a float, a
+    1-element tensor, or flash-attn's [num_seqs, num_kv_heads] holding one value); `out` may be
+    torch.float8_e4m3fn with `output_scale` (out holds attention / output_scale saturated to +-448,
+    vLLM's meaning). k_descale / v_descale: one value, or one per KV head ([num_kv_heads], or
+    [num_seqs, num_kv_heads] with the same row for every sequence); ignored for caches that are
+    not fp8, as in vLLM. q_descale with a q that is not fp8 is refused.
+
     Accepted and ignored: vLLM's scratch-buffer keywords (seq_threshold_3D, num_par_softmax_segments,
-    softmax_segm_output/max/expsum). Refused with an UnsupportedConfigError: causal=False,
-    q_descale (fp8 queries), qq_bias, output_scale (fp8 output), window_size right > 0, and any
-    other keyword whose value is not None/False/"none" (mm_prefix_range, use_alibi_sqrt, ...)."""
+    softmax_segm_output/max/expsum, use_td). Refused with an UnsupportedConfigError: causal=False,
+    q_descale with a q that is not fp8, qq_bias, output_scale with an out that is not fp8,
+    window_size right > 0, and any other keyword
+    whose value is not None/False/"none" (mm_prefix_range, use_alibi_sqrt, ...)."""
     fn = "unified_attention"
     for name, value in scratch_kwargs.items():
         if name in _SCRATCH_KWARGS or value is None or value is False:
@@ -501,9 +519,25 @@ def unified_attention(
         raise UnsupportedConfigError(f"{fn}: keyword {name} is not supported, got {_short(value)}")
     if causal is not True:
         raise UnsupportedConfigError(f"{fn}: only causal attention is supported (causal=True), got causal={causal!r}")
-    _refuse("q_descale", q_descale, "queries must be fp16/bf16/fp32")
     _refuse("qq_bias", qq_bias, "no query-query bias")
-    _refuse("output_scale", output_scale, "pagedattn writes the output in q's dtype")
+    q_fp8 = isinstance(q, torch.Tensor) and q.dtype == torch.float8_e4m3fn
+    out_fp8 = isinstance(out, torch.Tensor) and out.dtype == torch.float8_e4m3fn
+    if q_fp8 and q_descale is None:
+        raise ScaleError(f"{fn}: q is {q.dtype}: q_descale is required (real q = q * q_descale)")
+    if not q_fp8 and q_descale is not None:  # vLLM's triton kernel asserts q_descale is None
+        raise UnsupportedConfigError(
+            f"{fn}: q_descale is for fp8 queries (torch.float8_e4m3fn), but q is "
+            f"{getattr(q, 'dtype', type(q).__name__)}; pass None, got {_short(q_descale)}"
+        )
+    if output_scale is not None and not out_fp8:
+        raise UnsupportedConfigError(
+            f"{fn}: output_scale needs an fp8 out (torch.float8_e4m3fn, holding attention / output_scale); "
+            f"got out of dtype {getattr(out, 'dtype', type(out).__name__)}"
+        )
+    if out_fp8 and output_scale is None:
+        raise ScaleError(f"{fn}: out is {out.dtype}: output_scale is required (out holds attention / output_scale)")
+    q_scale = _per_tensor_scale("q_descale", q_descale) if q_fp8 else None
+    out_scale = _per_tensor_scale("output_scale", output_scale) if out_fp8 else None
     for name, c in (("k", k), ("v", v)):
         if not isinstance(c, torch.Tensor):
             raise DTypeError(f"{fn}: {name} (the {name.upper()} cache) must be a torch.Tensor, got {type(c).__name__}")
@@ -517,11 +551,18 @@ def unified_attention(
                 f"{fn}: {name} is torch.uint8: view an fp8 cache as torch.float8_e4m3fn or "
                 f"torch.float8_e5m2 before the call (unified_attention has no kv_cache_dtype)"
             )
-    k_scale, v_scale = _scales(k, k_descale, v_descale, "k_descale", "v_descale")
+    k_scale, v_scale = _scales(k, k_descale, v_descale, "k_descale", "v_descale", num_kv_heads=k.shape[2])
     if softcap is not None and float(softcap) < 0:
         raise UnsupportedConfigError(f"{fn}: softcap must be 0 (off) or > 0, got {softcap!r}")
     names = dict(
-        k_cache="k", v_cache="v", seq_lens="seqused_k", k_scale="k_descale", v_scale="v_descale", scale="softmax_scale"
+        k_cache="k",
+        v_cache="v",
+        seq_lens="seqused_k",
+        k_scale="k_descale",
+        v_scale="v_descale",
+        q_scale="q_descale",
+        out_scale="output_scale",
+        scale="softmax_scale",
     )
     with _vllm_names(fn, names):
         return paged_attention(
@@ -540,6 +581,8 @@ def unified_attention(
             sinks=_float32("sinks", sinks),
             k_scale=k_scale,
             v_scale=v_scale,
+            q_scale=q_scale,
+            out_scale=out_scale,
             out=out,
             kv_layout="nhd",
             checked=checked,
@@ -574,7 +617,8 @@ def _check_write_args(fn, key, value, slot_mapping, kv_cache_dtype, key_cache, v
                     f"{fn}: {name} is required for kv_cache_dtype={kv_cache_dtype!r} "
                     f"(stored value = {name.split('_')[0]} / {name})"
                 )
-        k_scale, v_scale = _per_tensor_scale("k_scale", k_scale), _per_tensor_scale("v_scale", v_scale)
+        heads = key.shape[1]  # one scale, or one per KV head (vLLM's "attn_head" scales)
+        k_scale, v_scale = _per_tensor_scale("k_scale", k_scale, heads), _per_tensor_scale("v_scale", v_scale, heads)
     else:
         if key_cache.dtype != key.dtype:
             raise DTypeError(
@@ -591,7 +635,8 @@ def reshape_and_cache_flash(
 ):
     """vLLM's cache write for the flash layout: token i of key/value goes to slot slot_mapping[i]
     (block slot // block_size, position slot % block_size); slots < 0 are padding and skipped. fp8
-    caches (uint8 storage or fp8 dtype) store key / k_scale. Runs pagedattn's write kernel."""
+    caches (uint8 storage or fp8 dtype) store key / k_scale, k_scale one value or one per KV head
+    ([num_kv_heads]: vLLM's per-head "attn_head" scales). Runs pagedattn's write kernel."""
     fn = "reshape_and_cache_flash"
     if isinstance(key_cache, torch.Tensor) and key_cache.dim() != 4:
         raise LayoutError(
@@ -628,7 +673,7 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache
     blocks, offsets = slots // block_size, slots % block_size
     if kc.dtype in FP8_DTYPES:
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            check_scale(name, s, key.device)
+            check_scale(name, s, key.device, num_kv_heads=num_kv_heads)
         key = quantize_fp8(key, k_scale, kc.dtype).view(torch.uint8)
         value = quantize_fp8(value, v_scale, kc.dtype).view(torch.uint8)
         kc, vc = kc.view(torch.uint8), vc.view(torch.uint8)  # index_put on uint8: fp8 has no CPU kernel

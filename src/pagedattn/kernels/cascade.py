@@ -77,6 +77,8 @@ def _prefix_kernel(
     max_blocks,
     qk_scale,
     softcap,
+    k_scale_stride,
+    v_scale_stride,  # fp8 caches: 0 (one scale) or 1 (one per KV head)
     QPK: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -142,8 +144,8 @@ def _prefix_kernel(
     k_scale = 1.0
     v_scale = 1.0
     if KV_FP8 != 0:
-        k_scale = tl.load(k_scale_ptr)
-        v_scale = tl.load(v_scale_ptr)
+        k_scale = tl.load(k_scale_ptr + kv_head * k_scale_stride)
+        v_scale = tl.load(v_scale_ptr + kv_head * v_scale_stride)
     bt_row = block_table_ptr + src.to(tl.int64) * stride_bt
     k_dim_off = (dims // K_X) * stride_kx + (dims % K_X) * stride_kd
     v_dim_off = dims * stride_vd
@@ -297,7 +299,9 @@ def _cascade_merge_kernel(
 # ---------------------------------------------------------------------------------------------
 _PREFIX = FastKernel(_prefix_kernel)
 _MERGE = FastKernel(_cascade_merge_kernel)
-PREFIX_SLOTS = (0, 4, 10)  # q, k_cache, v_cache
+# the per-call tensors of the prefix launch: q, k_cache, v_cache (and k_scale, v_scale over fp8 caches)
+_PER_CALL = ("q_ptr", "k_cache_ptr", "v_cache_ptr", "k_scale_ptr", "v_scale_ptr")
+PREFIX_SLOTS = tuple(_prefix_kernel.arg_names.index(name) for name in _PER_CALL)
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 _retired_workspaces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # never freed
 
@@ -337,6 +341,7 @@ def bind_cascade(
     options,
     idx64: bool,
     device: torch.device,
+    scale_strides: tuple[int, int] = (0, 0),
 ):
     """The prefix launch, called with (q, out, k_cache, v_cache, ...) like the unified launches, and
     a `merge(suffix_part, acc, m, l)` for `unified.bind_attention(partials=...)`.
@@ -347,7 +352,9 @@ def bind_cascade(
              cache_dtype
     groups:  the int32 group tensor (`pack_size(num_groups, num_tokens)` entries)
     block_table: the full block table (the prefix is read from each group's row of it)
-    options: scale, softcap, alibi, k_scale, v_scale, plus the suffix's metadata under
+    scale_strides: element strides of k_scale / v_scale between KV heads (fp8 caches; the scales
+             are per-call tensors, the 7th and 8th a launch is called with)
+    options: scale, softcap, alibi, plus the suffix's metadata under
              "suffix" = (cu_seqlens_q, suffix seq_lens, shared tokens per sequence, max keys)
     """
     num_tokens, num_q_heads, num_kv_heads, head_size, page, k_x, num_blocks, q_dtype, cache_dtype = shapes
@@ -372,8 +379,8 @@ def bind_cascade(
         block_table,
         block_table.stride(0),
         block_table.stride(1),
-        options["k_scale"] if fp8 else placeholder,
-        options["v_scale"] if fp8 else placeholder,
+        None if fp8 else placeholder,  # k_scale, v_scale: per call over fp8 caches
+        None if fp8 else placeholder,
         alibi if alibi is not None else placeholder,
         pre_acc,
         pre_m,
@@ -385,6 +392,7 @@ def bind_cascade(
         block_table.shape[1],
         options["scale"] * 1.4426950408889634,
         float(options["softcap"] or 1.0),
+        *scale_strides,
     ]
     kwargs = dict(
         QPK=num_q_heads // num_kv_heads,
@@ -408,7 +416,8 @@ def bind_cascade(
         num_stages=stages,
     )
     tiles = num_tokens // block_q + num_groups
-    prefix = BoundLaunch(_PREFIX, (tiles, num_kv_heads, num_splits), args, PREFIX_SLOTS, kwargs, uses=(0, 2, 3))
+    slots, uses = (PREFIX_SLOTS, (0, 2, 3, 6, 7)) if fp8 else (PREFIX_SLOTS[:3], (0, 2, 3))
+    prefix = BoundLaunch(_PREFIX, (tiles, num_kv_heads, num_splits), args, slots, kwargs, uses=uses)
     cu_seqlens_q, suffix_seq_lens, shared, max_keys = options["suffix"]
     heads = min(triton.next_power_of_2(num_q_heads), max(1, 4096 // head_pad))  # a [heads, head_pad] tile
 

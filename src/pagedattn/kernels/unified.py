@@ -13,6 +13,11 @@ Keys are read in tiles of BLOCK_N tokens gathered across pages (BLOCK_N may span
 blocks). Under the context-cache contract the keys past ctx_len come from k_new/v_new instead.
 Softmax runs online in fp32, in the log2 domain (scale pre-multiplied by log2(e), exp2).
 
+fp8 (e4m3) tensors arrive as uint8 and are bitcast. fp8 queries (Q_FP8) are either the operands of
+an fp8 tensor-core q.k dot over an e4m3 cache (DOT_DTYPE float8e4nv, sm_89+) or upcast exactly;
+q_scale joins the softmax scale. k_scale / v_scale are one value or one per KV head (stride 0 or
+1). An fp8 output (OUT_FP8) stores out / out_scale, saturated and rounded as the write kernel does.
+
 Every tensor is addressed with its own strides (q, out, k_new, v_new, both caches), so strided
 views (fused QKV, K|V halves of one buffer, HND caches) are read in place.
 
@@ -34,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .launch import BoundLaunch, FastKernel, interpreter_enabled
+from .write import _fp32_to_fp8_bits
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 # fp32 inputs are the accuracy path: "ieee" dots on FMA units. They hold their operand tiles in
@@ -93,8 +99,10 @@ def _store_nan_rows(
     BLOCK_M: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
+    OUT_FP8: tl.constexpr,
 ):
-    """NaN into rows [tok_lo, tok_hi) (clipped to [0, num_tokens)) of this KV head's query heads."""
+    """NaN into rows [tok_lo, tok_hi) (clipped to [0, num_tokens)) of this KV head's query heads
+    (an fp8 output, stored as uint8, gets e4m3's NaN pattern 0x7F)."""
     rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_PAD)
     heads = kv_head * QPK + rows % QPK
@@ -105,13 +113,28 @@ def _store_nan_rows(
         tok = t0 + rows // QPK
         ok = (rows < BLOCK_Q * QPK) & (tok < hi)
         offs = tok.to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :] * stride_od
-        tl.store(out_ptr + offs, nan.to(out_ptr.dtype.element_ty), mask=ok[:, None] & (dims[None, :] < HEAD_SIZE))
+        tl.store(out_ptr + offs, _out_value(nan, 1.0, OUT_FP8, out_ptr), mask=ok[:, None] & (dims[None, :] < HEAD_SIZE))
+
+
+@triton.jit
+def _out_value(x, out_scale, OUT_FP8: tl.constexpr, out_ptr):
+    """fp32 results as the output stores them: the output's dtype, or for an fp8 (e4m3) output
+    x / out_scale saturated to +-448 and rounded to nearest even, as uint8 bits (NaN stays NaN;
+    the bit conversion is exact in the interpreter too, see kernels/write.py)."""
+    if OUT_FP8:
+        y = tl.math.div_rn(x, out_scale)
+        y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))
+        return _fp32_to_fp8_bits(y, 4, 3, 512.0)
+    else:
+        return x.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit
 def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """Convert a loaded K/V tile to the dot dtype (fp8 caches arrive as uint8 storage). fp8 goes
     through fp16, which Hopper converts to in hardware (cvt.f16x2.e4m3x2), then to OUT_DTYPE."""
+    if FP8 == 1 and OUT_DTYPE == tl.float8e4nv:
+        return x.to(tl.float8e4nv, bitcast=True)  # e4m3 operands of an fp8 tensor-core dot
     if FP8 == 1:
         if INTERPRET:
             # Triton's interpreter decodes e4m3fn's NaN (0x7F/0xFF) as 480; the GPU's cvt gives
@@ -181,7 +204,9 @@ def _softmax_pv(
     MASK: tl.constexpr,
 ):
     """One online-softmax step: scores s of a key tile (raw when FOLD, else in log2 units) and its
-    values v [BLOCK_N, HEAD_PAD] in PV_DTYPE (P is cast to it for the dot)."""
+    values v [BLOCK_N, HEAD_PAD] in PV_DTYPE (P is cast to it for the dot). An e4m3 P.V (fp8_pv)
+    quantizes 256 * P, so probabilities down to 2^-17 survive e4m3's subnormals; the caller
+    divides the accumulator by 256 (folded into v_scale)."""
     if FOLD:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0: the max scales with it
     else:
@@ -200,6 +225,8 @@ def _softmax_pv(
     acc = acc * alpha[:, None]
     if IEEE:
         acc += tl.dot(p.to(PV_DTYPE), v, input_precision=FP32_PRECISION)
+    elif PV_DTYPE == tl.float8e4nv:
+        acc += tl.dot((p * 256.0).to(PV_DTYPE), v)
     else:
         acc += tl.dot(p.to(PV_DTYPE), v)
     return acc, m_new, l_i
@@ -423,7 +450,9 @@ def _paged_attention_kernel(
     stride_bt,
     stride_bc,  # [num_seqs, max_blocks]
     k_scale_ptr,
-    v_scale_ptr,
+    v_scale_ptr,  # fp8 caches: [1] or [num_kv_heads] float32 (k_scale_stride / v_scale_stride 0 or 1)
+    q_scale_ptr,  # fp8 q: [1] float32, real q = q_fp8 * q_scale
+    out_scale_ptr,  # fp8 out: [1] float32, out_fp8 = out / out_scale
     alibi_ptr,
     sinks_ptr,
     part_acc_ptr,
@@ -439,6 +468,8 @@ def _paged_attention_kernel(
     partition_size,
     min_query_len,
     max_query_len,
+    k_scale_stride,
+    v_scale_stride,
     QPK: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -448,8 +479,11 @@ def _paged_attention_kernel(
     PAGE: tl.constexpr,
     K_X: tl.constexpr,
     KV_FP8: tl.constexpr,
+    Q_FP8: tl.constexpr,
+    OUT_FP8: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PV_DTYPE: tl.constexpr,
+    NEW_DTYPE: tl.constexpr,
     IEEE: tl.constexpr,
     CONTEXT: tl.constexpr,
     DECODE_FROM_CACHE: tl.constexpr,
@@ -509,6 +543,7 @@ def _paged_attention_kernel(
                     BLOCK_M,
                     HEAD_SIZE,
                     HEAD_PAD,
+                    OUT_FP8,
                 )
             else:
                 tok_lo = q_start + tile_in_seq * BLOCK_Q
@@ -527,6 +562,7 @@ def _paged_attention_kernel(
                     BLOCK_M,
                     HEAD_SIZE,
                     HEAD_PAD,
+                    OUT_FP8,
                 )
         return
     if (tile_in_seq * BLOCK_Q >= query_len) | (not in_launch):
@@ -548,7 +584,13 @@ def _paged_attention_kernel(
         + row_head[:, None] * stride_qh
         + dims[None, :] * stride_qd
     )
-    q = tl.load(q_ptr + q_offs, mask=io_mask, other=0.0).to(DOT_DTYPE)
+    q = tl.load(q_ptr + q_offs, mask=io_mask, other=0.0)
+    q_scale = 1.0
+    if Q_FP8:  # e4m3 bits (uint8): fp8 operands of the q.k dot, or upcast exactly to DOT_DTYPE
+        q_scale = tl.load(q_scale_ptr)
+        q = _load_kv_fp(q, 1, DOT_DTYPE, INTERPRET)
+    else:
+        q = q.to(DOT_DTYPE)
 
     # keys this tile needs: up to its last row's position; with a window, from its first row's
     first_pos = ctx_len + tile_in_seq * BLOCK_Q
@@ -585,9 +627,9 @@ def _paged_attention_kernel(
     k_scale = 1.0
     v_scale = 1.0
     if KV_FP8 != 0:
-        k_scale = tl.load(k_scale_ptr)
-        v_scale = tl.load(v_scale_ptr)
-    tile_scale = qk_scale * k_scale
+        k_scale = tl.load(k_scale_ptr + kv_head * k_scale_stride)
+        v_scale = tl.load(v_scale_ptr + kv_head * v_scale_stride)
+    tile_scale = qk_scale * q_scale * k_scale
 
     # ---- keys from the paged cache, in three ranges of key tiles: [tile_start, full_lo) and
     # [full_hi, cache_stop) need masks (window edge, causal diagonal, sequence end); every row sees
@@ -656,22 +698,27 @@ def _paged_attention_kernel(
         l_i = tl.full([BLOCK_M], float("nan"), dtype=tl.float32)
 
     if KV_FP8 != 0:
+        if PV_DTYPE == tl.float8e4nv:
+            v_scale = v_scale * (1.0 / 256.0)  # P was scaled by 256 for the e4m3 P.V dot
         acc = acc * v_scale
 
     # ---- keys of the query tokens themselves, passed separately (context-cache contract)
     if CONTEXT:
         new_start = tl.maximum(key_start, cache_end)
+        q_new = q
+        if Q_FP8:  # new keys come in the model's dtype: an exact upcast of q for their dots
+            q_new = q.to(tl.float32).to(NEW_DTYPE)
         for start in range(new_start, key_end, BLOCK_N):
             key_pos = start + tl.arange(0, BLOCK_N)
             key_ok = key_pos < key_end
             tok = (q_start + key_pos - ctx_len).to(tl.int64)
             new_mask = key_ok[:, None] & dim_valid[None, :]
             k_offs = tok[:, None] * stride_knt + kv_head * stride_knh + dims[None, :] * stride_knd
-            k = tl.load(k_new_ptr + k_offs, mask=new_mask, other=0.0).to(DOT_DTYPE)
+            k = tl.load(k_new_ptr + k_offs, mask=new_mask, other=0.0).to(NEW_DTYPE)
             v_offs = tok[:, None] * stride_vnt + kv_head * stride_vnh + dims[None, :] * stride_vnd
-            v = tl.load(v_new_ptr + v_offs, mask=new_mask, other=0.0).to(DOT_DTYPE)
+            v = tl.load(v_new_ptr + v_offs, mask=new_mask, other=0.0).to(NEW_DTYPE)
             s = _scores(
-                q,
+                q_new,
                 k,
                 key_pos,
                 row_pos,
@@ -679,7 +726,7 @@ def _paged_attention_kernel(
                 head_alibi,
                 key_start,
                 key_end,
-                qk_scale,
+                qk_scale * q_scale,
                 softcap,
                 sliding_window,
                 IEEE,
@@ -689,7 +736,7 @@ def _paged_attention_kernel(
                 True,
             )
             acc, m_i, l_i = _softmax_pv(
-                acc, m_i, l_i, s, v, qk_scale, DOT_DTYPE, IEEE, not (USE_SOFTCAP or USE_ALIBI), True
+                acc, m_i, l_i, s, v, qk_scale * q_scale, NEW_DTYPE, IEEE, not (USE_SOFTCAP or USE_ALIBI), True
             )
 
     out_rows = (q_start + row_tok).to(tl.int64)
@@ -698,7 +745,10 @@ def _paged_attention_kernel(
         # NaN (never test `l > 0`, which is false for NaN and would hide the unwritten read)
         out = tl.where(l_i[:, None] == 0, 0.0, acc / tl.where(l_i == 0, 1.0, l_i)[:, None])
         o_offs = out_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :] * stride_od
-        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+        out_scale = 1.0
+        if OUT_FP8:
+            out_scale = tl.load(out_scale_ptr)
+        tl.store(out_ptr + o_offs, _out_value(out, out_scale, OUT_FP8, out_ptr), mask=io_mask)
     else:
         # partial results: raw accumulator, running max (log2 units) and sum of exp2
         slot = (out_rows * (QPK * tl.num_programs(1)) + row_head) * NUM_SPLITS + split
@@ -713,6 +763,7 @@ def _merge_splits_kernel(
     stride_ot,
     stride_oh,
     stride_od,
+    out_scale_ptr,
     part_acc_ptr,
     part_m_ptr,
     part_l_ptr,
@@ -724,6 +775,7 @@ def _merge_splits_kernel(
     min_query_len,
     max_query_len,
     max_keys,
+    OUT_FP8: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -742,6 +794,9 @@ def _merge_splits_kernel(
     splits = tl.arange(0, SPLITS_PAD)
     split_ok = splits < NUM_SPLITS
     dims = tl.arange(0, HEAD_PAD)
+    out_scale = 1.0
+    if OUT_FP8:
+        out_scale = tl.load(out_scale_ptr)
     for i in range(0, query_len):
         token = q_start.to(tl.int64) + i
         base = (token * num_q_heads + head) * NUM_SPLITS
@@ -760,7 +815,7 @@ def _merge_splits_kernel(
         out = tl.where(denom == 0, 0.0, num / tl.where(denom == 0, 1.0, denom))  # NaN stays NaN
         tl.store(
             out_ptr + token * stride_ot + head * stride_oh + dims * stride_od,
-            out.to(out_ptr.dtype.element_ty),
+            _out_value(out, out_scale, OUT_FP8, out_ptr),
             mask=dims < HEAD_SIZE,
         )
 
@@ -772,8 +827,12 @@ _PAGED_ATTENTION = FastKernel(_paged_attention_kernel)
 _MERGE_SPLITS = FastKernel(_merge_splits_kernel)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 FP8_CODES = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
-# the per-layer tensors, in this order, fill these argument slots of the attention kernel
-ATTENTION_SLOTS = (0, 4, 8, 14, 19, 23)  # q, out, k_cache, v_cache, k_new, v_new
+# the per-layer tensors, in this order, fill these argument slots of the attention kernel:
+# q, out, k_cache, v_cache, k_new, v_new, k_scale, v_scale, q_scale, out_scale
+ATTENTION_SLOTS = (0, 4, 8, 14, 19, 23) + tuple(
+    _paged_attention_kernel.arg_names.index(name)
+    for name in ("k_scale_ptr", "v_scale_ptr", "q_scale_ptr", "out_scale_ptr")
+)
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 _retired_workspaces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # never freed
 
@@ -807,9 +866,33 @@ def head_pad_for(head_size: int) -> int:
     return max(16, triton.next_power_of_2(head_size))
 
 
-def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, device: torch.device, partials=None):
+def fp8_dot_available(device: torch.device) -> bool:
+    """Whether q.k can run on fp8 tensor cores (sm_89+; never in the interpreter)."""
+    if interpreter_enabled() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def bind_attention(
+    parts,
+    *,
+    strides,
+    shapes,
+    metadata,
+    options,
+    idx64: bool,
+    device: torch.device,
+    out_dtype: torch.dtype | None = None,
+    new_dtype: torch.dtype | None = None,
+    scale_strides: tuple[int, int] = (0, 0),
+    fp8_dot: bool | None = None,
+    fp8_pv: bool = False,
+    partials=None,
+):
     """The launches of one plan, as `BoundLaunch`es called with (q, out, k_cache, v_cache, k_new,
-    v_new) (k_new/v_new: any tensor when absent; their strides are unused then).
+    v_new, k_scale, v_scale, q_scale, out_scale) (k_new/v_new: any tensor when absent, their
+    strides are unused then; a scale a launch does not read: any tensor). fp8 tensors (q, out,
+    caches) are passed as uint8 views.
 
     parts:    the plan's launches (`dispatch.Launch`: tiles, warps, stages, splits, query-length range)
     strides:  q (t, h, d), out (t, h, d), k_cache (block, slot, head, dim-chunk, dim), v_cache
@@ -817,8 +900,13 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
     shapes:   num_tokens, num_q_heads, num_kv_heads, head_size, page, k_x, num_blocks, q_dtype,
               cache_dtype
     metadata: cu_seqlens_q, seq_lens, block_table (device tensors)
-    options:  scale, softcap, sliding_window, alibi, sinks, k_scale, v_scale (device tensors or
-              None), context, decode_from_cache
+    options:  scale, softcap, sliding_window, alibi, sinks (device tensors or None), context,
+              decode_from_cache
+    out_dtype: the output's dtype (default q_dtype); float8_e4m3fn stores out / out_scale
+    new_dtype: k_new / v_new's dtype (context contract with fp8 q; default q_dtype)
+    scale_strides: element strides of k_scale / v_scale between KV heads (0: one per-tensor value)
+    fp8_dot:  fp8 q over an e4m3 cache: q.k on fp8 tensor cores (default: where the GPU has them)
+    fp8_pv:   with the fp8 q.k dot, P.V on fp8 tensor cores too (P quantized to e4m3)
     partials: None, or a function (part, part_acc, part_m, part_l) -> BoundLaunch: every launch then
               writes split-KV partials (one split too) and that launch merges them instead of
               _merge_splits_kernel (cascade attention merges them with a shared prefix's)
@@ -829,15 +917,34 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
     head_pad = head_pad_for(head_size)
     num_seqs = seq_lens.shape[0]
     fp8 = FP8_CODES.get(cache_dtype, 0)
+    q_fp8 = q_dtype == torch.float8_e4m3fn
+    out_dtype = q_dtype if out_dtype is None else out_dtype
+    new_dtype = q_dtype if new_dtype is None else new_dtype
     interp = interpreter_enabled()
-    dot_dtype = tl.float32 if interp else _TL_DTYPES[q_dtype]
+    if fp8_dot is None:
+        fp8_dot = fp8_dot_available(device)
+    if interp:
+        dot_dtype = tl.float32
+    elif not q_fp8:
+        dot_dtype = _TL_DTYPES[q_dtype]
+    elif fp8 == 1 and fp8_dot and head_size > 16:
+        dot_dtype = tl.float8e4nv  # fp8 q . fp8 k on the tensor cores, fp32 accumulation
+    else:  # fp8 q upcast (exactly) to the cache's dtype, or to fp16 over an fp8 cache
+        dot_dtype = tl.float16 if fp8 else _TL_DTYPES[cache_dtype]
     # fp8 V converts to fp16 in hardware and is exact there (e4m3 and e5m2 both fit), and P in [0, 1]
     # keeps more bits in fp16 than in bf16: the P.V dot runs in fp16 with no fp16 -> bf16 step
-    pv_dtype = tl.float16 if fp8 and dot_dtype in (tl.float16, tl.bfloat16) else dot_dtype
-    placeholder = cu_seqlens_q  # for pointer arguments a launch never reads
-    k_scale = options["k_scale"] if fp8 else placeholder
-    v_scale = options["v_scale"] if fp8 else placeholder
+    pv_dtype = tl.float16 if fp8 and dot_dtype in (tl.float16, tl.bfloat16, tl.float8e4nv) else dot_dtype
+    if interp:
+        new_tl = tl.float32
+    else:
+        new_tl = _TL_DTYPES[new_dtype] if q_fp8 and new_dtype in _TL_DTYPES else dot_dtype
     alibi, sinks = options["alibi"], options["sinks"]
+    placeholder = cu_seqlens_q  # for pointer arguments a launch never reads
+    # the scales a launch reads are per-call tensors; the others are bound once (no per-call cost)
+    out_fp8 = out_dtype == torch.float8_e4m3fn
+    scale_read = (bool(fp8), bool(fp8), q_fp8, out_fp8)
+    slots = ATTENTION_SLOTS[:6] + tuple(slot for slot, read in zip(ATTENTION_SLOTS[6:], scale_read) if read)
+    uses = tuple(range(6)) + tuple(6 + i for i, read in enumerate(scale_read) if read)
     launches = []
     for part in parts:
         num_splits = part.num_splits
@@ -865,8 +972,10 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
             block_table,
             block_table.stride(0),
             block_table.stride(1),
-            k_scale,
-            v_scale,
+            None if scale_read[0] else placeholder,  # k_scale, v_scale, q_scale, out_scale: per call
+            None if scale_read[1] else placeholder,
+            None if scale_read[2] else placeholder,
+            None if scale_read[3] else placeholder,
             alibi if alibi is not None else placeholder,
             sinks if sinks is not None else placeholder,
             part_acc,
@@ -882,6 +991,8 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
             int(part.partition_size or 1),
             part.min_query_len,
             max_query_len,
+            int(scale_strides[0]),
+            int(scale_strides[1]),
         ]
         kwargs = dict(
             QPK=num_q_heads // num_kv_heads,
@@ -893,9 +1004,14 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
             PAGE=page,
             K_X=k_x,
             KV_FP8=fp8,
+            Q_FP8=q_fp8,
+            OUT_FP8=out_fp8,
             DOT_DTYPE=dot_dtype,
-            PV_DTYPE=pv_dtype,
-            IEEE=(q_dtype == torch.float32 and not interp),
+            # fp8_pv: FlashAttention-3's fp8 mode, P in e4m3 (scaled), V as stored; an fp8 dot
+            # needs K >= 32, here the key tile
+            PV_DTYPE=tl.float8e4nv if fp8_pv and dot_dtype == tl.float8e4nv and part.block_n >= 32 else pv_dtype,
+            NEW_DTYPE=new_tl,
+            IEEE=(dot_dtype == tl.float32 and not interp),
             CONTEXT=options["context"],
             DECODE_FROM_CACHE=bool(options["decode_from_cache"]),
             USE_SOFTCAP=bool(options["softcap"]),
@@ -910,13 +1026,14 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
             num_warps=part.num_warps,
             num_stages=part.num_stages,
         )
-        launches.append(BoundLaunch(_PAGED_ATTENTION, (tiles, num_kv_heads, num_splits), args, ATTENTION_SLOTS, kwargs))
+        launches.append(BoundLaunch(_PAGED_ATTENTION, (tiles, num_kv_heads, num_splits), args, slots, kwargs, uses))
         if partials is not None:
             launches.append(partials(part, part_acc, part_m, part_l))
         elif num_splits > 1:
             merge_args = [
                 None,
                 *so,
+                None if out_fp8 else placeholder,  # out_scale: per call
                 part_acc,
                 part_m,
                 part_l,
@@ -930,6 +1047,7 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
                 block_table.shape[1] * page,
             ]
             merge_kwargs = dict(
+                OUT_FP8=out_fp8,
                 HEAD_SIZE=head_size,
                 HEAD_PAD=head_pad,
                 NUM_SPLITS=num_splits,
@@ -938,6 +1056,13 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
                 num_warps=4,
             )
             launches.append(
-                BoundLaunch(_MERGE_SPLITS, (num_seqs, num_q_heads), merge_args, (0,), merge_kwargs, uses=(1,))
+                BoundLaunch(
+                    _MERGE_SPLITS,
+                    (num_seqs, num_q_heads),
+                    merge_args,
+                    (0, 4) if out_fp8 else (0,),
+                    merge_kwargs,
+                    uses=(1, 9) if out_fp8 else (1,),
+                )
             )
     return launches

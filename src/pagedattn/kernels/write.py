@@ -72,7 +72,7 @@ def _write_kv_kernel(
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size] (uint8 view if fp8)
     slot_mapping_ptr,  # [num_tokens] int64
     k_scale,
-    v_scale,  # fp32 scalars, or pointers to one fp32 each (SCALE_IS_TENSOR)
+    v_scale,  # fp32 scalars, or pointers to [1] or [num_kv_heads] fp32 (SCALE_IS_TENSOR)
     stride_k_token,
     stride_k_head,
     stride_v_token,
@@ -89,6 +89,8 @@ def _write_kv_kernel(
     HEAD_PAD: tl.constexpr,
     FP8: tl.constexpr,
     SCALE_IS_TENSOR: tl.constexpr,
+    K_SCALE_PER_HEAD: tl.constexpr,
+    V_SCALE_PER_HEAD: tl.constexpr,
     FP8_MAX: tl.constexpr,
     EXP_BITS: tl.constexpr,
     MAN_BITS: tl.constexpr,
@@ -113,8 +115,8 @@ def _write_kv_kernel(
     v = tl.load(v_ptr + token * stride_v_token + head * stride_v_head + dims, mask=mask)
     if FP8:
         if SCALE_IS_TENSOR:
-            ks = tl.load(k_scale)
-            vs = tl.load(v_scale)
+            ks = tl.load(k_scale + head * K_SCALE_PER_HEAD)  # per KV head, or one value
+            vs = tl.load(v_scale + head * V_SCALE_PER_HEAD)
         else:
             ks = k_scale
             vs = v_scale
@@ -156,7 +158,8 @@ def write_kv(
     """Write k[i], v[i] to slot slot_mapping[i] of k_cache, v_cache (in place); slot -1 is skipped.
 
     fp8 caches (float8_e4m3fn / float8_e5m2, or uint8 storage with `fp8_dtype=`) need `k_scale`
-    and `v_scale` (floats or one-element tensors) and hold x / scale saturated to +-finfo.max.
+    and `v_scale` (floats, one-element tensors, or [num_kv_heads] tensors: one scale per KV head)
+    and hold x / scale saturated to +-finfo.max.
     Runs the Triton kernel on CUDA or under TRITON_INTERPRET=1, plain PyTorch otherwise.
     Slot values are checked to be -1 or in [0, num_blocks * block_size) when `validate` is True, or
     when it is None and slot_mapping is on the CPU (free there) or `checked=True`; unvalidated, the
@@ -200,10 +203,13 @@ def _launch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8):
         scale_is_tensor = isinstance(k_scale, torch.Tensor) or isinstance(v_scale, torch.Tensor)
         if scale_is_tensor:
             k_scale, v_scale = (_scale_tensor(s, k.device) for s in (k_scale, v_scale))
+            per_head = (int(k_scale.numel() > 1), int(v_scale.numel() > 1))
         else:
             k_scale, v_scale = float(k_scale), float(v_scale)
     else:
         k_scale = v_scale = 1.0
+    if not scale_is_tensor:
+        per_head = (0, 0)
     head_pad = triton.next_power_of_2(head_size)
     # one program per (token, KV head); a row is at most 256 elements, so a warp or two suffices
     _WRITE_KV[(num_tokens, num_kv_heads)](
@@ -230,6 +236,8 @@ def _launch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8):
         HEAD_PAD=head_pad,
         FP8=fp8 is not None,
         SCALE_IS_TENSOR=scale_is_tensor,
+        K_SCALE_PER_HEAD=per_head[0],
+        V_SCALE_PER_HEAD=per_head[1],
         FP8_MAX=fp8_max,
         EXP_BITS=exp_bits,
         MAN_BITS=man_bits,
@@ -239,17 +247,21 @@ def _launch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8):
 
 
 def _scale_tensor(scale, device) -> torch.Tensor:
-    """A [1] float32 tensor on `device` (not 0-dim: torch treats a 0-dim CPU divisor as a scalar
-    and may multiply by its reciprocal instead of dividing)."""
+    """A [1] (or [num_kv_heads], per KV head) float32 tensor on `device` (not 0-dim: torch treats
+    a 0-dim CPU divisor as a scalar and may multiply by its reciprocal instead of dividing)."""
     if isinstance(scale, torch.Tensor):
-        return scale.detach().reshape(1).to(device=device, dtype=torch.float32)
+        return scale.detach().reshape(-1).to(device=device, dtype=torch.float32).contiguous()
     return torch.full((1,), float(scale), dtype=torch.float32, device=device)
 
 
 def quantize_fp8(x: torch.Tensor, scale, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """x / scale saturated to +-finfo(fp8_dtype).max, in fp8_dtype (NaN stays NaN)."""
+    """x / scale saturated to +-finfo(fp8_dtype).max, in fp8_dtype (NaN stays NaN). A scale of
+    several values is per KV head: x is [num_tokens, num_kv_heads, head_size]."""
     fp8_max = torch.finfo(fp8_dtype).max
-    return (x.float() / _scale_tensor(scale, x.device)).clamp(-fp8_max, fp8_max).to(fp8_dtype)
+    s = _scale_tensor(scale, x.device)
+    if s.numel() > 1:
+        s = s.reshape(1, -1, 1)
+    return (x.float() / s).clamp(-fp8_max, fp8_max).to(fp8_dtype)
 
 
 def _write_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8):
@@ -294,25 +306,40 @@ def resolve_fp8_dtype(cache_dtype: torch.dtype, fp8_dtype: torch.dtype | str | N
     return None
 
 
-def check_scale(name: str, scale, device: torch.device, *, checked: bool = False) -> None:
+def check_scale(
+    name: str,
+    scale,
+    device: torch.device,
+    *,
+    checked: bool = False,
+    num_kv_heads: int | None = None,
+    what: str = "an fp8 cache (the cache holds x / {name})",
+) -> None:
+    """A scale: a float or a one-element floating tensor (on `device` or the CPU), or with
+    `num_kv_heads` also a [num_kv_heads] tensor (one scale per KV head); every value finite and
+    > 0 (device values are read in checked mode only: reading them syncs)."""
     if scale is None:
-        raise ScaleError(f"{name} is required for an fp8 cache (the cache holds x / {name})")
+        raise ScaleError(f"{name} is required for " + what.format(name=name))
     if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1:
-            raise ScaleError(f"{name} must be one value (per-tensor scale), got shape {tuple(scale.shape)}")
+        if scale.numel() != 1 and (num_kv_heads is None or tuple(scale.shape) != (num_kv_heads,)):
+            heads = "" if num_kv_heads is None else f" or [num_kv_heads] = [{num_kv_heads}] (one per KV head)"
+            raise ScaleError(f"{name} must be one value (per-tensor scale){heads}, got shape {tuple(scale.shape)}")
         if not scale.dtype.is_floating_point:
             raise ScaleError(f"{name} must be a floating-point tensor, got {scale.dtype}")
         if scale.device != device and scale.device.type != "cpu":
             raise DeviceError(f"{name} is on {scale.device}, expected {device} or cpu")
         if scale.device.type != "cpu" and not checked:
             return  # reading a device scale would sync: its value is checked in checked mode only
-        scale = float(scale)
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        raise ScaleError(f"{name} must be a float or a one-element tensor, got {type(scale).__name__}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ScaleError(f"{name} must be finite and > 0, got {value}")
+        values = scale.detach().double().flatten().cpu().tolist()
+    else:
+        try:
+            values = [float(scale)]
+        except (TypeError, ValueError):
+            raise ScaleError(f"{name} must be a float or a one-element tensor, got {type(scale).__name__}") from None
+    for i, value in enumerate(values):
+        if not math.isfinite(value) or value <= 0:
+            at = f"[{i}]" if len(values) > 1 else ""
+            raise ScaleError(f"{name}{at} must be finite and > 0, got {value}")
 
 
 def check_write_inputs(
@@ -372,8 +399,8 @@ def check_write_inputs(
                 f"k is {k.dtype} but k_cache is {k_cache.dtype}: a non-fp8 cache takes K/V in its own dtype"
             )
     else:
-        check_scale("k_scale", k_scale, device, checked=checked)
-        check_scale("v_scale", v_scale, device, checked=checked)
+        check_scale("k_scale", k_scale, device, checked=checked, num_kv_heads=num_kv_heads)
+        check_scale("v_scale", v_scale, device, checked=checked, num_kv_heads=num_kv_heads)
     return fp8
 
 

@@ -47,12 +47,17 @@ def compile_call(fn, *args, **kwargs):
     return list(compiled)
 
 
-def compile_case(config, shape, contract: str = "full") -> list[dict]:
+def compile_case(
+    config, shape, contract: str = "full", q_dtype=None, out_dtype=None, fp8_dot: bool = True, fp8_pv: bool = False
+) -> list[dict]:
     """Compile what `PagedAttention.run` would launch on an H100 for this case (inputs built as the
-    kernel tests build them); one row per launch: registers, stack frame and shared memory."""
+    kernel tests build them); one row per launch: registers, stack frame and shared memory.
+    `q_dtype` / `out_dtype` torch.float8_e4m3fn: fp8 queries / output (q.k on fp8 tensor cores
+    over an e4m3 cache, as on an sm_89+ GPU, unless `fp8_dot=False`)."""
     import torch
 
     from .. import dispatch
+    from ..kernels import unified
     from ..options import AttentionOptions
     from ..planner import PagedAttention
     from ..testing import make_inputs
@@ -62,23 +67,38 @@ def compile_case(config, shape, contract: str = "full") -> list[dict]:
     context = contract != "full"
     plan = dispatch.plan_for(config, shape, device="cuda", context_contract=context)
     options = {k: v for k, v in x.options.items() if v is not None}
+    q = x.q
+    if q_dtype is not None and q_dtype != q.dtype:
+        q = (q.float() / 0.02).to(q_dtype)
+        options["q_scale"] = 0.02
+    if out_dtype == torch.float8_e4m3fn:
+        options["out_scale"] = 0.05
     attn = PagedAttention(
         AttentionOptions(scale=config.head_size**-0.5, **options),
         num_q_heads=config.num_q_heads,
         num_kv_heads=config.num_kv_heads,
         head_size=config.head_size,
         block_size=config.block_size,
-        dtype=x.q.dtype,
+        dtype=q.dtype,
         kv_cache_dtype=x.k_cache.dtype,
+        out_dtype=out_dtype,
         device=x.q.device,
         contract="context" if context else "full",
         decode_from_cache=contract == "context-decode",
+        fp8_pv=fp8_pv,
     )
     # the H100 plan, forced: on this CPU the planner's own dispatch would pick the reference
     attn.plan(x.cu_seqlens_q, x.seq_lens, x.block_table, validate=False, dispatch_plan=plan)
     extra = dict(k_new=x.k_new, v_new=x.v_new) if context else {}
+    out = torch.empty(q.shape, dtype=attn.out_dtype)
     rows = []
-    for name, grid, kernel in compile_call(attn.run, x.q, x.k_cache, x.v_cache, out=torch.empty_like(x.q), **extra):
+    original = unified.fp8_dot_available
+    unified.fp8_dot_available = lambda device: fp8_dot  # this CPU has no GPU to ask
+    try:
+        calls = compile_call(attn.run, q, x.k_cache, x.v_cache, out=out, **extra)
+    finally:
+        unified.fp8_dot_available = original
+    for name, grid, kernel in calls:
         regs, stack = _resource_usage(kernel.asm["cubin"])
         rows.append(
             dict(
@@ -89,6 +109,7 @@ def compile_case(config, shape, contract: str = "full") -> list[dict]:
                 shared=kernel.metadata.shared,
                 warps=kernel.metadata.num_warps,
                 params=plan.params(),
+                fp8_mma=kernel.asm["ptx"].count("e4m3.e4m3"),  # fp8 tensor-core instructions (wgmma / mma)
             )
         )
     return rows
