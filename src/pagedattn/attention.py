@@ -302,6 +302,7 @@ def _plan_and_run(
         checked=checked,
         backend=backend,
     )
+    attn._share_bindings = True  # a binding equal to an earlier call's is taken from the cache
     attn.plan(
         cu_seqlens_q,
         seq_lens,

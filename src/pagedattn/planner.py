@@ -52,6 +52,17 @@ from .validate import (
     nhd_views,
 )
 
+# Bindings shared by one-shot calls (`paged_attention` & co. build a PagedAttention per call):
+# keyed on everything a binding depends on (see PagedAttention._shared_key), the oldest dropped
+# past SHARED_BINDINGS_MAX. Each holds its metadata, option tensors and split-KV workspace.
+SHARED_BINDINGS_MAX = 16
+_SHARED_BINDINGS: dict[tuple, _Binding] = {}
+
+
+def clear_shared_bindings() -> None:
+    """Drop the one-shot calls' cached bindings (and the tensors and workspaces they hold)."""
+    _SHARED_BINDINGS.clear()
+
 
 def checked_default(checked: bool | None) -> bool:
     """`checked`, or the environment's PAGEDATTN_CHECKED=1 when it is None."""
@@ -88,7 +99,7 @@ class _Binding:
 
     def __init__(self, launches, spans, fp8, reference=None):
         self.launches = launches
-        self.spans = spans  # byte extents of (q, k_cache, v_cache, k_new, v_new) relative to their data_ptr
+        self.spans = spans  # byte extents of (q, k_cache, v_cache, k_new, v_new, out) from their data_ptr (0: none)
         self.fp8 = fp8
         self.reference = reference
 
@@ -127,6 +138,9 @@ class PagedAttention:
         only (max_query_len / max_seq_len as given, never the host lengths). Every later plan must
         have the first one's num_seqs, num_tokens and bounds.
     """
+
+    # one-shot calls set this: their bindings go to (and come from) the shared cache
+    _share_bindings = False
 
     def __init__(
         self,
@@ -416,6 +430,7 @@ class PagedAttention:
         b = self._batch
         if b is None:
             raise PagedAttentionError("run() before plan(): plan the step first")
+        # the layout key: everything a binding and the host checks depend on (no addresses)
         key = (
             q.shape,
             q.stride(),
@@ -423,11 +438,11 @@ class PagedAttention:
             q.device,
             k_cache.shape,
             k_cache.stride(),
+            k_cache.dtype,
+            k_cache.device,
             v_cache.shape,
             v_cache.stride(),
-            k_cache.dtype,
             v_cache.dtype,
-            k_cache.device,
             v_cache.device,
             None if out is None else (out.shape, out.stride(), out.dtype, out.device),
             None if k_new is None else (k_new.shape, k_new.stride(), k_new.dtype, k_new.device),
@@ -435,26 +450,89 @@ class PagedAttention:
         )
         binding = self._bindings.get(key)
         if binding is None:  # a new layout: full host checks (and the checked reads) first
-            binding = self._bind(q, k_cache, v_cache, out, k_new, v_new)
-            self._bindings[key] = binding
+            binding = self._bindings[key] = self._bind(q, k_cache, v_cache, out, k_new, v_new, key)
         elif self.checked:
             self._check_reads(k_cache, v_cache)
+        pq, pk, pv = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
+        pkn = pq if k_new is None else k_new.data_ptr()
+        pvn = pq if v_new is None else v_new.data_ptr()
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             if not b.validated:
                 out.fill_(float("nan"))  # rows no sequence covers (unvalidated offsets) stay NaN
-        else:
-            self._check_overlap(binding, out, q, k_cache, v_cache, k_new, v_new)
+            po = out.data_ptr()
+        else:  # out may not share memory with what the kernel reads (spans: from the binding)
+            po = out.data_ptr()
+            o1 = po + binding.spans[5]
+            sq, sk, sv, skn, svn, _ = binding.spans
+            if (
+                (po < pq + sq and pq < o1)
+                or (po < pk + sk and pk < o1)
+                or (po < pv + sv and pv < o1)
+                or (k_new is not None and po < pkn + skn and pkn < o1)
+                or (v_new is not None and po < pvn + svn and pvn < o1)
+            ):
+                check_no_overlap(out, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k_new": k_new, "v_new": v_new})
         if binding.reference is not None:
             return binding.reference(q, k_cache, v_cache, out, k_new, v_new)
-        if binding.fp8:
+        if binding.fp8:  # Triton's own path (first call per alignment) keys pointers on the dtype
             k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        ptrs = (pq, po, pk, pv, pkn, pvn)
         tensors = (q, out, k_cache, v_cache, q if k_new is None else k_new, q if v_new is None else v_new)
         for launch in binding.launches:
-            launch(tensors)
+            launch(ptrs, tensors)
         return out
 
-    def _bind(self, q, k_cache, v_cache, out, k_new, v_new) -> _Binding:
+    def _bind(self, q, k_cache, v_cache, out, k_new, v_new, key) -> _Binding:
+        """A binding for a new layout (`key`, from run): from the shared cache of one-shot
+        instances when an equal one is there, else full host checks and the launches bound."""
+        if not self._share_bindings:
+            return self._new_binding(q, k_cache, v_cache, out, k_new, v_new)
+        shared_key = self._shared_key(key, q.shape[0], k_cache)
+        if shared_key is None:
+            return self._new_binding(q, k_cache, v_cache, out, k_new, v_new)
+        binding = _SHARED_BINDINGS.get(shared_key)
+        if binding is not None:
+            if self.checked:
+                self._check_reads(k_cache, v_cache)
+            return binding
+        binding = self._new_binding(q, k_cache, v_cache, out, k_new, v_new)
+        if binding.reference is None:
+            while len(_SHARED_BINDINGS) >= SHARED_BINDINGS_MAX:  # the oldest first
+                del _SHARED_BINDINGS[next(iter(_SHARED_BINDINGS))]
+            _SHARED_BINDINGS[shared_key] = binding
+        return binding
+
+    def _shared_key(self, key, num_tokens: int, k_cache) -> tuple | None:
+        """What a binding depends on besides the layout: this object's configuration, the
+        addresses (and shapes, strides) of every tensor it binds, the launches with work, and the
+        stream (split-KV workspaces are per binding: two streams must not share one). Never the
+        metadata values: the kernels read those at launch. None: do not share (CUDA graph
+        capture, the reference backend)."""
+        b = self._batch
+        stream = 0
+        if self.device.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            stream = torch._C._cuda_getCurrentRawStream(self.device.index)
+        plan = self._dispatch(num_tokens)
+        if plan.kernel == "reference":
+            return None
+        parts = tuple(p for p in plan.launches if self.cuda_graph or self._has_work(p))
+        o = self._kernel_options
+        tensors = [b.cu_seqlens_q, b.seq_lens, b.block_table, o["alibi"], o["sinks"], o["k_scale"], o["v_scale"]]
+        return (
+            key,
+            stream,
+            parts,
+            tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.device) for t in tensors),
+            (self.num_q_heads, self.num_kv_heads, self.head_size, self.block_size),
+            (self.dtype, self.kv_cache_dtype, self.num_blocks, self.device, self.contract, self.decode_from_cache),
+            (self.cuda_graph, self.backend, self.options.kv_layout, b.num_tokens),
+            (o["scale"], o["softcap"], o["sliding_window"], o["context"], o["decode_from_cache"]),
+        )
+
+    def _new_binding(self, q, k_cache, v_cache, out, k_new, v_new) -> _Binding:
         """Full host checks of a new layout, then the launches with its strides bound."""
         b = self._batch
         check_query(
@@ -486,10 +564,10 @@ class PagedAttention:
         )
         if out is not None:
             check_out(out, q)
-        spans = tuple(None if t is None else extent(t)[1] - t.data_ptr() for t in (q, k_cache, v_cache, k_new, v_new))
+        # byte spans of (q, k_cache, v_cache, k_new, v_new, out) from their data_ptr, for run's overlap test
+        spans = tuple(0 if t is None else extent(t)[1] - t.data_ptr() for t in (q, k_cache, v_cache, k_new, v_new, out))
         if out is not None:
-            spans = spans + (extent(out)[1] - out.data_ptr(),)
-            self._check_overlap(_Binding(None, spans, False), out, q, k_cache, v_cache, k_new, v_new)
+            check_no_overlap(out, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k_new": k_new, "v_new": v_new})
         if self.checked:
             self._check_reads(k_cache, v_cache)
         num_blocks = self.num_blocks
@@ -536,18 +614,6 @@ class PagedAttention:
             device=self.device,
         )
         return _Binding(launches, spans, fp8)
-
-    @staticmethod
-    def _check_overlap(binding, out, q, k_cache, v_cache, k_new, v_new) -> None:
-        o0 = out.data_ptr()
-        o1 = o0 + binding.spans[-1] if len(binding.spans) == 6 else extent(out)[1]
-        for name, t, span in zip(
-            ("q", "k_cache", "v_cache", "k_new", "v_new"), (q, k_cache, v_cache, k_new, v_new), binding.spans
-        ):
-            if t is not None:
-                t0 = t.data_ptr()
-                if o0 < t0 + span and t0 < o1:
-                    check_no_overlap(out, {name: t})
 
     def _check_reads(self, k_cache, v_cache) -> None:
         from . import checks  # checked mode only

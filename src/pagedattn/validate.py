@@ -372,7 +372,10 @@ def _check_block_table(block_table, reads: np.ndarray, block_size: int, num_bloc
         return
     used = np.arange(width)[None, :] < needed[:, None]
     rows = table[: needed.shape[0]]
-    bad = used & ((rows < 0) | (rows >= num_blocks))
+    if rows.dtype == np.int32:  # one comparison: a negative id is >= num_blocks as uint32
+        bad = used & (rows.view(np.uint32) >= num_blocks)
+    else:
+        bad = used & ((rows < 0) | (rows >= num_blocks))
     if bad.any():
         i, j = (int(x) for x in np.argwhere(bad)[0])
         raise BatchMetadataError(
