@@ -139,8 +139,10 @@ class PagedAttention:
         have the first one's num_seqs, num_tokens and bounds.
     """
 
-    # one-shot calls set this: their bindings go to (and come from) the shared cache
+    # one-shot calls set these: their bindings go to (and come from) the shared cache; in checked
+    # mode, whether run() scans the cache (False: the caller proved the reads, `attention`)
     _share_bindings = False
+    _scan_reads = True
 
     def __init__(
         self,
@@ -451,7 +453,7 @@ class PagedAttention:
         binding = self._bindings.get(key)
         if binding is None:  # a new layout: full host checks (and the checked reads) first
             binding = self._bindings[key] = self._bind(q, k_cache, v_cache, out, k_new, v_new, key)
-        elif self.checked:
+        elif self.checked and self._scan_reads:
             self._check_reads(k_cache, v_cache)
         pq, pk, pv = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
         pkn = pq if k_new is None else k_new.data_ptr()
@@ -493,7 +495,7 @@ class PagedAttention:
             return self._new_binding(q, k_cache, v_cache, out, k_new, v_new)
         binding = _SHARED_BINDINGS.get(shared_key)
         if binding is not None:
-            if self.checked:
+            if self.checked and self._scan_reads:
                 self._check_reads(k_cache, v_cache)
             return binding
         binding = self._new_binding(q, k_cache, v_cache, out, k_new, v_new)
@@ -568,7 +570,7 @@ class PagedAttention:
         spans = tuple(0 if t is None else extent(t)[1] - t.data_ptr() for t in (q, k_cache, v_cache, k_new, v_new, out))
         if out is not None:
             check_no_overlap(out, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k_new": k_new, "v_new": v_new})
-        if self.checked:
+        if self.checked and self._scan_reads:
             self._check_reads(k_cache, v_cache)
         num_blocks = self.num_blocks
         if num_blocks is None:
