@@ -6,6 +6,8 @@
 #   bash scripts/gpu_validate.sh sanitize   # compute-sanitizer memcheck (all kernels) + racecheck (split-KV)
 #   bash scripts/gpu_validate.sh seed       # the seed scenario at full size: 8,192 NaN, checked mode
 #   bash scripts/gpu_validate.sh bench      # pagedattn bench: workloads, sweeps, peers, roofline
+#   bash scripts/gpu_validate.sh host       # the launch path's GPU tests, then pagedattn bench --host-only:
+#                                           # plan/run/one-shot/SDPA host time, the read ceiling (~3 min)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}
@@ -36,5 +38,16 @@ case "${1:-}" in
   bench)
     timeout "${TIMEOUT:-560}" python3 -m pagedattn bench --out "$OUT/bench" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
     echo "exit $?"; grep -E "^ceilings|rror" "$OUT/bench.log" | head -20; cat "$OUT/bench/results.md" ;;
-  *) echo "usage: $0 tests|bigmem|sanitize|seed|bench" >&2; exit 2 ;;
+  host)
+    # the launch path's own GPU tests (a tiny probe kernel), the host-time method, the ceiling kernel
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_launch.py \
+      tests/test_benchmarks.py -k "cuda or host_time or streaming or ceilings" > "$OUT/host-tests.log" 2>&1
+    echo "tests exit $?"; tail -2 "$OUT/host-tests.log"
+    # BENCHMARKS.md's planner table: each row also checks run() against the reference, the one-shot
+    # call and a CUDA-graph replay against run() (column check)
+    timeout "${TIMEOUT:-170}" python3 -m pagedattn bench --host-only --out "$OUT/host" \
+      --workloads "${HOST_WORKLOADS:-decode-b64-ctx4k,decode-b256-ctx1k,decode-b4-ctx32k,decode-mha-b32-ctx2k,prefill-b4-4k,mixed-chunk2k-plus-63dec}" \
+      ${BENCH_ARGS:-} > "$OUT/host.log" 2>&1
+    echo "bench exit $?"; grep -E "rror" "$OUT/host.log" | head -5; cat "$OUT/host/host.md" ;;
+  *) echo "usage: $0 tests|bigmem|sanitize|seed|bench|host" >&2; exit 2 ;;
 esac

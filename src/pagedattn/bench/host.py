@@ -13,7 +13,7 @@ GPU (the compiled launcher's own C cost, a few us per launch, is not in it).
 `measure_planner_host(inputs, device)` gives, for one workload's inputs: plan_us (with host
 copies of the lengths and block table), run_us (given `out`), run_alloc_us (`out` allocated by
 run), oneshot_us (`paged_attention`: plan + run per call), launches per run;
-`measure_sdpa_host` the peer's: torch SDPA on the same data made dense, one call per
+`sdpa_host_us` the peer's: torch SDPA on the same data made dense, one call per
 (query_len, ctx_len) group.
 """
 
@@ -31,7 +31,7 @@ from ..kernels import launch as launch_mod
 from ..options import AttentionOptions
 from ..planner import PagedAttention
 from ..testing import PagedInputs
-from .workloads import build_dense, dense_attention
+from .workloads import dense_attention
 
 SLEEP_CYCLES = 1 << 26  # ~34 ms of GPU time at 1.98 GHz: far longer than a round of calls
 CALLS = 20
@@ -197,11 +197,9 @@ def launches_of(attn: PagedAttention) -> int:
     return len(bindings[-1].launches) if bindings else 0
 
 
-def measure_sdpa_host(
-    inputs: PagedInputs, device, backend: str = "flash", *, calls: int = CALLS, rounds: int = ROUNDS
-) -> float:
-    """Host time of the dense peer on set 0: one SDPA call per (query_len, ctx_len) group."""
-    groups = build_dense(inputs, 0)
+def sdpa_host_us(groups, device, backend: str = "flash", *, calls: int = CALLS, rounds: int = ROUNDS) -> float:
+    """Host time of the dense peer: one SDPA call per group (`workloads.build_dense`'s groups of
+    equal (query_len, ctx_len), the same data as the paged batch)."""
 
     def peer():
         for g in groups:

@@ -310,13 +310,8 @@ class Bench:
                     entry["rel_err_vs_ours"] = max(rel_err(o, paged_rows(ours, cu, g)) for o, g in zip(first, dense[0]))
                 del first
                 if self.timer and self.on_cuda:  # the peer's host time: one call per group
-                    entry["host_us"] = statistics.median(
-                        host_time.queued_host_times_us(
-                            functools.partial(_dense_step, dense[0], backend),
-                            self.device,
-                            calls=self.host_calls,
-                            rounds=self.host_rounds,
-                        )
+                    entry["host_us"] = host_time.sdpa_host_us(
+                        dense[0], self.device, backend, calls=self.host_calls, rounds=self.host_rounds
                     )
                 if self.timer:
                     entry["ms"] = sum(
@@ -334,11 +329,6 @@ class Bench:
                 _free(self.device)
             result[backend] = entry
         return result
-
-
-def _dense_step(groups, backend: str) -> None:
-    for g in groups:
-        dense_attention(g, backend)
 
 
 def rank_sweeps(rows: list[dict]) -> None:
@@ -691,7 +681,8 @@ def run_host(
     of plan (host copies of the lengths and block table), run (given out), run with out
     allocated, the one-shot paged_attention and the flash SDPA peer (`bench/host.py`), the
     launches per run, run()'s kernel time (eager; CUDA-graph timing is `--cuda-graph` without
-    --host-only) with its % of the read ceiling, and run()'s output checked against the reference.
+    --host-only) with its % of the read ceiling; run()'s output (fast launch path) checked against
+    the reference, the one-shot call's and a CUDA-graph replay's against run()'s, bit for bit.
     Writes host.json and host.md under --out; prints the table last. Returns 1 when a check
     failed. `device`, `backend`, `timer`, `ceilings`, `calls` and `rounds` are for tests."""
     timer = timer or make_timer(quick=args.quick, cuda_graph=False)
@@ -711,17 +702,24 @@ def run_host(
             attn = host_time.planner_for(inputs, device, backend=backend)
             host_time.plan_call(attn, inputs)()
             run = functools.partial(attn.run, s.q, inputs.k_cache, inputs.v_cache, out=s.out)
-            run()
+            run()  # the first call of a binding goes through Triton's own launch path (and compiles)
+            s.out.fill_(float("nan"))
+            run()  # the second through the fast path: the one checked
             if checker.on_cuda:
                 torch.cuda.synchronize(device)
             row["all_written"] = bool(torch.isfinite(s.out).all())
             row["check"] = checker.check_output(inputs)
+            if checker.on_cuda:
+                row["graph_ok"] = _graph_replay_equal(attn, s, inputs)
             row["ms"] = timer(run)["ms"]
             row["pct_read_bw"] = 100 * w.kv_bytes / row["ms"] / 1e9 / results["ceilings"]["read_tbs"]
             row.update(host_time.measure_planner_host(inputs, device, backend=backend, calls=calls, rounds=rounds))
+            row["oneshot_equal"] = bool(torch.equal(host_time.oneshot_call(inputs, 0, backend)(), s.out))
             if args.peers:
                 try:
-                    row["sdpa_us"] = host_time.measure_sdpa_host(inputs, device, "flash", calls=calls, rounds=rounds)
+                    groups = build_dense(inputs, 0)
+                    row["sdpa_us"] = host_time.sdpa_host_us(groups, device, "flash", calls=calls, rounds=rounds)
+                    del groups
                 except Exception as e:
                     row["sdpa_error"] = _error(e)
         except Exception as e:
@@ -734,8 +732,27 @@ def run_host(
     text = host_table(results)
     console.print(f"wrote {args.out / 'host.json'} and host.md", markup=False)
     print(text)
-    ok = all(not r.get("error") and r.get("all_written") and r["check"].get("ok") for r in results["rows"])
-    return 0 if ok else 1
+    return 0 if all(not r.get("error") and _host_check(r) == "ok" for r in results["rows"]) else 1
+
+
+def _graph_replay_equal(attn, s, inputs) -> bool:
+    """run() captured in a CUDA graph (on the fast launch path) and replayed writes what an eager
+    run() wrote into s.out, bit for bit."""
+    out = torch.full_like(s.out, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        attn.run(s.q, inputs.k_cache, inputs.v_cache, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attn.run(s.q, inputs.k_cache, inputs.v_cache, out=out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    equal = bool(torch.equal(out, s.out))
+    del graph
+    return equal
 
 
 def write_host_results(results: dict, out_dir: Path) -> None:
@@ -780,7 +797,7 @@ def host_table(results: dict, *, markdown: bool = False) -> str:
                 str(r.get("launches", "—")),
                 _fmt(r.get("ms"), ".4f"),
                 _fmt(r.get("pct_read_bw"), ".1f"),
-                "ok" if r.get("all_written") and r.get("check", {}).get("ok") else "FAILED",
+                _host_check(r),
             ]
         )
     head = [
@@ -804,6 +821,21 @@ def host_table(results: dict, *, markdown: bool = False) -> str:
             verdict = "met" if r["run_us"] <= target else "NOT met"
             lines.append(f"{r['name']}: run {r['run_us']:.1f} us, {kind} target <= {target:.0f} us: {verdict}")
     return "\n".join(lines) + "\n"
+
+
+def _host_check(row: dict) -> str:
+    """ok: run() wrote every row and matches the reference, the one-shot call equals it, and
+    (on CUDA) a graph replay of run() equals it too."""
+    failed = [
+        what
+        for what, ok in (
+            ("reference", row.get("all_written") and row.get("check", {}).get("ok")),
+            ("one-shot", row.get("oneshot_equal", True)),
+            ("graph", row.get("graph_ok", True)),
+        )
+        if not ok
+    ]
+    return "ok" if not failed else "FAILED " + "/".join(failed)
 
 
 def _run_target_kind(row: dict) -> str | None:
