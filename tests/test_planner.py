@@ -122,6 +122,24 @@ def test_plan_time_errors_name_the_argument():
         )
 
 
+@pytest.mark.gpu
+def test_validate_true_checks_the_device_tensors_themselves():
+    """validate=True on a GPU reads the device metadata (one sync): host copies that disagree with
+    it are refused, and a bad value the host copies cannot show (cu_seqlens_q[0] != 0) is caught."""
+    cu, seq_lens, table = batch()
+    attn = planner(num_blocks=NB)
+    hosts = dict(query_lens_host=QUERY_LENS, seq_lens_host=SEQ_LENS, block_table_host=table.cpu())
+    attn.plan(cu, seq_lens, table, **hosts, validate=True)  # consistent: accepted
+    with pytest.raises(BatchMetadataError, match="query_lens_host disagrees with cu_seqlens_q"):
+        attn.plan(cu, seq_lens, table, **(hosts | dict(query_lens_host=[4, 2, 1])), validate=True)
+    with pytest.raises(BatchMetadataError, match="seq_lens_host disagrees with seq_lens"):
+        attn.plan(cu, seq_lens, table, **(hosts | dict(seq_lens_host=[21, 17, 4])), validate=True)
+    shifted = cu - 2  # differences unchanged: invisible to query_lens_host
+    with pytest.raises(BatchMetadataError, match="cu_seqlens_q"):
+        attn.plan(shifted, seq_lens, table, **hosts, validate=True)
+    attn.plan(shifted, seq_lens, table, **hosts)  # validate=None: the host copies are trusted, no sync
+
+
 def test_run_checks_what_it_is_handed():
     cu, seq_lens, table = batch()
     attn = planner()

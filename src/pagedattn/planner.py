@@ -64,6 +64,27 @@ def clear_shared_bindings() -> None:
     _SHARED_BINDINGS.clear()
 
 
+def _device_values(cu_seqlens_q, seq_lens, block_table, query_lens_host, seq_lens_host, block_table_host):
+    """Host copies of the device metadata (one sync), refusing host copies that disagree with them
+    (the kernels read the device tensors: a host copy that differs would validate the wrong values)."""
+    cu, seqs, table = cu_seqlens_q.cpu().numpy(), seq_lens.cpu().numpy(), block_table.cpu()
+    pairs = (
+        ("query_lens_host", query_lens_host, np.diff(cu.astype(np.int64)), "cu_seqlens_q's differences"),
+        ("seq_lens_host", seq_lens_host, seqs, "seq_lens"),
+        ("block_table_host", block_table_host, table.numpy(), "block_table"),
+    )
+    for name, given, device_value, what in pairs:
+        if given is None:
+            continue
+        given = np.asarray(given.cpu() if isinstance(given, torch.Tensor) else given)
+        if given.shape != device_value.shape or not np.array_equal(given, device_value):
+            raise BatchMetadataError(
+                f"{name} disagrees with {what} on the device (the values the kernels read): "
+                f"host {given.tolist()[:8]}, device {device_value.tolist()[:8]}"
+            )
+    return cu, seqs, table
+
+
 def checked_default(checked: bool | None) -> bool:
     """`checked`, or the environment's PAGEDATTN_CHECKED=1 when it is None."""
     if checked is None:
@@ -276,12 +297,15 @@ class PagedAttention:
             seq_lens_host = seq_lens.numpy() if seq_lens_host is None else seq_lens_host
             block_table_host = block_table if block_table_host is None else block_table_host
         have_host = (cu_host is not None or query_lens_host is not None) and seq_lens_host is not None
+        if not on_cpu and (validate is True or (validate is None and self.checked)):
+            # asked to check the values (validate=True, checked mode): check the device tensors
+            # themselves, one sync; host copies the caller gave must agree with them
+            cu_host, seq_lens_host, block_table_host = _device_values(
+                cu_seqlens_q, seq_lens, block_table, query_lens_host, seq_lens_host, block_table_host
+            )
+            query_lens_host, have_host, validate = None, True, True
         if validate is None:
-            validate = have_host or self.checked
-        if validate and not have_host:  # checked mode without host copies: one sync
-            cu_host, seq_lens_host = cu_seqlens_q.cpu().numpy(), seq_lens.cpu().numpy()
-            block_table_host = block_table.cpu() if block_table_host is None else block_table_host
-            have_host = True
+            validate = have_host
         query_lens = None
         if have_host:
             if query_lens_host is not None and len(query_lens_host) != num_seqs:
