@@ -54,7 +54,8 @@ from .validate import (
 
 # Bindings shared by one-shot calls (`paged_attention` & co. build a PagedAttention per call):
 # keyed on everything a binding depends on (see PagedAttention._shared_key), the oldest dropped
-# past SHARED_BINDINGS_MAX. Each holds its metadata, option tensors and split-KV workspace.
+# past SHARED_BINDINGS_MAX. Each holds its metadata and option tensors (the split-KV workspace is
+# the kernels' own, shared by every binding anyway).
 SHARED_BINDINGS_MAX = 16
 _SHARED_BINDINGS: dict[tuple, _Binding] = {}
 
@@ -531,16 +532,12 @@ class PagedAttention:
 
     def _shared_key(self, key, num_tokens: int, k_cache) -> tuple | None:
         """What a binding depends on besides the layout: this object's configuration, the
-        addresses (and shapes, strides) of every tensor it binds, the launches with work, and the
-        stream (split-KV workspaces are per binding: two streams must not share one). Never the
-        metadata values: the kernels read those at launch. None: do not share (CUDA graph
-        capture, the reference backend)."""
+        addresses (and shapes, strides) of every tensor it binds, and the launches with work.
+        Never the metadata values: the kernels read those at launch, and plan() validates them
+        per call. Every tensor whose address is in the key is held by the binding, so no other
+        tensor can take that address while the entry lives. None: do not share (the reference
+        backend's binding is this object's own method)."""
         b = self._batch
-        stream = 0
-        if self.device.type == "cuda":
-            if torch.cuda.is_current_stream_capturing():
-                return None
-            stream = torch._C._cuda_getCurrentRawStream(self.device.index)
         plan = self._dispatch(num_tokens)
         if plan.kernel == "reference":
             return None
@@ -549,12 +546,11 @@ class PagedAttention:
         tensors = [b.cu_seqlens_q, b.seq_lens, b.block_table, o["alibi"], o["sinks"], o["k_scale"], o["v_scale"]]
         return (
             key,
-            stream,
             parts,
             tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.device) for t in tensors),
             (self.num_q_heads, self.num_kv_heads, self.head_size, self.block_size),
             (self.dtype, self.kv_cache_dtype, self.num_blocks, self.device, self.contract, self.decode_from_cache),
-            (self.cuda_graph, self.backend, self.options.kv_layout, b.num_tokens),
+            (self.cuda_graph, self.backend, self.options.kv_layout, b.num_tokens, unified.interpreter_enabled()),
             (o["scale"], o["softcap"], o["sliding_window"], o["context"], o["decode_from_cache"]),
         )
 

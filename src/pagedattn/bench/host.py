@@ -3,8 +3,8 @@
 Method (GPU): each round enqueues a GPU sleep (`torch.cuda._sleep`) and then `calls` calls, and
 times the host loop alone; the sleep is longer than the loop, so no call waits for the GPU and the
 wall time is the host's (checks, planning, Triton's launcher). A round whose queue drained before
-the loop ended (the stream is idle right after it) measured the GPU too: it is reported as
-`drained` and the sleep is doubled for the next round. Results are medians over rounds.
+the loop ended (the stream is idle right after it) may have waited for the GPU: such rounds are
+counted (`drained`). Results are medians over rounds.
 
 Method (CPU, `stub_launches()`): the same calls with every kernel launch replaced by a no-op, so
 what remains is the Python around the launches. For the planner's host cost on a machine without a
@@ -48,10 +48,10 @@ def queued_host_times_us(
     fn()  # warm: a first launch may compile or load a module
     if cuda:
         torch.cuda.synchronize(device)
-    times, dry, cycles = [], 0, SLEEP_CYCLES
+    times, dry = [], 0
     for _ in range(rounds):
         if cuda:
-            torch.cuda._sleep(cycles)
+            torch.cuda._sleep(SLEEP_CYCLES)
         start = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -59,7 +59,6 @@ def queued_host_times_us(
         if cuda:
             if torch.cuda.current_stream(device).query():  # idle already: the GPU caught up
                 dry += 1
-                cycles *= 2
             torch.cuda.synchronize(device)
     if drained is not None:
         drained.append(dry)
