@@ -328,3 +328,20 @@ def test_host_only_table_with_a_fake_timer(tmp_path, capsys):
     assert "decode-b4-ctx32k: run" in out and "decode target <= 15 us" in out
     assert "mixed target <= 25 us" in out and "prefill-b4-4k: run" not in out
     assert "| workload | plan us | run us |" in (tmp_path / "host.md").read_text()
+
+
+def test_host_columns_and_run_targets_from_rows():
+    """The full bench's host cells (the flash peer's host time from its entry) and --host-only's
+    verdicts against issue 13's run() targets: decode <= 15 us, mixed <= 25 us, prefill none."""
+    row = dict(plan_us=41.25, run_us=9.96, oneshot_us=80.0, peers={"flash": {"host_us": 23.4}})
+    assert runner.host_cells(row) == ["41.2", "10.0", "80.0", "23.4"]
+    assert runner.host_cells(dict(host_us=120.0)) == ["—", "—", "120.0", "—"]  # a sweep row: one-shot only
+    rows = [
+        dict(name="d", query_kinds=["decode"], run_us=15.2, all_written=True, check={"ok": True}),
+        dict(name="m", query_kinds=["decode", "prefill"], run_us=24.0, all_written=True, check={"ok": True}),
+        dict(name="p", query_kinds=["prefill"], run_us=30.0, all_written=True, check={"ok": True}, graph_ok=False),
+    ]
+    text = runner.host_table(dict(meta=dict(device="x"), ceilings=CEILINGS, rows=rows))
+    assert "d: run 15.2 us, decode target <= 15 us: NOT met" in text
+    assert "m: run 24.0 us, mixed target <= 25 us: met" in text
+    assert "p: run" not in text and "FAILED graph" in text
