@@ -190,6 +190,9 @@ def test_compiled_calls_the_c_launcher_as_tritons_own_wrapper_does(monkeypatch):
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
     launch.Compiled(Kernel, ("C",), 0)(1, 2, 3, [10, 11])
     assert calls == [(1, 2, 3, 7, "fn", False, False, None, None, "meta", None, None, None, 10, 11, "C")]
+    fn, template, first = launch.Compiled(Kernel, ("C",), 0).template((1, 2, 3), [10, 11])
+    fn(*[7 if i == 3 else a for i, a in enumerate(template)])  # what BoundLaunch calls: the same list
+    assert calls[-1] == calls[0] and template[first] == 10 and template[3] is None
     Kernel.run.global_scratch_size = 64  # scratch to allocate: through the wrapper (which raises here)
     with pytest.raises(AssertionError, match="wrapper"):
         launch.Compiled(Kernel, (), 0)._fn(0, 0, 0, 0, None)

@@ -131,6 +131,11 @@ class Compiled:
     def __call__(self, g0: int, g1: int, g2: int, args) -> None:
         self._fn(g0, g1, g2, torch._C._cuda_getCurrentRawStream(self.device), *self._head, *args, *self.constexprs)
 
+    def template(self, grid: tuple[int, int, int], args: list) -> tuple:
+        """(launcher, its whole argument list with the stream at index 3 still None, index of
+        args[0] in it): what `BoundLaunch` fills per call (the stream, its slots) and calls."""
+        return self._fn, [*grid, None, *self._head, *args, *self.constexprs], 4 + len(self._head)
+
 
 def _is_plain_cuda_launcher(launcher) -> bool:
     """Triton 3.6's CudaLauncher, whose `__call__(gridX, gridY, gridZ, stream, function, *args)`
@@ -179,28 +184,32 @@ class BoundLaunch:
         self.slots = slots
         self.uses = tuple(range(len(slots))) if uses is None else uses
         self.kwargs = kwargs
-        self._compiled: dict[int, Compiled] = {}
+        # alignment pattern -> (launcher, argument list template, (position, ptrs index) pairs, device)
+        self._compiled: dict[int, tuple] = {}
         self._ints = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self.args]
         self._pairs = tuple(zip(self.slots, self.uses))
 
     def __call__(self, ptrs, tensors) -> None:
         """`ptrs[i]` is `tensors[i].data_ptr()`."""
-        ints = self._ints.copy()
         aligned = 0
-        for slot, i in self._pairs:
-            p = ptrs[i]
-            ints[slot] = p
-            aligned = (aligned << 1) | ((p & 15) == 0)
+        for _, i in self._pairs:
+            aligned = (aligned << 1) | ((ptrs[i] & 15) == 0)
         entry = self._compiled.get(aligned)
         if entry is None:
             args = self.args.copy()
             for slot, i in self._pairs:
                 args[slot] = tensors[i]
-            entry = self.kernel.launch(self.grid, args, self.kwargs)
-            if entry is not None:
-                self._compiled[aligned] = entry
+            compiled = self.kernel.launch(self.grid, args, self.kwargs)
+            if compiled is not None:
+                fn, template, first = compiled.template(self.grid, self._ints)
+                self._compiled[aligned] = (fn, template, tuple((first + s, i) for s, i in self._pairs), compiled.device)
             return
-        entry(*self.grid, ints)
+        fn, template, positions, device = entry
+        call = template.copy()
+        call[3] = torch._C._cuda_getCurrentRawStream(device)
+        for at, i in positions:
+            call[at] = ptrs[i]
+        fn(*call)
 
 
 def _hooks_set(fn) -> bool:
