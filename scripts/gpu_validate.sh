@@ -41,7 +41,7 @@ case "${1:-}" in
   host)
     # the launch path's own GPU tests (a tiny probe kernel), the host-time method, the ceiling kernel
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_launch.py \
-      tests/test_benchmarks.py -k "cuda or host_time or streaming or ceilings" > "$OUT/host-tests.log" 2>&1
+      tests/test_benchmarks.py -k "cuda or launcher or host_time or streaming or ceilings" > "$OUT/host-tests.log" 2>&1
     echo "tests exit $?"; tail -2 "$OUT/host-tests.log"
     # BENCHMARKS.md's planner table: each row also checks run() against the reference, the one-shot
     # call and a CUDA-graph replay against run() (column check)
