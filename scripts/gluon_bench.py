@@ -50,14 +50,16 @@ CHECKS = [
 ]
 
 
-def check_grid(results: list) -> None:
+def check_grid(results: list, **kw) -> None:
     for i, (hq, hkv, d, bs, dt, ql, cl) in enumerate(CHECKS):
-        label = f"check{i} hq{hq} hkv{hkv} d{d} bs{bs} {str(dt)[6:]} q{ql} ctx{cl}"
+        label = f"check{i} hq{hq} hkv{hkv} d{d} bs{bs} {str(dt)[6:]} q{ql} ctx{cl}" + "".join(f" {k}" for k in kw)
         try:
             config = AttentionConfig(hq, hkv, d, bs, dt)
             x = make_inputs(config, BatchShape(ql, cl), device="cuda", seed=1000 + i)
             out = poisoned_like(x.q)
-            gluon_prefill(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, scale=d**-0.5, out=out)
+            gluon_prefill(
+                x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, scale=d**-0.5, out=out, **kw
+            )
             torch.cuda.synchronize()
             ref = reference.attention(
                 x.q,
@@ -202,6 +204,7 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--variants", default="128,3 64,4", help="extra (BLOCK_N,RING) tiles to time")
+    ap.add_argument("--no-ws", action="store_true", help="skip the warp-specialized variant")
     ap.add_argument("--quick", action="store_true", help="the two workloads only (no check grid)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
@@ -234,7 +237,64 @@ def main() -> int:
         for k in r:
             if k.startswith("gluon_n") and k.endswith("_ms"):
                 print(f"|   variant {k[6:-3]} | | {cell(k[:-3])} | | | |")
+    if not args.no_ws:
+        # the warp-specialized variant last: it has not run on a GPU before, so a hang here leaves
+        # everything above printed and saved
+        print("\nwarp-specialized variant (producer warps + mbarriers):", flush=True)
+        ws_checks: list = []
+        check_grid(ws_checks, warp_specialized=True)
+        results["ws_checks"] = ws_checks
+        for name in WORKLOADS:
+            try:
+                workload_ws(name, results)
+            except Exception as e:  # noqa: BLE001
+                results[name]["ws_error"] = f"{type(e).__name__}: {e}"[:2000]
+                traceback.print_exc()
+        with open(f"{args.out}/gluon_bench.json", "w") as f:
+            json.dump(results, f, indent=1)
+        ws_failed = [c["case"] for c in ws_checks if not c["ok"]]
+        failed += ws_failed
+        print(f"ws checks: {len(ws_checks) - len(ws_failed)} passed, {len(ws_failed)} failed {ws_failed}")
+        for name in WORKLOADS:
+            r = results[name]
+            for key, label in (("gluon_ws_ms", "ws"), ("gluon_ws_r3_ms", "ws 128x3")):
+                ms = r.get(key)
+                print(
+                    f"| {name} {label} | {r.get('ws_check', r.get('ws_error', '-'))[:40]} | "
+                    + (f"{ms:.4f} ({r['flops'] / (ms * 1e-3) / 1e12:.0f})" if ms else "n/a")
+                    + " | | | |"
+                )
     return 1 if failed else 0
+
+
+def workload_ws(name: str, results: dict) -> None:
+    """The warp-specialized kernel on a workload: checked against the plain Gluon kernel's output
+    (itself checked against the reference above) at the dtype's tolerance, then timed."""
+    query_lens, ctx_lens, flops = WORKLOADS[name]
+    data = paged_inputs(query_lens, ctx_lens)
+    q = data[0]
+    scale = q.shape[2] ** -0.5
+    ref = gluon_prefill(*data, scale=scale)
+    out = torch.full_like(q, float("nan"))
+    gluon_prefill(*data, scale=scale, out=out, warp_specialized=True)
+    torch.cuda.synchronize()
+    row = results[name]
+    row["ws_unwritten"] = int(torch.isnan(out).sum())
+    try:
+        assert_close_to_reference(out, ref.float(), q.dtype, name + " ws")
+        row["ws_check"] = f"ok vs plain (max abs {float((out.float() - ref.float()).abs().max()):.3g})"
+    except AssertionError as e:
+        row["ws_check"] = f"FAIL: {e}"[:500]
+    row["gluon_ws_ms"] = bench(lambda: gluon_prefill(*data, scale=scale, out=out, warp_specialized=True))
+    # 3-slot rings: the V slots are released one iteration after their P.V, so more lead helps here
+    out3 = torch.full_like(q, float("nan"))
+    gluon_prefill(*data, scale=scale, out=out3, warp_specialized=True, tiles=(128, 3))
+    torch.cuda.synchronize()
+    row["ws_r3_vs_ws_max_abs"] = float((out3.float() - out.float()).abs().max())
+    row["gluon_ws_r3_ms"] = bench(
+        lambda: gluon_prefill(*data, scale=scale, out=out3, warp_specialized=True, tiles=(128, 3))
+    )
+    print(name, row["ws_check"], row["gluon_ws_ms"], row["gluon_ws_r3_ms"], flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ LAYERS = [
     ("kernels", ["kernels"]),
     ("validation", ["validate", "options"]),
     ("data", ["batch", "checks", "cache", "reference"]),
-    ("planning", ["dispatch", "planner", "platforms"]),
+    ("planning", ["dispatch", "planner", "platforms", "shared_prefix"]),
     ("entry points", ["attention", "ops", "compat"]),
     ("diagnosis", ["forensics", "diagnosis"]),
     ("harness", ["testing", "verify", "scenarios", "catalogue", "catalogue_run"]),

@@ -91,3 +91,38 @@ def test_alibi_context_prefill_avoids_the_ptxas_crash():
         dispatch.plan_for(config.replace(use_alibi=False), shape, device="cuda", context_contract=True).num_stages == 3
     )
     assert dispatch.plan_for(config, shape, device="cuda").num_stages == 3
+
+
+# Shared-prefix (cascade) launches: the prefix kernel, the suffix's partial-writing unified launch(es)
+# and the merge, for the benchmark's batch (256 x 32k shared + 512) and for option-heavy variants.
+CASCADE_CASES = [
+    (AttentionConfig(32, 8, 128, 16, torch.bfloat16), 256, 32768, 512, 1),
+    (AttentionConfig(8, 2, 256, 16, torch.bfloat16, use_alibi=True, softcap=5.0, use_sinks=True), 16, 4096, 700, 1),
+    (AttentionConfig(16, 4, 128, 16, torch.float16, kv_dtype="fp8_e4m3"), 32, 2048, 300, 40),
+    (AttentionConfig(8, 8, 80, 16, torch.float32), 8, 1024, 100, 1),
+]
+
+
+def test_cascade_launches_fit_sm90():
+    import json
+    import subprocess
+
+    code = (
+        "import json, pickle, sys\n"
+        "from pagedattn.tools import sm90\n"
+        "print(json.dumps([sm90.compile_cascade_case(*c) for c in pickle.loads(sys.stdin.buffer.read())]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(CASCADE_CASES), env=env, capture_output=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    calls = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    for (config, *_), rows in zip(CASCADE_CASES, calls):
+        names = [r["kernel"] for r in rows]
+        assert names[0] == "_prefix_kernel" and "_cascade_merge_kernel" in names, f"{config.label()}: {names}"
+        for r in rows:
+            where = f"{config.label()} {r['kernel']}"
+            assert r["shared"] <= compile_check.SHARED_PER_BLOCK, f"{where}: shared {r['shared']}"
+            assert r["regs"] * 32 * r["warps"] <= compile_check.REGISTERS_PER_SM, f"{where}: {r['regs']} regs"
+            assert r["stack"] <= 1024, f"{where}: {r['stack']} B of stack per thread (spilled registers)"

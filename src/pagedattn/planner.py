@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 from . import dispatch, reference
+from . import shared_prefix as sharing
 from .config import FP8_DTYPES, QUERY_DTYPES
 from .errors import BatchMetadataError, DTypeError, PagedAttentionError, ShapeError, UnsupportedConfigError
+from .kernels import cascade as cascade_kernels
 from .kernels import unified
 from .options import AttentionOptions
 from .validate import (
@@ -158,9 +160,22 @@ class PagedAttention:
         Capturable runs that stay valid across plans: plan() copies the metadata into buffers this
         object owns (allocated by the first plan), and the launches depend on shapes and bounds
         only (max_query_len / max_seq_len as given, never the host lengths). Every later plan must
-        have the first one's num_seqs, num_tokens and bounds.
+        have the first one's num_seqs, num_tokens and bounds. Shared-prefix (cascade) attention is
+        on for every later plan when the first one used it (a step with no sharing runs its
+        launches with no group), off for all of them when it did not.
+
+    Shared-prefix (cascade) attention: when sequences share leading block-table entries (detected
+    on the host copies, or told through plan's `shared_prefix`), the shared keys are read once for
+    all their queries and merged with each sequence's own keys through the log-sum-exp
+    (`pagedattn.shared_prefix`, `kernels/cascade.py`). The thresholds of detection are the
+    attributes `cascade_min_prefix` (tokens) and `cascade_min_saved_keys`.
     """
 
+    cascade_min_prefix = sharing.MIN_PREFIX_TOKENS
+    cascade_min_saved_keys = sharing.MIN_SAVED_KEYS
+    cascade_prefix_splits: int | None = None  # None: chosen to fill the GPU
+    _cascade: sharing.Cascade | None = None
+    _cascade_why = "not planned"
     # one-shot calls set these: their bindings go to (and come from) the shared cache; in checked
     # mode, whether run() scans the cache (False: the caller proved the reads, `attention`)
     _share_bindings = False
@@ -258,6 +273,7 @@ class PagedAttention:
         num_tokens: int | None = None,
         validate: bool | None = None,
         dispatch_plan: dispatch.Plan | None = None,
+        shared_prefix: Sequence[tuple[Sequence[int], int]] | bool | None = None,
     ) -> PagedAttention:
         """Plan a step from its metadata.
 
@@ -280,6 +296,12 @@ class PagedAttention:
         validate : bool, optional
             Check metadata values (default: whenever host copies exist, or in checked mode).
             False trusts them: a GPU call then never syncs, and inconsistent sequences give NaN rows.
+        shared_prefix : list of (member sequence indices, shared tokens), False or None
+            Shared-prefix attention. None: detected on the host copies (needs `block_table_host`, or
+            CPU metadata, and host lengths). A list: these groups share the first `tokens` tokens
+            (rounded down to whole blocks of the same block ids, below each member's first query
+            token): needs host lengths, which it is checked against, and is checked against
+            `block_table_host` when given (otherwise the first member's row is read). False: never.
 
         Returns self. Raises BatchMetadataError (or ShapeError/DTypeError/DeviceError) naming the
         argument."""
@@ -342,6 +364,7 @@ class PagedAttention:
                 max_seq_len = int(seqs.max()) if max_seq_len is None else max_seq_len
         if max_seq_len is None:
             max_seq_len = block_table.shape[1] * self.block_size
+        first_graph_plan = self._graph_buffers is None
         if self.cuda_graph:
             cu_seqlens_q, seq_lens, block_table = self._into_graph_buffers(
                 cu_seqlens_q, seq_lens, block_table, (num_tokens, max_query_len, max_seq_len)
@@ -361,6 +384,18 @@ class PagedAttention:
             None if (self.cuda_graph or not have_host) else seqs,
         )
         self._forced = dispatch_plan
+        self._cascade, self._cascade_why = sharing.plan(
+            self,
+            shared_prefix,
+            cu_seqlens_q=cu_seqlens_q,
+            seq_lens=seq_lens,
+            block_table=block_table,
+            host=(cu_host, query_lens, seqs, block_table_host) if have_host else None,
+            num_tokens=num_tokens,
+            max_seq_len=max_seq_len,
+            previous=self._cascade if self.cuda_graph else None,
+            locked=self.cuda_graph and not first_graph_plan and self._cascade is None,
+        )
         return self
 
     def _into_graph_buffers(self, cu_seqlens_q, seq_lens, block_table, bounds):
@@ -398,7 +433,7 @@ class PagedAttention:
                 num_seqs=b.seq_lens.shape[0],
                 num_tokens=num_tokens,
                 max_query_len=num_tokens if b.max_query_len is None else b.max_query_len,
-                max_seq_len=b.max_seq_len,
+                max_seq_len=b.max_seq_len if self._cascade is None else self._cascade.max_seq_len,
                 num_q_heads=self.num_q_heads,
                 num_kv_heads=self.num_kv_heads,
                 head_size=self.head_size,
@@ -420,7 +455,12 @@ class PagedAttention:
             raise PagedAttentionError("explain() before plan()")
         p = self._dispatch(num_tokens or self._batch.num_tokens or 1)
         launches = [part for part in p.launches if self._has_work(part)] if p.kernel != "reference" else []
-        return f"{p.kernel} [{p.params()}] ({len(launches)} launch(es) with work): {p.rule}"
+        text = f"{p.kernel} [{p.params()}] ({len(launches)} launch(es) with work): {p.rule}"
+        if p.kernel == "reference":
+            return text
+        if self._cascade is None:
+            return f"{text}; no shared prefix: {self._cascade_why}"
+        return f"{self._cascade.describe()}; suffix: {text}"
 
     def _has_work(self, part) -> bool:
         q = self._batch.query_lens
@@ -535,9 +575,12 @@ class PagedAttention:
         addresses (and shapes, strides) of every tensor it binds, and the launches with work.
         Never the metadata values: the kernels read those at launch, and plan() validates them
         per call. Every tensor whose address is in the key is held by the binding, so no other
-        tensor can take that address while the entry lives. None: do not share (the reference
-        backend's binding is this object's own method)."""
+        tensor can take that address while the entry lives. None: do not share (a cascade plan,
+        whose launches depend on the step's groups; the reference backend's binding, which is this
+        object's own method)."""
         b = self._batch
+        if self._cascade is not None:  # its launches depend on the step's shared-prefix groups
+            return None
         plan = self._dispatch(num_tokens)
         if plan.kernel == "reference":
             return None
@@ -616,24 +659,46 @@ class PagedAttention:
         )
         parts = [p for p in plan.launches if self.cuda_graph or self._has_work(p)]
         idx64 = max(kc.numel(), vc.numel(), extent(kc)[1] - kc.data_ptr(), extent(vc)[1] - vc.data_ptr()) >= 2**31
-        launches = unified.bind_attention(
+        shapes = (
+            num_tokens,
+            self.num_q_heads,
+            self.num_kv_heads,
+            self.head_size,
+            self.block_size,
+            k_x,
+            num_blocks,
+            self.dtype,
+            k_cache.dtype,
+        )
+        metadata, prefix, merge = (b.cu_seqlens_q, b.seq_lens, b.block_table), [], None
+        c = self._cascade
+        if c is not None:  # the shared prefix once per group, each sequence's suffix, the merge
+            metadata = (b.cu_seqlens_q, c.seq_lens, c.block_table)
+            options = dict(
+                self._kernel_options,
+                suffix=(b.cu_seqlens_q, c.seq_lens, c.shared, c.block_table.shape[1] * self.block_size),
+            )
+            launch, merge = cascade_kernels.bind_cascade(
+                c.launch,
+                strides=strides,
+                shapes=shapes,
+                groups=c.packed,
+                num_groups=c.capacity,
+                block_table=b.block_table,
+                options=options,
+                idx64=idx64,
+                device=self.device,
+            )
+            prefix = [launch]
+        launches = prefix + unified.bind_attention(
             parts,
             strides=strides,
-            shapes=(
-                num_tokens,
-                self.num_q_heads,
-                self.num_kv_heads,
-                self.head_size,
-                self.block_size,
-                k_x,
-                num_blocks,
-                self.dtype,
-                k_cache.dtype,
-            ),
-            metadata=(b.cu_seqlens_q, b.seq_lens, b.block_table),
+            shapes=shapes,
+            metadata=metadata,
             options=self._kernel_options,
             idx64=idx64,
             device=self.device,
+            partials=merge,
         )
         return _Binding(launches, spans, fp8)
 

@@ -334,3 +334,94 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return math.inf
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------
+# shared-prefix decode (cascade attention, issue 19): many sequences, one long common prefix
+# ---------------------------------------------------------------------------------------------
+SHARED_PREFIX = "decode-b256-shared32k-own512"
+
+
+@dataclass(frozen=True)
+class SharedPrefixWorkload:
+    """`num_seqs` decoding sequences whose first `prefix_len` tokens are the same cache blocks (a
+    system prompt, parallel samples of one prompt), then `own_len` tokens each (the last one the
+    query). FlashInfer's cascade figure: 256 sequences, 32k shared tokens, on an H100."""
+
+    name: str
+    config: AttentionConfig
+    num_seqs: int
+    prefix_len: int  # a multiple of the block size
+    own_len: int
+
+    @property
+    def shape(self) -> BatchShape:
+        return BatchShape((1,) * self.num_seqs, (self.prefix_len + self.own_len - 1,) * self.num_seqs)
+
+    @property
+    def kv_bytes(self) -> int:
+        """What the plain path reads: every sequence's whole context."""
+        c = self.config
+        element_size = torch.empty(0, dtype=c.cache_dtype).element_size()
+        return kv_bytes(self.shape, c.num_kv_heads, c.head_size, element_size)
+
+    @property
+    def kv_bytes_unique(self) -> int:
+        """The distinct K/V bytes: the prefix once, each sequence's own tokens."""
+        c = self.config
+        element_size = torch.empty(0, dtype=c.cache_dtype).element_size()
+        return 2 * (self.prefix_len + self.num_seqs * self.own_len) * c.num_kv_heads * c.head_size * element_size
+
+    @property
+    def flops(self) -> int:
+        return flops(self.shape, self.config.num_q_heads, self.config.head_size)
+
+
+def shared_prefix_workload(
+    num_seqs: int = 256, prefix_len: int = 32768, own_len: int = 512, **config
+) -> SharedPrefixWorkload:
+    """The standard shared-prefix workload (32 query heads, 8 KV heads, head 128, block 16, bf16);
+    keyword arguments change the configuration (smaller variants for dry runs)."""
+    c = dict(num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16, dtype=torch.bfloat16) | config
+    name = (
+        SHARED_PREFIX
+        if (num_seqs, prefix_len, own_len) == (256, 32768, 512) and not config
+        else f"decode-b{num_seqs}-shared{prefix_len}-own{own_len}"
+    )
+    if prefix_len % c["block_size"]:
+        raise ValueError(f"prefix_len {prefix_len} must be a multiple of block_size {c['block_size']}")
+    return SharedPrefixWorkload(name, AttentionConfig(**c), num_seqs, prefix_len, own_len)
+
+
+def build_shared_prefix(w: SharedPrefixWorkload, device, *, num_sets: int = 2, seed: int = 0) -> PagedInputs:
+    """`num_sets` batches over disjoint blocks of one cache; in each, every block-table row starts
+    with the same prefix blocks (stored once) and continues with the sequence's own blocks."""
+    from ..testing import PagedSet, cu_seqlens, random_tensor
+
+    c = w.config
+    torch.manual_seed(seed)
+    prefix_blocks = w.prefix_len // c.block_size
+    own_blocks = -(-(w.prefix_len + w.own_len) // c.block_size) - prefix_blocks
+    needed = prefix_blocks + w.num_seqs * own_blocks
+    num_blocks = needed * num_sets
+    cache_shape = (num_blocks, c.block_size, c.num_kv_heads, c.head_size)
+    k_cache = random_tensor(cache_shape, c.cache_dtype, device)
+    v_cache = random_tensor(cache_shape, c.cache_dtype, device)
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).to(torch.int32)
+    shape = w.shape
+    sets = []
+    for i in range(num_sets):
+        ids = perm[i * needed : (i + 1) * needed]
+        own = ids[prefix_blocks:].view(w.num_seqs, own_blocks)
+        table = torch.cat([ids[:prefix_blocks].expand(w.num_seqs, prefix_blocks), own], dim=1).contiguous()
+        q = random_tensor((shape.num_tokens, c.num_q_heads, c.head_size), c.dtype, device)
+        sets.append(
+            PagedSet(
+                q=q,
+                out=torch.full_like(q, float("nan")),
+                cu_seqlens_q=torch.tensor(cu_seqlens(shape.query_lens), dtype=torch.int32, device=device),
+                seq_lens=torch.tensor(shape.seq_lens, dtype=torch.int32, device=device),
+                block_table=table.to(device),
+            )
+        )
+    return PagedInputs(c, shape, k_cache, v_cache, sets, None, None)

@@ -27,6 +27,12 @@ Pipeline (8 warps = two warpgroups of 64 rows each):
   waits for P.V and rescales the accumulator. P stays in registers (wgmma's A operand).
 - Causal masking only on the tiles that straddle the diagonal (a uniform branch per tile).
 
+Warp-specialized variant (`warp_specialized=True`, experimental: compiled and SASS-checked for
+sm_90 here, not yet run on a GPU): 4 producer warps (24 registers each) gather K and V with cp.async
+and signal per-slot "ready" mbarriers through cp.async.mbarrier.arrive.noinc; the 8 consumer warps
+(240 registers) wait on them, run the same wgmma/softmax schedule and release slots on "empty"
+mbarriers; no CTA-wide barrier and no address arithmetic left in the consumers' loop.
+
 Memory safety does not depend on the metadata: every load is bounded (keys by seq_len, block-table
 columns by its width, block ids clamped to [0, num_blocks)); a sequence whose metadata cannot be
 served (as unified.py defines it) or that uses a block id outside the cache gets NaN in all its
@@ -45,6 +51,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     async_copy,
     fence_async_shared,
+    mbarrier,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -54,6 +61,9 @@ from ..errors import DTypeError, LayoutError, ShapeError, UnsupportedConfigError
 LOG2E = 1.4426950408889634
 BLOCK_M = 128  # packed query rows per program: two warpgroups of 64
 NUM_WARPS = 8
+WS_PRODUCER_WARPS = 4
+WS_PRODUCER_REGS = 24
+WS_MAXNREG = 168
 HEAD_SIZES = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -264,6 +274,7 @@ def _gluon_prefill_kernel(
     num_blocks,
     max_blocks,
     qk_scale,  # softmax scale * log2(e)
+    min_query_len,  # sequences with fewer query tokens are another launch's (a mixed batch's decodes)
     QPK: gl.constexpr,
     HEAD: gl.constexpr,
     page_shift,
@@ -301,7 +312,7 @@ def _gluon_prefill_kernel(
     query_len = q_end - q_start
     tile = pid - (q_start // BLOCK_Q + seq)
     t_lo = tile * BLOCK_Q  # first token of the tile within the sequence
-    if t_lo >= query_len:
+    if (t_lo >= query_len) | (query_len < min_query_len):
         return
     n_valid = gl.minimum(query_len - t_lo, BLOCK_Q)
     t0 = q_start + t_lo  # its row in q / out
@@ -545,6 +556,490 @@ def _gluon_prefill_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# the warp-specialized variant (experimental: compiled for sm_90 on CPU, not yet run on a GPU)
+# ---------------------------------------------------------------------------------------------
+@gluon.jit
+def _bad_block_scan(bt_row, kv_end, num_blocks, max_blocks, page_shift, LAYOUT: gl.constexpr):
+    """Whether any block the keys [0, kv_end) live in is not a valid block (an id outside
+    [0, num_blocks) or a column past the table's width): one pass over the block-table row."""
+    COLS: gl.constexpr = 128
+    bad = gl.zeros([COLS], gl.int32, LAYOUT)
+    n_cols = (kv_end + (1 << page_shift) - 1) >> page_shift
+    for c0 in range(0, n_cols, COLS):
+        cols = c0 + gl.arange(0, COLS, layout=LAYOUT)
+        used = cols < n_cols
+        ids = gl.load(bt_row + cols, mask=used & (cols < max_blocks), other=-1)
+        bad = gl.maximum(bad, (used & ((ids < 0) | (ids >= num_blocks))).to(gl.int32))
+    return gl.max(bad, 0) > 0
+
+
+@gluon.jit
+def _ws_issue(
+    ring,
+    slot,
+    cache_ptr,
+    bt_row,
+    start,
+    kv_lim,
+    num_blocks,
+    max_blocks,
+    head_off,
+    stride_b,
+    stride_t,
+    page_shift,
+    BLOCK_N: gl.constexpr,
+    HEAD: gl.constexpr,
+    CHUNK: gl.constexpr,
+    LOAD: gl.constexpr,
+):
+    """cp.async of the tile at `start` in CHUNK-row pieces, each looking up its own block ids, so
+    that few registers stay live (producer warps run on a small register budget)."""
+    for c in gl.static_range(BLOCK_N // CHUNK):
+        keys = start + c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, LOAD))
+        col = keys >> page_shift
+        used = keys < kv_lim
+        blk = gl.load(bt_row + col, mask=used & (col < max_blocks), other=0)
+        blk = gl.where((blk < 0) | (blk >= num_blocks), 0, blk)  # the consumer NaNs such rows
+        dims = gl.arange(0, HEAD, layout=gl.SliceLayout(0, LOAD))
+        rows = blk.to(gl.int64) * stride_b + (keys & ((1 << page_shift) - 1)) * stride_t + head_off
+        async_copy.async_copy_global_to_shared(
+            ring.index(slot).slice(c * CHUNK, CHUNK), cache_ptr + rows[:, None] + dims[None, :], mask=used[:, None]
+        )
+
+
+@gluon.jit
+def _ws_producer(
+    k_ring,
+    v_ring,
+    kready,
+    vready,
+    kempty,
+    vempty,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row,
+    n_tiles,
+    kv_lim,
+    num_blocks,
+    max_blocks,
+    k_head,
+    v_head,
+    stride_kb,
+    stride_kt,
+    stride_vb,
+    stride_vt,
+    page_shift,
+    BLOCK_N: gl.constexpr,
+    HEAD: gl.constexpr,
+    RING: gl.constexpr,
+    P_WARPS: gl.constexpr,
+):
+    """Producer warps: gather K(0), then per step t K(t) and V(t-1) (the order the consumer
+    needs them) into their ring slots once the consumer released them (empty barriers), each
+    thread's copies arriving on the slot's ready barrier when they land (cp.async.mbarrier.arrive
+    .noinc: ready barriers count P_WARPS * 32 arrivals)."""
+    TPD: gl.constexpr = HEAD // 8
+    LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPD, TPD], [P_WARPS, 1], [1, 0])
+    CHUNK: gl.constexpr = (32 // TPD) * P_WARPS * 2  # two 16-byte copies per thread per chunk
+    for t in range(0, n_tiles + 1):
+        if t < n_tiles:
+            slot = t % RING
+            mbarrier.wait(kempty.index(slot), ((t // RING) & 1) ^ 1)
+            _ws_issue(
+                k_ring,
+                slot,
+                k_cache_ptr,
+                bt_row,
+                t * BLOCK_N,
+                kv_lim,
+                num_blocks,
+                max_blocks,
+                k_head,
+                stride_kb,
+                stride_kt,
+                page_shift,
+                BLOCK_N,
+                HEAD,
+                CHUNK,
+                LOAD,
+            )
+            async_copy.mbarrier_arrive(kready.index(slot), increment_count=False)
+        if t > 0:
+            vt = t - 1
+            slot_v = vt % RING
+            mbarrier.wait(vempty.index(slot_v), ((vt // RING) & 1) ^ 1)
+            _ws_issue(
+                v_ring,
+                slot_v,
+                v_cache_ptr,
+                bt_row,
+                vt * BLOCK_N,
+                kv_lim,
+                num_blocks,
+                max_blocks,
+                v_head,
+                stride_vb,
+                stride_vt,
+                page_shift,
+                BLOCK_N,
+                HEAD,
+                CHUNK,
+                LOAD,
+            )
+            async_copy.mbarrier_arrive(vready.index(slot_v), increment_count=False)
+
+
+@gluon.jit
+def _ws_step(
+    j,
+    acc,
+    m_i,
+    l_i,
+    p_op,
+    q_smem,
+    k_ring,
+    v_ring,
+    kready,
+    vready,
+    kempty,
+    vempty,
+    row_pos,
+    cols,
+    seq_len,
+    qk_scale,
+    s_zero,
+    MASK: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    RING: gl.constexpr,
+    O_L: gl.constexpr,
+    P_L: gl.constexpr,
+):
+    """Consumer iteration j >= 1 (as _step, the loads replaced by barrier waits): q.k(j) and
+    P.V(j-1) in flight; once q.k(j) is done K(j) and V(j-2) are released (a V slot is freed one
+    iteration after its P.V); softmax(j) under P.V(j-1)."""
+    mbarrier.wait(kready.index(j % RING), (j // RING) & 1)
+    mbarrier.wait(vready.index((j - 1) % RING), ((j - 1) // RING) & 1)
+    fence_async_shared()  # the producer's cp.async writes (generic proxy) -> wgmma (async proxy)
+    s_tok = warpgroup_mma(q_smem, k_ring.index(j % RING).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    o_tok = warpgroup_mma(p_op, v_ring.index((j - 1) % RING), acc, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+    # both warpgroups are done with K(j) and (iteration j-1's wait) with V(j-2): release them
+    gl.thread_barrier()
+    mbarrier.arrive(kempty.index(j % RING))
+    mbarrier.arrive(vempty.index((j - 2 + RING) % RING), pred=j >= 2)
+    if MASK:
+        keys = j * BLOCK_N + cols
+        visible = (keys[None, :] <= row_pos[:, None]) & (keys < seq_len)[None, :]
+        s = gl.where(visible, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + gl.sum(p, 1)
+    p_op = gl.convert_layout(p.to(p_op.dtype), P_L)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, O_L))[:, None]
+    return acc, m_new, l_i, p_op
+
+
+@gluon.jit
+def _ws_consumer(
+    q_smem,
+    k_ring,
+    v_ring,
+    kready,
+    vready,
+    kempty,
+    vempty,
+    out_ptr,
+    t0,
+    n_valid,
+    kv_head,
+    stride_ot,
+    stride_oh,
+    ctx,
+    t_lo,
+    seq_len,
+    n_tiles,
+    mask_from,
+    qk_scale,
+    bad,
+    QPK: gl.constexpr,
+    HEAD: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    RING: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Consumer warpgroups (the default partition): the same schedule as _gluon_prefill_kernel's."""
+    BLOCK_M: gl.constexpr = 128
+    dtype: gl.constexpr = q_smem.dtype
+    S_L: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    O_L: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD, 16]
+    )
+    P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, S_L))
+    row_pos = ctx + t_lo + rows // QPK
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_L)
+
+    mbarrier.wait(kready.index(0), 0)
+    fence_async_shared()
+    s_tok = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+    gl.thread_barrier()
+    mbarrier.arrive(kempty.index(0))
+    if mask_from == 0:
+        visible = (cols[None, :] <= row_pos[:, None]) & (cols < seq_len)[None, :]
+        s = gl.where(visible, s, float("-inf"))
+    m_i = gl.max(s, 1) * qk_scale
+    p = gl.exp2(s * qk_scale - m_i[:, None])
+    l_i = gl.sum(p, 1)
+    p_op = gl.convert_layout(p.to(dtype), P_L)
+    acc = gl.zeros([BLOCK_M, HEAD], gl.float32, O_L)
+
+    mask_start = gl.maximum(gl.minimum(mask_from, n_tiles), 1)
+    for j in range(1, mask_start):
+        acc, m_i, l_i, p_op = _ws_step(
+            j,
+            acc,
+            m_i,
+            l_i,
+            p_op,
+            q_smem,
+            k_ring,
+            v_ring,
+            kready,
+            vready,
+            kempty,
+            vempty,
+            row_pos,
+            cols,
+            seq_len,
+            qk_scale,
+            s_zero,
+            False,
+            BLOCK_N,
+            RING,
+            O_L,
+            P_L,
+        )
+    for j in range(mask_start, n_tiles):
+        acc, m_i, l_i, p_op = _ws_step(
+            j,
+            acc,
+            m_i,
+            l_i,
+            p_op,
+            q_smem,
+            k_ring,
+            v_ring,
+            kready,
+            vready,
+            kempty,
+            vempty,
+            row_pos,
+            cols,
+            seq_len,
+            qk_scale,
+            s_zero,
+            True,
+            BLOCK_N,
+            RING,
+            O_L,
+            P_L,
+        )
+    last = n_tiles - 1
+    mbarrier.wait(vready.index(last % RING), (last // RING) & 1)
+    fence_async_shared()
+    o_tok = warpgroup_mma(p_op, v_ring.index(last % RING), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, O_L))[:, None]
+    if bad:  # a key had no valid block: NaN rows, never numbers
+        out = gl.full([BLOCK_M, HEAD], float("nan"), gl.float32, O_L)
+    _store_rows(out_ptr, out, t0, n_valid, kv_head, stride_ot, stride_oh, QPK, BLOCK_M, HEAD, O_L)
+
+
+@gluon.jit
+def _gluon_prefill_ws_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_table_ptr,
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    num_seqs,
+    num_tokens,
+    num_blocks,
+    max_blocks,
+    qk_scale,
+    min_query_len,  # sequences with fewer query tokens are another launch's (a mixed batch's decodes)
+    QPK: gl.constexpr,
+    HEAD: gl.constexpr,
+    page_shift,
+    BLOCK_N: gl.constexpr,
+    RING: gl.constexpr,
+    P_WARPS: gl.constexpr,
+    P_REGS: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """_gluon_prefill_kernel with the K/V gathers moved to P_WARPS producer warps (a worker
+    partition) that talk to the consumer warpgroups through ready/empty mbarriers per ring slot,
+    so the consumers neither compute addresses nor meet at CTA barriers for the loads."""
+    BLOCK_M: gl.constexpr = 128
+    BLOCK_Q: gl.constexpr = BLOCK_M // QPK
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    TPD: gl.constexpr = HEAD // 8
+    LOAD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPD, TPD], [num_warps, 1], [1, 0])
+    SCAN: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    Q_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD], dtype)
+    KV_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD], dtype)
+
+    pid = gl.num_programs(0) - 1 - gl.program_id(0)
+    kv_head = gl.program_id(1)
+    seq = _find_sequence(cu_seqlens_q_ptr, num_seqs, pid, BLOCK_Q)
+    if seq < 0:
+        return
+    q_start = gl.load(cu_seqlens_q_ptr + seq)
+    q_end = gl.load(cu_seqlens_q_ptr + seq + 1)
+    seq_len = gl.load(seq_lens_ptr + seq)
+    query_len = q_end - q_start
+    tile = pid - (q_start // BLOCK_Q + seq)
+    t_lo = tile * BLOCK_Q
+    if (t_lo >= query_len) | (query_len < min_query_len):
+        return
+    n_valid = gl.minimum(query_len - t_lo, BLOCK_Q)
+    t0 = q_start + t_lo
+    prev_end = gl.load(cu_seqlens_q_ptr + seq - 1, mask=seq > 0, other=0)
+    next_end = gl.load(cu_seqlens_q_ptr + seq + 2, mask=seq + 1 < num_seqs, other=num_tokens)
+    bad_seq = (q_start < 0) | (q_end > num_tokens) | (seq_len < query_len)
+    bad_seq = bad_seq | (prev_end > q_start) | (next_end < q_end)
+    if bad_seq:
+        _store_rows(
+            out_ptr,
+            gl.full([BLOCK_M, HEAD], float("nan"), gl.float32, LOAD),
+            t0,
+            gl.maximum(gl.minimum(n_valid, num_tokens - t0), 0),
+            kv_head,
+            stride_ot,
+            stride_oh,
+            QPK,
+            BLOCK_M,
+            HEAD,
+            LOAD,
+        )
+        return
+
+    ctx = seq_len - query_len
+    kv_end = ctx + t_lo + n_valid
+    n_tiles = gl.cdiv(kv_end, BLOCK_N)
+    mask_from = (ctx + t_lo + 1) // BLOCK_N
+    kv_lim = gl.minimum(n_tiles * BLOCK_N, seq_len)
+    bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt
+    bad = _bad_block_scan(bt_row, kv_end, num_blocks, max_blocks, page_shift, SCAN)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD], Q_SL)
+    k_ring = gl.allocate_shared_memory(dtype, [RING, BLOCK_N, HEAD], KV_SL)
+    v_ring = gl.allocate_shared_memory(dtype, [RING, BLOCK_N, HEAD], KV_SL)
+    kready = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+    vready = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+    kempty = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+    vempty = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(RING):
+        mbarrier.init(kready.index(i), count=P_WARPS * 32)
+        mbarrier.init(vready.index(i), count=P_WARPS * 32)
+        mbarrier.init(kempty.index(i), count=1)
+        mbarrier.init(vempty.index(i), count=1)
+
+    qr = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LOAD))
+    qd = gl.arange(0, HEAD, layout=gl.SliceLayout(0, LOAD))
+    q_offs = (t0 + qr // QPK).to(gl.int64) * stride_qt + (kv_head * QPK + qr % QPK) * stride_qh
+    q = gl.load(q_ptr + q_offs[:, None] + qd[None, :], mask=(qr // QPK < n_valid)[:, None], other=0.0)
+    q_smem.store(q)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    gl.warp_specialize(
+        [
+            (
+                _ws_consumer,
+                (
+                    q_smem,
+                    k_ring,
+                    v_ring,
+                    kready,
+                    vready,
+                    kempty,
+                    vempty,
+                    out_ptr,
+                    t0,
+                    n_valid,
+                    kv_head,
+                    stride_ot,
+                    stride_oh,
+                    ctx,
+                    t_lo,
+                    seq_len,
+                    n_tiles,
+                    mask_from,
+                    qk_scale,
+                    bad,
+                    QPK,
+                    HEAD,
+                    BLOCK_N,
+                    RING,
+                    num_warps,
+                ),
+            ),
+            (
+                _ws_producer,
+                (
+                    k_ring,
+                    v_ring,
+                    kready,
+                    vready,
+                    kempty,
+                    vempty,
+                    k_cache_ptr,
+                    v_cache_ptr,
+                    bt_row,
+                    n_tiles,
+                    kv_lim,
+                    num_blocks,
+                    max_blocks,
+                    kv_head * stride_kh,
+                    kv_head * stride_vh,
+                    stride_kb,
+                    stride_kt,
+                    stride_vb,
+                    stride_vt,
+                    page_shift,
+                    BLOCK_N,
+                    HEAD,
+                    RING,
+                    P_WARPS,
+                ),
+            ),
+        ],
+        [P_WARPS],
+        [P_REGS],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
 def tiles_for(head_size: int) -> tuple[int, int]:
@@ -634,9 +1129,21 @@ def _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out) -> Non
         raise LayoutError(f"block_table must have a unit column stride, got strides {block_table.stride()}")
 
 
-def launch_args(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, scale: float, tiles=None):
-    """(grid, positional args, constexpr kwargs) of one launch; shared by gluon_prefill and the
-    offline sm_90 compile in the tests."""
+def launch_args(
+    q,
+    k_cache,
+    v_cache,
+    cu_seqlens_q,
+    seq_lens,
+    block_table,
+    out,
+    scale: float,
+    tiles=None,
+    warp_specialized=False,
+    min_query_len: int = 0,
+):
+    """(kernel, grid, positional args, constexpr kwargs) of one launch; shared by gluon_prefill and
+    the offline sm_90 compile in the tests."""
     num_tokens, num_q_heads, head_size = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     reason = unsupported_reason(
@@ -650,6 +1157,8 @@ def launch_args(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, s
     if reason is not None:
         raise UnsupportedConfigError(reason)
     _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out)
+    if not float(scale) > 0:  # the kernel scales each row's max by it: a positive scale keeps the max
+        raise UnsupportedConfigError(f"scale must be > 0 on the Gluon path, got {scale}")
     qpk = num_q_heads // num_kv_heads
     block_n, ring = tiles or tiles_for(head_size)
     if block_size > block_n or ring < 2:
@@ -680,11 +1189,18 @@ def launch_args(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, s
         num_blocks,
         block_table.shape[1],
         float(scale) * LOG2E,
+        min_query_len,
     )
     meta = dict(
         QPK=qpk, HEAD=head_size, page_shift=block_size.bit_length() - 1, BLOCK_N=block_n, RING=ring, num_warps=NUM_WARPS
     )
-    return grid, args, meta
+    if not warp_specialized:
+        return _gluon_prefill_kernel, grid, args, meta
+    # 8 consumer + P_WARPS producer warps share the register file: 168 per thread at launch, then
+    # setmaxnreg gives the producers P_REGS and the consumers the rest ((168 * 384 - 24 * 128) / 256
+    # = 240 with 4 producer warps)
+    meta.update(P_WARPS=WS_PRODUCER_WARPS, P_REGS=WS_PRODUCER_REGS, maxnreg=WS_MAXNREG)
+    return _gluon_prefill_ws_kernel, grid, args, meta
 
 
 def gluon_prefill(
@@ -698,13 +1214,20 @@ def gluon_prefill(
     scale: float,
     out: torch.Tensor | None = None,
     tiles: tuple[int, int] | None = None,
+    warp_specialized: bool = False,
+    min_query_len: int = 0,
 ) -> torch.Tensor:
     """Causal paged attention of every query token over the full cache (the query tokens' own keys
     included), on Hopper. Raises UnsupportedConfigError for what `unsupported_reason` rejects.
-    `tiles` = (BLOCK_N, RING) overrides `tiles_for` (experiments)."""
+    Sequences with fewer than `min_query_len` query tokens are left alone (untouched `out` rows):
+    the prefill launch of a mixed batch, whose decodes another kernel serves.
+    `tiles` = (BLOCK_N, RING) overrides `tiles_for`; `warp_specialized` picks the producer/consumer
+    variant (experimental: not yet run on a GPU)."""
     if out is None:
         out = torch.empty_like(q)
-    grid, args, meta = launch_args(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, scale, tiles)
+    kernel, grid, args, meta = launch_args(
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, scale, tiles, warp_specialized, min_query_len
+    )
     if q.shape[0] and seq_lens.shape[0]:
-        _gluon_prefill_kernel[grid](*args, **meta)
+        kernel[grid](*args, **meta)
     return out

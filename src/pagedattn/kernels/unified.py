@@ -461,6 +461,7 @@ def _paged_attention_kernel(
     IDX64: tl.constexpr,
     INTERPRET: tl.constexpr,
     SEQ_GRID: tl.constexpr,
+    PARTIALS: tl.constexpr = False,  # write partials even unsplit (cascade attention merges them)
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -692,7 +693,7 @@ def _paged_attention_kernel(
             )
 
     out_rows = (q_start + row_tok).to(tl.int64)
-    if NUM_SPLITS == 1:
+    if NUM_SPLITS == 1 and not PARTIALS:
         # a row that saw no key has l == 0 and gives 0; NaN read from a poisoned slot must stay
         # NaN (never test `l > 0`, which is false for NaN and would hide the unwritten read)
         out = tl.where(l_i[:, None] == 0, 0.0, acc / tl.where(l_i == 0, 1.0, l_i)[:, None])
@@ -806,7 +807,7 @@ def head_pad_for(head_size: int) -> int:
     return max(16, triton.next_power_of_2(head_size))
 
 
-def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, device: torch.device):
+def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, device: torch.device, partials=None):
     """The launches of one plan, as `BoundLaunch`es called with (q, out, k_cache, v_cache, k_new,
     v_new) (k_new/v_new: any tensor when absent; their strides are unused then).
 
@@ -818,6 +819,9 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
     metadata: cu_seqlens_q, seq_lens, block_table (device tensors)
     options:  scale, softcap, sliding_window, alibi, sinks, k_scale, v_scale (device tensors or
               None), context, decode_from_cache
+    partials: None, or a function (part, part_acc, part_m, part_l) -> BoundLaunch: every launch then
+              writes split-KV partials (one split too) and that launch merges them instead of
+              _merge_splits_kernel (cascade attention merges them with a shared prefix's)
     """
     num_tokens, num_q_heads, num_kv_heads, head_size, page, k_x, num_blocks, q_dtype, cache_dtype = shapes
     cu_seqlens_q, seq_lens, block_table = metadata
@@ -837,7 +841,7 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
     launches = []
     for part in parts:
         num_splits = part.num_splits
-        if num_splits > 1:
+        if num_splits > 1 or partials is not None:
             part_acc, part_m, part_l = workspace(num_tokens, num_q_heads, num_splits, head_pad, device)
         else:
             part_acc = part_m = part_l = placeholder
@@ -902,11 +906,14 @@ def bind_attention(parts, *, strides, shapes, metadata, options, idx64: bool, de
             IDX64=idx64,
             INTERPRET=interp,
             SEQ_GRID=part.seq_grid,
+            PARTIALS=partials is not None,
             num_warps=part.num_warps,
             num_stages=part.num_stages,
         )
         launches.append(BoundLaunch(_PAGED_ATTENTION, (tiles, num_kv_heads, num_splits), args, ATTENTION_SLOTS, kwargs))
-        if num_splits > 1:
+        if partials is not None:
+            launches.append(partials(part, part_acc, part_m, part_l))
+        elif num_splits > 1:
             merge_args = [
                 None,
                 *so,

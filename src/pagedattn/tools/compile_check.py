@@ -74,6 +74,7 @@ def compile_plan(config: AttentionConfig, part: dispatch.Plan, *, context: bool,
         IDX64=False,
         INTERPRET=False,
         SEQ_GRID=seq_grid,
+        PARTIALS=False,
     )
     src = ASTSource(_paged_attention_kernel, types, constexprs)
     kernel = triton.compile(src, target=TARGET, options=dict(num_warps=part.num_warps, num_stages=part.num_stages))

@@ -94,6 +94,85 @@ def compile_case(config, shape, contract: str = "full") -> list[dict]:
     return rows
 
 
+def compile_cascade_case(config, num_seqs: int, prefix: int, own: int, query_len: int = 1) -> list[dict]:
+    """Compile what `PagedAttention.run` launches on an H100 for `num_seqs` sequences sharing a
+    `prefix`-token prefix plus `own` tokens each (`query_len` of them queries): the prefix kernel,
+    the suffix launch(es) writing partials and the cascade merge. The cache is a few blocks (only
+    the launch's shapes and specializations matter to the compiler)."""
+    import torch
+
+    from .. import dispatch
+    from ..options import AttentionOptions
+    from ..planner import PagedAttention
+    from .compile_check import _resource_usage
+
+    bs = config.block_size
+    seq_len = prefix + own
+    width = -(-seq_len // bs)
+    num_blocks = 64
+    table = (torch.arange(num_seqs * width, dtype=torch.int32).reshape(num_seqs, width) % num_blocks).contiguous()
+    table[:, : prefix // bs] = table[0, : prefix // bs]
+    cu = torch.arange(num_seqs + 1, dtype=torch.int32) * query_len
+    seq_lens = torch.full((num_seqs,), seq_len, dtype=torch.int32)
+    kv_dtype = {"auto": config.dtype, "fp8_e4m3": torch.float8_e4m3fn}[config.kv_dtype]
+    cache = torch.zeros(num_blocks, bs, config.num_kv_heads, config.head_size, dtype=kv_dtype)
+    q = torch.zeros(num_seqs * query_len, config.num_q_heads, config.head_size, dtype=config.dtype)
+    h = config.num_q_heads
+    options = AttentionOptions(
+        alibi_slopes=torch.ones(h) if config.use_alibi else None,
+        softcap=config.softcap or None,
+        sinks=torch.zeros(h) if config.use_sinks else None,
+        k_scale=1.0 if kv_dtype != config.dtype else None,
+        v_scale=1.0 if kv_dtype != config.dtype else None,
+    )
+    suffix = dispatch.plan(
+        num_seqs=num_seqs,
+        num_tokens=num_seqs * query_len,
+        max_query_len=query_len,
+        max_seq_len=seq_len - prefix // bs * bs,
+        num_q_heads=h,
+        num_kv_heads=config.num_kv_heads,
+        head_size=config.head_size,
+        block_size=bs,
+        dtype=config.dtype,
+        cache_dtype=kv_dtype,
+        device="cuda",
+    )
+    attn = PagedAttention(
+        options,
+        num_q_heads=h,
+        num_kv_heads=config.num_kv_heads,
+        head_size=config.head_size,
+        block_size=bs,
+        dtype=config.dtype,
+        kv_cache_dtype=kv_dtype,
+        device="cpu",
+    )
+    attn.plan(
+        cu,
+        seq_lens,
+        table,
+        validate=False,
+        dispatch_plan=suffix,
+        shared_prefix=[(list(range(num_seqs)), prefix)],
+    )
+    rows = []
+    for name, grid, kernel in compile_call(attn.run, q, cache, cache, out=torch.empty_like(q)):
+        regs, stack = _resource_usage(kernel.asm["cubin"])
+        rows.append(
+            dict(
+                kernel=name,
+                grid=list(grid),
+                regs=regs,
+                stack=stack,
+                shared=kernel.metadata.shared,
+                warps=kernel.metadata.num_warps,
+                params=attn.explain(),
+            )
+        )
+    return rows
+
+
 def main() -> None:
     import torch
 
