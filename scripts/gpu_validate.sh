@@ -8,6 +8,10 @@
 #   bash scripts/gpu_validate.sh bench      # pagedattn bench: workloads, sweeps, peers, roofline
 #   bash scripts/gpu_validate.sh fp8-tests  # tests/test_fp8.py natively (fp8 q / out, per-head scales), < 3 min
 #   bash scripts/gpu_validate.sh fp8-bench  # scripts/fp8_bench.py: issue 19's fp8 targets, < 3 min (FP8_ARGS=--sweep: tiles)
+#   bash scripts/gpu_validate.sh host       # the launch path's GPU tests, then pagedattn bench --host-only:
+#                                           # plan/run/one-shot/SDPA host time, the read ceiling (~3 min)
+#   bash scripts/gpu_validate.sh features   # one call for the new paths: their GPU tests (fp8, cascade, gluon,
+#                                           # planner, kernels), then the fp8, cascade, host and Gluon benches
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}
@@ -51,5 +55,35 @@ case "${1:-}" in
   fp8-bench)
     timeout "${TIMEOUT:-170}" python3 scripts/fp8_bench.py --quick --out "$OUT" ${FP8_ARGS:-} > "$OUT/fp8_bench.log" 2>&1
     echo "exit $?"; grep -E "rror" "$OUT/fp8_bench.log" | head -5; tail -14 "$OUT/fp8_bench.log" ;;
-  *) echo "usage: $0 tests|bigmem|sanitize|seed|bench|fp8-tests|fp8-bench" >&2; exit 2 ;;
+  host)
+    # the launch path's own GPU tests (a tiny probe kernel), the host-time method, the ceiling kernel
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_launch.py \
+      tests/test_benchmarks.py -k "cuda or launcher or host_time or streaming or ceilings" > "$OUT/host-tests.log" 2>&1
+    echo "tests exit $?"; tail -2 "$OUT/host-tests.log"
+    # BENCHMARKS.md's planner table: each row also checks run() against the reference, the one-shot
+    # call and a CUDA-graph replay against run() (column check)
+    timeout "${TIMEOUT:-170}" python3 -m pagedattn bench --host-only --out "$OUT/host" \
+      --workloads "${HOST_WORKLOADS:-decode-b64-ctx4k,decode-b256-ctx1k,decode-b4-ctx32k,decode-mha-b32-ctx2k,prefill-b4-4k,mixed-chunk2k-plus-63dec}" \
+      ${BENCH_ARGS:-} > "$OUT/host.log" 2>&1
+    echo "bench exit $?"; grep -E "rror" "$OUT/host.log" | head -5; cat "$OUT/host/host.md" ;;
+  features)
+    # correctness first (every new path against the reference, on CUDA), then each bench alone
+    export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/out/triton-cache}"
+    timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v -n "${JOBS:-14}" -p no:cacheprovider --tb=short \
+      tests/test_fp8.py tests/test_cascade.py tests/test_planner.py tests/test_launch.py tests/test_gluon_prefill.py \
+      tests/test_compat_vllm.py tests/test_write.py ${PYTEST_ARGS:-} > "$OUT/features-tests.log" 2>&1
+    echo "tests exit $?"
+    grep -E "FAILED|ERROR" "$OUT/features-tests.log" | sed 's/^\[gw[0-9]*\] //' | sort | uniq | head -30
+    echo "passed: $(grep -c ' PASSED' "$OUT/features-tests.log")  failed: $(grep -c ' FAILED' "$OUT/features-tests.log")"
+    timeout 75 python3 scripts/cascade_bench.py --quick --out "$OUT" > "$OUT/cascade_bench.log" 2>&1
+    echo "cascade exit $?"; tail -16 "$OUT/cascade_bench.log"
+    timeout 90 python3 scripts/fp8_bench.py --quick --out "$OUT" > "$OUT/fp8_bench.log" 2>&1
+    echo "fp8 exit $?"; tail -14 "$OUT/fp8_bench.log"
+    timeout 90 python3 -m pagedattn bench --host-only --out "$OUT/host" \
+      --workloads "${HOST_WORKLOADS:-decode-b64-ctx4k,decode-b4-ctx32k,prefill-b4-4k,mixed-chunk2k-plus-63dec}" \
+      > "$OUT/host.log" 2>&1
+    echo "host exit $?"; grep -E "rror" "$OUT/host.log" | head -5; cat "$OUT/host/host.md"
+    timeout 60 python3 scripts/gluon_bench.py --quick --out "$OUT" > "$OUT/gluon_bench.log" 2>&1
+    echo "gluon exit $?"; tail -12 "$OUT/gluon_bench.log" ;;
+  *) echo "usage: $0 tests|bigmem|sanitize|seed|bench|host|fp8-tests|fp8-bench|features" >&2; exit 2 ;;
 esac

@@ -12,7 +12,8 @@ import torch
 import triton
 
 from pagedattn import dispatch, paged_attention
-from pagedattn.bench.runner import host_time_us, make_timer, measure_ceilings
+from pagedattn.bench.host import queued_host_us
+from pagedattn.bench.runner import make_timer, measure_ceilings
 from pagedattn.bench.workloads import WORKLOADS_JSON
 from pagedattn.config import AttentionConfig, BatchShape
 from pagedattn.testing import build_paged
@@ -154,8 +155,8 @@ def time_ms(fn) -> float:
 
 
 def host_us(fn) -> float:
-    """Host time per call (median of 5 rounds of 10 calls queued behind a GPU sleep)."""
-    return host_time_us(fn, "cuda")
+    """Host time per call (median of rounds of calls queued behind a GPU sleep: bench/host.py)."""
+    return queued_host_us(fn, "cuda")
 
 
 def run(names):

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import pytest
 import torch
 
-from pagedattn.bench import runner
+from pagedattn.bench import host, runner
 from pagedattn.bench.plot import roofline
 from pagedattn.bench.workloads import DECODE_BASE, PREFILL_BASE, build_paged, load_workloads, sweeps
 from pagedattn.cli import bench as bench_cli
@@ -187,7 +188,7 @@ def test_timed_run_end_to_end_with_a_fake_timer(tmp_path, capsys):
     report = (tmp_path / "results.md").read_text()
     assert report.count("| decode-b4-ctx32k |") == 1 and "| block_size |" in report
     assert "| 2.0000 |" in report and "| ok |" in report and "| err |" in report  # cuDNN failed on the CPU
-    assert "| host us |" in report  # host time per call: none measured off CUDA
+    assert "| plan us | run us | one-shot us | SDPA us |" in report  # host time: none measured off CUDA
     out = capsys.readouterr().out
     assert out.index("sweeps (vs best") < out.index("x SDPA cuDNN")  # the workload table comes last
     assert "SDPA cudnn: RuntimeError" in out
@@ -234,8 +235,11 @@ def test_cli_maps_bench_to_the_runner():
     assert "bench" in SUBCOMMANDS and bench_cli.run is not None and callable(runner.run)
 
 
-def test_host_time_is_none_off_cuda():
-    assert runner.host_time_us(lambda: None, "cpu") is None
+def test_host_time_on_the_cpu_times_the_calls():
+    import time
+
+    times = host.queued_host_times_us(lambda: time.sleep(2e-4), "cpu", calls=3, rounds=2)
+    assert len(times) == 2 and all(t >= 200 for t in times)
 
 
 @pytest.mark.gpu
@@ -245,7 +249,99 @@ def test_host_time_counts_the_host_only():
     import time
 
     x = torch.randn(1 << 24, device="cuda")
-    gpu_heavy = runner.host_time_us(lambda: torch.cuda._sleep(1 << 22) or x.sum(), "cuda")
-    host_heavy = runner.host_time_us(lambda: time.sleep(1e-3), "cuda", calls=5)
+    drained: list[int] = []
+    gpu_heavy = statistics.median(
+        host.queued_host_times_us(lambda: torch.cuda._sleep(1 << 22) or x.sum(), "cuda", drained=drained)
+    )
+    host_heavy = host.queued_host_us(lambda: time.sleep(1e-3), "cuda", calls=5)
     assert 0 < gpu_heavy < 1000, gpu_heavy
     assert host_heavy >= 1000
+    assert drained == [0]  # the GPU never caught up with the host
+
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.kernels
+def test_streaming_read_kernel_sums_every_element():
+    """The ceiling's kernel reads every element once (the partial sums add up to the sum), with
+    a tail that is not a whole tile."""
+    from pagedattn.kernels.stream import stream_programs, stream_sum
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3 * 256 + 37, dtype=dtype, device=KERNEL_DEVICE) + 0.5
+        partials = stream_sum(x, block=64, unroll=4, num_warps=1)
+        assert partials.shape == (stream_programs(x.numel(), 64, 4),) == (4,)
+        assert float(partials.double().sum()) == pytest.approx(float(x.double().sum()), rel=1e-5)
+
+
+@pytest.mark.kernels
+def test_ceilings_report_the_streaming_read_and_the_datasheet():
+    seen = []
+
+    def fake_timer(fn):
+        fn()
+        seen.append(getattr(fn, "func", fn))
+        return dict(ms=1.0 if len(seen) == 1 else 2.0)  # the streaming kernel first, and fastest
+
+    c = runner.measure_ceilings(fake_timer, KERNEL_DEVICE, read_bytes=1 << 16, others=False)
+    assert c["read_source"] == "read_tbs_stream" and c["read_tbs"] == c["read_tbs_stream"] == pytest.approx(6.5536e-5)
+    assert c["read_tbs_sum_bf16"] == c["read_tbs_sum_fp32"] == pytest.approx(c["read_tbs"] / 2)
+    assert "copy_tbs" not in c
+    assert runner.datasheet_read_tbs("NVIDIA H200") == 4.8 and runner.datasheet_read_tbs("Tesla T4") is None
+    line = runner.ceiling_line(dict(c, read_tbs_datasheet=4.8 * 1e-5))
+    assert "streaming-read kernel" in line and "torch.sum" in line and "datasheet" in line
+
+
+def test_host_only_table_with_a_fake_timer(tmp_path, capsys):
+    """--host-only on the CPU through the reference: every column filled, the run() targets
+    judged per batch kind, host.json and host.md written."""
+
+    def fake_timer(fn):
+        fn()
+        return dict(ms=1.0)
+
+    chosen = [BY_NAME["decode-b4-ctx32k"], BY_NAME["mixed-chunk2k-plus-63dec"], BY_NAME["prefill-b4-4k"]]
+    small = [type(w)(w.name, w.config, w.scaled(64).shape, w.anchors) for w in chosen]
+    args = parse("--host-only", "--out", str(tmp_path))
+    from rich.console import Console
+
+    code = runner.run_host(
+        args,
+        small,
+        Console(width=200),
+        device="cpu",
+        backend="reference",
+        timer=fake_timer,
+        ceilings=CEILINGS,
+        calls=1,
+        rounds=1,
+    )
+    assert code == 0
+    rows = json.loads((tmp_path / "host.json").read_text())["rows"]
+    for r in rows:
+        assert r["check"]["ok"] and r["all_written"], r
+        assert all(r[k] > 0 for k in ("plan_us", "run_us", "run_alloc_us", "oneshot_us")), r
+        assert r["pct_read_bw"] == pytest.approx(100 * r["kv_bytes"] / 1e9 / CEILINGS["read_tbs"])
+        assert ("sdpa_us" in r) != ("sdpa_error" in r)  # the peer timed, or its failure recorded
+    out = capsys.readouterr().out
+    assert "decode-b4-ctx32k: run" in out and "decode target <= 15 us" in out
+    assert "mixed target <= 25 us" in out and "prefill-b4-4k: run" not in out
+    assert "| workload | plan us | run us |" in (tmp_path / "host.md").read_text()
+
+
+def test_host_columns_and_run_targets_from_rows():
+    """The full bench's host cells (the flash peer's host time from its entry) and --host-only's
+    verdicts against issue 13's run() targets: decode <= 15 us, mixed <= 25 us, prefill none."""
+    row = dict(plan_us=41.25, run_us=9.96, oneshot_us=80.0, peers={"flash": {"host_us": 23.4}})
+    assert runner.host_cells(row) == ["41.2", "10.0", "80.0", "23.4"]
+    assert runner.host_cells(dict(host_us=120.0)) == ["—", "—", "120.0", "—"]  # a sweep row: one-shot only
+    rows = [
+        dict(name="d", query_kinds=["decode"], run_us=15.2, all_written=True, check={"ok": True}),
+        dict(name="m", query_kinds=["decode", "prefill"], run_us=24.0, all_written=True, check={"ok": True}),
+        dict(name="p", query_kinds=["prefill"], run_us=30.0, all_written=True, check={"ok": True}, graph_ok=False),
+    ]
+    text = runner.host_table(dict(meta=dict(device="x"), ceilings=CEILINGS, rows=rows))
+    assert "d: run 15.2 us, decode target <= 15 us: NOT met" in text
+    assert "m: run 24.0 us, mixed target <= 25 us: met" in text
+    assert "p: run" not in text and "FAILED graph" in text

@@ -347,6 +347,35 @@ def test_attention_in_checked_mode_catches_the_seed_bug():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("with_seq_ids", [True, False])
+def test_attention_in_checked_mode_proves_the_reads_once(monkeypatch, with_seq_ids):
+    """attention(checked=True) proves the reads once: by the bookkeeping (no cache scan), or,
+    for a batch that does not name its sequences, by one scan of the poisoned cache; the planner
+    under it does not scan again. The output is still right."""
+    from pagedattn import paged_attention, reference
+    from pagedattn.batch import BatchMetadata
+
+    cache, seqs = seed_cache(write_query_tokens=True)
+    batch = cache.batch(seqs, SHAPE.query_lens)
+    if not with_seq_ids:
+        batch = BatchMetadata.from_lens(SHAPE.query_lens, SHAPE.seq_lens, batch.block_table)
+        assert getattr(batch, "seq_ids", None) is None
+    scans, proofs = [], []
+    real_scan, real_proof = checks.check_cache_finite, checks.check_batch_against_cache
+    monkeypatch.setattr(checks, "check_cache_finite", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
+    monkeypatch.setattr(checks, "check_batch_against_cache", lambda *a, **k: proofs.append(1) or real_proof(*a, **k))
+    q = torch.randn(SHAPE.num_tokens, 2 * HEADS, HEAD, dtype=torch.float16)
+    out = attention(q, cache, batch, checked=True, backend="reference")
+    assert (len(proofs), len(scans)) == (1, 0 if with_seq_ids else 1)
+    expect = reference.attention(q, cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+    torch.testing.assert_close(out, expect.to(q.dtype), atol=2e-3, rtol=2e-3)
+    scans.clear()  # the planner alone in checked mode scans the reads itself, once
+    paged_attention(
+        q, cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table, checked=True, backend="reference"
+    )
+    assert scans == [1]
+
+
 def test_unchecked_mode_runs_no_checks(monkeypatch):
     from pagedattn.kernels import write as write_kernels
 

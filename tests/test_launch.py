@@ -152,4 +152,47 @@ def test_fast_launch_matches_triton_on_cuda(monkeypatch):
             tuple(arg_class(a) for a in (out, x_view, n, stride, 2.5)),
             (("BLOCK", 128), ("SHIFT", 1)),
         )
-        assert fast._kernels[key][0] is _probe_kernel.warmup(out, x_view, n, stride, 2.5, BLOCK=128, SHIFT=1, grid=(1,))
+        assert fast._kernels[key].kernel is _probe_kernel.warmup(
+            out, x_view, n, stride, 2.5, BLOCK=128, SHIFT=1, grid=(1,)
+        )
+
+
+def test_compiled_calls_the_c_launcher_as_tritons_own_wrapper_does(monkeypatch):
+    """`Compiled` skips Triton 3.6's `CudaLauncher.__call__` and calls its C `launch` directly with
+    the arguments that wrapper passes (no scratch buffers): the wrapper must still be that one, or
+    `Compiled` must fall back to `kernel.run`."""
+    import inspect
+    import re
+
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    source = re.sub(r"\s+", "", inspect.getsource(CudaLauncher.__call__))
+    assert (
+        "self.launch(gridX,gridY,gridZ,stream,function,self.launch_cooperative_grid,self.launch_pdl,"
+        "global_scratch,profile_scratch,*args)" in source
+    )
+
+    class CudaLauncher:  # a stand-in with the same shape: taken directly only without scratch
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid = launch_pdl = False
+
+        def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+            raise AssertionError("the wrapper was called")
+
+        def launch(self, *args):
+            calls.append(args)
+
+    calls = []
+
+    class Kernel:
+        function, packed_metadata, run = "fn", "meta", CudaLauncher()
+
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    launch.Compiled(Kernel, ("C",), 0)(1, 2, 3, [10, 11])
+    assert calls == [(1, 2, 3, 7, "fn", False, False, None, None, "meta", None, None, None, 10, 11, "C")]
+    fn, template, first = launch.Compiled(Kernel, ("C",), 0).template((1, 2, 3), [10, 11])
+    fn(*[7 if i == 3 else a for i, a in enumerate(template)])  # what BoundLaunch calls: the same list
+    assert calls[-1] == calls[0] and template[first] == 10 and template[3] is None
+    Kernel.run.global_scratch_size = 64  # scratch to allocate: through the wrapper (which raises here)
+    with pytest.raises(AssertionError, match="wrapper"):
+        launch.Compiled(Kernel, (), 0)._fn(0, 0, 0, 0, None)

@@ -200,3 +200,127 @@ def test_new_arguments_are_validated():
         attn.plan(cu, seq_lens, table, max_query_len=-1)
     with pytest.raises(UnsupportedConfigError, match="dispatch_plan"):
         attn.plan(cu, seq_lens, table, dispatch_plan="split")
+
+
+def test_out_overlap_is_refused_on_a_bound_layout_too():
+    """run()'s per-call overlap test (addresses against the binding's spans): an out that shares
+    memory with q is refused even when its layout was bound by an earlier, disjoint call."""
+    cu, seq_lens, table = batch()
+    n = int(cu[-1])
+    attn = planner().plan(cu, seq_lens, table)
+    k, v = torch.randn(NB, BS, HKV, D, device=DEVICE), torch.randn(NB, BS, HKV, D, device=DEVICE)
+    buf = torch.randn(2 * n, HQ, D, device=DEVICE)
+    q = buf[:n]
+    attn.run(q, k, v, out=buf[n:])  # disjoint: binds the layout
+    torch.testing.assert_close(buf[n:], ref(q, k, v, cu, seq_lens, table), atol=1e-4, rtol=1e-4)
+    for start in (1, n - 1):  # same shape and strides as buf[n:], overlapping q's last rows
+        with pytest.raises(LayoutError, match="out overlaps q"):
+            attn.run(q, k, v, out=buf[start : start + n])
+    kv = torch.randn(NB * BS * HKV * D + n * HQ * D, device=DEVICE)
+    k2 = kv[: NB * BS * HKV * D].view(NB, BS, HKV, D)
+    with pytest.raises(LayoutError, match="out overlaps k_cache"):
+        attn.run(q, k2, v, out=kv[NB * BS * HKV * D - HQ * D :][: n * HQ * D].view(n, HQ, D))
+
+
+def _stubbed_launches(monkeypatch):
+    """Every Triton launch recorded instead of run: (grid, launcher arguments)."""
+    from pagedattn.kernels import launch
+
+    calls = []
+
+    class Recorder:
+        function = packed_metadata = None
+
+        @staticmethod
+        def run(*args):
+            calls.append(args)
+
+    def fake_launch(self, grid, args, kwargs):
+        calls.append(("triton", grid, args))
+        names = self.fn.arg_names[len(args) :]
+        return launch.Compiled(Recorder, tuple(kwargs.get(n) for n in names), 0)
+
+    monkeypatch.setattr(launch.FastKernel, "launch", fake_launch)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # plans the Triton kernel on the CPU
+    return calls
+
+
+@pytest.mark.skipif(CUDA, reason="the launch stub stands in for a GPU")
+def test_run_passes_addresses_of_the_tensors_it_is_handed(monkeypatch):
+    """The fast path hands the launcher ints: each per-call tensor's data_ptr in its slot, and the
+    bound tensors' addresses (no tensor, so Triton's launcher asks the driver nothing)."""
+    from pagedattn.kernels import unified
+
+    calls = _stubbed_launches(monkeypatch)
+    cu, seq_lens, table = batch()
+    attn = planner().plan(cu, seq_lens, table, query_lens_host=QUERY_LENS, seq_lens_host=SEQ_LENS)
+    n = int(cu[-1])
+    for layer in range(3):  # a new cache (and q, out) per layer: one binding, new addresses
+        q, out = torch.randn(n, HQ, D), torch.empty(n, HQ, D)
+        k, v = torch.randn(NB, BS, HKV, D), torch.randn(NB, BS, HKV, D)
+        calls.clear()
+        attn.run(q, k, v, out=out)
+        launched = [c for c in calls if c[0] != "triton"]
+        if layer == 0:
+            assert [c[0] for c in calls if c[0] == "triton"] == ["triton"] * len(calls)  # compiled: Triton's path
+            continue
+        assert len(launched) == len(calls) >= 1
+        args = launched[0][4 + 5 :]  # grid (3), stream, function, packed metadata, 3 hooks
+        for slot, t in zip(unified.ATTENTION_SLOTS, (q, out, k, v, q, q)):
+            assert args[slot] == t.data_ptr()
+        assert not any(isinstance(a, torch.Tensor) for a in args)
+        assert cu.data_ptr() in args and seq_lens.data_ptr() in args and table.data_ptr() in args
+
+
+@pytest.mark.skipif(CUDA, reason="the launch stub stands in for a GPU")
+def test_one_shot_calls_share_bindings_and_read_the_values_at_launch(monkeypatch):
+    """paged_attention builds a PagedAttention per call; a later call with the same tensors (same
+    addresses, shapes, strides), options and launches takes the cached binding: nothing is bound
+    again. Values are never part of it: the metadata is validated per call on host copies."""
+    from pagedattn import paged_attention
+    from pagedattn import planner as planner_mod
+    from pagedattn.kernels import unified
+
+    _stubbed_launches(monkeypatch)
+    planner_mod.clear_shared_bindings()
+    binds = []
+    real = unified.bind_attention
+    monkeypatch.setattr(unified, "bind_attention", lambda *a, **k: binds.append(1) or real(*a, **k))
+    cu, seq_lens, table = batch()
+    n = int(cu[-1])
+    q, out = torch.randn(n, HQ, D), torch.empty(n, HQ, D)
+    k, v = torch.randn(NB, BS, HKV, D), torch.randn(NB, BS, HKV, D)
+    bounds = dict(max_query_len=max(QUERY_LENS), max_seq_len=max(SEQ_LENS))
+    for _ in range(3):
+        paged_attention(q, k, v, cu, seq_lens, table, out=out, query_lens_host=QUERY_LENS, **bounds)
+    assert len(binds) == 1
+    paged_attention(q, k, v, cu, seq_lens, table, out=out, sliding_window=4, **bounds)  # other options
+    paged_attention(q.clone(), k, v, cu, seq_lens, table, query_lens_host=QUERY_LENS, **bounds)  # out allocated
+    assert len(binds) == 3
+    seq_lens[2] = 99  # the same tensor, now invalid: refused at plan time, cache or not
+    with pytest.raises(BatchMetadataError):
+        paged_attention(q, k, v, cu, seq_lens, table, out=out, query_lens_host=QUERY_LENS, **bounds)
+    planner_mod.clear_shared_bindings()
+    assert not planner_mod._SHARED_BINDINGS
+
+
+def test_one_shot_output_follows_metadata_changed_in_place():
+    """A cached binding reads the metadata at launch: change seq_lens and the block table in
+    place between two one-shot calls and the second output is the new batch's."""
+    from pagedattn import paged_attention
+
+    cu, seq_lens, table = batch()
+    n = int(cu[-1])
+    torch.manual_seed(3)
+    q = torch.randn(n, HQ, D, device=DEVICE)
+    k, v = torch.randn(NB, BS, HKV, D, device=DEVICE), torch.randn(NB, BS, HKV, D, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    bounds = dict(max_query_len=max(QUERY_LENS), max_seq_len=max(SEQ_LENS))
+    paged_attention(q, k, v, cu, seq_lens, table, out=out, **bounds)
+    torch.testing.assert_close(out, ref(q, k, v, cu, seq_lens, table), atol=1e-4, rtol=1e-4)
+    seq_lens.copy_(torch.tensor([19, 9, 2], dtype=torch.int32))
+    table.copy_(table.flip(0))
+    out.fill_(float("nan"))
+    paged_attention(q, k, v, cu, seq_lens, table, out=out, **bounds)
+    torch.testing.assert_close(out, ref(q, k, v, cu, seq_lens, table), atol=1e-4, rtol=1e-4)

@@ -203,36 +203,41 @@ def attention(
             f"q has {q.shape[0]} rows (tokens) but the batch has {sum(batch.query_lens_host)} "
             f"query tokens: the kernel would read and write rows that are not there"
         )
-    if checked:
+    contract = "context" if k_new is not None else "full"
+    if checked:  # the one proof of the reads: the bookkeeping (or one scan of a poisoned cache)
         from . import checks
 
-        checks.check_batch_against_cache(
-            cache, batch, contract="context" if k_new is not None else "full", decode_from_cache=decode_from_cache
-        )
-    common = dict(
-        max_query_len=batch.max_query_len,
-        max_seq_len=batch.max_seq_len,
-        query_lens_host=batch.query_lens_host,
-        seq_lens_host=batch.seq_lens_host,
-        checked=checked,
-        k_scale=cache.k_scale if cache.is_fp8 else None,
-        v_scale=cache.v_scale if cache.is_fp8 else None,
-        **options,
+        checks.check_batch_against_cache(cache, batch, contract=contract, decode_from_cache=decode_from_cache)
+    out, backend, validate = (options.pop(name, default) for name, default in _RUN_ARGUMENTS)
+    opts = AttentionOptions(
+        k_scale=cache.k_scale if cache.is_fp8 else None, v_scale=cache.v_scale if cache.is_fp8 else None, **options
     )
-    if k_new is None:
-        return paged_attention(q, cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table, **common)
-    return prefix_prefill(
+    return _plan_and_run(
+        contract,
         q,
-        k_new,
-        v_new,
         cache.k,
         cache.v,
         batch.cu_seqlens_q,
         batch.seq_lens,
         batch.block_table,
-        decode_from_cache=decode_from_cache,
-        **common,
+        k_new,
+        v_new,
+        decode_from_cache,
+        opts,
+        batch.max_query_len,
+        batch.max_seq_len,
+        out,
+        batch.query_lens_host,
+        batch.seq_lens_host,
+        backend,
+        checked,
+        validate,
+        reads_proven=checked,
     )
+
+
+# what `attention` passes on to the run rather than to AttentionOptions, with defaults
+_RUN_ARGUMENTS = (("out", None), ("backend", "auto"), ("validate", None))
 
 
 def reference_attention(
@@ -285,7 +290,12 @@ def _plan_and_run(
     backend,
     checked,
     validate,
+    *,
+    reads_proven: bool = False,
 ):
+    """`reads_proven`: the caller proved every cache position to be read was written (checked
+    mode's bookkeeping, `attention`): checked mode then validates the metadata values but does
+    not scan the cache again."""
     check_tensor("q", q, 3)
     if q.dtype not in QUERY_DTYPES + (torch.float8_e4m3fn,):
         raise DTypeError(f"q must be one of {QUERY_DTYPES + (torch.float8_e4m3fn,)}, got {q.dtype}")
@@ -317,6 +327,8 @@ def _plan_and_run(
         checked=checked,
         backend=backend,
     )
+    attn._share_bindings = True  # a binding equal to an earlier call's is taken from the cache
+    attn._scan_reads = not reads_proven
     attn.plan(
         cu_seqlens_q,
         seq_lens,

@@ -8,7 +8,9 @@ part (per-sequence query and context lengths). One matrix of these drives `pytes
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,55 @@ _KV_DTYPE_ALIASES = {
 }
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Cache layouts, by the order of a cache tensor's dimensions (`poison.KV_LAYOUTS` describes each):
+#   "nhd":     [num_blocks, block_size, num_kv_heads, head_size]  (vLLM flash layout, FlashInfer NHD)
+#   "hnd":     [num_blocks, num_kv_heads, block_size, head_size]  (FlashInfer HND)
+#   "vllm_v0": k [num_blocks, num_kv_heads, head_size // x, block_size, x],
+#              v [num_blocks, num_kv_heads, head_size, block_size]  (vLLM's older layout)
+KV_LAYOUTS = ("nhd", "hnd", "vllm_v0")
+
+
+# ---------------------------------------------------------------------------------------------
+# the value rules of a configuration: one home, used by AttentionConfig, AttentionOptions and
+# PagedAttention (`validate` re-exports them with the other argument checks)
+# ---------------------------------------------------------------------------------------------
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise UnsupportedConfigError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_geometry(*, num_q_heads: int, num_kv_heads: int, head_size: int, block_size: int) -> None:
+    """Head counts, head size and block size: positive ints, head_size <= MAX_HEAD_SIZE, a
+    supported block size, num_q_heads a multiple of num_kv_heads."""
+    for name, value in (
+        ("num_q_heads", num_q_heads),
+        ("num_kv_heads", num_kv_heads),
+        ("head_size", head_size),
+        ("block_size", block_size),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UnsupportedConfigError(f"{name} must be a positive int, got {value!r}")
+    if head_size > MAX_HEAD_SIZE:
+        raise UnsupportedConfigError(f"head_size must be in 1..{MAX_HEAD_SIZE}, got {head_size}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise UnsupportedConfigError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
+    if num_q_heads % num_kv_heads:
+        raise UnsupportedConfigError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+
+
+def check_option_scalars(*, scale=None, sliding_window=None, softcap=None, kv_layout: str | None = None) -> None:
+    """scale finite and > 0; sliding_window None, 0 (none) or a positive int; softcap None, 0
+    (off) or finite and > 0; kv_layout one of KV_LAYOUTS (None: not checked). None: the default."""
+    if sliding_window is not None and (
+        not isinstance(sliding_window, int) or isinstance(sliding_window, bool) or sliding_window < 0
+    ):
+        raise UnsupportedConfigError(f"sliding_window must be None, 0 (none) or a positive int, got {sliding_window!r}")
+    if softcap is not None and (not math.isfinite(float(softcap)) or float(softcap) < 0):
+        raise UnsupportedConfigError(f"softcap must be None, 0 (off) or finite and > 0, got {softcap!r}")
+    if scale is not None and (not math.isfinite(float(scale)) or float(scale) <= 0):
+        raise UnsupportedConfigError(f"scale must be finite and > 0, got {scale!r}")
+    if kv_layout is not None:
+        check_choice("kv_layout", kv_layout, KV_LAYOUTS)
 
 
 def fp8_dtype_of(kv_dtype: str) -> torch.dtype | None:
@@ -83,25 +134,21 @@ class AttentionConfig:
         return self.fp8_dtype or self.dtype
 
     def validate(self) -> None:
-        for name in ("num_q_heads", "num_kv_heads", "head_size", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise UnsupportedConfigError(f"{name} must be a positive int, got {value!r}")
-        if self.num_q_heads % self.num_kv_heads:
-            raise UnsupportedConfigError(
-                f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
-        if self.head_size > MAX_HEAD_SIZE:
-            raise UnsupportedConfigError(f"head_size must be <= {MAX_HEAD_SIZE}, got {self.head_size}")
-        if self.block_size not in SUPPORTED_BLOCK_SIZES:
-            raise UnsupportedConfigError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size}")
+        check_geometry(
+            num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size,
+            block_size=self.block_size,
+        )
         if self.dtype not in QUERY_DTYPES:
             raise DTypeError(f"dtype must be one of {QUERY_DTYPES}, got {self.dtype}")
         fp8_dtype_of(self.kv_dtype)
-        if not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window < 0:
-            raise UnsupportedConfigError(f"sliding_window must be an int >= 0 (0 = none), got {self.sliding_window!r}")
-        if not (self.softcap >= 0.0) or self.softcap == float("inf"):
-            raise UnsupportedConfigError(f"softcap must be finite and >= 0 (0 = off), got {self.softcap!r}")
+        if self.sliding_window is None or self.softcap is None:
+            raise UnsupportedConfigError(
+                f"sliding_window and softcap of an AttentionConfig are numbers (0 = off), got "
+                f"{self.sliding_window!r}, {self.softcap!r}"
+            )
+        check_option_scalars(sliding_window=self.sliding_window, softcap=self.softcap)
 
     def replace(self, **changes) -> AttentionConfig:
         return dataclasses.replace(self, **changes)

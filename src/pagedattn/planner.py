@@ -56,6 +56,18 @@ from .validate import (
     nhd_views,
 )
 
+# Bindings shared by one-shot calls (`paged_attention` & co. build a PagedAttention per call):
+# keyed on everything a binding depends on (see PagedAttention._shared_key), the oldest dropped
+# past SHARED_BINDINGS_MAX. Each holds its metadata and option tensors (the split-KV workspace is
+# the kernels' own, shared by every binding anyway).
+SHARED_BINDINGS_MAX = 16
+_SHARED_BINDINGS: dict[tuple, _Binding] = {}
+
+
+def clear_shared_bindings() -> None:
+    """Drop the one-shot calls' cached bindings (and the tensors and workspaces they hold)."""
+    _SHARED_BINDINGS.clear()
+
 
 def _device_values(cu_seqlens_q, seq_lens, block_table, query_lens_host, seq_lens_host, block_table_host):
     """Host copies of the device metadata (one sync), refusing host copies that disagree with them
@@ -114,7 +126,7 @@ class _Binding:
 
     def __init__(self, launches, spans, fp8, reference=None):
         self.launches = launches
-        self.spans = spans  # byte extents of (q, k_cache, v_cache, k_new, v_new) relative to their data_ptr
+        self.spans = spans  # byte extents of (q, k_cache, v_cache, k_new, v_new, out) from their data_ptr (0: none)
         self.fp8 = fp8
         self.reference = reference
 
@@ -174,6 +186,10 @@ class PagedAttention:
     cascade_prefix_splits: int | None = None  # None: chosen to fill the GPU
     _cascade: sharing.Cascade | None = None
     _cascade_why = "not planned"
+    # one-shot calls set these: their bindings go to (and come from) the shared cache; in checked
+    # mode, whether run() scans the cache (False: the caller proved the reads, `attention`)
+    _share_bindings = False
+    _scan_reads = True
 
     def __init__(
         self,
@@ -260,6 +276,7 @@ class PagedAttention:
                 check_scale(name, value, self.device, checked=self.checked, num_kv_heads=heads, what=what)
                 scales[i] = _scalar_tensor(value, self.device)
         self._scales = tuple(scales)
+        self._scale_ptrs = tuple(t.data_ptr() for t in self._scales)
         self._scale_used = tuple(w[1] for w in wanted)
         self._seen_scales: dict[tuple, tuple] = {}
         self.backend = backend
@@ -539,9 +556,10 @@ class PagedAttention:
         b = self._batch
         if b is None:
             raise PagedAttentionError("run() before plan(): plan the step first")
-        scales = self._scales
+        scales, sptrs = self._scales, self._scale_ptrs
         if k_scale is not None or v_scale is not None or q_scale is not None or out_scale is not None:
-            scales = self._run_scales(k_scale, v_scale, q_scale, out_scale)
+            scales, sptrs = self._run_scales(k_scale, v_scale, q_scale, out_scale)
+        # the layout key: everything a binding and the host checks depend on (no addresses)
         key = (
             scales[0].shape,
             scales[1].shape,
@@ -551,11 +569,11 @@ class PagedAttention:
             q.device,
             k_cache.shape,
             k_cache.stride(),
+            k_cache.dtype,
+            k_cache.device,
             v_cache.shape,
             v_cache.stride(),
-            k_cache.dtype,
             v_cache.dtype,
-            k_cache.device,
             v_cache.device,
             None if out is None else (out.shape, out.stride(), out.dtype, out.device),
             None if k_new is None else (k_new.shape, k_new.stride(), k_new.dtype, k_new.device),
@@ -563,34 +581,48 @@ class PagedAttention:
         )
         binding = self._bindings.get(key)
         if binding is None:  # a new layout: full host checks (and the checked reads) first
-            binding = self._bind(q, k_cache, v_cache, out, k_new, v_new, scales)
-            self._bindings[key] = binding
-        elif self.checked:
+            binding = self._bindings[key] = self._bind(q, k_cache, v_cache, out, k_new, v_new, key, scales)
+        elif self.checked and self._scan_reads:
             self._check_reads(k_cache, v_cache)
+        pq, pk, pv = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr()
+        pkn = pq if k_new is None else k_new.data_ptr()
+        pvn = pq if v_new is None else v_new.data_ptr()
         if out is None:
             out = torch.empty(q.shape, dtype=self.out_dtype, device=q.device)
             if not b.validated and self.out_fp8:  # rows no sequence covers (unvalidated offsets) stay NaN
                 out.view(torch.uint8).fill_(0x7F)  # e4m3's NaN
             elif not b.validated:
                 out.fill_(float("nan"))
-        else:
-            self._check_overlap(binding, out, q, k_cache, v_cache, k_new, v_new)
+            po = out.data_ptr()
+        else:  # out may not share memory with what the kernel reads (spans: from the binding)
+            po = out.data_ptr()
+            o1 = po + binding.spans[5]
+            sq, sk, sv, skn, svn, _ = binding.spans
+            if (
+                (po < pq + sq and pq < o1)
+                or (po < pk + sk and pk < o1)
+                or (po < pv + sv and pv < o1)
+                or (k_new is not None and po < pkn + skn and pkn < o1)
+                or (v_new is not None and po < pvn + svn and pvn < o1)
+            ):
+                check_no_overlap(out, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k_new": k_new, "v_new": v_new})
         if binding.reference is not None:
             return binding.reference(q, k_cache, v_cache, out, k_new, v_new, scales)
-        if binding.fp8:
+        if binding.fp8:  # Triton's own path (first call per alignment) keys pointers on the dtype
             k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
         o = out.view(torch.uint8) if self.out_fp8 else out
         if self.q_fp8:
             q = q.view(torch.uint8)
+        ptrs = (pq, po, pk, pv, pkn, pvn, *sptrs)
         tensors = (q, o, k_cache, v_cache, q if k_new is None else k_new, q if v_new is None else v_new, *scales)
         for launch in binding.launches:
-            launch(tensors)
+            launch(ptrs, tensors)
         return out
 
     def _run_scales(self, k_scale, v_scale, q_scale, out_scale) -> tuple:
-        """The scales a run() reads, its own where given. An engine passes the same per-layer
-        tensors every step: those seen before (the same objects) skip the host checks, unless
-        their values are read (checked mode, CPU)."""
+        """The scales a run() reads, its own where given, and their addresses. An engine passes
+        the same per-layer tensors every step: those seen before (the same objects) skip the host
+        checks, unless their values are read (checked mode, CPU)."""
         given = (k_scale, v_scale, q_scale, out_scale)
         read_values = self.checked or self.device.type == "cpu"
         key = (id(k_scale), id(v_scale), id(q_scale), id(out_scale))
@@ -607,10 +639,60 @@ class PagedAttention:
         )
         if len(self._seen_scales) >= 4096:  # layers x distinct scale sets: bounded
             self._seen_scales.clear()
-        self._seen_scales[key] = (given, scales)  # holding `given` keeps the ids from being reused
-        return scales
+        found = (scales, tuple(t.data_ptr() for t in scales))
+        self._seen_scales[key] = (given, found)  # holding `given` keeps the ids from being reused
+        return found
 
-    def _bind(self, q, k_cache, v_cache, out, k_new, v_new, scales) -> _Binding:
+    def _bind(self, q, k_cache, v_cache, out, k_new, v_new, key, scales) -> _Binding:
+        """A binding for a new layout (`key`, from run): from the shared cache of one-shot
+        instances when an equal one is there, else full host checks and the launches bound."""
+        if not self._share_bindings:
+            return self._new_binding(q, k_cache, v_cache, out, k_new, v_new, scales)
+        shared_key = self._shared_key(key, q.shape[0], k_cache)
+        if shared_key is None:
+            return self._new_binding(q, k_cache, v_cache, out, k_new, v_new, scales)
+        binding = _SHARED_BINDINGS.get(shared_key)
+        if binding is not None:
+            if self.checked and self._scan_reads:
+                self._check_reads(k_cache, v_cache)
+            return binding
+        binding = self._new_binding(q, k_cache, v_cache, out, k_new, v_new, scales)
+        if binding.reference is None:
+            while len(_SHARED_BINDINGS) >= SHARED_BINDINGS_MAX:  # the oldest first
+                del _SHARED_BINDINGS[next(iter(_SHARED_BINDINGS))]
+            _SHARED_BINDINGS[shared_key] = binding
+        return binding
+
+    def _shared_key(self, key, num_tokens: int, k_cache) -> tuple | None:
+        """What a binding depends on besides the layout: this object's configuration, the
+        addresses (and shapes, strides) of every tensor it binds, and the launches with work.
+        Never the metadata values: the kernels read those at launch, and plan() validates them
+        per call; nor the scales, passed per call (their shapes, which fix the per-head strides,
+        are in the layout key). Every tensor whose address is in the key is held by the binding, so
+        no other tensor can take that address while the entry lives. None: do not share (a cascade
+        plan, whose launches depend on the step's groups; the reference backend's binding, which is
+        this object's own method)."""
+        b = self._batch
+        if self._cascade is not None:  # its launches depend on the step's shared-prefix groups
+            return None
+        plan = self._dispatch(num_tokens)
+        if plan.kernel == "reference":
+            return None
+        parts = tuple(p for p in plan.launches if self.cuda_graph or self._has_work(p))
+        o = self._kernel_options
+        tensors = [b.cu_seqlens_q, b.seq_lens, b.block_table, o["alibi"], o["sinks"]]
+        return (
+            key,
+            parts,
+            tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.device) for t in tensors),
+            (self.num_q_heads, self.num_kv_heads, self.head_size, self.block_size),
+            (self.dtype, self.kv_cache_dtype, self.num_blocks, self.device, self.contract, self.decode_from_cache),
+            (self.out_dtype, self.fp8_pv),
+            (self.cuda_graph, self.backend, self.options.kv_layout, b.num_tokens, unified.interpreter_enabled()),
+            (o["scale"], o["softcap"], o["sliding_window"], o["context"], o["decode_from_cache"]),
+        )
+
+    def _new_binding(self, q, k_cache, v_cache, out, k_new, v_new, scales) -> _Binding:
         """Full host checks of a new layout, then the launches with its strides bound."""
         b = self._batch
         check_query(
@@ -642,11 +724,11 @@ class PagedAttention:
         )
         if out is not None:
             check_out(out, q, self.out_dtype)
-        spans = tuple(None if t is None else extent(t)[1] - t.data_ptr() for t in (q, k_cache, v_cache, k_new, v_new))
+        # byte spans of (q, k_cache, v_cache, k_new, v_new, out) from their data_ptr, for run's overlap test
+        spans = tuple(0 if t is None else extent(t)[1] - t.data_ptr() for t in (q, k_cache, v_cache, k_new, v_new, out))
         if out is not None:
-            spans = spans + (extent(out)[1] - out.data_ptr(),)
-            self._check_overlap(_Binding(None, spans, False), out, q, k_cache, v_cache, k_new, v_new)
-        if self.checked:
+            check_no_overlap(out, {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k_new": k_new, "v_new": v_new})
+        if self.checked and self._scan_reads:
             self._check_reads(k_cache, v_cache)
         num_blocks = self.num_blocks
         if num_blocks is None:
@@ -720,18 +802,6 @@ class PagedAttention:
             partials=merge,
         )
         return _Binding(launches, spans, fp8)
-
-    @staticmethod
-    def _check_overlap(binding, out, q, k_cache, v_cache, k_new, v_new) -> None:
-        o0 = out.data_ptr()
-        o1 = o0 + binding.spans[-1] if len(binding.spans) == 6 else extent(out)[1]
-        for name, t, span in zip(
-            ("q", "k_cache", "v_cache", "k_new", "v_new"), (q, k_cache, v_cache, k_new, v_new), binding.spans
-        ):
-            if t is not None:
-                t0 = t.data_ptr()
-                if o0 < t0 + span and t0 < o1:
-                    check_no_overlap(out, {name: t})
 
     def _check_reads(self, k_cache, v_cache) -> None:
         from . import checks  # checked mode only

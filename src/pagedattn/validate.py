@@ -19,7 +19,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .config import FP8_DTYPES, MAX_HEAD_SIZE, QUERY_DTYPES, SUPPORTED_BLOCK_SIZES
+from .config import (  # noqa: F401  (the configuration rules: one definition each, re-exported here)
+    FP8_DTYPES,
+    KV_LAYOUTS,
+    QUERY_DTYPES,
+    check_choice,
+    check_geometry,
+    check_option_scalars,
+)
 from .errors import (
     BatchMetadataError,
     DeviceError,
@@ -31,12 +38,6 @@ from .errors import (
 )
 from .kernels.write import check_scale  # noqa: F401  (one definition, re-exported here)
 
-# Cache layouts, by the order of a cache tensor's dimensions:
-#   "nhd":     [num_blocks, block_size, num_kv_heads, head_size]  (vLLM flash layout, FlashInfer NHD)
-#   "hnd":     [num_blocks, num_kv_heads, block_size, head_size]  (FlashInfer HND)
-#   "vllm_v0": k [num_blocks, num_kv_heads, head_size // x, block_size, x],
-#              v [num_blocks, num_kv_heads, head_size, block_size]  (vLLM's older layout)
-KV_LAYOUTS = ("nhd", "hnd", "vllm_v0")
 CONTRACTS = ("full", "context")
 
 
@@ -49,11 +50,6 @@ def check_tensor(name: str, t, rank: int | None = None, device: torch.device | N
     if device is not None and t.device != device:
         raise DeviceError(f"{name} is on {t.device}, expected {device}")
     return t
-
-
-def check_choice(name: str, value, choices: Sequence) -> None:
-    if value not in choices:
-        raise UnsupportedConfigError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,35 +252,6 @@ def check_options(options, *, num_q_heads: int, device: torch.device) -> None:
             raise DTypeError(f"{name} must be float32, got {t.dtype}")
 
 
-def check_option_scalars(*, scale, sliding_window, softcap, kv_layout) -> None:
-    if sliding_window is not None and (
-        not isinstance(sliding_window, int) or isinstance(sliding_window, bool) or sliding_window < 0
-    ):
-        raise UnsupportedConfigError(f"sliding_window must be None, 0 (none) or a positive int, got {sliding_window!r}")
-    if softcap is not None and (not math.isfinite(float(softcap)) or float(softcap) < 0):
-        raise UnsupportedConfigError(f"softcap must be None, 0 (off) or finite and > 0, got {softcap!r}")
-    if scale is not None and (not math.isfinite(float(scale)) or float(scale) <= 0):
-        raise UnsupportedConfigError(f"scale must be finite and > 0, got {scale!r}")
-    check_choice("kv_layout", kv_layout, KV_LAYOUTS)
-
-
-def check_geometry(*, num_q_heads: int, num_kv_heads: int, head_size: int, block_size: int) -> None:
-    for name, value in (
-        ("num_q_heads", num_q_heads),
-        ("num_kv_heads", num_kv_heads),
-        ("head_size", head_size),
-        ("block_size", block_size),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UnsupportedConfigError(f"{name} must be a positive int, got {value!r}")
-    if head_size > MAX_HEAD_SIZE:
-        raise UnsupportedConfigError(f"head_size must be in 1..{MAX_HEAD_SIZE}, got {head_size}")
-    if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise UnsupportedConfigError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
-    if num_q_heads % num_kv_heads:
-        raise ShapeError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-
-
 # ---------------------------------------------------------------------------------------------
 # batch metadata
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +371,10 @@ def _check_block_table(block_table, reads: np.ndarray, block_size: int, num_bloc
         return
     used = np.arange(width)[None, :] < needed[:, None]
     rows = table[: needed.shape[0]]
-    bad = used & ((rows < 0) | (rows >= num_blocks))
+    if rows.dtype == np.int32:  # one comparison: a negative id is >= num_blocks as uint32
+        bad = used & (rows.view(np.uint32) >= num_blocks)
+    else:
+        bad = used & ((rows < 0) | (rows >= num_blocks))
     if bad.any():
         i, j = (int(x) for x in np.argwhere(bad)[0])
         raise BatchMetadataError(

@@ -1,14 +1,19 @@
 """`pagedattn bench`: the standard workloads on the current GPU, as ratios to ceilings and peers
 measured in the same process.
 
-    1. ceilings: read bandwidth (torch.sum over 2 GiB), copy bandwidth (1 GiB device copy, bytes
-       read + written), bf16 matmul (8192^3), each the median of triton.testing.do_bench
+    1. ceilings: read bandwidth (a streaming-read Triton kernel over 2 GiB, `kernels/stream.py`;
+       torch.sum beside it; the datasheet figure where the GPU is known), copy bandwidth (1 GiB
+       device copy, bytes read + written), bf16 matmul (8192^3), each the median of
+       triton.testing.do_bench. Percentages of read bandwidth are of the best measured read.
     2. workloads.json's workloads through `paged_attention` (full-cache contract), rotating among
        2-4 batches over disjoint blocks; K/V TB/s and TFLOP/s as % of the ceilings; the ratio to
-       the vLLM anchor time; dense SDPA (flash, cuDNN) on the same data as the in-run peer
+       the vLLM anchor time; dense SDPA (flash, cuDNN) on the same data as the in-run peer; host
+       time per call (`bench/host.py`: calls queued behind a GPU sleep) of `PagedAttention.plan`,
+       `.run`, the one-shot `paged_attention` and the SDPA peer
     3. sweeps around one decode and one prefill workload (dtype, head size, GQA ratio, block
        size, fp8 KV), each variant's % of its roofline and its ratio to the best in its sweep
-Writes results.json and roofline.png under --out; prints the table last. Ratios "x peer" are
+Writes results.json and roofline.png under --out; prints the table last. `--host-only`: the
+host-time table alone (see `run_host`). Ratios "x peer" are
 peer time / our time: above 1 we are faster. `--dry-run` runs everything at 1/64 scale on the CPU
 through the PyTorch reference, checks the accounting and the dense peers' masks, times nothing.
 """
@@ -24,14 +29,15 @@ import math
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..kernels.stream import stream_programs, stream_sum
 from ..testing import random_tensor
+from . import host as host_time
 from .workloads import (
     Sweep,
     Workload,
@@ -80,14 +86,36 @@ def make_timer(*, quick: bool, cuda_graph: bool) -> Callable[[Callable], dict]:
     return timer
 
 
-def measure_ceilings(timer: Callable, device="cuda") -> dict:
+# datasheet read bandwidth (TB/s) by a substring of torch.cuda.get_device_name()
+DATASHEET_READ_TBS = {"H200": 4.8, "H100 80GB HBM3": 3.35, "A100-SXM4-80GB": 2.039}
+
+
+def datasheet_read_tbs(device_name: str) -> float | None:
+    return next((tbs for key, tbs in DATASHEET_READ_TBS.items() if key in device_name), None)
+
+
+def measure_ceilings(timer: Callable, device="cuda", *, read_bytes: int = 2 * GiB, others: bool = True) -> dict:
+    """read_tbs: the best of the streaming-read kernel and torch.sum (fp32, bf16) over
+    `read_bytes`; read_source names it; read_tbs_datasheet beside it (None: unknown GPU).
+    With `others`: copy_tbs and mm_tflops too."""
     out = {}
-    for dtype, name in ((torch.float32, "read_tbs_sum_fp32"), (torch.bfloat16, "read_tbs_sum_bf16")):
-        x = random_tensor((2 * GiB // torch.empty(0, dtype=dtype).element_size(),), dtype, device)
-        out[name] = x.nbytes / timer(functools.partial(torch.sum, x))["ms"] / 1e9
-        del x
-        _free(device)
-    src = random_tensor((GiB // 2,), torch.bfloat16, device)
+    x = random_tensor((read_bytes // 2,), torch.bfloat16, device)
+    partials = torch.empty(stream_programs(x.numel()), dtype=torch.float32, device=device)
+    out["read_tbs_stream"] = x.nbytes / timer(functools.partial(stream_sum, x, partials))["ms"] / 1e9
+    out["read_tbs_sum_bf16"] = x.nbytes / timer(functools.partial(torch.sum, x))["ms"] / 1e9
+    del x, partials
+    _free(device)
+    x = random_tensor((read_bytes // 4,), torch.float32, device)
+    out["read_tbs_sum_fp32"] = x.nbytes / timer(functools.partial(torch.sum, x))["ms"] / 1e9
+    del x
+    _free(device)
+    source = max(("read_tbs_stream", "read_tbs_sum_bf16", "read_tbs_sum_fp32"), key=out.__getitem__)
+    out["read_tbs"], out["read_source"] = out[source], source
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else str(device)
+    out["read_tbs_datasheet"] = datasheet_read_tbs(name)
+    if not others:
+        return out
+    src = random_tensor((read_bytes // 4,), torch.bfloat16, device)
     dst = torch.empty_like(src)
     out["copy_tbs"] = 2 * src.nbytes / timer(functools.partial(dst.copy_, src))["ms"] / 1e9
     del src, dst
@@ -98,7 +126,6 @@ def measure_ceilings(timer: Callable, device="cuda") -> dict:
     out["mm_tflops"] = 2 * n**3 / timer(functools.partial(torch.mm, a, b, out=c))["ms"] / 1e9
     del a, b, c
     _free(device)
-    out["read_tbs"] = max(out["read_tbs_sum_fp32"], out["read_tbs_sum_bf16"])
     return out
 
 
@@ -118,31 +145,6 @@ def _free(device) -> None:
     if torch.device(device).type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
-
-
-def host_times_us(fn: Callable, device, calls: int = 10, rounds: int = 5) -> list[float] | None:
-    """Host time per call of fn in each of `rounds` rounds of `calls` calls, each round enqueued
-    behind a GPU sleep so no call waits for the GPU: the wall time is the host's alone (checks,
-    planning, Triton's launch path). None off CUDA."""
-    if torch.device(device).type != "cuda" or not hasattr(torch.cuda, "_sleep"):
-        return None
-    fn()  # warm: the first launch of a kernel may load its module (milliseconds on the host)
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize(device)
-        torch.cuda._sleep(1 << 26)  # ~35 ms of GPU time at 1.98 GHz: longer than enqueueing the calls
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    torch.cuda.synchronize(device)
-    return times
-
-
-def host_time_us(fn: Callable, device, calls: int = 10, rounds: int = 5) -> float | None:
-    """The median of host_times_us."""
-    times = host_times_us(fn, device, calls, rounds)
-    return None if times is None else statistics.median(times)
 
 
 def _rotate(calls: list[Callable]) -> Callable:
@@ -165,6 +167,12 @@ class Bench:
     ceilings: dict | None = None
     check: bool = True
     peers: tuple[str, ...] = PEER_BACKENDS
+    host_calls: int = host_time.CALLS  # host time: calls per round, rounds (CUDA only)
+    host_rounds: int = 9
+
+    @property
+    def on_cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
 
     def num_sets(self, w: Workload) -> int:
         """2-4 batches so one pass over all of them reads >= 4x L2, as memory allows."""
@@ -201,6 +209,15 @@ class Bench:
             inputs = build_paged(w, self.device, num_sets=self.num_sets(w))
             row["num_sets"] = len(inputs.sets)
             self.run_ours(w, inputs, row)
+            if self.timer and self.on_cuda and not sweep and "error" not in row:
+                try:  # the planner's host time: plan, run, run allocating out, one-shot (set 0)
+                    row.update(
+                        host_time.measure_planner_host(
+                            inputs, self.device, backend=self.backend, calls=self.host_calls, rounds=self.host_rounds
+                        )
+                    )
+                except Exception as e:
+                    row["host_error"] = _error(e)
             if self.peers and not sweep:
                 row["peers"] = self.run_peers(inputs, row)
         except Exception as e:  # an OOM or a failing kernel costs one row, not the run
@@ -232,7 +249,12 @@ class Bench:
             if self.timer:
                 row.update(self.timer(_rotate(calls)))
                 row.update(metrics(row["ms"], w.kv_bytes, w.flops, self.ceilings))
-                row["host_us"] = host_time_us(_rotate(calls), self.device)
+                if self.on_cuda:  # host time of the one-shot call, rotating the sets
+                    row["host_us"] = statistics.median(
+                        host_time.queued_host_times_us(
+                            _rotate(calls), self.device, calls=self.host_calls, rounds=self.host_rounds
+                        )
+                    )
                 anchors = {k: dict(ms=a["ms"], ratio=a["ms"] / row["ms"]) for k, a in w.anchors.items() if "ms" in a}
                 if anchors:
                     row["anchors"] = anchors
@@ -291,6 +313,10 @@ class Bench:
                 if ours is not None:
                     entry["rel_err_vs_ours"] = max(rel_err(o, paged_rows(ours, cu, g)) for o, g in zip(first, dense[0]))
                 del first
+                if self.timer and self.on_cuda:  # the peer's host time: one call per group
+                    entry["host_us"] = host_time.sdpa_host_us(
+                        dense[0], self.device, backend, calls=self.host_calls, rounds=self.host_rounds
+                    )
                 if self.timer:
                     entry["ms"] = sum(
                         self.timer(
@@ -444,8 +470,9 @@ def workload_table(results: dict):
 
     table = Table(
         title=f"pagedattn bench — {results['meta'].get('device')}",
-        caption="x peer = peer ms / our ms (>1: faster than the peer). host us = host time per call "
-        "(enqueued behind a GPU sleep). vLLM anchors are H100 "
+        caption="x peer = peer ms / our ms (>1: faster than the peer). Host us per call, calls queued "
+        "behind a GPU sleep: plan / run = PagedAttention.plan (host lengths) / .run (given out); "
+        "one-shot = paged_attention; SDPA = the flash peer's calls. vLLM anchors are H100 "
         "times from workloads.json. * = K/V repeated for the peer. ✗ = output check failed.",
     )
     for col in (
@@ -458,7 +485,7 @@ def workload_table(results: dict):
         "x vLLM anchor",
         "x SDPA flash",
         "x SDPA cuDNN",
-        "host us",
+        *HOST_COLUMNS,
     ):
         table.add_column(col, justify="left" if col == "workload" else "right")
     for r in results["rows"]:
@@ -466,7 +493,7 @@ def workload_table(results: dict):
             continue
         name = r["name"] + (" [red]✗[/]" if r.get("check") and not r["check"].get("ok") else "")
         if r.get("error") and "ms" not in r:
-            table.add_row(name, f"[red]{r['error'][:60]}[/]", *[""] * 8)
+            table.add_row(name, f"[red]{r['error'][:60]}[/]", *[""] * (8 + len(HOST_COLUMNS)))
             continue
         anchor = r.get("anchors", {}).get("vllm-unified", {}).get("ratio")
         table.add_row(
@@ -479,9 +506,23 @@ def workload_table(results: dict):
             _fmt(anchor, ".2f"),
             _peer_cell(r, "flash"),
             _peer_cell(r, "cudnn"),
-            _fmt(r.get("host_us"), ".0f"),
+            *host_cells(r),
         )
     return table
+
+
+HOST_COLUMNS = ("plan us", "run us", "one-shot us", "SDPA us")
+
+
+def host_cells(row: dict) -> list[str]:
+    """plan, run, one-shot and the flash peer's host time per call (— where not measured)."""
+    sdpa = row.get("peers", {}).get("flash", {}).get("host_us", row.get("sdpa_us"))
+    return [
+        _fmt(row.get("plan_us"), ".1f"),
+        _fmt(row.get("run_us"), ".1f"),
+        _fmt(row.get("oneshot_us", row.get("host_us")), ".1f"),
+        _fmt(sdpa, ".1f"),
+    ]
 
 
 def sweep_table(results: dict):
@@ -519,6 +560,26 @@ def _md_peer(row: dict, backend: str) -> str:
     return "err" if peer.get("error") else _fmt(peer.get("ratio"), ".2f")
 
 
+def ceiling_line(c: dict) -> str:
+    """The ceilings in words: the read ceiling with what measured it and the datasheet figure."""
+    notes = []
+    source = c.get("read_source")
+    if source:
+        names = {"read_tbs_stream": "streaming-read kernel", "read_tbs_sum_bf16": "torch.sum bf16"}
+        notes.append(names.get(source, "torch.sum fp32"))
+    if source == "read_tbs_stream":
+        notes.append(f"torch.sum {max(c['read_tbs_sum_fp32'], c['read_tbs_sum_bf16']):.3f}")
+    if c.get("read_tbs_datasheet"):
+        sheet = c["read_tbs_datasheet"]
+        notes.append(f"datasheet {sheet:.2f}: {100 * c['read_tbs'] / sheet:.1f}% of it")
+    parts = [f"read {c['read_tbs']:.3f} TB/s" + (f" ({'; '.join(notes)})" if notes else "")]
+    if "copy_tbs" in c:
+        parts.append(f"copy {c['copy_tbs']:.3f} TB/s")
+    if "mm_tflops" in c:
+        parts.append(f"bf16 matmul {c['mm_tflops']:.1f} TFLOP/s")
+    return ", ".join(parts)
+
+
 def markdown_report(results: dict) -> str:
     """results.md: the run's metadata, ceilings and both tables as Markdown (for BENCHMARKS.md)."""
     meta, c = results["meta"], results.get("ceilings") or {}
@@ -529,15 +590,11 @@ def markdown_report(results: dict) -> str:
         "",
     ]
     if c:
-        lines += [
-            f"Ceilings in this run: read {c['read_tbs']:.3f} TB/s, copy {c['copy_tbs']:.3f} TB/s, "
-            f"bf16 matmul {c['mm_tflops']:.1f} TFLOP/s.",
-            "",
-        ]
+        lines += [f"Ceilings in this run: {ceiling_line(c)}.", ""]
     lines += [
         "| workload | ms | TB/s | % read BW | TFLOP/s | % matmul | x vLLM anchor | x SDPA flash | x SDPA cuDNN "
-        "| host us | check | plan |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| plan us | run us | one-shot us | SDPA us | check | plan |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in results["rows"]:
         if r["kind"] != "workload":
@@ -547,7 +604,7 @@ def markdown_report(results: dict) -> str:
             f"| {r['name']} | {_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('tb_per_s'), '.3f')} | "
             f"{_fmt(r.get('pct_read_bw'), '.1f')} | {_fmt(r.get('tflop_per_s'), '.1f')} | "
             f"{_fmt(r.get('pct_mm'), '.1f')} | {_fmt(anchor, '.2f')} | {_md_peer(r, 'flash')} | "
-            f"{_md_peer(r, 'cudnn')} | {_fmt(r.get('host_us'), '.0f')} | {_md_check(r)} | {r.get('plan', '')} |"
+            f"{_md_peer(r, 'cudnn')} | {' | '.join(host_cells(r))} | {_md_check(r)} | {r.get('plan', '')} |"
         )
     sweep_rows = [r for r in results["rows"] if r["kind"] == "sweep"]
     if sweep_rows:
@@ -607,7 +664,192 @@ def run(args) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.host_only:
+        return run_host(args, selected, console)
     return run_gpu(args, selected, sweep_list, console)
+
+
+def run_host(
+    args,
+    selected: list[Workload],
+    console,
+    *,
+    device="cuda",
+    backend="auto",
+    timer: Callable | None = None,
+    ceilings: dict | None = None,
+    calls: int | None = None,
+    rounds: int | None = None,
+) -> int:
+    """`pagedattn bench --host-only`: the read ceiling, then per workload the host time per call
+    of plan (host copies of the lengths and block table), run (given out), run with out
+    allocated, the one-shot paged_attention and the flash SDPA peer (`bench/host.py`), the
+    launches per run, run()'s kernel time (eager; CUDA-graph timing is `--cuda-graph` without
+    --host-only) with its % of the read ceiling; run()'s output (fast launch path) checked against
+    the reference, the one-shot call's and a CUDA-graph replay's against run()'s, bit for bit.
+    Writes host.json and host.md under --out; prints the table last. Returns 1 when a check
+    failed. `device`, `backend`, `timer`, `ceilings`, `calls` and `rounds` are for tests."""
+    timer = timer or make_timer(quick=args.quick, cuda_graph=False)
+    calls = calls or (10 if args.quick else host_time.CALLS)
+    rounds = rounds or (7 if args.quick else host_time.ROUNDS)
+    results = dict(meta=metadata(device), options=dict(quick=args.quick, host_only=True), rows=[])
+    results["ceilings"] = ceilings or measure_ceilings(timer, device, others=False)
+    checker = Bench(device=device, backend=backend)
+    for w in selected:
+        console.print(f"[dim]host time: {w.name}[/]")
+        kinds = sorted({"decode" if n == 1 else "prefill" for n in w.shape.query_lens})
+        row: dict = dict(name=w.name, kind="workload", kv_bytes=w.kv_bytes, query_kinds=kinds)
+        inputs = None
+        try:
+            inputs = build_paged(w, device, num_sets=1)
+            s = inputs.sets[0]
+            attn = host_time.planner_for(inputs, device, backend=backend)
+            host_time.plan_call(attn, inputs)()
+            run = functools.partial(attn.run, s.q, inputs.k_cache, inputs.v_cache, out=s.out)
+            run()  # the first call of a binding goes through Triton's own launch path (and compiles)
+            s.out.fill_(float("nan"))
+            run()  # the second through the fast path: the one checked
+            if checker.on_cuda:
+                torch.cuda.synchronize(device)
+            row["all_written"] = bool(torch.isfinite(s.out).all())
+            row["check"] = checker.check_output(inputs)
+            if checker.on_cuda:
+                row["graph_ok"] = _graph_replay_equal(attn, s, inputs)
+            row["ms"] = timer(run)["ms"]
+            row["pct_read_bw"] = 100 * w.kv_bytes / row["ms"] / 1e9 / results["ceilings"]["read_tbs"]
+            row.update(host_time.measure_planner_host(inputs, device, backend=backend, calls=calls, rounds=rounds))
+            row["oneshot_equal"] = bool(torch.equal(host_time.oneshot_call(inputs, 0, backend)(), s.out))
+            if args.peers:
+                try:
+                    groups = build_dense(inputs, 0)
+                    row["sdpa_us"] = host_time.sdpa_host_us(groups, device, "flash", calls=calls, rounds=rounds)
+                    del groups
+                except Exception as e:
+                    row["sdpa_error"] = _error(e)
+        except Exception as e:
+            row["error"] = _error(e)
+        finally:
+            inputs = None
+            _free(device)
+        results["rows"].append(row)
+        write_host_results(results, args.out)
+    text = host_table(results)
+    console.print(f"wrote {args.out / 'host.json'} and host.md", markup=False)
+    print(text)
+    return 0 if all(not r.get("error") and _host_check(r) == "ok" for r in results["rows"]) else 1
+
+
+def _graph_replay_equal(attn, s, inputs) -> bool:
+    """run() captured in a CUDA graph (on the fast launch path) and replayed writes what an eager
+    run() wrote into s.out, bit for bit."""
+    out = torch.full_like(s.out, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        attn.run(s.q, inputs.k_cache, inputs.v_cache, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attn.run(s.q, inputs.k_cache, inputs.v_cache, out=out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    equal = bool(torch.equal(out, s.out))
+    del graph
+    return equal
+
+
+def write_host_results(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "host.json").write_text(json.dumps(results, indent=1, default=str))
+    (out_dir / "host.md").write_text(host_table(results, markdown=True))
+
+
+# run() host-time targets (issue 13), us per call
+RUN_TARGET_US = {"decode": 15.0, "mixed": 25.0}
+
+
+def host_table(results: dict, *, markdown: bool = False) -> str:
+    """The host-time table (plain text, or Markdown for BENCHMARKS.md), the ceiling line first and
+    the run() targets last."""
+    meta, rows = results["meta"], results["rows"]
+    cols = (
+        "workload",
+        "plan us",
+        "run us",
+        "run+alloc us",
+        "one-shot us",
+        "SDPA us",
+        "launches",
+        "run ms",
+        "% read",
+        "check",
+    )
+    cells = []
+    for r in rows:
+        if r.get("error"):
+            cells.append([r["name"], "error: " + r["error"][:90]] + [""] * (len(cols) - 2))
+            continue
+        cells.append(
+            [
+                r["name"] + (" (queue drained)" if r.get("drained_rounds") else ""),
+                _fmt(r.get("plan_us"), ".1f"),
+                _fmt(r.get("run_us"), ".1f"),
+                _fmt(r.get("run_alloc_us"), ".1f"),
+                _fmt(r.get("oneshot_us"), ".1f"),
+                _fmt(r.get("sdpa_us"), ".1f") if "sdpa_error" not in r else "err",
+                str(r.get("launches", "—")),
+                _fmt(r.get("ms"), ".4f"),
+                _fmt(r.get("pct_read_bw"), ".1f"),
+                _host_check(r),
+            ]
+        )
+    head = [
+        f"pagedattn bench --host-only: {meta.get('device')}, torch {meta.get('torch')}, triton {meta.get('triton')}",
+        f"ceilings: {ceiling_line(results['ceilings'])}",
+        "host us per call, median of rounds queued behind a GPU sleep; run ms: eager do_bench of run()",
+    ]
+    if markdown:
+        lines = head[:1] + ["", head[1] + ".", head[2] + ".", ""]
+        lines += ["| " + " | ".join(cols) + " |", "|---" + "|---:" * (len(cols) - 2) + "|---|"]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+    else:
+        widths = [max(len(x) for x in col) for col in zip(cols, *cells)]
+        fmt = lambda row: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths)))  # noqa: E731
+        lines = head + [fmt(cols)] + [fmt(c) for c in cells]
+    lines.append("")
+    for r in rows:
+        kind = _run_target_kind(r)
+        if kind and r.get("run_us") is not None:
+            target = RUN_TARGET_US[kind]
+            verdict = "met" if r["run_us"] <= target else "NOT met"
+            lines.append(f"{r['name']}: run {r['run_us']:.1f} us, {kind} target <= {target:.0f} us: {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def _host_check(row: dict) -> str:
+    """ok: run() wrote every row and matches the reference, the one-shot call equals it, and
+    (on CUDA) a graph replay of run() equals it too."""
+    failed = [
+        what
+        for what, ok in (
+            ("reference", row.get("all_written") and row.get("check", {}).get("ok")),
+            ("one-shot", row.get("oneshot_equal", True)),
+            ("graph", row.get("graph_ok", True)),
+        )
+        if not ok
+    ]
+    return "ok" if not failed else "FAILED " + "/".join(failed)
+
+
+def _run_target_kind(row: dict) -> str | None:
+    """ "decode" (every query_len 1), "mixed" (both kinds) or None (prefill only: no target)."""
+    kinds = row.get("query_kinds")
+    if kinds == ["decode"]:
+        return "decode"
+    if kinds == ["decode", "prefill"]:
+        return "mixed"
+    return None
 
 
 def run_gpu(
@@ -662,11 +904,7 @@ def run_gpu(
         roofline(results, args.out / "roofline.png")
     except Exception as e:
         console.print(f"[red]roofline.png failed: {_error(e)}[/]")
-    c = results["ceilings"]
-    console.print(
-        f"ceilings: read {c['read_tbs']:.3f} TB/s, copy {c['copy_tbs']:.3f} TB/s, "
-        f"bf16 mm {c['mm_tflops']:.1f} TFLOP/s; wrote {path}, results.md and roofline.png"
-    )
+    console.print(f"ceilings: {ceiling_line(results['ceilings'])}; wrote {path}, results.md and roofline.png")
     for r in results["rows"]:
         if r.get("error") or (r.get("check") and not r["check"].get("ok")):
             console.print(f"[red]{r['name']}: {r.get('error') or r['check']}[/]")

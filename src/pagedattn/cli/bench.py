@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sweeps",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="run the sweeps (default: on, off when --workloads is given)",
+        help="run the sweeps (default: on, off when --workloads or --host-only is given)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and sweep variants")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
@@ -30,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-check", dest="check", action="store_false", help="skip comparing outputs with the reference"
     )
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip the dense SDPA peers")
+    parser.add_argument(
+        "--host-only",
+        action="store_true",
+        help="the host-time table only: plan(), run(), one-shot and SDPA host us per call (queued behind a "
+        "GPU sleep), run()'s kernel time and the read ceiling; writes host.json and host.md (about 2-3 min "
+        "for all workloads on an H200)",
+    )
     parser.add_argument(
         "--cuda-graph",
         action="store_true",

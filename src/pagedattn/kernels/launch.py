@@ -54,14 +54,14 @@ class FastKernel:
 
     def __init__(self, fn):
         self.fn = fn
-        self._kernels: dict[tuple, tuple] = {}
+        self._kernels: dict[tuple, Compiled] = {}
 
     def __getitem__(self, grid: tuple[int, ...]):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid: tuple[int, ...], args, kwargs: dict):
-        """Launch; returns (compiled kernel, constexpr values, device) when the launch went through
-        the fast path or compiled for it (what `BoundLaunch` keeps), else None."""
+        """Launch; returns the `Compiled` entry when the launch went through the fast path or
+        compiled for it (what `BoundLaunch` keeps), else None."""
         if (
             ALWAYS_TRITON
             or not (args and getattr(args[0], "is_cuda", False))
@@ -85,25 +85,74 @@ class FastKernel:
                 kernel = kernel.result()
             names = self.fn.arg_names[len(args) :]  # the constexprs, in signature order
             if set(names) <= kwargs.keys():
-                entry = self._kernels[key] = (kernel, tuple(kwargs[n] for n in names), device)
+                entry = self._kernels[key] = Compiled(kernel, tuple(kwargs[n] for n in names), device)
             return entry
-        kernel, constexprs, _ = entry
-        stream = torch._C._cuda_getCurrentRawStream(device)  # what Triton's driver asks torch for
         size = len(grid)
-        kernel.run(
+        entry(
             grid[0],
             grid[1] if size > 1 else 1,
             grid[2] if size > 2 else 1,
-            stream,
-            kernel.function,
-            kernel.packed_metadata,
-            None,
-            None,
-            None,
-            *args,
-            *constexprs,
+            [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args],
         )
         return entry
+
+
+class Compiled:
+    """A kernel Triton compiled, launched with its runtime arguments (pointers as ints) and no
+    binder: `entry(g0, g1, g2, args)`.
+
+    Pointers go to Triton's C launcher as ints: for a tensor it would call `data_ptr()` and then
+    `cuPointerGetAttribute` (a driver call) per pointer argument, each launch. Where the launcher
+    is Triton 3.6's `CudaLauncher` with no scratch memory, its C entry is called directly (its
+    Python `__call__` only adds the scratch buffers, None here); otherwise `kernel.run`."""
+
+    __slots__ = ("kernel", "constexprs", "device", "_fn", "_head")
+
+    def __init__(self, kernel, constexprs: tuple, device: int):
+        self.kernel, self.constexprs, self.device = kernel, constexprs, device
+        launcher = kernel.run
+        if _is_plain_cuda_launcher(launcher):
+            self._fn = launcher.launch
+            self._head = (
+                kernel.function,
+                launcher.launch_cooperative_grid,
+                launcher.launch_pdl,
+                None,  # global scratch
+                None,  # profile scratch
+                kernel.packed_metadata,
+                None,  # launch metadata
+                None,  # enter hook
+                None,  # exit hook
+            )
+        else:
+            self._fn = launcher
+            self._head = (kernel.function, kernel.packed_metadata, None, None, None)
+
+    def __call__(self, g0: int, g1: int, g2: int, args) -> None:
+        self._fn(g0, g1, g2, torch._C._cuda_getCurrentRawStream(self.device), *self._head, *args, *self.constexprs)
+
+    def template(self, grid: tuple[int, int, int], args: list) -> tuple:
+        """(launcher, its whole argument list with the stream at index 3 still None, index of
+        args[0] in it): what `BoundLaunch` fills per call (the stream, its slots) and calls."""
+        return self._fn, [*grid, None, *self._head, *args, *self.constexprs], 4 + len(self._head)
+
+
+def _is_plain_cuda_launcher(launcher) -> bool:
+    """Triton 3.6's CudaLauncher, whose `__call__(gridX, gridY, gridZ, stream, function, *args)`
+    calls `launch(gridX, gridY, gridZ, stream, function, cooperative, pdl, global_scratch,
+    profile_scratch, *args)`, with no scratch to allocate."""
+    cls = type(launcher)
+    code = getattr(cls.__dict__.get("__call__"), "__code__", None)
+    return (
+        cls.__name__ == "CudaLauncher"
+        and code is not None
+        and code.co_varnames[:6] == ("self", "gridX", "gridY", "gridZ", "stream", "function")
+        and callable(getattr(launcher, "launch", None))
+        and getattr(launcher, "global_scratch_size", 1) == 0
+        and getattr(launcher, "profile_scratch_size", 1) == 0
+        and hasattr(launcher, "launch_cooperative_grid")
+        and hasattr(launcher, "launch_pdl")
+    )
 
 
 class BoundLaunch:
@@ -111,11 +160,14 @@ class BoundLaunch:
     holds for each of its kernels so that `PagedAttention.run` does nothing but launch.
 
     `slots` are the argument positions the per-call tensors fill; `uses` picks, from the tensors a
-    call passes, those that go into the slots (default: the first len(slots)). The compiled kernel
-    is looked up once per alignment pattern of those tensors (what Triton specializes pointers
-    on; their dtypes and strides are part of the binding, fixed by the caller)."""
+    call passes, those that go into the slots (default: the first len(slots)). A call passes the
+    tensors' addresses (`ptrs`, ints) and the tensors themselves (for Triton's own path, taken by
+    the first call of each alignment pattern, by the interpreter and off CUDA). The compiled kernel
+    is looked up once per alignment pattern of those addresses (what Triton specializes pointers
+    on; their dtypes and strides are part of the binding, fixed by the caller). The bound tensors
+    are passed to the launcher as addresses too (`Compiled`); the binding keeps them alive."""
 
-    __slots__ = ("kernel", "grid", "args", "slots", "uses", "kwargs", "_compiled")
+    __slots__ = ("kernel", "grid", "args", "slots", "uses", "kwargs", "_compiled", "_ints", "_pairs")
 
     def __init__(
         self,
@@ -132,36 +184,32 @@ class BoundLaunch:
         self.slots = slots
         self.uses = tuple(range(len(slots))) if uses is None else uses
         self.kwargs = kwargs
+        # alignment pattern -> (launcher, argument list template, (position, ptrs index) pairs, device)
         self._compiled: dict[int, tuple] = {}
+        self._ints = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self.args]
+        self._pairs = tuple(zip(self.slots, self.uses))
 
-    def __call__(self, tensors) -> None:
-        args = self.args.copy()
+    def __call__(self, ptrs, tensors) -> None:
+        """`ptrs[i]` is `tensors[i].data_ptr()`."""
         aligned = 0
-        for slot, i in zip(self.slots, self.uses):
-            t = tensors[i]
-            args[slot] = t
-            aligned = (aligned << 1) | ((t.data_ptr() & 15) == 0)
+        for _, i in self._pairs:
+            aligned = (aligned << 1) | ((ptrs[i] & 15) == 0)
         entry = self._compiled.get(aligned)
         if entry is None:
-            entry = self.kernel.launch(self.grid, args, self.kwargs)
-            if entry is not None:
-                self._compiled[aligned] = entry
+            args = self.args.copy()
+            for slot, i in self._pairs:
+                args[slot] = tensors[i]
+            compiled = self.kernel.launch(self.grid, args, self.kwargs)
+            if compiled is not None:
+                fn, template, first = compiled.template(self.grid, self._ints)
+                self._compiled[aligned] = (fn, template, tuple((first + s, i) for s, i in self._pairs), compiled.device)
             return
-        kernel, constexprs, device = entry
-        g0, g1, g2 = self.grid
-        kernel.run(
-            g0,
-            g1,
-            g2,
-            torch._C._cuda_getCurrentRawStream(device),
-            kernel.function,
-            kernel.packed_metadata,
-            None,
-            None,
-            None,
-            *args,
-            *constexprs,
-        )
+        fn, template, positions, device = entry
+        call = template.copy()
+        call[3] = torch._C._cuda_getCurrentRawStream(device)
+        for at, i in positions:
+            call[at] = ptrs[i]
+        fn(*call)
 
 
 def _hooks_set(fn) -> bool:
