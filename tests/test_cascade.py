@@ -224,7 +224,7 @@ def test_fp8_queries_take_the_plain_path():
         block_size=4,
         dtype=torch.float8_e4m3fn,
         kv_cache_dtype=torch.float8_e4m3fn,
-        device="cpu",
+        device=DEVICE,
     )
     attn.plan(cu, sl, bt, query_lens_host=[1] * 3, seq_lens_host=[30, 29, 31], shared_prefix=[([0, 1, 2], 24)])
     assert attn._cascade is None and "fp8 queries" in attn.explain()

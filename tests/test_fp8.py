@@ -3,7 +3,7 @@
 Every path of the unified kernel (full and context contracts, decode_from_cache, mixed
 prefill + decode launches, split-KV) with fp8 q and/or an fp8 output against the float64
 reference computed from the same (dequantized) values: fp8 q needs only the output dtype's
-tolerance, an fp8 output is compared in its own units (out / out_scale). Outputs are poisoned
+tolerance, an fp8 output is compared dequantized (out * out_scale). Outputs are poisoned
 (NaN) before the kernel runs; caches hold NaN in every slot not written. On CPU the kernels run
 through Triton's interpreter at tiny shapes (q.k is upcast there: fp8 dots are GPU-only); the
 GPU tests use realistic shapes and, on sm_89+, the fp8 tensor-core q.k.
@@ -150,8 +150,9 @@ def _run(c: Case, attn: PagedAttention, out_dtype, dispatch_plan=None, **run_kwa
 
 
 def _check(out, ref, out_dtype, label, out_scale=OUT_SCALE):
-    if out_dtype == E4M3:
-        ref = ref.clamp(-448 * out_scale, 448 * out_scale) / out_scale  # the fp8 output's own units
+    if out_dtype == E4M3:  # dequantized (out * out_scale) against the reference, saturated as the output is
+        ref = ref.clamp(-448 * out_scale, 448 * out_scale)
+        out = out.float() * out_scale
     assert_close_to_reference(out, ref, out_dtype, label)
 
 
@@ -288,15 +289,17 @@ def test_reference_backend_fp8_q_and_out():
     assert "dequantized by the reference" in attn.explain()
 
 
+@pytest.mark.kernels
 def test_explain_states_fp8_q_and_out():
-    c = _case(SMALL, MIXED, "full", "e4m3", device="cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton backend's device
+    c = _case(SMALL, MIXED, "full", "e4m3", device=device)
     attn = _attn(c, SMALL, E4M3, backend="triton")
     attn.plan(c.x.cu_seqlens_q, c.x.seq_lens, c.x.block_table)
     text = attn.explain()
     assert "fp8 q (e4m3, real q = q * q_scale)" in text and "fp8 out (e4m3)" in text
     if not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
         assert "upcast" in text
-    plain = PagedAttention(num_q_heads=4, num_kv_heads=2, head_size=32, block_size=16, device="cpu", backend="triton")
+    plain = PagedAttention(num_q_heads=4, num_kv_heads=2, head_size=32, block_size=16, device=device, backend="triton")
     plain.plan(c.x.cu_seqlens_q, c.x.seq_lens, c.x.block_table)
     assert "fp8" not in plain.explain()
 

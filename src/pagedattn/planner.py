@@ -122,13 +122,16 @@ class _Batch:
 class _Binding:
     """The launches of a plan for one layout of the per-layer tensors."""
 
-    __slots__ = ("launches", "spans", "fp8", "reference")
+    __slots__ = ("launches", "spans", "fp8", "reference", "join")
 
-    def __init__(self, launches, spans, fp8, reference=None):
+    def __init__(self, launches, spans, fp8, reference=None, join=0):
         self.launches = launches
         self.spans = spans  # byte extents of (q, k_cache, v_cache, k_new, v_new, out) from their data_ptr (0: none)
         self.fp8 = fp8
         self.reference = reference
+        # a cascade's launches on a GPU: [shared prefix (a side stream), suffix..., merge (joins), ...];
+        # join is the first merge's index (0: one stream, in order)
+        self.join = join
 
 
 class PagedAttention:
@@ -186,6 +189,7 @@ class PagedAttention:
     cascade_prefix_splits: int | None = None  # None: chosen to fill the GPU
     _cascade: sharing.Cascade | None = None
     _cascade_why = "not planned"
+    _side_stream: torch.cuda.Stream | None = None  # the cascade's shared-prefix launches (GPU)
     # one-shot calls set these: their bindings go to (and come from) the shared cache; in checked
     # mode, whether run() scans the cache (False: the caller proved the reads, `attention`)
     _share_bindings = False
@@ -615,9 +619,32 @@ class PagedAttention:
             q = q.view(torch.uint8)
         ptrs = (pq, po, pk, pv, pkn, pvn, *sptrs)
         tensors = (q, o, k_cache, v_cache, q if k_new is None else k_new, q if v_new is None else v_new, *scales)
-        for launch in binding.launches:
-            launch(ptrs, tensors)
+        if binding.join:
+            self._run_overlapped(binding, ptrs, tensors)
+        else:
+            for launch in binding.launches:
+                launch(ptrs, tensors)
         return out
+
+    def _run_overlapped(self, binding, ptrs, tensors) -> None:
+        """A cascade on a GPU: the shared prefix (compute-bound) on a side stream while the
+        suffix (bandwidth-bound) runs on the current one; the merge waits for both. The side
+        stream first waits for everything queued before (the inputs, and an earlier layer's merge
+        still reading the prefix workspace this launch overwrites). Capturable: the fork and the
+        join are event waits, which a CUDA graph records as edges."""
+        main = torch.cuda.current_stream(self.device)
+        side = self._side_stream
+        if side is None:
+            side = self._side_stream = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        launches, join = binding.launches, binding.join
+        with torch.cuda.stream(side):
+            launches[0](ptrs, tensors)
+        for launch in launches[1:join]:
+            launch(ptrs, tensors)
+        main.wait_stream(side)
+        for launch in launches[join:]:
+            launch(ptrs, tensors)
 
     def _run_scales(self, k_scale, v_scale, q_scale, out_scale) -> tuple:
         """The scales a run() reads, its own where given, and their addresses. An engine passes
@@ -801,7 +828,10 @@ class PagedAttention:
             fp8_pv=self.fp8_pv,
             partials=merge,
         )
-        return _Binding(launches, spans, fp8)
+        join = 0
+        if prefix and self.device.type == "cuda" and not unified.interpreter_enabled():
+            join = next(i for i, launch in enumerate(launches) if launch.kernel is cascade_kernels.MERGE)
+        return _Binding(launches, spans, fp8, join=join)
 
     def _check_reads(self, k_cache, v_cache) -> None:
         from . import checks  # checked mode only

@@ -12,10 +12,12 @@ TOLERANCES = {
     torch.float32: (2e-5, 2e-5),
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.5e-2, 1.5e-2),
-    # an fp8 (e4m3) output, compared in its own units (out / out_scale): rounding to 3 mantissa bits
-    # is off by up to 2^-4 relative (2^-10 absolute among subnormals), a pre-rounding difference in
-    # the last fp32 bits can move it by one step more; a wrong scale misses by far more
-    torch.float8_e4m3fn: (1.5e-2, 1e-1),
+    # an fp8 (e4m3) output, compared dequantized (out * out_scale): rounding to 3 mantissa bits is
+    # off by up to 2^-4 relative, and the fp16/bf16 arithmetic before it (~2^-8) can move a value
+    # near a rounding boundary to the next step: up to 2^-3 relative at the bottom of a binade
+    # (H200 run of 2026-11-28: rtol 0.1 failed 0.14% of a 1.5M-element output by exactly one
+    # step). Small values: bf16's atol. A wrong out_scale misses by 2x or more.
+    torch.float8_e4m3fn: (1.5e-2, 1.5e-1),
 }
 
 # fp8 queries against a reference computed from the *unquantized* queries (and K/V): the

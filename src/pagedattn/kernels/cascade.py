@@ -298,7 +298,7 @@ def _cascade_merge_kernel(
 # launchers
 # ---------------------------------------------------------------------------------------------
 _PREFIX = FastKernel(_prefix_kernel)
-_MERGE = FastKernel(_cascade_merge_kernel)
+MERGE = FastKernel(_cascade_merge_kernel)  # the planner joins its streams before it
 # the per-call tensors of the prefix launch: q, k_cache, v_cache (and k_scale, v_scale over fp8 caches)
 _PER_CALL = ("q_ptr", "k_cache_ptr", "v_cache_ptr", "k_scale_ptr", "v_scale_ptr")
 PREFIX_SLOTS = tuple(_prefix_kernel.arg_names.index(name) for name in _PER_CALL)
@@ -452,6 +452,6 @@ def bind_cascade(
             num_warps=4,
         )
         grid = (num_tokens, triton.cdiv(num_q_heads, heads))
-        return BoundLaunch(_MERGE, grid, merge_args, (0,), merge_kwargs, uses=(1,))
+        return BoundLaunch(MERGE, grid, merge_args, (0,), merge_kwargs, uses=(1,))
 
     return prefix, merge
