@@ -167,8 +167,9 @@ class PagedAttention:
     backend : {"auto", "triton", "reference"}
     fp8_pv : bool
         fp8 q over an e4m3 cache, on a GPU with fp8 tensor cores: run P.V on them too, with P
-        quantized to e4m3 (FlashAttention-3's fp8 mode). Faster prefill; accuracy within vLLM's
-        fp8 tolerance (`tolerances.FP8_QUERY_TOLERANCE`) rather than the output dtype's. Default off.
+        quantized to e4m3 (FlashAttention-3's fp8 mode). Experimental, default off: on the H200
+        (2026-11-29) the 4k prefill ran 0.61x the bf16 speed with fp8_pv and its max error (0.22)
+        exceeded vLLM's fp8 tolerance (0.15); without it fp8 q is within tolerance (BENCHMARKS.md).
     cuda_graph : bool
         Capturable runs that stay valid across plans: plan() copies the metadata into buffers this
         object owns (allocated by the first plan), and the launches depend on shapes and bounds
