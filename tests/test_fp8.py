@@ -482,6 +482,7 @@ def _planner(**changes):
         (dict(options=dict(v_scale=torch.tensor([1.0, math.inf]))), ScaleError, r"v_scale\[1\] must be finite"),
         (dict(options=dict(k_scale=torch.ones(2, dtype=torch.int32))), ScaleError, "floating-point"),
         (dict(options=dict(q_scale=torch.ones(1, device="meta"))), DeviceError, "q_scale is on meta"),
+        (dict(fp8_pv="yes"), UnsupportedConfigError, "fp8_pv must be True or False, got 'yes'"),
     ],
 )
 def test_bad_fp8_configurations(changes, error, words):

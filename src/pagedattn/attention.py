@@ -91,7 +91,16 @@ def paged_attention(
     (one device sync without host copies) and every cache position the kernel will read is proved
     to hold no poison. `validate=False` skips value validation (see the module docstring)."""
     options = AttentionOptions(
-        scale, sliding_window, alibi_slopes, softcap, sinks, k_scale, v_scale, kv_layout, q_scale, out_scale
+        scale=scale,
+        sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        sinks=sinks,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        kv_layout=kv_layout,
+        q_scale=q_scale,
+        out_scale=out_scale,
     )
     return _plan_and_run(
         "full",
@@ -152,7 +161,16 @@ def prefix_prefill(
     instead read all seq_len tokens from the cache (vLLM's chunked_prefill_paged_decode), so their
     own K/V must already be in the cache: exactly the contract the seed's test broke."""
     options = AttentionOptions(
-        scale, sliding_window, alibi_slopes, softcap, sinks, k_scale, v_scale, kv_layout, q_scale, out_scale
+        scale=scale,
+        sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        sinks=sinks,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        kv_layout=kv_layout,
+        q_scale=q_scale,
+        out_scale=out_scale,
     )
     return _plan_and_run(
         "context",

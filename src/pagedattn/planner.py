@@ -253,7 +253,9 @@ class PagedAttention:
         self.decode_from_cache = bool(decode_from_cache) and contract == "context"
         self.checked = checked_default(checked)
         self.cuda_graph = bool(cuda_graph)
-        self.fp8_pv = bool(fp8_pv)
+        if not isinstance(fp8_pv, bool):
+            raise UnsupportedConfigError(f"fp8_pv must be True or False, got {fp8_pv!r}")
+        self.fp8_pv = fp8_pv
         self.fp8 = self.kv_cache_dtype in FP8_DTYPES
         self.scale = 1.0 / math.sqrt(head_size) if options.scale is None else float(options.scale)
         self._kernel_options = dict(
