@@ -320,8 +320,9 @@ def test_write_per_head_scales(monkeypatch, kernel):
     v = torch.randn(6, heads, d, device=DEVICE) * 3
     k[3, 1, 5] = float("nan")
     k[4, 0, 0] = 1e6  # saturates
-    k_cache = torch.zeros(4, 4, heads, d, dtype=E4M3, device=DEVICE)
-    v_cache = torch.zeros(4, 4, heads, d, dtype=E4M3, device=DEVICE)
+    # poisoned (e4m3 NaN bytes): slots the write must not touch keep it
+    k_cache = torch.full((4, 4, heads, d), 0x7F, dtype=torch.uint8, device=DEVICE).view(E4M3)
+    v_cache = k_cache.clone()
     ks = torch.tensor([0.05, 0.2, 1.3], device=DEVICE)
     slots = torch.tensor([0, 5, -1, 9, 15, 2], device=DEVICE)
     write_kv(k, v, k_cache, v_cache, slots, k_scale=ks, v_scale=0.07)
@@ -331,6 +332,10 @@ def test_write_per_head_scales(monkeypatch, kernel):
     got_k = k_cache.view(torch.uint8).view(-1, heads, d)[slots[kept]]
     got_v = v_cache.view(torch.uint8).view(-1, heads, d)[slots[kept]]
     assert torch.equal(got_k, want_k.view(torch.uint8)) and torch.equal(got_v, want_v.view(torch.uint8))
+    untouched = torch.ones(16, dtype=torch.bool, device=DEVICE)
+    untouched[slots[kept]] = False
+    for cache in (k_cache, v_cache):
+        assert bool((cache.view(torch.uint8).view(16, heads, d)[untouched] == 0x7F).all()), "a slot not written changed"
 
 
 def test_write_per_head_scale_errors():
@@ -371,8 +376,8 @@ def test_compat_reshape_and_cache_flash_per_head_scales():
     heads, d = 2, 32
     key = torch.randn(5, heads, d, device=DEVICE).to(torch.bfloat16)
     value = torch.randn(5, heads, d, device=DEVICE).to(torch.bfloat16)
-    kc = torch.zeros(3, 16, heads, d, dtype=torch.uint8, device=DEVICE)
-    vc = torch.zeros_like(kc)
+    kc = torch.full((3, 16, heads, d), 0x7F, dtype=torch.uint8, device=DEVICE)  # e4m3 NaN: poison
+    vc = kc.clone()
     ks, vs = torch.tensor([0.02, 0.05], device=DEVICE), torch.tensor([0.03, 0.01], device=DEVICE)
     slots = torch.tensor([3, 17, -1, 40, 0], device=DEVICE)
     vllm.reshape_and_cache_flash(key, value, kc, vc, slots, "fp8", ks, vs)
@@ -381,6 +386,10 @@ def test_compat_reshape_and_cache_flash_per_head_scales():
     assert torch.equal(kc.view(-1, heads, d)[slots[kept]], want)
     want = (value[kept].float() / vs.reshape(1, -1, 1)).clamp(-448, 448).to(E4M3).view(torch.uint8)
     assert torch.equal(vc.view(-1, heads, d)[slots[kept]], want)
+    untouched = torch.ones(48, dtype=torch.bool, device=DEVICE)
+    untouched[slots[kept]] = False
+    for cache in (kc, vc):
+        assert bool((cache.view(48, heads, d)[untouched] == 0x7F).all()), "a slot not written changed"
 
 
 # ---------------------------------------------------------------------------------------------
