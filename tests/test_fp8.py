@@ -457,6 +457,129 @@ def test_compat_unified_attention_fp8_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# vLLM's context ops (older cache layout): fp8_out_scale / output_scale
+# ---------------------------------------------------------------------------------------------
+CTX3 = BatchShape((5, 1, 3), (3, 20, 0))  # prefill over a cached prefix, decode, fresh prefill
+KV_CACHE_DTYPE = {"bf16": "auto", "e4m3": "fp8", "e4m3-head": "fp8", "e5m2": "fp8_e5m2", "e5m2-head": "fp8_e5m2"}
+
+
+def _older_layout(cache: torch.Tensor, which: str) -> torch.Tensor:
+    """An nhd cache [num_blocks, block_size, num_kv_heads, head_size] in vLLM's older layout, fp8 as
+    uint8 storage (as vLLM allocates it): k [nb, kvh, d // x, bs, x] (x = 16 bytes), v [nb, kvh, d, bs]."""
+    if cache.dtype in (E4M3, torch.float8_e5m2):
+        cache = cache.view(torch.uint8)
+    nb, bs, kvh, d = cache.shape
+    if which == "v":
+        return cache.permute(0, 2, 3, 1).contiguous()
+    x = 16 // cache.element_size()
+    while d % x:
+        x //= 2
+    return cache.reshape(nb, bs, kvh, d // x, x).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def _context_op_call(c: Case, cache: str, out, *, op: str, **changes):
+    """context_attention_fwd or chunked_prefill_paged_decode, called positionally as vLLM does;
+    `changes` by the op's own argument names (fp8_out_scale / output_scale, q / query, ...)."""
+    x = c.x
+    q_name, out_name = ("q", "o") if op == "context" else ("query", "output")
+    scales = (c.k_scale, c.v_scale) if c.k_scale is not None else (torch.tensor(1.0), torch.tensor(1.0))
+    args = {
+        q_name: c.q,
+        "k": x.k_new,
+        "v": x.v_new,
+        out_name: out,
+        "kv_cache_dtype": KV_CACHE_DTYPE[cache],
+        "k_cache": _older_layout(c.k_cache, "k"),
+        "v_cache": _older_layout(c.v_cache, "v"),
+        "block_table": x.block_table,
+        "cu_seqlens_q": x.cu_seqlens_q,
+        "seq_lens": x.seq_lens,
+        "max_seq_len": x.max_seq_len,
+        "max_query_len": x.max_query_len,
+        "k_scale": scales[0],
+        "v_scale": scales[1],
+    }
+    if q_name in changes:
+        args[q_name] = changes.pop(q_name)
+    positional = list(args.values())
+    fn = vllm.context_attention_fwd if op == "context" else vllm.chunked_prefill_paged_decode
+    return fn(*positional, **changes)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("skip_decode", [False, True], ids=["all-rows", "skip_decode"])
+def test_compat_context_attention_fwd_fp8_out_scale(skip_decode):
+    """o in e4m3 holds attention / fp8_out_scale (per-KV-head e4m3 cache, bf16 q); with
+    skip_decode=True the decode rows keep their bytes exactly and every other row is written."""
+    c = _case(SMALL, CTX3, "context", "e4m3-head", seed=11, q_dtype=torch.bfloat16)
+    shape = tuple(c.q.shape)
+    if skip_decode:  # random finite e4m3 bytes: anything the kernel or the restore wrote shows
+        sentinel = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 50).to(E4M3).to(c.q.device)
+        out = sentinel.clone()
+    else:
+        out = _poisoned(shape, E4M3, c.q.device)
+    scale = torch.tensor([OUT_SCALE], device=c.q.device)
+    assert _context_op_call(c, "e4m3-head", out, op="context", fp8_out_scale=scale, skip_decode=skip_decode) is out
+    ref = _reference(c)
+    if not skip_decode:
+        _check(out, ref, E4M3, "context_attention_fwd fp8 o")
+        return
+    decode = torch.zeros(shape[0], dtype=torch.bool, device=c.q.device)
+    decode[5] = True  # the decode sequence's one token
+    bits = out.view(torch.uint8)
+    assert torch.equal(bits[decode], sentinel.view(torch.uint8)[decode]), (
+        "skip_decode=True must leave the decode rows of an fp8 o untouched"
+    )
+    _check(bits[~decode].view(E4M3), ref[~decode], E4M3, "context_attention_fwd fp8 o, skip_decode")
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("cache", ["e5m2", "bf16"])
+def test_compat_chunked_prefill_paged_decode_output_scale(cache):
+    """A mixed batch (prefill over a prefix, decode reading its own token from the cache, fresh
+    prefill) into an e4m3 output holding attention / output_scale; output_scale a float or a tensor."""
+    c = _case(SMALL, CTX3, "context-decode", cache, seed=12, q_dtype=torch.bfloat16)
+    out = _poisoned(tuple(c.q.shape), E4M3, c.q.device)
+    scale = OUT_SCALE if cache == "bf16" else torch.tensor([OUT_SCALE], device=c.q.device)
+    assert _context_op_call(c, cache, out, op="chunked", output_scale=scale) is out
+    _check(out, _reference(c), E4M3, f"chunked_prefill_paged_decode {cache} -> fp8 output")
+
+
+@pytest.mark.parametrize("op", ["context", "chunked"])
+def test_compat_context_ops_fp8_output_errors(op, monkeypatch):
+    """Each bad fp8 output argument is refused by name, before anything is launched."""
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel was launched for a bad call")
+
+    monkeypatch.setattr(vllm, "prefix_prefill", launched)
+    c = _case(SMALL, CTX3, "context", "e4m3", device="cpu", q_dtype=torch.bfloat16)
+    shape = tuple(c.q.shape)
+    out8, out16 = _poisoned(shape, E4M3, "cpu"), _poisoned(shape, torch.bfloat16, "cpu")
+    scale, out, q = ("fp8_out_scale", "o", "q") if op == "context" else ("output_scale", "output", "query")
+    good = torch.tensor([OUT_SCALE])
+    cases = [
+        (dict(out=out16, scale=good), UnsupportedConfigError, f"{scale} needs an fp8 {out} .*bfloat16"),
+        (dict(out=_poisoned(shape, torch.float8_e5m2, "cpu"), scale=good), UnsupportedConfigError, "float8_e5m2"),
+        (dict(out=out8, scale=None), ScaleError, f"{out} is torch.float8_e4m3fn: {scale} is required"),
+        (dict(out=out8, scale=torch.tensor([0.1, 0.2])), ScaleError, f"{scale} must hold one per-tensor scale"),
+        (dict(out=out8, scale=torch.tensor([1], dtype=torch.int32)), ScaleError, f"{scale} must be a floating-point"),
+        (dict(out=out8, scale=torch.tensor([-1.0])), ScaleError, f"{scale} must be finite and > 0"),
+        (dict(out=out8, scale=float("nan")), ScaleError, f"{scale} must be finite and > 0"),
+        (dict(out=out8, scale="0.1x"), ScaleError, f"{scale} must be a float or a one-element tensor"),
+        (dict(out=out8, scale=good, q=_e4m3(c.q, Q_SCALE)), UnsupportedConfigError, f"{q} is torch.float8_e4m3fn"),
+    ]
+    if torch.cuda.is_available():
+        cases.append((dict(out=out8, scale=good.cuda()), DeviceError, f"{scale} is on cuda"))
+    for change, error, words in cases:
+        extra = {scale: change["scale"]}
+        if "q" in change:
+            extra[q] = change["q"]
+        with pytest.raises(error, match=words):
+            _context_op_call(c, "e4m3", change["out"], op=op, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
 # bad inputs: each names the argument, before any launch
 # ---------------------------------------------------------------------------------------------
 def _planner(**changes):

@@ -13,7 +13,7 @@ import pagedattn
 import pagedattn.ops as ops
 from pagedattn import dispatch
 from pagedattn.config import AttentionConfig, BatchShape
-from pagedattn.errors import ShapeError
+from pagedattn.errors import DTypeError, ScaleError, ShapeError
 from pagedattn.testing import DEVICE, make_inputs
 
 MIXED = BatchShape((5, 1, 9, 1), (11, 40, 0, 3))  # prefill with and without prefix, decodes
@@ -75,13 +75,15 @@ EXPECTED_SCHEMAS = {
     "paged_attention": "pagedattn::paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
     "Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_table, Tensor(a6!) out, "
     "Tensor? alibi_slopes=None, Tensor? sinks=None, Tensor? k_scale=None, "
-    "Tensor? v_scale=None, *, SymInt? max_query_len=None, SymInt? max_seq_len=None, "
+    "Tensor? v_scale=None, Tensor? q_scale=None, Tensor? out_scale=None, *, "
+    "SymInt? max_query_len=None, SymInt? max_seq_len=None, "
     "float? scale=None, SymInt? sliding_window=None, float? softcap=None, "
     'str kv_layout="nhd", str backend="auto", bool checked=False, bool? validate=None) -> ()',
     "prefix_prefill": "pagedattn::prefix_prefill(Tensor q, Tensor k_new, Tensor v_new, Tensor k_cache, "
     "Tensor v_cache, Tensor cu_seqlens_q, Tensor seq_lens, Tensor block_table, "
     "Tensor(a8!) out, Tensor? alibi_slopes=None, Tensor? sinks=None, "
-    "Tensor? k_scale=None, Tensor? v_scale=None, *, bool decode_from_cache=False, "
+    "Tensor? k_scale=None, Tensor? v_scale=None, Tensor? q_scale=None, "
+    "Tensor? out_scale=None, *, bool decode_from_cache=False, "
     "SymInt? max_query_len=None, SymInt? max_seq_len=None, float? scale=None, "
     'SymInt? sliding_window=None, float? softcap=None, str kv_layout="nhd", '
     'str backend="auto", bool checked=False, bool? validate=None) -> ()',
@@ -182,6 +184,41 @@ def test_opcheck_prefix_prefill(decode_from_cache):
     )
 
 
+E4M3 = torch.float8_e4m3fn
+
+
+def fp8_inputs(contract: str):
+    """bf16 inputs with q quantized to e4m3 (real q = q8 * 0.05), the scales as op tensors."""
+    x = make_inputs(AttentionConfig(4, 2, 16, 8, torch.bfloat16), MIXED, device=DEVICE, contract=contract, seed=4)
+    q_scale = torch.tensor([0.05], device=DEVICE)
+    out_scale = torch.tensor([0.02], device=DEVICE)  # |out| <~ 4: / 0.02 stays inside e4m3's 448
+    return x, (x.q.float() / q_scale).to(E4M3), q_scale, out_scale
+
+
+@pytest.mark.parametrize("op", ["paged_attention", "prefix_prefill"])
+def test_opcheck_fp8_q_and_out(op):
+    """fp8 q (q_scale) into an fp8 output (out_scale) through each attention op; the op's result
+    is the plain function's, bit for bit."""
+    contract = "full" if op == "paged_attention" else "context"
+    x, q8, q_scale, out_scale = fp8_inputs(contract)
+    out = torch.full(x.q.shape, 0x7F, dtype=torch.uint8, device=DEVICE).view(E4M3)  # e4m3 NaN
+    new = (x.k_new, x.v_new) if contract == "context" else ()
+    metadata = (x.cu_seqlens_q, x.seq_lens, x.block_table)
+    kwargs = dict(max_query_len=x.max_query_len, max_seq_len=x.max_seq_len)
+    args = (q8, *new, x.k_cache, x.v_cache, *metadata, out, None, None, None, None, q_scale, out_scale)
+    torch.library.opcheck(ops.OPS[op], args, kwargs, test_utils=checks_for(q8))  # on copies of args
+    ops.OPS[op](*args, **kwargs)
+    assert not out.float().isnan().any(), "every element of out written"
+    plain = getattr(pagedattn, op)
+    scales = dict(q_scale=q_scale, out_scale=out_scale)
+    want = plain(q8, *new, x.k_cache, x.v_cache, *metadata, **scales, out=out.clone(), **kwargs)
+    assert same(out, want)
+    # the wrapper: float scales, and for fp8 q with no `out`, a bf16 output (the planner's default)
+    got = getattr(ops, op)(q8, *new, x.k_cache, x.v_cache, *metadata, q_scale=0.05, **kwargs)
+    assert got.dtype == torch.bfloat16
+    assert same(got, plain(q8, *new, x.k_cache, x.v_cache, *metadata, q_scale=0.05, **kwargs))
+
+
 def test_fake_impls_check_shapes():
     """Tracing with a wrong `out` or slot_mapping fails at trace time, naming the argument."""
     with FakeTensorMode():
@@ -195,6 +232,16 @@ def test_fake_impls_check_shapes():
         ops.paged_attention_op(q, cache, cache, *meta, torch.empty(6, 4, 16))  # fine: no data read
         with pytest.raises(ShapeError, match="out must have q's shape"):
             ops.paged_attention_op(q, cache, cache, *meta, torch.empty(5, 4, 16))
+        # fp8 q / out: out may differ from q's dtype, and each fp8 tensor needs its scale
+        q8, out8, s = q.to(E4M3), torch.empty(6, 4, 16, dtype=E4M3), torch.empty(1)
+        ops.paged_attention_op(q8, cache, cache, *meta, torch.empty(6, 4, 16, dtype=torch.bfloat16), q_scale=s)
+        ops.paged_attention_op(q, cache, cache, *meta, out8, out_scale=s)
+        with pytest.raises(ScaleError, match="out is torch.float8_e4m3fn: out_scale is required"):
+            ops.paged_attention_op(q, cache, cache, *meta, out8)
+        with pytest.raises(ScaleError, match="q is torch.float8_e4m3fn: q_scale is required"):
+            ops.paged_attention_op(q8, cache, cache, *meta, out8, out_scale=s)
+        with pytest.raises(DTypeError, match="out must have q's dtype"):
+            ops.paged_attention_op(q, cache, cache, *meta, torch.empty(6, 4, 16, dtype=torch.float16))
         kv = torch.empty(6, 2, 16)
         with pytest.raises(ShapeError, match="slot_mapping must have num_tokens = 6"):
             ops.write_kv_op(kv, kv, cache, cache.clone(), torch.empty(5, dtype=torch.int64))

@@ -10,7 +10,8 @@ does not: the registration is global state and an engine asks for it):
         ScalarType? fp8_dtype=None, bool checked=False) -> ()
     pagedattn::paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q,
         Tensor seq_lens, Tensor block_table, Tensor(a!) out, Tensor? alibi_slopes=None,
-        Tensor? sinks=None, Tensor? k_scale=None, Tensor? v_scale=None, *,
+        Tensor? sinks=None, Tensor? k_scale=None, Tensor? v_scale=None, Tensor? q_scale=None,
+        Tensor? out_scale=None, *,
         SymInt? max_query_len=None, SymInt? max_seq_len=None, float? scale=None,
         SymInt? sliding_window=None, float? softcap=None, str kv_layout="nhd",
         str backend="auto", bool checked=False, bool? validate=None) -> ()
@@ -27,8 +28,10 @@ so torch.compile traces a model step through them without running a kernel or re
 
 Differences from the plain functions, all forced by the op schema language:
 - fp8 scales are one-element float32 tensors on the cache's device (as vLLM's ops take them), or
-  [num_kv_heads] ones (one scale per KV head). The wrappers turn a float into such a tensor; under
-  CUDA-graph capture pass tensors made once.
+  [num_kv_heads] ones (one scale per KV head) for k_scale / v_scale. The wrappers turn a float into
+  such a tensor; under CUDA-graph capture pass tensors made once. As in the plain functions, q may
+  be float8_e4m3fn with q_scale (real q = q * q_scale; `out` then any float dtype, bf16 when the
+  wrapper allocates it) and `out` may be float8_e4m3fn with out_scale (it holds out / out_scale).
 - `query_lens_host` is not an op argument: a host tuple that changes every step would be a
   recompilation guard under torch.compile, and a captured graph cannot skip launches anyway.
 - Optional tensors come before the keyword-only options (custom ops take no keyword-only tensors).
@@ -44,11 +47,12 @@ from torch import Tensor
 from .attention import paged_attention as _paged_attention
 from .attention import prefix_prefill as _prefix_prefill
 from .config import FP8_DTYPES
-from .errors import DTypeError, ShapeError
+from .errors import DTypeError, ScaleError, ShapeError
 from .kernels.write import resolve_fp8_dtype
 from .kernels.write import write_kv as _write_kv
 
 NAMESPACE = "pagedattn"
+FP8_E4M3 = torch.float8_e4m3fn  # fp8 queries and outputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +89,8 @@ def paged_attention_op(
     sinks: Tensor | None = None,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    q_scale: Tensor | None = None,
+    out_scale: Tensor | None = None,
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
@@ -112,6 +118,8 @@ def paged_attention_op(
         sinks=sinks,
         k_scale=k_scale,
         v_scale=v_scale,
+        q_scale=q_scale,
+        out_scale=out_scale,
         out=out,
         kv_layout=kv_layout,
         backend=backend,
@@ -135,6 +143,8 @@ def prefix_prefill_op(
     sinks: Tensor | None = None,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    q_scale: Tensor | None = None,
+    out_scale: Tensor | None = None,
     *,
     decode_from_cache: bool = False,
     max_query_len: int | None = None,
@@ -166,6 +176,8 @@ def prefix_prefill_op(
         sinks=sinks,
         k_scale=k_scale,
         v_scale=v_scale,
+        q_scale=q_scale,
+        out_scale=out_scale,
         out=out,
         kv_layout=kv_layout,
         backend=backend,
@@ -199,36 +211,79 @@ def _write_kv_fake(
         raise ShapeError(f"slot_mapping must have num_tokens = {k.shape[0]} entries, got {slot_mapping.shape[0]}")
 
 
-def _fake_attention(q, out) -> None:
+def _fake_attention(q, out, q_scale, out_scale) -> None:
+    """out like q; in q's dtype unless q or out is fp8 (e4m3), whose scale must then be given."""
     _fake_check("q", q, 3)
     if out.shape != q.shape:
         raise ShapeError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-    if out.dtype != q.dtype:
-        raise DTypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
+    if FP8_E4M3 not in (q.dtype, out.dtype) and out.dtype != q.dtype:
+        raise DTypeError(f"out must have q's dtype {q.dtype} (or be float8_e4m3fn with out_scale), got {out.dtype}")
+    for name, t, scale in (("q", q, q_scale), ("out", out, out_scale)):
+        if t.dtype == FP8_E4M3 and scale is None:
+            raise ScaleError(f"{name} is {t.dtype}: {name}_scale is required")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::paged_attention")
-def _paged_attention_fake(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, *args, **kwargs) -> None:
-    _fake_attention(q, out)
+def _paged_attention_fake(
+    q,
+    k_cache,
+    v_cache,
+    cu_seqlens_q,
+    seq_lens,
+    block_table,
+    out,
+    alibi_slopes=None,
+    sinks=None,
+    k_scale=None,
+    v_scale=None,
+    q_scale=None,
+    out_scale=None,
+    **kwargs,
+) -> None:
+    _fake_attention(q, out, q_scale, out_scale)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::prefix_prefill")
 def _prefix_prefill_fake(
-    q, k_new, v_new, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, out, *args, **kwargs
+    q,
+    k_new,
+    v_new,
+    k_cache,
+    v_cache,
+    cu_seqlens_q,
+    seq_lens,
+    block_table,
+    out,
+    alibi_slopes=None,
+    sinks=None,
+    k_scale=None,
+    v_scale=None,
+    q_scale=None,
+    out_scale=None,
+    **kwargs,
 ) -> None:
-    _fake_attention(q, out)
+    _fake_attention(q, out, q_scale, out_scale)
 
 
 # ---------------------------------------------------------------------------------------------
 # Python wrappers with the library's signatures (traced through by torch.compile)
 # ---------------------------------------------------------------------------------------------
-def _scale_arg(scale, cache: Tensor, device: torch.device) -> Tensor | None:
-    """A scale as the ops take it: a float32 tensor for an fp8 cache, None otherwise (ignored)."""
+def _scale_arg(scale, tensor: Tensor, device: torch.device) -> Tensor | None:
+    """A scale as the ops take it: a float32 tensor when `tensor` (the cache for k/v scales, q or
+    out for theirs) is fp8, None otherwise (ignored)."""
     if scale is None or isinstance(scale, Tensor):
         return scale
-    if cache.dtype not in FP8_DTYPES and cache.dtype != torch.uint8:
+    if tensor.dtype not in FP8_DTYPES and tensor.dtype != torch.uint8:
         return None
     return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+
+
+def _out_arg(q: Tensor, out: Tensor | None) -> Tensor:
+    """`out` as given, or allocated NaN like q (bf16 for fp8 q, the planner's default), so rows no
+    sequence covers (unvalidated offsets) stay NaN, never leftovers."""
+    if out is not None:
+        return out
+    return torch.full(q.shape, float("nan"), dtype=torch.bfloat16 if q.dtype == FP8_E4M3 else q.dtype, device=q.device)
 
 
 def write_kv(
@@ -273,12 +328,13 @@ def paged_attention(
     sinks: Tensor | None = None,
     k_scale: float | Tensor | None = None,
     v_scale: float | Tensor | None = None,
+    q_scale: float | Tensor | None = None,
+    out_scale: float | Tensor | None = None,
     **options,
 ) -> Tensor:
     """`pagedattn.paged_attention` through `torch.ops.pagedattn.paged_attention`; returns `out`
-    (allocated like q when not given). `options`: the op's keyword-only arguments."""
-    # rows no sequence covers (unvalidated offsets) stay NaN, never leftovers
-    out = torch.full_like(q, float("nan")) if out is None else out
+    (allocated like q when not given, bf16 for fp8 q). `options`: the op's keyword-only arguments."""
+    out = _out_arg(q, out)
     paged_attention_op(
         q,
         k_cache,
@@ -291,6 +347,8 @@ def paged_attention(
         sinks,
         _scale_arg(k_scale, k_cache, q.device),
         _scale_arg(v_scale, k_cache, q.device),
+        _scale_arg(q_scale, q, q.device),
+        _scale_arg(out_scale, out, q.device),
         **options,
     )
     return out
@@ -311,11 +369,12 @@ def prefix_prefill(
     sinks: Tensor | None = None,
     k_scale: float | Tensor | None = None,
     v_scale: float | Tensor | None = None,
+    q_scale: float | Tensor | None = None,
+    out_scale: float | Tensor | None = None,
     **options,
 ) -> Tensor:
     """`pagedattn.prefix_prefill` through `torch.ops.pagedattn.prefix_prefill`; returns `out`."""
-    # rows no sequence covers (unvalidated offsets) stay NaN, never leftovers
-    out = torch.full_like(q, float("nan")) if out is None else out
+    out = _out_arg(q, out)
     prefix_prefill_op(
         q,
         k_new,
@@ -330,6 +389,8 @@ def prefix_prefill(
         sinks,
         _scale_arg(k_scale, k_cache, q.device),
         _scale_arg(v_scale, k_cache, q.device),
+        _scale_arg(q_scale, q, q.device),
+        _scale_arg(out_scale, out, q.device),
         **options,
     )
     return out

@@ -21,6 +21,9 @@ Conventions mapped onto pagedattn's:
 - fp8 caches may come as torch.uint8 storage, with kv_cache_dtype "fp8"/"fp8_e4m3"/"fp8_e5m2";
   they are viewed as the torch fp8 dtype. Scales (floats, 1-element tensors, or vLLM's expanded
   per-(seq, kv head) tensors holding one value) are only read for fp8 caches, as in vLLM.
+- fp8 outputs (all three attention ops): fp8_out_scale / output_scale given means the output is
+  torch.float8_e4m3fn and holds attention / scale, saturated to +-448 (vLLM's kernels store
+  acc * (1 / scale) clamped to the fp8 range). A scale without an fp8 output is refused.
 - Where vLLM asserts, a `pagedattn.errors` exception names the argument, the expectation and
   the value. Differences from vLLM, on purpose: ALiBi and a sliding window given together both
   apply on every row (vLLM's prefill path drops the window); the context ops ignore max_seq_len
@@ -160,6 +163,32 @@ def _scales(k_cache, k_scale, v_scale, k_name="k_scale", v_name="v_scale", num_k
     return _per_tensor_scale(k_name, k_scale, num_kv_heads), _per_tensor_scale(v_name, v_scale, num_kv_heads)
 
 
+def _fp8_output(fn: str, out, out_name: str, scale, scale_name: str):
+    """vLLM's fp8 output: `out` is torch.float8_e4m3fn and holds attention / scale, saturated to
+    +-448 (vLLM's kernels store acc * (1 / scale) clamped to the fp8 range). Returns the scale as
+    pagedattn's out_scale (None for an output that is not fp8). Refused by name, before any launch:
+    a scale without an fp8 output, an fp8 output without a scale, a scale that is not one positive
+    float value (a float or a 1-element floating tensor on out's device or the CPU)."""
+    out_fp8 = isinstance(out, torch.Tensor) and out.dtype == torch.float8_e4m3fn
+    if scale is not None and not out_fp8:
+        raise UnsupportedConfigError(
+            f"{fn}: {scale_name} needs an fp8 {out_name} (torch.float8_e4m3fn, holding attention / "
+            f"{scale_name}); got {out_name} of dtype {getattr(out, 'dtype', type(out).__name__)}"
+        )
+    if not out_fp8:
+        return None
+    if scale is None:
+        raise ScaleError(
+            f"{fn}: {out_name} is {out.dtype}: {scale_name} is required ({out_name} holds attention / {scale_name})"
+        )
+    scale = _per_tensor_scale(scale_name, scale)
+    try:
+        check_scale(scale_name, scale, out.device)
+    except PagedAttentionError as e:
+        raise type(e)(f"{fn}: {e}") from e
+    return scale
+
+
 def _int32(name: str, t) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -259,12 +288,21 @@ def _context(
     sm_scale,
     sinks,
     decode_from_cache,
+    out_scale=None,
     skip_decode=False,
     checked=None,
     validate=None,
 ):
     """The shared body of context_attention_fwd and chunked_prefill_paged_decode; `names` maps
-    pagedattn's argument names to the caller's."""
+    pagedattn's argument names to the caller's. `out_scale`: the caller's fp8 output scale (o /
+    output), checked here and passed on as pagedattn's out_scale."""
+    q_name, out_name = names.get("q", "q"), names["out"]
+    if isinstance(q, torch.Tensor) and q.dtype in FP8_DTYPES:
+        raise UnsupportedConfigError(
+            f"{fn}: {q_name} is {q.dtype}: fp8 queries are not supported here (vLLM's op takes no query "
+            f"scale); pass {q_name} in the model dtype, or use unified_attention with q_descale"
+        )
+    out_scale = _fp8_output(fn, o, out_name, out_scale, names["out_scale"])
     k_cache, v_cache = _cache_views(
         kv_cache_dtype, k_cache, v_cache, fn, (names.get("k_cache", "k_cache"), names.get("v_cache", "v_cache"))
     )
@@ -308,14 +346,16 @@ def _context(
             sinks=_float32("sinks", sinks),
             k_scale=k_scale,
             v_scale=v_scale,
+            out_scale=out_scale,
             out=o,
             kv_layout="vllm_v0",
             checked=checked,
             validate=validate,
         )
-    if saved is not None:
+    if saved is not None:  # fp8 rows restored bit for bit, as bytes
         decode = _decode_rows(query_start_loc, o.shape[0])
-        o.copy_(torch.where(decode[:, None, None], saved, o))
+        bits, saved = (o.view(torch.uint8), saved.view(torch.uint8)) if out_scale is not None else (o, saved)
+        bits.copy_(torch.where(decode[:, None, None], saved, bits))
     return o
 
 
@@ -355,11 +395,24 @@ def context_attention_fwd(
     sequences with query_len == 1 are left as they were in `o` (this costs one copy of `o`: the
     kernels write every row). Writes `o` and returns it.
 
-    Refused: fp8_out_scale (fp8 output), is_block_table_ptr=True, sinks together with ALiBi."""
-    _refuse("fp8_out_scale", fp8_out_scale, "pagedattn writes the output in q's dtype")
+    fp8 output (vLLM's meaning): with fp8_out_scale (a float or a 1-element tensor), `o` is
+    torch.float8_e4m3fn and holds attention / fp8_out_scale saturated to +-448 in every row written
+    (vLLM's kernel asserts fp8_out_scale is None with ALiBi; here ALiBi applies with it).
+
+    Refused: fp8_out_scale with an `o` that is not torch.float8_e4m3fn, an fp8 `o` without
+    fp8_out_scale, fp8 `q` (vLLM's op takes no query scale), is_block_table_ptr=True, sinks
+    together with ALiBi."""
     if is_block_table_ptr:
         raise UnsupportedConfigError("is_block_table_ptr=True (block table of raw pointers) is not supported")
-    names = dict(k_new="k", v_new="v", out="o", cu_seqlens_q="b_start_loc", seq_lens="b_seq_len", block_table="b_loc")
+    names = dict(
+        k_new="k",
+        v_new="v",
+        out="o",
+        out_scale="fp8_out_scale",
+        cu_seqlens_q="b_start_loc",
+        seq_lens="b_seq_len",
+        block_table="b_loc",
+    )
     return _context(
         "context_attention_fwd",
         names,
@@ -381,6 +434,7 @@ def context_attention_fwd(
         sm_scale,
         sinks,
         decode_from_cache=False,
+        out_scale=fp8_out_scale,
         skip_decode=skip_decode,
         checked=checked,
         validate=validate,
@@ -421,8 +475,14 @@ def chunked_prefill_paged_decode(
 
     vLLM 0.33's keywords `causal` (True only: the op is causal) and `is_block_table_ptr` (False
     only) are accepted. `checked` (default: PAGEDATTN_CHECKED) proves before launch that no cache
-    slot to be read holds poison. Refused: output_scale (fp8 output), sinks together with ALiBi."""
-    _refuse("output_scale", output_scale, "pagedattn writes the output in the query's dtype")
+    slot to be read holds poison.
+
+    fp8 output (vLLM's meaning): with output_scale (a float or a 1-element tensor), `output` is
+    torch.float8_e4m3fn and holds attention / output_scale saturated to +-448, on prefill and
+    decode rows alike (vLLM's kernels store acc * (1 / output_scale) clamped to the fp8 range).
+
+    Refused: output_scale with an `output` that is not torch.float8_e4m3fn, an fp8 `output`
+    without output_scale, fp8 `query` (vLLM's op takes no query scale), sinks together with ALiBi."""
     if causal is not True:
         raise UnsupportedConfigError(
             f"chunked_prefill_paged_decode: only causal attention is supported (causal=True), got causal={causal!r}"
@@ -436,6 +496,7 @@ def chunked_prefill_paged_decode(
         k_new="key",
         v_new="value",
         out="output",
+        out_scale="output_scale",
         cu_seqlens_q="query_start_loc",
         seq_lens="seq_lens",
         block_table="block_table",
@@ -463,6 +524,7 @@ def chunked_prefill_paged_decode(
         sm_scale,
         sinks,
         decode_from_cache=True,
+        out_scale=output_scale,
         checked=checked,
         validate=validate,
     )
@@ -521,7 +583,6 @@ def unified_attention(
         raise UnsupportedConfigError(f"{fn}: only causal attention is supported (causal=True), got causal={causal!r}")
     _refuse("qq_bias", qq_bias, "no query-query bias")
     q_fp8 = isinstance(q, torch.Tensor) and q.dtype == torch.float8_e4m3fn
-    out_fp8 = isinstance(out, torch.Tensor) and out.dtype == torch.float8_e4m3fn
     if q_fp8 and q_descale is None:
         raise ScaleError(f"{fn}: q is {q.dtype}: q_descale is required (real q = q * q_descale)")
     if not q_fp8 and q_descale is not None:  # vLLM's triton kernel asserts q_descale is None
@@ -529,15 +590,8 @@ def unified_attention(
             f"{fn}: q_descale is for fp8 queries (torch.float8_e4m3fn), but q is "
             f"{getattr(q, 'dtype', type(q).__name__)}; pass None, got {_short(q_descale)}"
         )
-    if output_scale is not None and not out_fp8:
-        raise UnsupportedConfigError(
-            f"{fn}: output_scale needs an fp8 out (torch.float8_e4m3fn, holding attention / output_scale); "
-            f"got out of dtype {getattr(out, 'dtype', type(out).__name__)}"
-        )
-    if out_fp8 and output_scale is None:
-        raise ScaleError(f"{fn}: out is {out.dtype}: output_scale is required (out holds attention / output_scale)")
+    out_scale = _fp8_output(fn, out, "out", output_scale, "output_scale")
     q_scale = _per_tensor_scale("q_descale", q_descale) if q_fp8 else None
-    out_scale = _per_tensor_scale("output_scale", output_scale) if out_fp8 else None
     for name, c in (("k", k), ("v", v)):
         if not isinstance(c, torch.Tensor):
             raise DTypeError(f"{fn}: {name} (the {name.upper()} cache) must be a torch.Tensor, got {type(c).__name__}")
