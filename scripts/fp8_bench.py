@@ -75,8 +75,12 @@ def _batch(query_lens, seq_lens, device, seed):
     return q, k, v, meta
 
 
-def _variant(name, sets, meta, query_lens, seq_lens, *, q_fp8, kv_fp8, fp8_pv=False, device="cuda", tiles=None):
-    """(PagedAttention planned for the batch, per-set run arguments) of one variant."""
+def _variant(
+    name, sets, meta, query_lens, seq_lens, *, q_fp8, kv_fp8, fp8_pv=False, device="cuda", tiles=None, v_keys=False
+):
+    """(PagedAttention planned for the batch, per-set run arguments) of one variant. v_keys: the V
+    cache stored keys-contiguous ([blocks, kv_heads, head_size, block_size], vLLM v0's V layout)
+    and passed as a strided NHD view: the operand layout an fp8 P.V dot wants (K-major B)."""
     runs = []
     for q, k, v in sets:
         args = dict(q=q, k_cache=k, v_cache=v)
@@ -89,6 +93,8 @@ def _variant(name, sets, meta, query_lens, seq_lens, *, q_fp8, kv_fp8, fp8_pv=Fa
             qs = _amax_scale(q)
             args["q"] = (q.float() / qs).to(E4M3)
             scales["q_scale"] = qs
+        if v_keys:
+            args["v_cache"] = args["v_cache"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
         args["scales"] = scales
         args["out"] = torch.empty(q.shape, dtype=torch.bfloat16, device=device)
         runs.append(args)
@@ -208,6 +214,11 @@ def bench(quick: bool, dry_run: bool = False, sweep: bool = False, decode_sweep:
     fp8_kv = measure("decode", "fp8 KV (bf16 q)", *decode, 7, q_fp8=False, kv_fp8=True)
     fp8_qd = measure("decode", "fp8 KV + fp8 q", *decode, 7, q_fp8=True, kv_fp8=True)
     swept = []
+    if sweep:  # V keys-contiguous: can the fp8 P.V dot skip the transpose through shared memory?
+        for pv in (False, True):
+            name = f"fp8{' +P.V' if pv else ''} V keys-contiguous"
+            swept.append(measure("sweep", name, *prefill, 1, q_fp8=True, kv_fp8=True, fp8_pv=pv, v_keys=True))
+        measure("sweep", "bf16 V keys-contiguous", *prefill, 1, q_fp8=False, kv_fp8=False, v_keys=True)
     for tiles in SWEEP if sweep else ():
         label = ",".join(f"{k}={v}" for k, v in tiles.items())
         for pv in (False, True):
