@@ -75,8 +75,12 @@ def _batch(query_lens, seq_lens, device, seed):
     return q, k, v, meta
 
 
-def _variant(name, sets, meta, query_lens, seq_lens, *, q_fp8, kv_fp8, fp8_pv=False, device="cuda", tiles=None):
-    """(PagedAttention planned for the batch, per-set run arguments) of one variant."""
+def _variant(
+    name, sets, meta, query_lens, seq_lens, *, q_fp8, kv_fp8, fp8_pv=False, device="cuda", tiles=None, v_keys=False
+):
+    """(PagedAttention planned for the batch, per-set run arguments) of one variant. v_keys: the V
+    cache stored keys-contiguous ([blocks, kv_heads, head_size, block_size], vLLM v0's V layout)
+    and passed as a strided NHD view: the operand layout an fp8 P.V dot wants (K-major B)."""
     runs = []
     for q, k, v in sets:
         args = dict(q=q, k_cache=k, v_cache=v)
@@ -89,6 +93,8 @@ def _variant(name, sets, meta, query_lens, seq_lens, *, q_fp8, kv_fp8, fp8_pv=Fa
             qs = _amax_scale(q)
             args["q"] = (q.float() / qs).to(E4M3)
             scales["q_scale"] = qs
+        if v_keys:
+            args["v_cache"] = args["v_cache"].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
         args["scales"] = scales
         args["out"] = torch.empty(q.shape, dtype=torch.bfloat16, device=device)
         runs.append(args)
@@ -136,9 +142,23 @@ def _once_timer(fn) -> dict:
 
 
 SWEEP = (dict(block_n=64), dict(num_warps=4), dict(num_stages=2), dict(block_n=64, num_stages=4))
+# fp8-KV decode variants (--decode-sweep): why fp8 decode is not at half the bf16 time. Each is a
+# forced change of dispatch's decode plan (BLOCK_N, warps, stages; splits with their partition)
+DECODE_SWEEP = (
+    dict(block_n=64, num_stages=2),
+    dict(block_n=64, num_stages=4),
+    dict(block_n=128, num_stages=2),
+    dict(block_n=128, num_stages=4),
+    dict(block_n=128, num_warps=8),
+    dict(block_n=256, num_stages=2),
+    dict(block_n=256, num_stages=3),
+    dict(block_n=256, num_warps=8, num_stages=3),
+    dict(kernel="split_kv", num_splits=2, partition_size=2048),
+    dict(kernel="split_kv", num_splits=4, partition_size=1024),
+)
 
 
-def bench(quick: bool, dry_run: bool = False, sweep: bool = False) -> dict:
+def bench(quick: bool, dry_run: bool = False, sweep: bool = False, decode_sweep: bool = False) -> dict:
     global HQ, HKV, D
     device = "cpu" if dry_run else "cuda"
     timer = _once_timer if dry_run else make_timer(quick=quick, cuda_graph=True)
@@ -194,11 +214,21 @@ def bench(quick: bool, dry_run: bool = False, sweep: bool = False) -> dict:
     fp8_kv = measure("decode", "fp8 KV (bf16 q)", *decode, 7, q_fp8=False, kv_fp8=True)
     fp8_qd = measure("decode", "fp8 KV + fp8 q", *decode, 7, q_fp8=True, kv_fp8=True)
     swept = []
+    if sweep:  # V keys-contiguous: can the fp8 P.V dot skip the transpose through shared memory?
+        for pv in (False, True):
+            name = f"fp8{' +P.V' if pv else ''} V keys-contiguous"
+            swept.append(measure("sweep", name, *prefill, 1, q_fp8=True, kv_fp8=True, fp8_pv=pv, v_keys=True))
+        measure("sweep", "bf16 V keys-contiguous", *prefill, 1, q_fp8=False, kv_fp8=False, v_keys=True)
     for tiles in SWEEP if sweep else ():
         label = ",".join(f"{k}={v}" for k, v in tiles.items())
         for pv in (False, True):
             name = f"fp8{' +P.V' if pv else ''} {label}"
             swept.append(measure("sweep", name, *prefill, 1, q_fp8=True, kv_fp8=True, fp8_pv=pv, tiles=tiles))
+    for tiles in DECODE_SWEEP if decode_sweep else ():
+        label = ",".join(f"{k}={v}" for k, v in tiles.items() if k != "kernel")
+        for kv_fp8 in (True, False):
+            name = f"{'fp8' if kv_fp8 else 'bf16'} KV {label}"
+            measure("dsweep", name, *decode, 7, q_fp8=False, kv_fp8=kv_fp8, tiles=tiles)
     best = min([fp8_qk, fp8_pv] + [r for r in swept if r["within"]], key=lambda r: r["ms"])
     results["targets"] = dict(
         prefill_speedup_fp8_qk=base_p["ms"] / fp8_qk["ms"],
@@ -220,6 +250,7 @@ def table(results: dict) -> str:
     ]
     base = {r["group"]: r["ms"] for r in results["rows"] if r["variant"].startswith("bf16")}
     base["sweep"] = base["prefill"]
+    base["dsweep"] = base["decode"]
     for r in results["rows"]:
         speed = base[r["group"]] / r["ms"]
         lines.append(
@@ -245,11 +276,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1), no timing")
     parser.add_argument("--sweep", action="store_true", help="also fp8 prefill with forced tile variants")
+    parser.add_argument(
+        "--decode-sweep", action="store_true", help="also fp8-KV and bf16 decode with forced tile / split variants"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.dry_run:
         print("fp8_bench needs a CUDA GPU", file=sys.stderr)
         return 2
-    results = bench(args.quick, args.dry_run, args.sweep)
+    results = bench(args.quick, args.dry_run, args.sweep, args.decode_sweep)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fp8_bench.json").write_text(json.dumps(results, indent=1))
