@@ -10,6 +10,9 @@
 #   bash scripts/gpu_validate.sh fp8-bench  # scripts/fp8_bench.py: issue 19's fp8 targets, < 3 min (FP8_ARGS=--sweep: tiles)
 #   bash scripts/gpu_validate.sh host       # the launch path's GPU tests, then pagedattn bench --host-only:
 #                                           # plan/run/one-shot/SDPA host time, the read ceiling (~3 min)
+#   bash scripts/gpu_validate.sh probe      # where time goes: run()'s host time by layer (scripts/host_breakdown.py),
+#                                           # fp8 sweeps (prefill tiles, keys-contiguous V, decode tiles/splits),
+#                                           # ncu on the fp8/bf16 decode kernels, memcheck over the cascade/fp8 tests
 #   bash scripts/gpu_validate.sh features   # one call for the new paths: their GPU tests (fp8, cascade, gluon,
 #                                           # planner, kernels), then the fp8, cascade, host and Gluon benches
 set -uo pipefail
@@ -85,5 +88,18 @@ case "${1:-}" in
     echo "host exit $?"; grep -E "rror" "$OUT/host.log" | head -5; cat "$OUT/host/host.md"
     timeout 50 python3 scripts/gluon_bench.py --quick --no-ws --out "$OUT" > "$OUT/gluon_bench.log" 2>&1
     echo "gluon exit $?"; tail -12 "$OUT/gluon_bench.log" ;;
-  *) echo "usage: $0 tests|bigmem|sanitize|seed|bench|host|fp8-tests|fp8-bench|features" >&2; exit 2 ;;
+  probe)
+    export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/out/triton-cache}"
+    timeout 100 python3 scripts/host_breakdown.py --out "$OUT" > "$OUT/host_breakdown.log" 2>&1
+    echo "host_breakdown exit $?"; tail -6 "$OUT/host_breakdown.log"
+    timeout 90 ncu --clock-control none -k regex:_paged_attention_kernel --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+      python3 scripts/fp8_decode_ncu.py > "$OUT/ncu_fp8_decode.log" 2>&1
+    echo "ncu exit $?"; grep -E "^  _paged|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Stall|Warp Cycles Per Issued" "$OUT/ncu_fp8_decode.log" | head -40
+    timeout "${FP8_TIMEOUT:-200}" python3 scripts/fp8_bench.py --quick --sweep --decode-sweep --out "$OUT" > "$OUT/fp8_bench.log" 2>&1
+    echo "fp8 exit $?"; grep -E "rror" "$OUT/fp8_bench.log" | head -5; tail -42 "$OUT/fp8_bench.log"
+    timeout "${MEMCHECK_TIMEOUT:-150}" compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -x \
+      -p no:cacheprovider tests/test_cascade.py tests/test_fp8.py > "$OUT/memcheck_fp8_cascade.log" 2>&1
+    echo "memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT/memcheck_fp8_cascade.log" | tail -5 ;;
+  *) echo "usage: $0 tests|bigmem|sanitize|seed|bench|host|fp8-tests|fp8-bench|features|probe" >&2; exit 2 ;;
 esac
