@@ -564,14 +564,32 @@ def test_hot_path_has_no_sync_and_no_allocation(name):
     batch.step(decode_step)
     torch.cuda.synchronize()
     allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.memory._record_memory_history(max_entries=10_000, clear_history=True)
+    torch.cuda.set_sync_debug_mode("error")  # a sync raises here, its traceback names the call
     try:
         for _ in range(3):
             batch.step(decode_step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
     torch.cuda.synchronize()
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
+    made = torch.cuda.memory_stats()["allocation.all.allocated"] - allocations
+    assert made == 0, f"{made} device allocations in 3 steps, made at:\n" + _allocation_sites(snapshot)
+
+
+def _allocation_sites(snapshot) -> str:
+    """Where the recorded allocations were made: the innermost Python frames of each, counted."""
+    sites: dict[str, int] = {}
+    for trace in snapshot["device_traces"]:
+        for entry in trace:
+            if entry["action"] != "alloc":
+                continue
+            frames = [f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}" for f in entry["frames"]]
+            frames = [f for f in frames if ".py:" in f][:6]
+            key = f"{entry['size']} B  " + " <- ".join(frames)
+            sites[key] = sites.get(key, 0) + 1
+    return "\n".join(f"  {n} x {site}" for site, n in sites.items()) or "  (none recorded)"
 
 
 def test_split_kv_workspace_outgrown_buffers_stay_alive():
