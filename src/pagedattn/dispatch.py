@@ -38,12 +38,15 @@ DECODE_TILES = {
     128: (64, 4, 2),
     256: (32, 4, 2),
 }
-# fp8 caches: half the bytes per key, so twice the keys per tile and one more stage keep as many
-# bytes in flight per program (measured, see BENCHMARKS.md)
+# fp8 caches: half the bytes per key, so twice the keys per tile keeps as many bytes in flight per
+# program (measured, see BENCHMARKS.md). At head 128 two stages beat three on the H200 (2026-11-29
+# probe, decode b64 ctx4k: 216 vs 226 us; 64-key tiles 274-354 us, 256-key 231-339 us): the fp8
+# kernel is bound by converting tiles (255 registers, 12% occupancy, 49% of DRAM bandwidth under
+# ncu), and a third stage only adds registers
 DECODE_TILES_FP8 = {
     32: (128, 4, 3),
     64: (128, 4, 3),
-    128: (128, 4, 3),
+    128: (128, 4, 2),
     256: (64, 4, 3),
 }
 DECODE_MIN_ROWS = 16  # tl.dot needs M >= 16: decode tiles are padded up to this many rows

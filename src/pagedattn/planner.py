@@ -97,6 +97,18 @@ def checked_default(checked: bool | None) -> bool:
     return bool(checked)
 
 
+_PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """One [1] float32 tensor per device for the scale slots no launch reads: made once, so a
+    one-shot call (a planner per call) allocates no device memory on its hot path. Never written."""
+    t = _PLACEHOLDERS.get(device)
+    if t is None:
+        t = _PLACEHOLDERS[device] = torch.ones(1, dtype=torch.float32, device=device)
+    return t
+
+
 def _scalar_tensor(value, device: torch.device) -> torch.Tensor:
     """A scale as the kernels read it: [1] float32 (or [num_kv_heads], per KV head) on `device`."""
     if isinstance(value, torch.Tensor):
@@ -269,8 +281,7 @@ class PagedAttention:
         )
         # the scales the kernels read (k, v, q, out): per-model defaults, replaced per run() call
         # by per-layer tensors; a scale nothing reads is any small tensor
-        placeholder = torch.ones(1, dtype=torch.float32, device=self.device)
-        scales = [placeholder] * 4
+        scales = [_placeholder(self.device)] * 4
         wanted = (
             ("k_scale", self.fp8, self.num_kv_heads, "an fp8 cache (the cache holds k / k_scale)"),
             ("v_scale", self.fp8, self.num_kv_heads, "an fp8 cache (the cache holds v / v_scale)"),
