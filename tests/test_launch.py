@@ -52,7 +52,18 @@ def _values():
         for d in (torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64, torch.float8_e4m3fn)
     ]
     tensors += [torch.empty(8, dtype=d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.int32)]
-    return tensors + INTS + [0.5, 1.0, -2.0, True, False, None]
+    return tensors + INTS + [0.5, 1.0, -2.0, True, False, None] + _tuples()
+
+
+def _tuples():
+    """Tuple arguments (the kernels' per-tensor strides): every scalar beside ints that differ in
+    what Triton specializes on, in both orders, three long and nested."""
+    scalars = INTS + [0.5, True, None]
+    out = []
+    for a in scalars:
+        for b in (0, 1, 16, 17, 2**31, -1):
+            out += [(a, b), (b, a), (b, a, 1), ((a,), b), (a, (b, 1))]
+    return out + [(), (1,), (16,), (1, 1, 1, 1, 1)]
 
 
 def test_key_classes_determine_tritons_specialization():
@@ -73,6 +84,11 @@ def test_key_tells_apart_what_triton_tells_apart():
     t = torch.empty(64, dtype=torch.float16)
     assert arg_class(t) == arg_class(t[8:]) != arg_class(t[1:])
     assert arg_class(object()) is None  # anything else goes through Triton's own path
+    # tuples: element by element (a stride of 1 is a constexpr inside a tuple too), not by value
+    assert arg_class((3, 5)) == arg_class((7, 9)) != arg_class((1, 9)) != arg_class((9, 1))
+    assert arg_class((3, 5)) != arg_class(((3,), 5)) and arg_class((16, 1)) != arg_class(16)
+    assert arg_class((t, 16)) is None  # a tensor inside a tuple: Triton's own path (addresses go top-level)
+    assert arg_class((2, object())) is None
 
 
 def test_interpreter_forced_and_cpu_calls_use_tritons_path(monkeypatch):
@@ -155,6 +171,65 @@ def test_fast_launch_matches_triton_on_cuda(monkeypatch):
         assert fast._kernels[key].kernel is _probe_kernel.warmup(
             out, x_view, n, stride, 2.5, BLOCK=128, SHIFT=1, grid=(1,)
         )
+
+
+@triton.jit
+def _tuple_probe_kernel(out_ptr, x_ptr, n, strides, f, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i * strides[0] + strides[1], mask=i < n, other=0.0)
+    tl.store(out_ptr + i, x * f, mask=i < n)
+
+
+@pytest.mark.gpu
+def test_fast_launch_of_tuple_arguments_matches_triton_on_cuda(monkeypatch):
+    """A tuple argument goes to Triton's C launcher as it is (nested parse, no flattening): results
+    right, repeated classes skip Triton's run(), and the kernel launched is the one Triton selects,
+    for tuples holding 1 (a constexpr there), multiples of 16 and neither."""
+    fast = FastKernel(_tuple_probe_kernel)
+    slow_calls = []
+    original = type(_tuple_probe_kernel).run
+
+    def counting_run(self, *args, **kwargs):
+        slow_calls.append(kwargs.get("warmup"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(_tuple_probe_kernel), "run", counting_run)
+    x = torch.randn(8192, device="cuda")
+    cases = [(1, (1, 0)), (50, (1, 16)), (50, (16, 1)), (50, (3, 17)), (50, (32, 0)), (100, (2, 5)), (7, (1, 1))]
+
+    def call(n, strides):
+        out = torch.full((128,), float("nan"), device="cuda")
+        fast[(1,)](out, x, n, strides, 2.5, BLOCK=128)
+        torch.testing.assert_close(out[:n], x[strides[1] :: strides[0]][:n] * 2.5)
+        assert out[n:].isnan().all()
+
+    for case in cases:
+        call(*case)
+    first = len(slow_calls)
+    assert 1 <= first <= len(cases)
+    for case in cases:
+        call(*case)
+    assert len(slow_calls) == first  # tuples keyed: the second pass went around Triton's run()
+    for n, strides in cases:
+        out = torch.empty(128, device="cuda")
+        key = (
+            torch.cuda.current_device(),
+            tuple(arg_class(a) for a in (out, x, n, strides, 2.5)),
+            (("BLOCK", 128),),
+        )
+        assert fast._kernels[key].kernel is _tuple_probe_kernel.warmup(out, x, n, strides, 2.5, BLOCK=128, grid=(1,))
+
+
+def test_c_launcher_parses_tuple_arguments_itself():
+    """The kernels' stride tuples are bound once and handed to Triton's C launcher whole: its
+    generated argument format must parse each tuple itself (Triton 3.6: a nested "(...)", a
+    constexpr element taken as any object), or they would need flattening on every call."""
+    import re
+
+    from triton.backends.nvidia.driver import make_launcher
+
+    src = make_launcher({}, {"x": "*fp32", "s": ("i32", "constexpr", "i64"), "n": "i32"}, None)
+    assert re.findall(r'PyArg_ParseTuple\(args, "([^"]*)"', src) == ["iiiKKppOOOOOOO(iOL)i"]
 
 
 def test_compiled_calls_the_c_launcher_as_tritons_own_wrapper_does(monkeypatch):

@@ -37,7 +37,17 @@ import triton
 import triton.language as tl
 
 from .launch import BoundLaunch, FastKernel, interpreter_enabled
-from .unified import _TL_DTYPES, FP8_CODES, _bad_blocks, _cache_tiles, _find_sequence, _sequence, head_pad_for
+from .unified import (
+    _TL_DTYPES,
+    FP8_CODES,
+    LOG2E_FLOAT,
+    _bad_blocks,
+    _cache_tiles,
+    _find_sequence,
+    _sequence,
+    _store_partials,
+    head_pad_for,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,24 +56,14 @@ from .unified import _TL_DTYPES, FP8_CODES, _bad_blocks, _cache_tiles, _find_seq
 @triton.jit
 def _prefix_kernel(
     q_ptr,
-    stride_qt,
-    stride_qh,
-    stride_qd,  # q: [num_tokens, num_q_heads, head_size]
+    q_strides,  # q: [num_tokens, num_q_heads, head_size], strides (t, h, d)
     k_cache_ptr,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_kx,
-    stride_kd,  # K cache element (block, slot, head, d): as in the unified kernel
+    k_strides,  # K cache strides (block, slot, head, dim-chunk, dim): as in the unified kernel
     v_cache_ptr,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_vd,
+    v_strides,  # (block, slot, head, dim)
     groups_ptr,  # int32: starts [G + 1], rows [G], prefix lens [G], tokens [T], positions [T]
     block_table_ptr,
-    stride_bt,
-    stride_bc,  # [num_seqs, max_blocks]
+    bt_strides,  # [num_seqs, max_blocks], strides (row, column)
     k_scale_ptr,
     v_scale_ptr,
     alibi_ptr,
@@ -77,8 +77,7 @@ def _prefix_kernel(
     max_blocks,
     qk_scale,
     softcap,
-    k_scale_stride,
-    v_scale_stride,  # fp8 caches: 0 (one scale) or 1 (one per KV head)
+    scale_strides,  # fp8 caches: (k, v), each 0 (one scale) or 1 (one per KV head)
     QPK: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -126,7 +125,7 @@ def _prefix_kernel(
     dim_valid = dims < HEAD_SIZE
     io_mask = row_valid[:, None] & dim_valid[None, :]
     tok64 = tok.to(tl.int64)
-    q_offs = tok64[:, None] * stride_qt + row_head[:, None] * stride_qh + dims[None, :] * stride_qd
+    q_offs = tok64[:, None] * q_strides[0] + row_head[:, None] * q_strides[1] + dims[None, :] * q_strides[2]
     q = tl.load(q_ptr + q_offs, mask=io_mask, other=0.0).to(DOT_DTYPE)
 
     # this split's keys: whole key tiles, the last split may end inside one
@@ -144,66 +143,38 @@ def _prefix_kernel(
     k_scale = 1.0
     v_scale = 1.0
     if KV_FP8 != 0:
-        k_scale = tl.load(k_scale_ptr + kv_head * k_scale_stride)
-        v_scale = tl.load(v_scale_ptr + kv_head * v_scale_stride)
-    bt_row = block_table_ptr + src.to(tl.int64) * stride_bt
-    k_dim_off = (dims // K_X) * stride_kx + (dims % K_X) * stride_kd
-    v_dim_off = dims * stride_vd
+        k_scale = tl.load(k_scale_ptr + kv_head * scale_strides[0])
+        v_scale = tl.load(v_scale_ptr + kv_head * scale_strides[1])
+    bt_row = block_table_ptr + src.to(tl.int64) * bt_strides[0]
+    k_dim_off = (dims // K_X) * k_strides[3] + (dims % K_X) * k_strides[4]
+    v_dim_off = dims * v_strides[3]
     for r in tl.static_range(2):
         # r = 0: whole tiles, no mask (every query sits after every prefix key); r = 1: the tail
         lo = key_start if r == 0 else full_hi
         hi = full_hi if r == 0 else key_end
         acc, m_i, l_i = _cache_tiles(
-            acc,
-            m_i,
-            l_i,
+            (acc, m_i, l_i),
             q,
             lo,
             hi,
-            k_cache_ptr,
-            v_cache_ptr,
-            bt_row,
-            num_blocks,
-            max_blocks,
-            kv_head * stride_kh,
-            kv_head * stride_vh,
-            stride_kb,
-            stride_kt,
-            stride_vb,
-            stride_vt,
-            k_dim_off,
-            v_dim_off,
+            (k_cache_ptr, k_strides, kv_head * k_strides[2], k_dim_off),
+            (v_cache_ptr, v_strides, kv_head * v_strides[2], v_dim_off),
+            (bt_row, num_blocks, max_blocks),
             dim_valid,
-            row_pos,
-            row_valid,
-            head_alibi,
-            key_start,
-            key_end,
-            qk_scale * k_scale,
-            softcap,
-            0,
-            BLOCK_N,
-            PAGE,
-            KV_FP8,
-            DOT_DTYPE,
-            PV_DTYPE,
-            IEEE,
-            USE_SOFTCAP,
-            USE_ALIBI,
-            False,
+            (row_pos, row_valid, head_alibi),
+            (key_start, key_end),
+            (qk_scale * k_scale, softcap, 0),
+            (IEEE, USE_SOFTCAP, USE_ALIBI, False),
+            (BLOCK_N, PAGE, IDX64),
+            (KV_FP8, DOT_DTYPE, PV_DTYPE, HEAD_PAD == HEAD_SIZE, INTERPRET),
             r == 1,
-            HEAD_PAD == HEAD_SIZE,
-            IDX64,
-            INTERPRET,
         )
-    if _bad_blocks(bt_row, key_start, key_end, num_blocks, max_blocks, PAGE):
+    if _bad_blocks((bt_row, num_blocks, max_blocks), key_start, key_end, PAGE):
         l_i = tl.full([BLOCK_M], float("nan"), dtype=tl.float32)
     if KV_FP8 != 0:
         acc = acc * v_scale
-    slot = (tok64 * (QPK * tl.num_programs(1)) + row_head) * NUM_SPLITS + split
-    tl.store(part_m_ptr + slot, m_i, mask=row_valid)
-    tl.store(part_l_ptr + slot, l_i, mask=row_valid)
-    tl.store(part_acc_ptr + slot[:, None] * HEAD_PAD + dims[None, :], acc, mask=io_mask)
+    parts = (part_acc_ptr, part_m_ptr, part_l_ptr)
+    _store_partials(parts, tok64, row_head, split, acc, m_i, l_i, row_valid, io_mask, QPK, NUM_SPLITS, HEAD_PAD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +183,7 @@ def _prefix_kernel(
 @triton.jit
 def _cascade_merge_kernel(
     out_ptr,
-    stride_ot,
-    stride_oh,
-    stride_od,
+    out_strides,  # (t, h, d)
     pre_acc_ptr,
     pre_m_ptr,
     pre_l_ptr,  # the prefix kernel's partials
@@ -290,7 +259,7 @@ def _cascade_merge_kernel(
         acc = acc * a[:, None] + acc_s * b[:, None]
         m_i = m_new
     out = tl.where(l_i[:, None] == 0, 0.0, acc / tl.where(l_i == 0, 1.0, l_i)[:, None])  # NaN stays NaN
-    offs = token.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :] * stride_od
+    offs = token.to(tl.int64) * out_strides[0] + heads[:, None] * out_strides[1] + dims[None, :] * out_strides[2]
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -359,7 +328,8 @@ def bind_cascade(
     """
     num_tokens, num_q_heads, num_kv_heads, head_size, page, k_x, num_blocks, q_dtype, cache_dtype = shapes
     block_m, block_q, block_n, warps, stages, num_splits = launch
-    sq, so, sk, sv = strides[:4]
+    # one tuple of Python ints per tensor: a kernel argument each
+    sq, so, sk, sv = (tuple(int(x) for x in s) for s in strides[:4])
     head_pad = head_pad_for(head_size)
     fp8 = FP8_CODES.get(cache_dtype, 0)
     interp = interpreter_enabled()
@@ -370,15 +340,14 @@ def bind_cascade(
     alibi = options["alibi"]
     args = [
         None,
-        *sq,
+        sq,
         None,
-        *sk,
+        sk,
         None,
-        *sv,
+        sv,
         groups,
         block_table,
-        block_table.stride(0),
-        block_table.stride(1),
+        (block_table.stride(0), block_table.stride(1)),
         None if fp8 else placeholder,  # k_scale, v_scale: per call over fp8 caches
         None if fp8 else placeholder,
         alibi if alibi is not None else placeholder,
@@ -390,9 +359,9 @@ def bind_cascade(
         block_table.shape[0],
         num_blocks,
         block_table.shape[1],
-        options["scale"] * 1.4426950408889634,
+        options["scale"] * LOG2E_FLOAT,
         float(options["softcap"] or 1.0),
-        *scale_strides,
+        (int(scale_strides[0]), int(scale_strides[1])),
     ]
     kwargs = dict(
         QPK=num_q_heads // num_kv_heads,
@@ -424,7 +393,7 @@ def bind_cascade(
     def merge(part, acc, m, l):  # noqa: E741
         merge_args = [
             None,
-            *so,
+            so,
             pre_acc,
             pre_m,
             pre_l,

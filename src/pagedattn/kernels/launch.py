@@ -10,8 +10,14 @@ Triton unchanged (so does the CPU interpreter).
 The key holds exactly what Triton specializes on (Triton 3.6; `tests/test_launch.py` checks
 the classes against `native_specialize_impl`): for each tensor its dtype and whether its address
 is a multiple of 16; for each int whether it is 1, whether it is a multiple of 16 and whether it
-fits 32 or 64 bits; the type of anything else; and every keyword (constexprs, num_warps,
-num_stages) with its value. Two calls with equal keys get the same compiled kernel from Triton.
+fits 32 or 64 bits; the type of anything else; for a tuple (the kernels' per-tensor strides)
+the class of each element, which Triton specializes as it would the element alone; and every
+keyword (constexprs, num_warps, num_stages) with its value. Two calls with equal keys get the same
+compiled kernel from Triton.
+
+Tuple arguments go to Triton's C launcher as they are: it parses each one with a nested "(...)"
+format (Triton 3.6's `make_launcher`), so nothing is flattened per call. Tensors are passed as
+addresses only at the top level, so a tuple holding a tensor is not keyed (Triton's own path).
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ def arg_class(a):
         return a == 1, (a & 15) == 0, width
     if cls is float or cls is bool or a is None:
         return cls
+    if cls is tuple:  # not a namedtuple: Triton types those apart
+        classes = tuple(arg_class(x) for x in a)
+        if None in classes or any(isinstance(x, torch.Tensor) for x in a):
+            return None
+        return tuple, classes
     return None
 
 

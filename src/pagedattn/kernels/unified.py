@@ -41,7 +41,10 @@ import triton.language as tl
 from .launch import BoundLaunch, FastKernel, interpreter_enabled
 from .write import _fp32_to_fp8_bits
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+# log2(e): softmax runs in the log2 domain (exp2). The launchers fold it into the scale they pass
+# (LOG2E_FLOAT, a Python float); kernels convert natural-log quantities with LOG2E.
+LOG2E_FLOAT = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(LOG2E_FLOAT)
 # fp32 inputs are the accuracy path: "ieee" dots on FMA units. They hold their operand tiles in
 # registers, so dispatch gives fp32 small tiles (scripts/compile_check.py reports each tile's
 # stack frame); "tf32x3" (three tf32 terms on the tensor cores) would spill far less.
@@ -87,9 +90,7 @@ def _sequence(cu_seqlens_q_ptr, seq_lens_ptr, seq, num_seqs, num_tokens):
 @triton.jit
 def _store_nan_rows(
     out_ptr,
-    stride_ot,
-    stride_oh,
-    stride_od,
+    out_strides,
     tok_lo,
     tok_hi,
     num_tokens,
@@ -102,7 +103,7 @@ def _store_nan_rows(
     OUT_FP8: tl.constexpr,
 ):
     """NaN into rows [tok_lo, tok_hi) (clipped to [0, num_tokens)) of this KV head's query heads
-    (an fp8 output, stored as uint8, gets e4m3's NaN pattern 0x7F)."""
+    (an fp8 output, stored as uint8, gets e4m3's NaN pattern 0x7F). out_strides: (t, h, d)."""
     rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_PAD)
     heads = kv_head * QPK + rows % QPK
@@ -112,7 +113,11 @@ def _store_nan_rows(
     for t0 in range(lo, hi, BLOCK_Q):
         tok = t0 + rows // QPK
         ok = (rows < BLOCK_Q * QPK) & (tok < hi)
-        offs = tok.to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :] * stride_od
+        offs = (
+            tok.to(tl.int64)[:, None] * out_strides[0]
+            + heads[:, None] * out_strides[1]
+            + dims[None, :] * out_strides[2]
+        )
         tl.store(out_ptr + offs, _out_value(nan, 1.0, OUT_FP8, out_ptr), mask=ok[:, None] & (dims[None, :] < HEAD_SIZE))
 
 
@@ -127,6 +132,32 @@ def _out_value(x, out_scale, OUT_FP8: tl.constexpr, out_ptr):
         return _fp32_to_fp8_bits(y, 4, 3, 512.0)
     else:
         return x.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _store_partials(
+    parts,
+    tokens,
+    row_head,
+    split,
+    acc,
+    m_i,
+    l_i,
+    row_valid,
+    io_mask,
+    QPK: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+):
+    """Split-KV partials of BLOCK_M rows (query token `tokens`, int64, x query head `row_head`):
+    the raw accumulator, the running max (log2 units) and the sum of exp2, into
+    parts = (part_acc, part_m, part_l), [num_tokens, num_q_heads, NUM_SPLITS, (HEAD_PAD|1)]."""
+    part_acc_ptr, part_m_ptr, part_l_ptr = parts
+    dims = tl.arange(0, HEAD_PAD)
+    slot = (tokens * (QPK * tl.num_programs(1)) + row_head) * NUM_SPLITS + split
+    tl.store(part_m_ptr + slot, m_i, mask=row_valid)
+    tl.store(part_l_ptr + slot, l_i, mask=row_valid)
+    tl.store(part_acc_ptr + slot[:, None] * HEAD_PAD + dims[None, :], acc, mask=io_mask)
 
 
 @triton.jit
@@ -147,28 +178,30 @@ def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.con
     return x.to(OUT_DTYPE)
 
 
+# Grouped arguments of the key-loop helpers below. Tuples of runtime values are unpacked by plain
+# assignment; tuples of constexprs are read element by element into `NAME: tl.constexpr = T[i]`
+# (a plain assignment would turn Triton constexprs into tensors), and are only ever built inline
+# at a call site, for the same reason.
+#   rows:   (row_pos, row_valid, head_alibi) of the BLOCK_M query rows
+#   keys:   (key_start, key_end): the keys the rows may see
+#   params: (qk_scale, softcap, sliding_window)
+#   table:  (block-table row pointer, num_blocks, max_blocks)
+#   K, V:   (cache pointer, its strides (block, slot, ...), the KV head's offset, per-dim offsets [HEAD_PAD])
+#   SCORE:  constexprs (IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING)
+#   TILE:   constexprs (BLOCK_N, PAGE, IDX64)
+#   LOAD:   constexprs (KV_FP8, DOT_DTYPE, PV_DTYPE, EVEN_D, INTERPRET)
 @triton.jit
-def _scores(
-    q,
-    k,
-    key_pos,
-    row_pos,
-    row_valid,
-    head_alibi,
-    key_start,
-    key_end,
-    qk_scale,
-    softcap,
-    sliding_window,
-    IEEE: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr,
-    USE_ALIBI: tl.constexpr,
-    SLIDING: tl.constexpr,
-    MASK: tl.constexpr,
-):
+def _scores(q, k, key_pos, rows, keys, params, SCORE, MASK: tl.constexpr):
     """Scores of a key tile, [BLOCK_M, BLOCK_N], masked with -inf where MASK. In log2 units with
     softcap or ALiBi; otherwise raw q.k (the scale is folded into _softmax_pv's exp2 argument: one
     FMA per score, s * qk_scale - m, instead of a multiply and a subtract)."""
+    row_pos, row_valid, head_alibi = rows
+    key_start, key_end = keys
+    qk_scale, softcap, sliding_window = params
+    IEEE: tl.constexpr = SCORE[0]
+    USE_SOFTCAP: tl.constexpr = SCORE[1]
+    USE_ALIBI: tl.constexpr = SCORE[2]
+    SLIDING: tl.constexpr = SCORE[3]
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision=FP32_PRECISION)
     else:
@@ -233,22 +266,16 @@ def _softmax_pv(
 
 
 @triton.jit
-def _tile_blocks(
-    bt_row,
-    start,
-    key_start,
-    key_end,
-    num_blocks,
-    max_blocks,
-    BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr,
-    MASK: tl.constexpr,
-    IDX64: tl.constexpr,
-):
+def _tile_blocks(table, start, keys, TILE, MASK: tl.constexpr):
     """Key positions of the tile at `start`, which of them are in range, their cache blocks (through
     the block table: a tile may span several pages), their slots within the blocks, and whether
     any in-range key has no valid block (an id outside [0, num_blocks), or a column past the
     table's width). Such keys read block 0 instead (`_bad_blocks` turns the rows into NaN)."""
+    bt_row, num_blocks, max_blocks = table
+    key_start, key_end = keys
+    BLOCK_N: tl.constexpr = TILE[0]
+    PAGE: tl.constexpr = TILE[1]
+    IDX64: tl.constexpr = TILE[2]
     key_pos = start + tl.arange(0, BLOCK_N)
     col = key_pos // PAGE
     if MASK:
@@ -264,24 +291,13 @@ def _tile_blocks(
 
 
 @triton.jit
-def _load_tile(
-    cache_ptr,
-    block,
-    in_block,
-    key_ok,
-    head_off,
-    stride_b,
-    stride_t,
-    dim_off,
-    dim_valid,
-    MASK: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    KV_FP8: tl.constexpr,
-    OUT_DTYPE: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
+def _load_tile(cache, block, in_block, key_ok, dim_valid, OUT_DTYPE: tl.constexpr, LOAD, MASK: tl.constexpr):
     """A [BLOCK_N, HEAD_PAD] K or V tile from the paged cache, converted to OUT_DTYPE."""
-    offs = block[:, None] * stride_b + in_block[:, None] * stride_t + head_off + dim_off[None, :]
+    cache_ptr, strides, head_off, dim_off = cache
+    KV_FP8: tl.constexpr = LOAD[0]
+    EVEN_D: tl.constexpr = LOAD[3]
+    INTERPRET: tl.constexpr = LOAD[4]
+    offs = block[:, None] * strides[0] + in_block[:, None] * strides[1] + head_off + dim_off[None, :]
     if MASK:
         x = tl.load(cache_ptr + offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0)
     elif EVEN_D:
@@ -292,115 +308,31 @@ def _load_tile(
 
 
 @triton.jit
-def _cache_tiles(
-    acc,
-    m_i,
-    l_i,
-    q,
-    lo,
-    hi,
-    k_cache_ptr,
-    v_cache_ptr,
-    bt_row,
-    num_blocks,
-    max_blocks,
-    k_head,
-    v_head,
-    stride_kb,
-    stride_kt,
-    stride_vb,
-    stride_vt,
-    k_dim_off,
-    v_dim_off,
-    dim_valid,
-    row_pos,
-    row_valid,
-    head_alibi,
-    key_start,
-    key_end,
-    qk_scale,
-    softcap,
-    sliding_window,
-    BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr,
-    KV_FP8: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PV_DTYPE: tl.constexpr,
-    IEEE: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr,
-    USE_ALIBI: tl.constexpr,
-    SLIDING: tl.constexpr,
-    MASK: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    IDX64: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
+def _cache_tiles(state, q, lo, hi, K, V, table, dim_valid, rows, keys, params, SCORE, TILE, LOAD, MASK: tl.constexpr):
     """Key tiles [lo, hi) (lo a multiple of BLOCK_N) gathered from the paged cache through the
-    block table. Unmasked tiles (MASK=False) lie wholly in range."""
-    FOLD: tl.constexpr = not (USE_SOFTCAP or USE_ALIBI)
+    block table, folded into the online-softmax state (acc, m_i, l_i), which it returns. Unmasked
+    tiles (MASK=False) lie wholly in range. The grouped arguments: see above."""
+    acc, m_i, l_i = state
+    BLOCK_N: tl.constexpr = TILE[0]
+    DOT_DTYPE: tl.constexpr = LOAD[1]
+    PV_DTYPE: tl.constexpr = LOAD[2]
+    IEEE: tl.constexpr = SCORE[0]
+    FOLD: tl.constexpr = not (SCORE[1] or SCORE[2])  # neither softcap nor ALiBi
     for start in range(lo, hi, BLOCK_N):
-        key_pos, key_ok, block, in_block = _tile_blocks(
-            bt_row, start, key_start, key_end, num_blocks, max_blocks, BLOCK_N, PAGE, MASK, IDX64
-        )
-        k = _load_tile(
-            k_cache_ptr,
-            block,
-            in_block,
-            key_ok,
-            k_head,
-            stride_kb,
-            stride_kt,
-            k_dim_off,
-            dim_valid,
-            MASK,
-            EVEN_D,
-            KV_FP8,
-            DOT_DTYPE,
-            INTERPRET,
-        )
-        v = _load_tile(
-            v_cache_ptr,
-            block,
-            in_block,
-            key_ok,
-            v_head,
-            stride_vb,
-            stride_vt,
-            v_dim_off,
-            dim_valid,
-            MASK,
-            EVEN_D,
-            KV_FP8,
-            PV_DTYPE,
-            INTERPRET,
-        )
-        s = _scores(
-            q,
-            k,
-            key_pos,
-            row_pos,
-            row_valid,
-            head_alibi,
-            key_start,
-            key_end,
-            qk_scale,
-            softcap,
-            sliding_window,
-            IEEE,
-            USE_SOFTCAP,
-            USE_ALIBI,
-            SLIDING,
-            MASK,
-        )
-        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PV_DTYPE, IEEE, FOLD, MASK)
+        key_pos, key_ok, block, in_block = _tile_blocks(table, start, keys, TILE, MASK)
+        k = _load_tile(K, block, in_block, key_ok, dim_valid, DOT_DTYPE, LOAD, MASK)
+        v = _load_tile(V, block, in_block, key_ok, dim_valid, PV_DTYPE, LOAD, MASK)
+        s = _scores(q, k, key_pos, rows, keys, params, SCORE, MASK)
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, params[0], PV_DTYPE, IEEE, FOLD, MASK)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _bad_blocks(bt_row, key_start, key_stop, num_blocks, max_blocks, PAGE: tl.constexpr):
+def _bad_blocks(table, key_start, key_stop, PAGE: tl.constexpr):
     """Whether any block the keys [key_start, key_stop) live in is not a valid block: an id outside
     [0, num_blocks) or a column past the table's width. One pass over the block-table row before
     the key loop (a few hundred bytes), so the loop itself pays only for a clamp."""
+    bt_row, num_blocks, max_blocks = table
     COLS: tl.constexpr = 128
     bad = tl.full([], 0, tl.int32)
     for c0 in range(key_start // PAGE, tl.cdiv(key_stop, PAGE), COLS):
@@ -414,43 +346,34 @@ def _bad_blocks(bt_row, key_start, key_stop, num_blocks, max_blocks, PAGE: tl.co
 # ---------------------------------------------------------------------------------------------
 # the kernel
 # ---------------------------------------------------------------------------------------------
+# Each tensor's strides arrive as one tuple argument. Triton 3.6 specializes a tuple's elements as
+# it does lone arguments (an int equal to 1 becomes a constexpr, ints are keyed on divisibility
+# by 16 and width) and its C launcher parses the tuple object itself (a nested "(...)" format, no
+# flattening in Python), so the fast launcher binds each tuple once and passes it through
+# (launch.arg_class keys tuples element by element). Pointers stay top-level arguments: the fast
+# path passes them as ints, which it does only for top-level tensors.
 @triton.jit
 def _paged_attention_kernel(
     q_ptr,
-    stride_qt,
-    stride_qh,
-    stride_qd,  # q: [num_tokens, num_q_heads, head_size]
+    q_strides,  # q: [num_tokens, num_q_heads, head_size], strides (t, h, d)
     out_ptr,
-    stride_ot,
-    stride_oh,
-    stride_od,  # out: like q
-    # K cache element (block, slot, head, d) at block*sb + slot*st + head*sh + (d // K_X)*sx + (d % K_X)*sd
+    out_strides,  # out: like q
+    # K cache strides (block, slot, head, dim-chunk, dim): element (b, s, h, d) at
+    # b*k_strides[0] + s*k_strides[1] + h*k_strides[2] + (d // K_X)*k_strides[3] + (d % K_X)*k_strides[4]
     k_cache_ptr,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_kx,
-    stride_kd,
+    k_strides,
     v_cache_ptr,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_vd,  # V cache: (block, slot, head, d)
+    v_strides,  # V cache: (block, slot, head, dim)
     k_new_ptr,
-    stride_knt,
-    stride_knh,
-    stride_knd,  # k_new: [num_tokens, num_kv_heads, head_size]
+    k_new_strides,  # k_new: [num_tokens, num_kv_heads, head_size], strides (t, h, d)
     v_new_ptr,
-    stride_vnt,
-    stride_vnh,
-    stride_vnd,  # v_new: like k_new (context contract only)
+    v_new_strides,  # v_new: like k_new (context contract only)
     cu_seqlens_q_ptr,
     seq_lens_ptr,  # [num_seqs + 1], [num_seqs]
     block_table_ptr,
-    stride_bt,
-    stride_bc,  # [num_seqs, max_blocks]
+    bt_strides,  # [num_seqs, max_blocks], strides (row, column)
     k_scale_ptr,
-    v_scale_ptr,  # fp8 caches: [1] or [num_kv_heads] float32 (k_scale_stride / v_scale_stride 0 or 1)
+    v_scale_ptr,  # fp8 caches: [1] or [num_kv_heads] float32 (scale_strides: (k, v), each 0 or 1)
     q_scale_ptr,  # fp8 q: [1] float32, real q = q_fp8 * q_scale
     out_scale_ptr,  # fp8 out: [1] float32, out_fp8 = out / out_scale
     alibi_ptr,
@@ -468,8 +391,7 @@ def _paged_attention_kernel(
     partition_size,
     min_query_len,
     max_query_len,
-    k_scale_stride,
-    v_scale_stride,
+    scale_strides,  # (k_scale, v_scale) element strides between KV heads
     QPK: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -529,41 +451,25 @@ def _paged_attention_kernel(
     if bad:
         if split == 0:
             if SEQ_GRID:
-                _store_nan_rows(
-                    out_ptr,
-                    stride_ot,
-                    stride_oh,
-                    stride_od,
-                    q_start,
-                    q_start + query_len,
-                    num_tokens,
-                    kv_head,
-                    QPK,
-                    BLOCK_Q,
-                    BLOCK_M,
-                    HEAD_SIZE,
-                    HEAD_PAD,
-                    OUT_FP8,
-                )
+                tok_lo = q_start
+                tok_hi = q_start + query_len
             else:
                 tok_lo = q_start + tile_in_seq * BLOCK_Q
                 tok_hi = tl.minimum(tok_lo + BLOCK_Q, q_start + query_len)
-                _store_nan_rows(
-                    out_ptr,
-                    stride_ot,
-                    stride_oh,
-                    stride_od,
-                    tok_lo,
-                    tok_hi,
-                    num_tokens,
-                    kv_head,
-                    QPK,
-                    BLOCK_Q,
-                    BLOCK_M,
-                    HEAD_SIZE,
-                    HEAD_PAD,
-                    OUT_FP8,
-                )
+            _store_nan_rows(
+                out_ptr,
+                out_strides,
+                tok_lo,
+                tok_hi,
+                num_tokens,
+                kv_head,
+                QPK,
+                BLOCK_Q,
+                BLOCK_M,
+                HEAD_SIZE,
+                HEAD_PAD,
+                OUT_FP8,
+            )
         return
     if (tile_in_seq * BLOCK_Q >= query_len) | (not in_launch):
         return  # past the sequence's last tile, or a sequence of the other launch of a mixed batch
@@ -580,9 +486,9 @@ def _paged_attention_kernel(
     io_mask = row_valid[:, None] & dim_valid[None, :]
 
     q_offs = (
-        (q_start + row_tok).to(tl.int64)[:, None] * stride_qt
-        + row_head[:, None] * stride_qh
-        + dims[None, :] * stride_qd
+        (q_start + row_tok).to(tl.int64)[:, None] * q_strides[0]
+        + row_head[:, None] * q_strides[1]
+        + dims[None, :] * q_strides[2]
     )
     q = tl.load(q_ptr + q_offs, mask=io_mask, other=0.0)
     q_scale = 1.0
@@ -627,19 +533,19 @@ def _paged_attention_kernel(
     k_scale = 1.0
     v_scale = 1.0
     if KV_FP8 != 0:
-        k_scale = tl.load(k_scale_ptr + kv_head * k_scale_stride)
-        v_scale = tl.load(v_scale_ptr + kv_head * v_scale_stride)
+        k_scale = tl.load(k_scale_ptr + kv_head * scale_strides[0])
+        v_scale = tl.load(v_scale_ptr + kv_head * scale_strides[1])
     tile_scale = qk_scale * q_scale * k_scale
 
     # ---- keys from the paged cache, in three ranges of key tiles: [tile_start, full_lo) and
     # [full_hi, cache_stop) need masks (window edge, causal diagonal, sequence end); every row sees
     # every key of [full_lo, full_hi) whole
-    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    bt_row = block_table_ptr + seq.to(tl.int64) * bt_strides[0]
     cache_stop = tl.minimum(key_end, cache_end)
-    k_dim_off = (dims // K_X) * stride_kx + (dims % K_X) * stride_kd
-    v_dim_off = dims * stride_vd
-    k_head = kv_head * stride_kh
-    v_head = kv_head * stride_vh
+    k_dim_off = (dims // K_X) * k_strides[3] + (dims % K_X) * k_strides[4]
+    v_dim_off = dims * v_strides[3]
+    k_head = kv_head * k_strides[2]
+    v_head = kv_head * v_strides[2]
     tile_start = (key_start // BLOCK_N) * BLOCK_N
     full_lo = key_start
     if SLIDING:
@@ -651,50 +557,24 @@ def _paged_attention_kernel(
         lo = tile_start if r == 0 else (full_lo if r == 1 else full_hi)
         hi = full_lo if r == 0 else (full_hi if r == 1 else cache_stop)
         acc, m_i, l_i = _cache_tiles(
-            acc,
-            m_i,
-            l_i,
+            (acc, m_i, l_i),
             q,
             lo,
             hi,
-            k_cache_ptr,
-            v_cache_ptr,
-            bt_row,
-            num_blocks,
-            max_blocks,
-            k_head,
-            v_head,
-            stride_kb,
-            stride_kt,
-            stride_vb,
-            stride_vt,
-            k_dim_off,
-            v_dim_off,
+            (k_cache_ptr, k_strides, k_head, k_dim_off),
+            (v_cache_ptr, v_strides, v_head, v_dim_off),
+            (bt_row, num_blocks, max_blocks),
             dim_valid,
-            row_pos,
-            row_valid,
-            head_alibi,
-            key_start,
-            cache_stop,
-            tile_scale,
-            softcap,
-            sliding_window,
-            BLOCK_N,
-            PAGE,
-            KV_FP8,
-            DOT_DTYPE,
-            PV_DTYPE,
-            IEEE,
-            USE_SOFTCAP,
-            USE_ALIBI,
-            SLIDING,
+            (row_pos, row_valid, head_alibi),
+            (key_start, cache_stop),
+            (tile_scale, softcap, sliding_window),
+            (IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING),
+            (BLOCK_N, PAGE, IDX64),
+            (KV_FP8, DOT_DTYPE, PV_DTYPE, HEAD_PAD == HEAD_SIZE, INTERPRET),
             r != 1,
-            HEAD_PAD == HEAD_SIZE,
-            IDX64,
-            INTERPRET,
         )
     # a key with no valid block makes every row of the tile NaN (never a plausible number)
-    if _bad_blocks(bt_row, key_start, cache_stop, num_blocks, max_blocks, PAGE):
+    if _bad_blocks((bt_row, num_blocks, max_blocks), key_start, cache_stop, PAGE):
         l_i = tl.full([BLOCK_M], float("nan"), dtype=tl.float32)
 
     if KV_FP8 != 0:
@@ -713,26 +593,18 @@ def _paged_attention_kernel(
             key_ok = key_pos < key_end
             tok = (q_start + key_pos - ctx_len).to(tl.int64)
             new_mask = key_ok[:, None] & dim_valid[None, :]
-            k_offs = tok[:, None] * stride_knt + kv_head * stride_knh + dims[None, :] * stride_knd
+            k_offs = tok[:, None] * k_new_strides[0] + kv_head * k_new_strides[1] + dims[None, :] * k_new_strides[2]
             k = tl.load(k_new_ptr + k_offs, mask=new_mask, other=0.0).to(NEW_DTYPE)
-            v_offs = tok[:, None] * stride_vnt + kv_head * stride_vnh + dims[None, :] * stride_vnd
+            v_offs = tok[:, None] * v_new_strides[0] + kv_head * v_new_strides[1] + dims[None, :] * v_new_strides[2]
             v = tl.load(v_new_ptr + v_offs, mask=new_mask, other=0.0).to(NEW_DTYPE)
             s = _scores(
                 q_new,
                 k,
                 key_pos,
-                row_pos,
-                row_valid,
-                head_alibi,
-                key_start,
-                key_end,
-                qk_scale * q_scale,
-                softcap,
-                sliding_window,
-                IEEE,
-                USE_SOFTCAP,
-                USE_ALIBI,
-                SLIDING,
+                (row_pos, row_valid, head_alibi),
+                (key_start, key_end),
+                (qk_scale * q_scale, softcap, sliding_window),
+                (IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING),
                 True,
             )
             acc, m_i, l_i = _softmax_pv(
@@ -744,25 +616,22 @@ def _paged_attention_kernel(
         # a row that saw no key has l == 0 and gives 0; NaN read from a poisoned slot must stay
         # NaN (never test `l > 0`, which is false for NaN and would hide the unwritten read)
         out = tl.where(l_i[:, None] == 0, 0.0, acc / tl.where(l_i == 0, 1.0, l_i)[:, None])
-        o_offs = out_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :] * stride_od
+        o_offs = (
+            out_rows[:, None] * out_strides[0] + row_head[:, None] * out_strides[1] + dims[None, :] * out_strides[2]
+        )
         out_scale = 1.0
         if OUT_FP8:
             out_scale = tl.load(out_scale_ptr)
         tl.store(out_ptr + o_offs, _out_value(out, out_scale, OUT_FP8, out_ptr), mask=io_mask)
     else:
-        # partial results: raw accumulator, running max (log2 units) and sum of exp2
-        slot = (out_rows * (QPK * tl.num_programs(1)) + row_head) * NUM_SPLITS + split
-        tl.store(part_m_ptr + slot, m_i, mask=row_valid)
-        tl.store(part_l_ptr + slot, l_i, mask=row_valid)
-        tl.store(part_acc_ptr + slot[:, None] * HEAD_PAD + dims[None, :], acc, mask=io_mask)
+        parts = (part_acc_ptr, part_m_ptr, part_l_ptr)
+        _store_partials(parts, out_rows, row_head, split, acc, m_i, l_i, row_valid, io_mask, QPK, NUM_SPLITS, HEAD_PAD)
 
 
 @triton.jit
 def _merge_splits_kernel(
     out_ptr,
-    stride_ot,
-    stride_oh,
-    stride_od,
+    out_strides,  # (t, h, d)
     out_scale_ptr,
     part_acc_ptr,
     part_m_ptr,
@@ -814,7 +683,7 @@ def _merge_splits_kernel(
         num = tl.sum(acc * w[:, None], 0)
         out = tl.where(denom == 0, 0.0, num / tl.where(denom == 0, 1.0, denom))  # NaN stays NaN
         tl.store(
-            out_ptr + token * stride_ot + head * stride_oh + dims * stride_od,
+            out_ptr + token * out_strides[0] + head * out_strides[1] + dims * out_strides[2],
             _out_value(out, out_scale, OUT_FP8, out_ptr),
             mask=dims < HEAD_SIZE,
         )
@@ -829,10 +698,23 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 FP8_CODES = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 # the per-layer tensors, in this order, fill these argument slots of the attention kernel:
 # q, out, k_cache, v_cache, k_new, v_new, k_scale, v_scale, q_scale, out_scale
-ATTENTION_SLOTS = (0, 4, 8, 14, 19, 23) + tuple(
+ATTENTION_SLOTS = tuple(
     _paged_attention_kernel.arg_names.index(name)
-    for name in ("k_scale_ptr", "v_scale_ptr", "q_scale_ptr", "out_scale_ptr")
+    for name in (
+        "q_ptr",
+        "out_ptr",
+        "k_cache_ptr",
+        "v_cache_ptr",
+        "k_new_ptr",
+        "v_new_ptr",
+        "k_scale_ptr",
+        "v_scale_ptr",
+        "q_scale_ptr",
+        "out_scale_ptr",
+    )
 )
+# and of the split merge: out, out_scale
+MERGE_SLOTS = tuple(_merge_splits_kernel.arg_names.index(name) for name in ("out_ptr", "out_scale_ptr"))
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 _retired_workspaces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # never freed
 
@@ -913,7 +795,8 @@ def bind_attention(
     """
     num_tokens, num_q_heads, num_kv_heads, head_size, page, k_x, num_blocks, q_dtype, cache_dtype = shapes
     cu_seqlens_q, seq_lens, block_table = metadata
-    (sq, so, sk, sv, skn, svn) = strides
+    # one tuple of Python ints per tensor: a kernel argument each (see the kernel's signature)
+    (sq, so, sk, sv, skn, svn) = (tuple(int(x) for x in s) for s in strides)
     head_pad = head_pad_for(head_size)
     num_seqs = seq_lens.shape[0]
     fp8 = FP8_CODES.get(cache_dtype, 0)
@@ -956,22 +839,21 @@ def bind_attention(
         max_query_len = min(part.max_query_len, 2**31 - 1)
         args = [
             None,
-            *sq,
+            sq,
             None,
-            *so,
+            so,
             None,
-            *sk,
+            sk,
             None,
-            *sv,
+            sv,
             None,
-            *skn,
+            skn,
             None,
-            *svn,
+            svn,
             cu_seqlens_q,
             seq_lens,
             block_table,
-            block_table.stride(0),
-            block_table.stride(1),
+            (block_table.stride(0), block_table.stride(1)),
             None if scale_read[0] else placeholder,  # k_scale, v_scale, q_scale, out_scale: per call
             None if scale_read[1] else placeholder,
             None if scale_read[2] else placeholder,
@@ -985,14 +867,13 @@ def bind_attention(
             num_tokens,
             num_blocks,
             block_table.shape[1],
-            options["scale"] * 1.4426950408889634,
+            options["scale"] * LOG2E_FLOAT,
             float(options["softcap"] or 1.0),
             int(options["sliding_window"] or 0),
             int(part.partition_size or 1),
             part.min_query_len,
             max_query_len,
-            int(scale_strides[0]),
-            int(scale_strides[1]),
+            (int(scale_strides[0]), int(scale_strides[1])),
         ]
         kwargs = dict(
             QPK=num_q_heads // num_kv_heads,
@@ -1032,7 +913,7 @@ def bind_attention(
         elif num_splits > 1:
             merge_args = [
                 None,
-                *so,
+                so,
                 None if out_fp8 else placeholder,  # out_scale: per call
                 part_acc,
                 part_m,
@@ -1060,7 +941,7 @@ def bind_attention(
                     _MERGE_SPLITS,
                     (num_seqs, num_q_heads),
                     merge_args,
-                    (0, 4) if out_fp8 else (0,),
+                    MERGE_SLOTS if out_fp8 else MERGE_SLOTS[:1],
                     merge_kwargs,
                     uses=(1, 9) if out_fp8 else (1,),
                 )

@@ -28,6 +28,17 @@ TARGET = GPUTarget("cuda", 90, 32)
 REGISTERS_PER_SM = 65536
 SHARED_PER_BLOCK = 232448  # 227 KB opt-in on sm_90
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+# the kernel's tuple arguments (one per tensor's strides) and their lengths
+_STRIDES = dict(
+    q_strides=3,
+    out_strides=3,
+    k_strides=5,
+    v_strides=4,
+    k_new_strides=3,
+    v_new_strides=3,
+    bt_strides=2,
+    scale_strides=2,
+)
 
 
 def compile_plan(config: AttentionConfig, part: dispatch.Plan, *, context: bool, seq_grid: bool):
@@ -40,6 +51,8 @@ def compile_plan(config: AttentionConfig, part: dispatch.Plan, *, context: bool,
         n = p.name
         if p.is_constexpr:
             types[n] = "constexpr"
+        elif n in _STRIDES:
+            types[n] = ("i32",) * _STRIDES[n]
         elif n in ("q_ptr", "out_ptr", "k_new_ptr", "v_new_ptr", "alibi_ptr", "sinks_ptr"):
             types[n] = q_ptr if n not in ("alibi_ptr", "sinks_ptr") else "*fp32"
         elif n in ("k_cache_ptr", "v_cache_ptr"):
@@ -52,6 +65,7 @@ def compile_plan(config: AttentionConfig, part: dispatch.Plan, *, context: bool,
             types[n] = "fp32"
         else:
             types[n] = "i32"
+    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[config.dtype]
     constexprs = dict(
         QPK=config.num_queries_per_kv,
         HEAD_SIZE=config.head_size,
@@ -62,7 +76,11 @@ def compile_plan(config: AttentionConfig, part: dispatch.Plan, *, context: bool,
         PAGE=config.block_size,
         K_X=head_pad,
         KV_FP8=fp8,
-        DOT_DTYPE={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[config.dtype],
+        Q_FP8=False,
+        OUT_FP8=False,
+        DOT_DTYPE=dot_dtype,
+        PV_DTYPE=tl.float16 if fp8 and dot_dtype != tl.float32 else dot_dtype,  # as unified.bind_attention
+        NEW_DTYPE=dot_dtype,
         IEEE=config.dtype == torch.float32,
         CONTEXT=context,
         DECODE_FROM_CACHE=False,
