@@ -130,7 +130,15 @@ def _cascade_case(dev):
     attn.cascade_min_prefix, attn.cascade_min_saved_keys, attn.cascade_prefix_splits = 1, 1, 4
     cu = torch.arange(n + 1, dtype=torch.int32)
     lens = torch.full((n,), seq_len, dtype=torch.int32)
-    attn.plan(cu.to(dev), lens.to(dev), table.to(dev), shared_prefix=[(list(range(n)), prefix)])
+    attn.plan(
+        cu.to(dev),
+        lens.to(dev),
+        table.to(dev),
+        query_lens_host=[1] * n,
+        seq_lens_host=lens.tolist(),
+        block_table_host=table,
+        shared_prefix=[(list(range(n)), prefix)],
+    )
     assert "cascade:" in attn.explain(), attn.explain()
     return attn, dict(q=q, k_cache=k, v_cache=v), torch.empty_like(q)
 

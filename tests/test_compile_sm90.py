@@ -66,6 +66,27 @@ def test_every_chosen_kernel_is_launchable_on_sm90():
             assert r["stack"] <= 1024, f"{where}: {r['stack']} B of stack per thread (spilled registers)"
 
 
+# Every cache layout compiles: vLLM v0's V is keys-contiguous, so its slot stride is specialized to
+# 1 (a constexpr); inside a nested tuple argument Triton 3.6 handed that constexpr to the callee as
+# None and the compile failed (H200, 2026-11-29: 53 GPU tests, every vLLM context-op case), while
+# the CPU interpreter ran it fine. Compiled here, that failure shows on CPU.
+FP8_CACHE = AttentionConfig(8, 2, 128, 16, torch.bfloat16, kv_dtype="fp8_e4m3")
+LAYOUT_CASES = [  # compile_case's arguments: config, shape, contract, q_dtype, out_dtype, fp8_dot, fp8_pv, kv_layout
+    (AttentionConfig(8, 2, 64, 16, torch.float16), MIXED, "context-decode", None, None, True, False, "vllm_v0"),
+    (FP8_CACHE, MIXED, "full", None, None, True, False, "vllm_v0"),
+    (AttentionConfig(8, 2, 128, 16, torch.bfloat16), MIXED, "full", None, None, True, False, "hnd"),
+]
+
+
+def test_every_cache_layout_compiles_on_sm90():
+    for case, rows in zip(LAYOUT_CASES, _compile_calls(LAYOUT_CASES)):
+        config, _, contract, *_, layout = case
+        attention = [r for r in rows if r["kernel"] == "_paged_attention_kernel"]
+        assert attention, f"{config.label()} {contract} {layout}: nothing was launched"
+        for r in rows:
+            assert r["stack"] <= 1024, f"{config.label()} {contract} {layout} [{r['params']}]: {r['stack']} B stack"
+
+
 # Calls whose exact kernels once crashed ptxas (SIGSEGV) on the H100; compiled with the launch's
 # own argument specializations (scripts/sm90_call_compile.py), so a change that brings the crash
 # back fails here, on CPU, before any GPU run.

@@ -186,7 +186,8 @@ def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.con
 #   keys:   (key_start, key_end): the keys the rows may see
 #   params: (qk_scale, softcap, sliding_window)
 #   table:  (block-table row pointer, num_blocks, max_blocks)
-#   K, V:   (cache pointer, its strides (block, slot, ...), the KV head's offset, per-dim offsets [HEAD_PAD])
+#   K, V:   (cache pointer, block stride, slot stride, the KV head's offset, per-dim offsets [HEAD_PAD]); flat:
+#           a constexpr in a nested tuple reaches the callee as None in Triton 3.6
 #   SCORE:  constexprs (IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING)
 #   TILE:   constexprs (BLOCK_N, PAGE, IDX64)
 #   LOAD:   constexprs (KV_FP8, DOT_DTYPE, PV_DTYPE, EVEN_D, INTERPRET)
@@ -293,11 +294,13 @@ def _tile_blocks(table, start, keys, TILE, MASK: tl.constexpr):
 @triton.jit
 def _load_tile(cache, block, in_block, key_ok, dim_valid, OUT_DTYPE: tl.constexpr, LOAD, MASK: tl.constexpr):
     """A [BLOCK_N, HEAD_PAD] K or V tile from the paged cache, converted to OUT_DTYPE."""
-    cache_ptr, strides, head_off, dim_off = cache
+    # flat, not (ptr, (strides), ...): Triton 3.6 passes a constexpr (a stride specialized to 1, as
+    # vLLM v0's keys-contiguous V has) inside a nested tuple to a callee as None
+    cache_ptr, stride_b, stride_t, head_off, dim_off = cache
     KV_FP8: tl.constexpr = LOAD[0]
     EVEN_D: tl.constexpr = LOAD[3]
     INTERPRET: tl.constexpr = LOAD[4]
-    offs = block[:, None] * strides[0] + in_block[:, None] * strides[1] + head_off + dim_off[None, :]
+    offs = block[:, None] * stride_b + in_block[:, None] * stride_t + head_off + dim_off[None, :]
     if MASK:
         x = tl.load(cache_ptr + offs, mask=key_ok[:, None] & dim_valid[None, :], other=0.0)
     elif EVEN_D:
@@ -561,8 +564,8 @@ def _paged_attention_kernel(
             q,
             lo,
             hi,
-            (k_cache_ptr, k_strides, k_head, k_dim_off),
-            (v_cache_ptr, v_strides, v_head, v_dim_off),
+            (k_cache_ptr, k_strides[0], k_strides[1], k_head, k_dim_off),
+            (v_cache_ptr, v_strides[0], v_strides[1], v_head, v_dim_off),
             (bt_row, num_blocks, max_blocks),
             dim_valid,
             (row_pos, row_valid, head_alibi),

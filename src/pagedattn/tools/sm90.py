@@ -48,12 +48,20 @@ def compile_call(fn, *args, **kwargs):
 
 
 def compile_case(
-    config, shape, contract: str = "full", q_dtype=None, out_dtype=None, fp8_dot: bool = True, fp8_pv: bool = False
+    config,
+    shape,
+    contract: str = "full",
+    q_dtype=None,
+    out_dtype=None,
+    fp8_dot: bool = True,
+    fp8_pv: bool = False,
+    kv_layout: str = "nhd",
 ) -> list[dict]:
     """Compile what `PagedAttention.run` would launch on an H100 for this case (inputs built as the
     kernel tests build them); one row per launch: registers, stack frame and shared memory.
     `q_dtype` / `out_dtype` torch.float8_e4m3fn: fp8 queries / output (q.k on fp8 tensor cores
-    over an e4m3 cache, as on an sm_89+ GPU, unless `fp8_dot=False`)."""
+    over an e4m3 cache, as on an sm_89+ GPU, unless `fp8_dot=False`). `kv_layout`: the caches in
+    that layout ("hnd", "vllm_v0": its V is keys-contiguous, a stride the launch specializes to 1)."""
     import torch
 
     from .. import dispatch
@@ -73,8 +81,16 @@ def compile_case(
         options["q_scale"] = 0.02
     if out_dtype == torch.float8_e4m3fn:
         options["out_scale"] = 0.05
+    k_cache, v_cache = x.k_cache, x.v_cache
+    if kv_layout == "hnd":
+        k_cache, v_cache = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
+    elif kv_layout == "vllm_v0":
+        nb, bs, kvh, d = k_cache.shape
+        chunk = 16 // k_cache.element_size()
+        k_cache = k_cache.reshape(nb, bs, kvh, d // chunk, chunk).permute(0, 2, 3, 1, 4).contiguous()
+        v_cache = v_cache.permute(0, 2, 3, 1).contiguous()
     attn = PagedAttention(
-        AttentionOptions(scale=config.head_size**-0.5, **options),
+        AttentionOptions(scale=config.head_size**-0.5, kv_layout=kv_layout, **options),
         num_q_heads=config.num_q_heads,
         num_kv_heads=config.num_kv_heads,
         head_size=config.head_size,
@@ -95,7 +111,7 @@ def compile_case(
     original = unified.fp8_dot_available
     unified.fp8_dot_available = lambda device: fp8_dot  # this CPU has no GPU to ask
     try:
-        calls = compile_call(attn.run, q, x.k_cache, x.v_cache, out=out, **extra)
+        calls = compile_call(attn.run, q, k_cache, v_cache, out=out, **extra)
     finally:
         unified.fp8_dot_available = original
     for name, grid, kernel in calls:
