@@ -203,10 +203,24 @@ def main(argv=None) -> dict:
         "generated_tokens_per_s": len(prompts) * new_tokens / ours.seconds,
     }
     dump()
-    for other in filter(None, args.against.split(",")):
+    generated = len(prompts) * new_tokens
+
+    def compare(impl: str, run) -> None:  # recorded as soon as each run ends (a cut-off run keeps it)
+        results["runs"][impl] = {"seconds": run.seconds, "generated_tokens_per_s": generated / run.seconds}
+        c = harness.compare(ours, run)
+        results["comparisons"][f"{name} vs {impl}"] = {
+            "identical": c.identical,
+            "requests": c.requests,
+            "max_logprob_diff": c.max_logprob_diff,
+            "first_divergences": c.first_divergence[:10],
+        }
+        say(f"{name} vs {impl}: {c.summary()}")
         dump()
+
+    for other in filter(None, args.against.split(",")):
         if other == "generate":
             runs[other] = harness.reference_generate(model, prompts, new_tokens)
+            compare(other, runs[other])
             continue
         try:
             harness.batch_generate(model, other, prompts[:2], 2, **options)  # warm up (compiles, graphs)
@@ -214,18 +228,9 @@ def main(argv=None) -> dict:
         except Exception as exc:  # an implementation this machine lacks (e.g. no flash-attn package)
             say(f"{other}: not run ({type(exc).__name__}: {str(exc)[:200]})")
             results["runs"][other] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    generated = len(prompts) * new_tokens
-    for impl, run in runs.items():
-        results["runs"][impl] = {"seconds": run.seconds, "generated_tokens_per_s": generated / run.seconds}
-        if impl != name:
-            c = harness.compare(ours, run)
-            results["comparisons"][f"{name} vs {impl}"] = {
-                "identical": c.identical,
-                "requests": c.requests,
-                "max_logprob_diff": c.max_logprob_diff,
-                "first_divergences": c.first_divergence[:10],
-            }
-            say(f"{name} vs {impl}: {c.summary()}")
+            dump()
+            continue
+        compare(other, runs[other])
     if args.expect_tokens:
         with open(args.expect_tokens) as f:
             expected = json.load(f)

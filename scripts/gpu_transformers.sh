@@ -32,12 +32,12 @@ $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 if [ "$TINY" = "--tiny" ]; then
     export TRITON_INTERPRET=1
     COMMON=(--device cpu --model-config llama-gqa --requests 4 --min-prompt 5 --max-prompt 70 --new-tokens 4)
-    AGAINST="generate,paged|sdpa,paged|flash_attention_2"
+    AGAINST="paged|sdpa,generate,paged|flash_attention_2"
     STEP_TIMEOUT=${STEP_TIMEOUT:-600}
 else
     COMMON=(--device cuda --model-config llama-1b --dtype bf16 --requests 64 --min-prompt 100 --max-prompt 2000
             --new-tokens 64)
-    AGAINST="generate,paged|sdpa,paged|flash_attention_2"
+    AGAINST="paged|sdpa,generate,paged|flash_attention_2"
     STEP_TIMEOUT=${STEP_TIMEOUT:-420}
 fi
 MODEL_DIR=${MODEL_DIR:-/tmp/pagedattn-hf-model-$MODE}
