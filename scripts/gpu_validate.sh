@@ -2,6 +2,7 @@
 # GPU validation in steps that each fit one 10-minute call of the device tool; every step writes its
 # full log under $OUT and prints a short summary last. Run from the repository root:
 #   bash scripts/gpu_validate.sh tests      # whole suite natively on CUDA (verbose log survives a timeout)
+#   bash scripts/gpu_validate.sh fuzz       # the 2,000-example kernel and layout fuzzes (tests uses 320)
 #   bash scripts/gpu_validate.sh bigmem     # tests needing several GB each, one at a time
 #   bash scripts/gpu_validate.sh sanitize   # compute-sanitizer memcheck (all kernels) + racecheck (split-KV)
 #   bash scripts/gpu_validate.sh seed       # the seed scenario at full size: 8,192 NaN, checked mode
@@ -24,13 +25,22 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"
 case "${1:-}" in
   tests)
-    # -v streams one line per test, so a run cut off by the time limit still names its failures
+    # -v streams one line per test, so a run cut off by the time limit still names its failures.
+    # The hypothesis fuzzes take 320 examples here (in 16 shards) so the suite fits one call; the
+    # 2,000-example soak is its own step (fuzz)
+    export PAGEDATTN_FUZZ_EXAMPLES="${FUZZ_EXAMPLES:-320}" PAGEDATTN_FUZZ_SHARDS="${FUZZ_SHARDS:-16}"
     timeout "${TIMEOUT:-540}" python3 -m pytest tests -v -n "${JOBS:-8}" -m "not bigmem" -p no:cacheprovider \
       --tb=line ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
     echo "exit $?"
     grep -E "FAILED|ERROR" "$OUT/pytest.log" | sed 's/^\[gw[0-9]*\] //' | sort | uniq | head -60
     echo "passed: $(grep -c ' PASSED' "$OUT/pytest.log")  failed: $(grep -c ' FAILED' "$OUT/pytest.log")  skipped: $(grep -c ' SKIPPED' "$OUT/pytest.log")"
     tail -3 "$OUT/pytest.log" ;;
+  fuzz)
+    # the GPU profile's 2,000 examples of the kernel and layout fuzzes, in 40 shards
+    PAGEDATTN_FUZZ_PROFILE=gpu PAGEDATTN_FUZZ_SHARDS=40 timeout "${TIMEOUT:-540}" python3 -m pytest -v \
+      -n "${JOBS:-14}" -p no:cacheprovider --tb=short tests/test_fuzz.py tests/test_layouts.py > "$OUT/fuzz.log" 2>&1
+    echo "exit $?"; grep -E "FAILED|ERROR" "$OUT/fuzz.log" | sed 's/^\[gw[0-9]*\] //' | sort | uniq | head -30
+    echo "passed: $(grep -c ' PASSED' "$OUT/fuzz.log")  failed: $(grep -c ' FAILED' "$OUT/fuzz.log")" ;;
   bigmem)
     timeout "${TIMEOUT:-540}" python3 -m pytest tests -v -m bigmem -p no:cacheprovider --tb=short > "$OUT/bigmem.log" 2>&1
     echo "exit $?"; grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/bigmem.log" | tail -20 ;;
@@ -101,5 +111,5 @@ case "${1:-}" in
     timeout "${MEMCHECK_TIMEOUT:-150}" compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -x \
       -p no:cacheprovider tests/test_cascade.py tests/test_fp8.py > "$OUT/memcheck_fp8_cascade.log" 2>&1
     echo "memcheck exit $?"; grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT/memcheck_fp8_cascade.log" | tail -5 ;;
-  *) echo "usage: $0 tests|bigmem|sanitize|seed|bench|host|fp8-tests|fp8-bench|features|probe" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|fuzz|bigmem|sanitize|seed|bench|host|fp8-tests|fp8-bench|features|probe" >&2; exit 2 ;;
 esac
