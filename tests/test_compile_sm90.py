@@ -189,3 +189,23 @@ def test_cascade_launches_fit_sm90():
             assert r["shared"] <= compile_check.SHARED_PER_BLOCK, f"{where}: shared {r['shared']}"
             assert r["regs"] * 32 * r["warps"] <= compile_check.REGISTERS_PER_SM, f"{where}: {r['regs']} regs"
             assert r["stack"] <= 1024, f"{where}: {r['stack']} B of stack per thread (spilled registers)"
+
+
+def test_sass_fingerprint_is_stable_and_tells_kernels_apart():
+    """pagedattn.tools.fingerprint (SASS hashes, for refactors checked without a GPU) on the write
+    kernel: two compiles of one case agree, and the three cases (bf16, fp8 per head, e5m2) differ."""
+    import json
+    import subprocess
+
+    code = (
+        "import json\n"
+        "from pagedattn.tools import fingerprint\n"
+        "print(json.dumps([fingerprint.fingerprints('write') for _ in range(2)]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    first, second = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert first == second and len(first) == 3
+    hashes = {rows[0]["sass"] for rows in first.values()}
+    assert len(hashes) == 3 and all(rows[0]["instructions"] > 50 for rows in first.values()), first

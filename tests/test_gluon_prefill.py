@@ -38,47 +38,21 @@ def _inputs(num_tokens=64, hq=8, hkv=2, d=128, bs=16, dtype=torch.bfloat16, bloc
 # sm_90 compile, on CPU
 # ---------------------------------------------------------------------------------------------
 COMPILE = r"""
-import json, os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
-from triton.runtime.jit import create_function_from_signature
-from triton.experimental.gluon._runtime import GluonASTSource
-from pagedattn.kernels import gluon_prefill as gp
+import json, sys
+import torch
+from pagedattn.tools import sm90
 from pagedattn.tools.compile_check import _resource_usage
 
-target = GPUTarget("cuda", 90, 32)
-backend = make_backend(target)
 rows = []
 for hq, hkv, d, bs, dtype, tiles, ws in json.loads(sys.argv[1]):
-    dt = getattr(torch, dtype)
-    q = torch.randn(256, hq, d, dtype=dt)
-    k = torch.randn(64, bs, hkv, d, dtype=dt)
-    cu = torch.tensor([0, 256], dtype=torch.int32)
-    sl = torch.tensor([256], dtype=torch.int32)
-    bt = torch.arange(64, dtype=torch.int32)[None]
-    fn, grid, args, meta = gp.launch_args(q, k, k.clone(), cu, sl, bt, torch.empty_like(q), d ** -0.5,
-                                          tuple(tiles) if tiles else None, ws)
-    # bind exactly as a launch would (value-1 and divisibility-by-16 specializations)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, spec, options = binder(*args, **meta)
-    options, signature, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, options)
-    kernel = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=target,
-                            options=options.__dict__)
+    _, grid, kernel = sm90.compile_gluon_case(hq, hkv, d, bs, getattr(torch, dtype), tiles, ws)
     regs, stack = _resource_usage(kernel.asm["cubin"])
     ptx = kernel.asm["ptx"]
     # SASS: exp2 (MUFU.EX2) issued between "wait until 1 wgmma group is pending" and "until 0",
     # i.e. the softmax really runs while P.V is on the tensor cores (ptxas retires in-flight
     # wgmma at basic-block boundaries, which a branch in the loop body would cause)
-    import subprocess, tempfile
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     overlapped, inside = 0, False
-    for line in sass.splitlines():
+    for line in sm90.sass_lines(kernel.asm["cubin"]):
         if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in line:
             inside = True
         elif "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:

@@ -10,6 +10,10 @@ failure seen on the GPU from the failing case alone.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -20,7 +24,19 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-compiled = []
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;")
+compiled = []  # (kernel name, grid, compiled kernel) of the last compile_call / compile_case
+
+
+def sass_lines(cubin: bytes) -> list[str]:
+    """The SASS instructions of a cubin (Triton's bundled cuobjdump), one per line, without
+    addresses or encodings."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return [m.group(1) for m in map(_INSTRUCTION.match, text.splitlines()) if m]
 
 
 def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
@@ -208,6 +224,31 @@ def compile_cascade_case(config, num_seqs: int, prefix: int, own: int, query_len
             )
         )
     return rows
+
+
+def compile_gluon_case(num_q_heads, num_kv_heads, head_size, block_size, dtype, tiles=None, warp_specialized=False):
+    """Compile the Gluon prefill kernel (kernels/gluon_prefill.py) for one 256-token causal
+    sequence, bound exactly as a launch would be; returns (kernel name, grid, compiled kernel)."""
+    import torch
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from ..kernels import gluon_prefill as gp
+
+    backend = make_backend(TARGET)
+    q = torch.randn(256, num_q_heads, head_size, dtype=dtype)
+    k = torch.randn(64, block_size, num_kv_heads, head_size, dtype=dtype)
+    cu = torch.tensor([0, 256], dtype=torch.int32)
+    seq_lens = torch.tensor([256], dtype=torch.int32)
+    table = torch.arange(64, dtype=torch.int32)[None]
+    fn, grid, args, meta = gp.launch_args(
+        q, k, k.clone(), cu, seq_lens, table, torch.empty_like(q), head_size**-0.5,
+        tuple(tiles) if tiles else None, warp_specialized,
+    )  # fmt: skip
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*args, **meta)
+    options, signature, constexprs, attrs = fn._pack_args(backend, meta, bound, spec, options)
+    kernel = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+    return fn.__name__, grid, kernel
 
 
 def main() -> None:
