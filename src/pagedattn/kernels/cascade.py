@@ -44,6 +44,8 @@ from .unified import (
     _bad_blocks,
     _cache_tiles,
     _find_sequence,
+    _kv_scales,
+    _normalized,
     _sequence,
     _store_partials,
     head_pad_for,
@@ -140,11 +142,7 @@ def _prefix_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
-    k_scale = 1.0
-    v_scale = 1.0
-    if KV_FP8 != 0:
-        k_scale = tl.load(k_scale_ptr + kv_head * scale_strides[0])
-        v_scale = tl.load(v_scale_ptr + kv_head * scale_strides[1])
+    k_scale, v_scale = _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, scale_strides, KV_FP8)
     bt_row = block_table_ptr + src.to(tl.int64) * bt_strides[0]
     k_dim_off = (dims // K_X) * k_strides[3] + (dims % K_X) * k_strides[4]
     v_dim_off = dims * v_strides[3]
@@ -180,6 +178,16 @@ def _prefix_kernel(
 # ---------------------------------------------------------------------------------------------
 # the merge
 # ---------------------------------------------------------------------------------------------
+@triton.jit
+def _load_partial(acc_ptr, m_ptr, l_ptr, slot, head_ok, mask, HEAD_PAD: tl.constexpr):
+    """(acc, m, l) of one split's partials at `slot` ([HEADS] rows), as _store_partials wrote them."""
+    dims = tl.arange(0, HEAD_PAD)
+    m = tl.load(m_ptr + slot, mask=head_ok, other=float("-inf"))
+    l = tl.load(l_ptr + slot, mask=head_ok, other=0.0)
+    acc = tl.load(acc_ptr + slot[:, None] * HEAD_PAD + dims[None, :], mask=mask, other=0.0)
+    return acc, m, l
+
+
 @triton.jit
 def _cascade_merge_kernel(
     out_ptr,
@@ -242,15 +250,12 @@ def _cascade_merge_kernel(
     num_pre = tl.where(shared > 0, PRE_SPLITS, 0)
     for i in range(0, num_pre + SUF_SPLITS):
         if i < num_pre:
-            slot = row * PRE_SPLITS + i
-            m_s = tl.load(pre_m_ptr + slot, mask=head_ok, other=float("-inf"))
-            l_s = tl.load(pre_l_ptr + slot, mask=head_ok, other=0.0)
-            acc_s = tl.load(pre_acc_ptr + slot[:, None] * HEAD_PAD + dims[None, :], mask=mask, other=0.0)
+            acc_s, m_s, l_s = _load_partial(
+                pre_acc_ptr, pre_m_ptr, pre_l_ptr, row * PRE_SPLITS + i, head_ok, mask, HEAD_PAD
+            )
         else:
             slot = row * SUF_SPLITS + (i - num_pre)
-            m_s = tl.load(suf_m_ptr + slot, mask=head_ok, other=float("-inf"))
-            l_s = tl.load(suf_l_ptr + slot, mask=head_ok, other=0.0)
-            acc_s = tl.load(suf_acc_ptr + slot[:, None] * HEAD_PAD + dims[None, :], mask=mask, other=0.0)
+            acc_s, m_s, l_s = _load_partial(suf_acc_ptr, suf_m_ptr, suf_l_ptr, slot, head_ok, mask, HEAD_PAD)
         m_new = tl.maximum(m_i, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         a = tl.math.exp2(m_i - m_safe)
@@ -258,7 +263,7 @@ def _cascade_merge_kernel(
         l_i = l_i * a + l_s * b
         acc = acc * a[:, None] + acc_s * b[:, None]
         m_i = m_new
-    out = tl.where(l_i[:, None] == 0, 0.0, acc / tl.where(l_i == 0, 1.0, l_i)[:, None])  # NaN stays NaN
+    out = _normalized(acc, l_i)
     offs = token.to(tl.int64) * out_strides[0] + heads[:, None] * out_strides[1] + dims[None, :] * out_strides[2]
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -33,8 +33,8 @@ sm_90 here, not yet run on a GPU): 4 producer warps (24 registers each) gather K
 and signal per-slot "ready" mbarriers through cp.async.mbarrier.arrive.noinc; the 8 consumer warps
 (240 registers) wait on them, run the same wgmma/softmax schedule and release slots on "empty"
 mbarriers; no CTA-wide barrier and no address arithmetic left in the consumers' loop. One kernel
-function serves both (`P_WARPS > 0` takes the warp-specialized branch at compile time, under the
-name `_gluon_prefill_ws_kernel`); the key-loop steps share their softmax (`_softmax_step`).
+function serves both (`P_WARPS > 0` takes the warp-specialized branch at compile time); the
+key-loop steps share their softmax (`_softmax_step`).
 
 Memory safety does not depend on the metadata: every load is bounded (keys by seq_len, block-table
 columns by its width, block ids clamped to [0, num_blocks)); a sequence whose metadata cannot be
@@ -47,8 +47,6 @@ This module imports nothing from pagedattn above `kernels/` (only `errors`).
 """
 
 from __future__ import annotations
-
-import types
 
 import torch
 from triton.experimental import gluon
@@ -586,7 +584,7 @@ def _gluon_prefill_kernel(
     P_REGS: gl.constexpr = 0,
 ):
     """One query tile of one KV head (see the module docstring). P_WARPS > 0 (a compile-time
-    branch): the warp-specialized variant, compiled and launched as _gluon_prefill_ws_kernel."""
+    branch): the warp-specialized variant."""
     BLOCK_M: gl.constexpr = 128
     BLOCK_Q: gl.constexpr = BLOCK_M // QPK
     dtype: gl.constexpr = q_ptr.dtype.element_ty
@@ -830,23 +828,6 @@ def _gluon_prefill_kernel(
         )
 
 
-def _renamed(fn, name: str):
-    """A copy of the Python function fn under another name (its code, globals and annotations)."""
-    twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    twin.__qualname__ = name
-    twin.__kwdefaults__ = fn.__kwdefaults__
-    twin.__doc__ = fn.__doc__
-    twin.__annotations__ = fn.__annotations__
-    return twin
-
-
-# The warp-specialized variant: _gluon_prefill_kernel's own source (P_WARPS > 0 takes its branch)
-# compiled as a kernel of its own name, for profiles and the SASS fingerprint. Not a @gluon.jit
-# kernel that calls _gluon_prefill_kernel: inlining merges the callee's early returns into one exit
-# block, which changes the machine code (4,088 -> 4,080 SASS instructions when tried).
-_gluon_prefill_ws_kernel = gluon.jit(_renamed(_gluon_prefill_kernel.fn, "_gluon_prefill_ws_kernel"))
-
-
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
@@ -1008,7 +989,7 @@ def launch_args(
     # setmaxnreg gives the producers P_REGS and the consumers the rest ((168 * 384 - 24 * 128) / 256
     # = 240 with 4 producer warps)
     meta.update(P_WARPS=WS_PRODUCER_WARPS, P_REGS=WS_PRODUCER_REGS, maxnreg=WS_MAXNREG)
-    return _gluon_prefill_ws_kernel, grid, args, meta
+    return _gluon_prefill_kernel, grid, args, meta
 
 
 def gluon_prefill(

@@ -161,6 +161,23 @@ def _store_partials(
 
 
 @triton.jit
+def _normalized(acc, l_i):
+    """Rows of acc / l_i ([BLOCK_M, HEAD_PAD] over [BLOCK_M]): a row that saw no key has l == 0 and
+    gives 0; NaN read from a poisoned slot stays NaN (never test `l > 0`, which is false for NaN
+    and would hide the unwritten read)."""
+    return tl.where(l_i[:, None] == 0, 0.0, acc / tl.where(l_i == 0, 1.0, l_i)[:, None])
+
+
+@triton.jit
+def _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, scale_strides, KV_FP8: tl.constexpr):
+    """(k_scale, v_scale) of this KV head over an fp8 cache (one scale, or one per KV head:
+    scale_strides (k, v) each 0 or 1); 1.0 otherwise."""
+    if KV_FP8 != 0:
+        return tl.load(k_scale_ptr + kv_head * scale_strides[0]), tl.load(v_scale_ptr + kv_head * scale_strides[1])
+    return 1.0, 1.0
+
+
+@triton.jit
 def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """Convert a loaded K/V tile to the dot dtype (fp8 caches arrive as uint8 storage). fp8 goes
     through fp16, which Hopper converts to in hardware (cvt.f16x2.e4m3x2), then to OUT_DTYPE."""
@@ -533,11 +550,7 @@ def _paged_attention_kernel(
             l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
 
-    k_scale = 1.0
-    v_scale = 1.0
-    if KV_FP8 != 0:
-        k_scale = tl.load(k_scale_ptr + kv_head * scale_strides[0])
-        v_scale = tl.load(v_scale_ptr + kv_head * scale_strides[1])
+    k_scale, v_scale = _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, scale_strides, KV_FP8)
     tile_scale = qk_scale * q_scale * k_scale
 
     # ---- keys from the paged cache, in three ranges of key tiles: [tile_start, full_lo) and
@@ -616,9 +629,7 @@ def _paged_attention_kernel(
 
     out_rows = (q_start + row_tok).to(tl.int64)
     if NUM_SPLITS == 1 and not PARTIALS:
-        # a row that saw no key has l == 0 and gives 0; NaN read from a poisoned slot must stay
-        # NaN (never test `l > 0`, which is false for NaN and would hide the unwritten read)
-        out = tl.where(l_i[:, None] == 0, 0.0, acc / tl.where(l_i == 0, 1.0, l_i)[:, None])
+        out = _normalized(acc, l_i)
         o_offs = (
             out_rows[:, None] * out_strides[0] + row_head[:, None] * out_strides[1] + dims[None, :] * out_strides[2]
         )

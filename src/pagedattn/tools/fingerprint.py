@@ -11,8 +11,10 @@ Each launch's SASS instructions (cuobjdump, addresses and encodings dropped) are
     ... edit the kernels ...
     python -m pagedattn.tools.fingerprint --compare before.json   # exit 1 on any difference
 
-A difference is not necessarily a bug (a deliberate change differs); an identical fingerprint
-means the change is behaviour- and speed-neutral on sm_90 for these cases.
+Identical SASS means the change is behaviour- and speed-neutral on sm_90 for these cases. "The
+same instruction mix" (the same count of every opcode, in another order or other registers: the
+usual result of a helper function changing the compiler's value numbering) is near-certainly
+neutral; "differs" needs a GPU run (a deliberate change differs, so it is not necessarily a bug).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -32,9 +35,21 @@ import torch  # noqa: E402
 from . import sm90  # noqa: E402
 
 
-def digest(cubin: bytes) -> tuple[str, int]:
+def digest(cubin: bytes) -> dict:
+    """sass: a hash of the instructions in order; mix: a hash of how many of each opcode (with its
+    modifiers) there are, which register allocation and scheduling order leave unchanged."""
     lines = sm90.sass_lines(cubin)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16], len(lines)
+    opcodes = Counter(_opcode(line) for line in lines)
+    return dict(
+        sass=hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16],
+        mix=hashlib.sha256(repr(sorted(opcodes.items())).encode()).hexdigest()[:16],
+        instructions=len(lines),
+    )
+
+
+def _opcode(line: str) -> str:
+    words = line.split()
+    return words[1] if words[0].startswith("@") else words[0]  # past a predicate guard (@P0, @!PT)
 
 
 def _unified_cases():
@@ -127,8 +142,7 @@ def fingerprints(only: str | None = None) -> dict[str, list[dict]]:
             continue
         rows = []
         for name, kernel in job():
-            sha, count = digest(kernel.asm["cubin"])
-            rows.append(dict(kernel=name, sass=sha, instructions=count))
+            rows.append(dict(kernel=name, **digest(kernel.asm["cubin"])))
         out[label] = rows
         print(f"{label:<40} " + "  ".join(f"{r['kernel']}:{r['sass']}" for r in rows), file=sys.stderr, flush=True)
     return out
@@ -144,6 +158,10 @@ def _compile_cascade(args):
     return list(sm90.compiled)
 
 
+def _mixes(rows: list[dict]) -> list:
+    return [(r["kernel"], r.get("mix"), r["instructions"]) for r in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--save", type=Path, help="write the fingerprints to this JSON file")
@@ -155,12 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         a.save.write_text(json.dumps(now, indent=1) + "\n")
     if a.compare:
         before = json.loads(a.compare.read_text())
-        differ = [k for k in now if k in before and before[k] != now[k]]
+        same = [k for k in now if before.get(k) == now[k]]
+        mix = [k for k in now if k in before and k not in same and _mixes(before[k]) == _mixes(now[k])]
+        differ = [k for k in now if k in before and k not in same and k not in mix]
+        for k in mix:
+            print(f"SAME MIX {k}: the same instructions, in another order or registers")
         for k in differ:
             print(f"DIFFERS {k}: {before[k]} -> {now[k]}")
         missing = [k for k in now if k not in before]
-        same = len(now) - len(differ) - len(missing)
-        print(f"{same} identical, {len(differ)} differ, {len(missing)} not in {a.compare}")
+        print(
+            f"{len(same)} identical, {len(mix)} the same instruction mix, {len(differ)} differ, "
+            f"{len(missing)} not in {a.compare}"
+        )
         return 1 if differ else 0
     return 0
 
