@@ -50,7 +50,7 @@ from .config import FP8_DTYPES
 from .errors import DTypeError, ScaleError, ShapeError
 from .kernels.write import resolve_fp8_dtype
 from .kernels.write import write_kv as _write_kv
-from .validate import check_tensor
+from .validate import check_tensor, default_out_dtype
 
 NAMESPACE = "pagedattn"
 FP8_E4M3 = torch.float8_e4m3fn  # fp8 queries and outputs
@@ -292,7 +292,7 @@ def _out_arg(q: Tensor, out: Tensor | None) -> Tensor:
     sequence covers (unvalidated offsets) stay NaN, never leftovers."""
     if out is not None:
         return out
-    return torch.full(q.shape, float("nan"), dtype=torch.bfloat16 if q.dtype == FP8_E4M3 else q.dtype, device=q.device)
+    return torch.full(q.shape, float("nan"), dtype=default_out_dtype(q.dtype), device=q.device)
 
 
 def write_kv(

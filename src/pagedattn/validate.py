@@ -197,6 +197,11 @@ def check_out(out, q, dtype: torch.dtype | None = None) -> None:
         raise DTypeError(f"out must be {dtype} (the planned output dtype), got {out.dtype}")
 
 
+def default_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The output dtype when none is given: the query's, bf16 for fp8 queries."""
+    return torch.bfloat16 if dtype == FP8_Q_DTYPE else dtype
+
+
 def check_fp8_dtypes(dtype, kv_cache_dtype, out_dtype) -> None:
     """The query / cache / output dtypes of a planned attention, fp8 queries and outputs included."""
     if dtype == torch.float8_e5m2:
