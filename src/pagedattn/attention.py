@@ -35,11 +35,11 @@ import torch
 
 from . import reference
 from .batch import BatchMetadata
-from .config import MAX_HEAD_SIZE, QUERY_DTYPES
-from .errors import DTypeError, ShapeError, UnsupportedConfigError
+from .config import MAX_HEAD_SIZE
+from .errors import ShapeError, UnsupportedConfigError
 from .options import AttentionOptions
 from .planner import PagedAttention
-from .validate import cache_geometry, check_tensor, nhd_views
+from .validate import cache_geometry, check_query_tensor, nhd_views
 
 if TYPE_CHECKING:
     from .cache import PagedKVCache
@@ -227,21 +227,15 @@ def attention(
 
         checks.check_batch_against_cache(cache, batch, contract=contract, decode_from_cache=decode_from_cache)
     out, backend, validate = (options.pop(name, default) for name, default in _RUN_ARGUMENTS)
-    opts = AttentionOptions(
-        k_scale=cache.k_scale if cache.is_fp8 else None, v_scale=cache.v_scale if cache.is_fp8 else None, **options
-    )
+    tensors, scales = _cache_arguments(cache, batch)
     return _plan_and_run(
         contract,
         q,
-        cache.k,
-        cache.v,
-        batch.cu_seqlens_q,
-        batch.seq_lens,
-        batch.block_table,
+        *tensors,
         k_new,
         v_new,
         decode_from_cache,
-        opts,
+        AttentionOptions(**scales, **options),
         batch.max_query_len,
         batch.max_seq_len,
         out,
@@ -258,6 +252,14 @@ def attention(
 _RUN_ARGUMENTS = (("out", None), ("backend", "auto"), ("validate", None))
 
 
+def _cache_arguments(cache: PagedKVCache, batch: BatchMetadata) -> tuple[tuple, dict]:
+    """A cache and its batch as the plain functions take them: (k_cache, v_cache, cu_seqlens_q,
+    seq_lens, block_table), and k_scale / v_scale (the cache's own when it is fp8, else None)."""
+    fp8 = cache.is_fp8
+    scales = dict(k_scale=cache.k_scale if fp8 else None, v_scale=cache.v_scale if fp8 else None)
+    return (cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table), scales
+
+
 def reference_attention(
     q: torch.Tensor,
     cache: PagedKVCache,
@@ -271,15 +273,11 @@ def reference_attention(
 ) -> torch.Tensor:
     """`attention` computed by the PyTorch reference in `compute_dtype` (float32 or float64):
     the same arguments, for checking a kernel's output (see `pagedattn.compare`)."""
+    tensors, scales = _cache_arguments(cache, batch)
     return reference.attention(
         q,
-        cache.k,
-        cache.v,
-        batch.cu_seqlens_q,
-        batch.seq_lens,
-        batch.block_table,
-        k_scale=cache.k_scale if cache.is_fp8 else None,
-        v_scale=cache.v_scale if cache.is_fp8 else None,
+        *tensors,
+        **scales,
         k_new=k_new,
         v_new=v_new,
         decode_from_cache=decode_from_cache,
@@ -314,9 +312,7 @@ def _plan_and_run(
     """`reads_proven`: the caller proved every cache position to be read was written (checked
     mode's bookkeeping, `attention`): checked mode then validates the metadata values but does
     not scan the cache again."""
-    check_tensor("q", q, 3)
-    if q.dtype not in QUERY_DTYPES + (torch.float8_e4m3fn,):
-        raise DTypeError(f"q must be one of {QUERY_DTYPES + (torch.float8_e4m3fn,)}, got {q.dtype}")
+    check_query_tensor(q)
     out_dtype = None  # out in q's dtype, except with fp8 q or an fp8 out
     if isinstance(out, torch.Tensor) and torch.float8_e4m3fn in (q.dtype, out.dtype):
         out_dtype = out.dtype

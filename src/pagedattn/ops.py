@@ -50,6 +50,7 @@ from .config import FP8_DTYPES
 from .errors import DTypeError, ScaleError, ShapeError
 from .kernels.write import resolve_fp8_dtype
 from .kernels.write import write_kv as _write_kv
+from .validate import check_tensor, default_out_dtype
 
 NAMESPACE = "pagedattn"
 FP8_E4M3 = torch.float8_e4m3fn  # fp8 queries and outputs
@@ -190,11 +191,6 @@ def prefix_prefill_op(
 # fake implementations: shapes only (no data, no kernel). The ops return nothing, so these only
 # catch at trace time the shape errors the real checks would raise at run time.
 # ---------------------------------------------------------------------------------------------
-def _fake_check(name: str, t: Tensor, rank: int) -> None:
-    if t.dim() != rank:
-        raise ShapeError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
-
-
 @torch.library.register_fake(f"{NAMESPACE}::write_kv")
 def _write_kv_fake(
     k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *, fp8_dtype=None, checked=False
@@ -206,14 +202,14 @@ def _write_kv_fake(
         ("v_cache", v_cache, 4),
         ("slot_mapping", slot_mapping, 1),
     ):
-        _fake_check(name, t, rank)
+        check_tensor(name, t, rank)
     if slot_mapping.shape[0] != k.shape[0]:
         raise ShapeError(f"slot_mapping must have num_tokens = {k.shape[0]} entries, got {slot_mapping.shape[0]}")
 
 
 def _fake_attention(q, out, q_scale, out_scale) -> None:
     """out like q; in q's dtype unless q or out is fp8 (e4m3), whose scale must then be given."""
-    _fake_check("q", q, 3)
+    check_tensor("q", q, 3)
     if out.shape != q.shape:
         raise ShapeError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
     if FP8_E4M3 not in (q.dtype, out.dtype) and out.dtype != q.dtype:
@@ -278,12 +274,25 @@ def _scale_arg(scale, tensor: Tensor, device: torch.device) -> Tensor | None:
     return torch.full((1,), float(scale), dtype=torch.float32, device=device)
 
 
+def _optional_tensors(q, k_cache, out, alibi_slopes, sinks, k_scale, v_scale, q_scale, out_scale) -> tuple:
+    """The attention ops' optional tensors, in their order (alibi_slopes, sinks, then the scales of
+    k, v, q and out as `_scale_arg` makes them: k/v's by the cache's dtype, q's and out's by their own)."""
+    return (
+        alibi_slopes,
+        sinks,
+        _scale_arg(k_scale, k_cache, q.device),
+        _scale_arg(v_scale, k_cache, q.device),
+        _scale_arg(q_scale, q, q.device),
+        _scale_arg(out_scale, out, q.device),
+    )
+
+
 def _out_arg(q: Tensor, out: Tensor | None) -> Tensor:
     """`out` as given, or allocated NaN like q (bf16 for fp8 q, the planner's default), so rows no
     sequence covers (unvalidated offsets) stay NaN, never leftovers."""
     if out is not None:
         return out
-    return torch.full(q.shape, float("nan"), dtype=torch.bfloat16 if q.dtype == FP8_E4M3 else q.dtype, device=q.device)
+    return torch.full(q.shape, float("nan"), dtype=default_out_dtype(q.dtype), device=q.device)
 
 
 def write_kv(
@@ -343,12 +352,7 @@ def paged_attention(
         seq_lens,
         block_table,
         out,
-        alibi_slopes,
-        sinks,
-        _scale_arg(k_scale, k_cache, q.device),
-        _scale_arg(v_scale, k_cache, q.device),
-        _scale_arg(q_scale, q, q.device),
-        _scale_arg(out_scale, out, q.device),
+        *_optional_tensors(q, k_cache, out, alibi_slopes, sinks, k_scale, v_scale, q_scale, out_scale),
         **options,
     )
     return out
@@ -385,12 +389,7 @@ def prefix_prefill(
         seq_lens,
         block_table,
         out,
-        alibi_slopes,
-        sinks,
-        _scale_arg(k_scale, k_cache, q.device),
-        _scale_arg(v_scale, k_cache, q.device),
-        _scale_arg(q_scale, q, q.device),
-        _scale_arg(out_scale, out, q.device),
+        *_optional_tensors(q, k_cache, out, alibi_slopes, sinks, k_scale, v_scale, q_scale, out_scale),
         **options,
     )
     return out

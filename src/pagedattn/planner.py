@@ -52,6 +52,7 @@ from .validate import (
     check_query,
     check_run_scales,
     check_scale,
+    default_out_dtype,
     extent,
     nhd_views,
 )
@@ -253,7 +254,7 @@ class PagedAttention:
         self.dtype = dtype
         self.kv_cache_dtype = kv_cache_dtype or dtype
         self.q_fp8 = dtype == torch.float8_e4m3fn
-        self.out_dtype = out_dtype or (torch.bfloat16 if self.q_fp8 else dtype)
+        self.out_dtype = out_dtype or default_out_dtype(dtype)
         self.out_fp8 = self.out_dtype == torch.float8_e4m3fn
         if self.q_fp8 and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
             raise UnsupportedConfigError(

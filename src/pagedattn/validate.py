@@ -39,6 +39,8 @@ from .errors import (
 from .kernels.write import check_scale  # noqa: F401  (one definition, re-exported here)
 
 CONTRACTS = ("full", "context")
+FP8_Q_DTYPE = torch.float8_e4m3fn  # fp8 queries and outputs are e4m3 (what fp8 tensor cores take)
+Q_DTYPES = QUERY_DTYPES + (FP8_Q_DTYPE,)  # what a query may be (fp8: e4m3 only)
 
 
 def check_tensor(name: str, t, rank: int | None = None, device: torch.device | None = None) -> torch.Tensor:
@@ -109,13 +111,18 @@ def cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_layout: str, 
 # ---------------------------------------------------------------------------------------------
 # per-call tensors (host checks only)
 # ---------------------------------------------------------------------------------------------
+def check_query_tensor(q, device: torch.device | None = None) -> None:
+    """q: a tensor of 3 dimensions (on `device`) in a query dtype (fp16/bf16/fp32, fp8 e4m3)."""
+    check_tensor("q", q, 3, device)
+    if q.dtype not in Q_DTYPES:
+        raise DTypeError(f"q must be one of {Q_DTYPES}, got {q.dtype}")
+
+
 def check_query(
     q, *, num_q_heads: int, head_size: int, dtype: torch.dtype | None, device: torch.device, num_tokens: int | None
 ) -> None:
     """q: [num_tokens, num_q_heads, head_size] of the planned dtype on the planned device."""
-    check_tensor("q", q, 3, device)
-    if q.dtype not in QUERY_DTYPES + (torch.float8_e4m3fn,):
-        raise DTypeError(f"q must be one of {QUERY_DTYPES + (torch.float8_e4m3fn,)}, got {q.dtype}")
+    check_query_tensor(q, device)
     if dtype is not None and q.dtype != dtype:
         raise DTypeError(f"q is {q.dtype} but this attention was planned for {dtype}")
     if (q.shape[1], q.shape[2]) != (num_q_heads, head_size):
@@ -190,21 +197,21 @@ def check_out(out, q, dtype: torch.dtype | None = None) -> None:
         raise DTypeError(f"out must be {dtype} (the planned output dtype), got {out.dtype}")
 
 
-FP8_Q_DTYPE = torch.float8_e4m3fn  # fp8 queries and outputs are e4m3 (what fp8 tensor cores take)
+def default_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The output dtype when none is given: the query's, bf16 for fp8 queries."""
+    return torch.bfloat16 if dtype == FP8_Q_DTYPE else dtype
 
 
 def check_fp8_dtypes(dtype, kv_cache_dtype, out_dtype) -> None:
     """The query / cache / output dtypes of a planned attention, fp8 queries and outputs included."""
     if dtype == torch.float8_e5m2:
         raise DTypeError("dtype (of q): float8_e5m2 queries are not supported; fp8 queries are torch.float8_e4m3fn")
-    if dtype not in QUERY_DTYPES + (FP8_Q_DTYPE,):
-        raise DTypeError(f"dtype (of q) must be one of {QUERY_DTYPES + (FP8_Q_DTYPE,)}, got {dtype}")
+    if dtype not in Q_DTYPES:
+        raise DTypeError(f"dtype (of q) must be one of {Q_DTYPES}, got {dtype}")
     if kv_cache_dtype is not None and kv_cache_dtype not in QUERY_DTYPES + FP8_DTYPES:
         raise DTypeError(f"kv_cache_dtype: k_cache must be fp16/bf16/fp32 or an fp8 dtype, got {kv_cache_dtype}")
-    if out_dtype is not None and out_dtype not in QUERY_DTYPES + (FP8_Q_DTYPE,):
-        raise DTypeError(
-            f"out_dtype must be one of {QUERY_DTYPES + (FP8_Q_DTYPE,)} (fp8 outputs are e4m3), got {out_dtype}"
-        )
+    if out_dtype is not None and out_dtype not in Q_DTYPES:
+        raise DTypeError(f"out_dtype must be one of {Q_DTYPES} (fp8 outputs are e4m3), got {out_dtype}")
     if dtype == FP8_Q_DTYPE or out_dtype == FP8_Q_DTYPE:
         if torch.version.hip is not None:
             raise UnsupportedConfigError(

@@ -42,6 +42,7 @@ from ..attention import paged_attention, prefix_prefill
 from ..config import FP8_DTYPES, fp8_dtype_of
 from ..errors import DTypeError, LayoutError, PagedAttentionError, ScaleError, ShapeError, UnsupportedConfigError
 from ..kernels.write import check_scale, quantize_fp8, write_kv
+from ..validate import check_tensor
 
 __all__ = [
     "context_attention_fwd",
@@ -82,10 +83,22 @@ def _refuse(name: str, value, why: str) -> None:
         raise UnsupportedConfigError(f"{name} is not supported ({why}); pass None, got {_short(value)}")
 
 
+def _require_causal(fn: str, causal) -> None:
+    if causal is not True:
+        raise UnsupportedConfigError(f"{fn}: only causal attention is supported (causal=True), got causal={causal!r}")
+
+
 def _short(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     return repr(value)
+
+
+def _check_tensors(fn: str, named) -> None:
+    """Each (name, value) of `named` is a tensor (a value in the wrong position is named)."""
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 def _cache_views(
@@ -95,9 +108,7 @@ def _cache_views(
     if not isinstance(kv_cache_dtype, str):
         raise UnsupportedConfigError(f"{fn}: kv_cache_dtype must be a string, got {kv_cache_dtype!r}")
     caches = ((names[0], k_cache), (names[1], v_cache))
-    for name, c in caches:
-        if not isinstance(c, torch.Tensor):
-            raise DTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(c).__name__}")
+    _check_tensors(fn, caches)
     if "fp8" in kv_cache_dtype:
         target = fp8_dtype_of(kv_cache_dtype)
         if torch.version.hip is not None and target == torch.float8_e4m3fn:
@@ -190,8 +201,7 @@ def _fp8_output(fn: str, out, out_name: str, scale, scale_name: str):
 
 
 def _int32(name: str, t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(name, t)
     if t.dtype == torch.int32:
         return t
     if t.dtype in (torch.int64, torch.int16, torch.uint8, torch.int8):
@@ -483,10 +493,7 @@ def chunked_prefill_paged_decode(
 
     Refused: output_scale with an `output` that is not torch.float8_e4m3fn, an fp8 `output`
     without output_scale, fp8 `query` (vLLM's op takes no query scale), sinks together with ALiBi."""
-    if causal is not True:
-        raise UnsupportedConfigError(
-            f"chunked_prefill_paged_decode: only causal attention is supported (causal=True), got causal={causal!r}"
-        )
+    _require_causal("chunked_prefill_paged_decode", causal)
     if is_block_table_ptr:
         raise UnsupportedConfigError(
             "chunked_prefill_paged_decode: is_block_table_ptr=True (a block table of raw pointers) is not supported"
@@ -579,8 +586,7 @@ def unified_attention(
         if name == "kv_quant_mode" and getattr(value, "name", str(value)).upper() in ("NONE", "FP8_PER_TENSOR"):
             continue  # the cache dtype already says which
         raise UnsupportedConfigError(f"{fn}: keyword {name} is not supported, got {_short(value)}")
-    if causal is not True:
-        raise UnsupportedConfigError(f"{fn}: only causal attention is supported (causal=True), got causal={causal!r}")
+    _require_causal(fn, causal)
     _refuse("qq_bias", qq_bias, "no query-query bias")
     q_fp8 = isinstance(q, torch.Tensor) and q.dtype == torch.float8_e4m3fn
     if q_fp8 and q_descale is None:
@@ -648,9 +654,7 @@ def unified_attention(
 # cache writes
 # ---------------------------------------------------------------------------------------------
 def _check_write_args(fn, key, value, slot_mapping, kv_cache_dtype, key_cache, value_cache, k_scale, v_scale):
-    for name, t in (("key", key), ("value", value), ("slot_mapping", slot_mapping)):
-        if not isinstance(t, torch.Tensor):
-            raise DTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_tensors(fn, (("key", key), ("value", value), ("slot_mapping", slot_mapping)))
     if key.dim() != 3 or value.shape != key.shape:
         raise ShapeError(
             f"{fn}: key and value must both be [num_tokens, num_kv_heads, head_size], "
@@ -671,15 +675,13 @@ def _check_write_args(fn, key, value, slot_mapping, kv_cache_dtype, key_cache, v
                     f"{fn}: {name} is required for kv_cache_dtype={kv_cache_dtype!r} "
                     f"(stored value = {name.split('_')[0]} / {name})"
                 )
-        heads = key.shape[1]  # one scale, or one per KV head (vLLM's "attn_head" scales)
-        k_scale, v_scale = _per_tensor_scale("k_scale", k_scale, heads), _per_tensor_scale("v_scale", v_scale, heads)
-    else:
-        if key_cache.dtype != key.dtype:
-            raise DTypeError(
-                f"{fn}: key_cache ({key_cache.dtype}) must have key's dtype ({key.dtype}) "
-                f"for kv_cache_dtype={kv_cache_dtype!r}"
-            )
-        k_scale = v_scale = None
+    elif key_cache.dtype != key.dtype:
+        raise DTypeError(
+            f"{fn}: key_cache ({key_cache.dtype}) must have key's dtype ({key.dtype}) "
+            f"for kv_cache_dtype={kv_cache_dtype!r}"
+        )
+    # one scale, or one per KV head (vLLM's "attn_head" scales); None for a cache that is not fp8
+    k_scale, v_scale = _scales(key_cache, k_scale, v_scale, num_kv_heads=key.shape[1])
     n = slot_mapping.shape[0]  # vLLM: key may hold padding rows beyond the slots
     return key[:n], value[:n], key_cache, value_cache, slot_mapping.long(), k_scale, v_scale
 
