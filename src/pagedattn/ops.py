@@ -48,7 +48,7 @@ from .attention import paged_attention as _paged_attention
 from .attention import prefix_prefill as _prefix_prefill
 from .config import FP8_DTYPES
 from .errors import DTypeError, ScaleError, ShapeError
-from .kernels.write import resolve_fp8_dtype
+from .kernels.write import WRITE_RANKS, resolve_fp8_dtype
 from .kernels.write import write_kv as _write_kv
 from .validate import check_tensor, default_out_dtype
 
@@ -195,13 +195,7 @@ def prefix_prefill_op(
 def _write_kv_fake(
     k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *, fp8_dtype=None, checked=False
 ) -> None:
-    for name, t, rank in (
-        ("k", k, 3),
-        ("v", v, 3),
-        ("k_cache", k_cache, 4),
-        ("v_cache", v_cache, 4),
-        ("slot_mapping", slot_mapping, 1),
-    ):
+    for (name, rank), t in zip(WRITE_RANKS, (k, v, k_cache, v_cache, slot_mapping)):
         check_tensor(name, t, rank)
     if slot_mapping.shape[0] != k.shape[0]:
         raise ShapeError(f"slot_mapping must have num_tokens = {k.shape[0]} entries, got {slot_mapping.shape[0]}")

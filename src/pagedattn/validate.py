@@ -13,7 +13,6 @@ Every message names the argument, what was expected and what came.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,7 +35,7 @@ from .errors import (
     ShapeError,
     UnsupportedConfigError,
 )
-from .kernels.write import check_scale  # noqa: F401  (one definition, re-exported here)
+from .kernels.write import check_scale, check_scale_values  # noqa: F401  (check_scale re-exported)
 
 CONTRACTS = ("full", "context")
 FP8_Q_DTYPE = torch.float8_e4m3fn  # fp8 queries and outputs are e4m3 (what fp8 tensor cores take)
@@ -420,10 +419,6 @@ def check_run_scales(given, defaults, used, *, device, num_kv_heads: int, read_v
         if not used[i]:
             continue
         if read_values:
-            values = t.detach().double().cpu().flatten().tolist()
-            for j, value in enumerate(values):
-                if not math.isfinite(value) or value <= 0:
-                    at = f"[{j}]" if len(values) > 1 else ""
-                    raise ScaleError(f"run(): {name}{at} must be finite and > 0, got {value}")
+            check_scale_values(f"run(): {name}", t.detach().double().cpu().flatten().tolist())
         scales[i] = t if t.dim() == 1 else t.reshape(1)
     return tuple(scales)

@@ -336,23 +336,26 @@ def check_scale(
             values = [float(scale)]
         except (TypeError, ValueError):
             raise ScaleError(f"{name} must be a float or a one-element tensor, got {type(scale).__name__}") from None
+    check_scale_values(name, values)
+
+
+def check_scale_values(name: str, values: list[float]) -> None:
+    """Every scale value finite and > 0 (ScaleError naming the element of a per-head scale)."""
     for i, value in enumerate(values):
         if not math.isfinite(value) or value <= 0:
             at = f"[{i}]" if len(values) > 1 else ""
             raise ScaleError(f"{name}{at} must be finite and > 0, got {value}")
 
 
+# write_kv's tensor arguments, in order, and their ranks
+WRITE_RANKS = (("k", 3), ("v", 3), ("k_cache", 4), ("v_cache", 4), ("slot_mapping", 1))
+
+
 def check_write_inputs(
     k, v, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None, fp8_dtype=None, checked=False
 ) -> torch.dtype | None:
     """Host-side checks of write_kv's arguments (no device sync); returns the cache's fp8 dtype or None."""
-    for name, t, rank in (
-        ("k", k, 3),
-        ("v", v, 3),
-        ("k_cache", k_cache, 4),
-        ("v_cache", v_cache, 4),
-        ("slot_mapping", slot_mapping, 1),
-    ):
+    for (name, rank), t in zip(WRITE_RANKS, (k, v, k_cache, v_cache, slot_mapping)):
         if not isinstance(t, torch.Tensor):
             raise DTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != rank:
