@@ -208,12 +208,7 @@ def main(argv=None) -> dict:
     def compare(impl: str, run) -> None:  # recorded as soon as each run ends (a cut-off run keeps it)
         results["runs"][impl] = {"seconds": run.seconds, "generated_tokens_per_s": generated / run.seconds}
         c = harness.compare(ours, run)
-        results["comparisons"][f"{name} vs {impl}"] = {
-            "identical": c.identical,
-            "requests": c.requests,
-            "max_logprob_diff": c.max_logprob_diff,
-            "first_divergences": c.first_divergence[:10],
-        }
+        results["comparisons"][f"{name} vs {impl}"] = c.record()
         say(f"{name} vs {impl}: {c.summary()}")
         dump()
 
@@ -236,12 +231,7 @@ def main(argv=None) -> dict:
             expected = json.load(f)
         ref = harness.Generation(expected["tokens"], expected["logprobs"], None, 0.0)
         c = harness.compare(ours, ref)
-        results["comparisons"][f"{name} x{world} vs saved"] = {
-            "identical": c.identical,
-            "requests": c.requests,
-            "max_logprob_diff": c.max_logprob_diff,
-            "first_divergences": c.first_divergence[:10],
-        }
+        results["comparisons"][f"{name} x{world} vs saved"] = c.record()
         say(f"{name} x{world} vs {args.expect_tokens}: {c.summary()}")
         if "paged|sdpa" in runs and "sdpa_tokens" in expected:  # the control: transformers' own under TP
             c2 = harness.compare(

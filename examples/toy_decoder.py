@@ -39,33 +39,19 @@ from pagedattn import PagedKVCache
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |logit - dense fp32 reference| allowed; logits have a standard deviation of about 2
 TOLERANCE = {torch.float32: 2e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
-CPU_DEFAULTS = dict(
-    layers=2,
-    hidden=32,
-    num_q_heads=4,
-    num_kv_heads=2,
-    head_size=16,
-    vocab=64,
-    block_size=8,
-    requests=3,
-    prompt_len=20,
-    new_tokens=6,
-    step_tokens=16,
-    bench_iters=2,
-)
-CUDA_DEFAULTS = dict(
-    layers=4,
-    hidden=512,
-    num_q_heads=8,
-    num_kv_heads=2,
-    head_size=64,
-    vocab=2048,
-    block_size=16,
-    requests=8,
-    prompt_len=1000,
-    new_tokens=32,
-    step_tokens=512,
-    bench_iters=50,
+DEFAULTS = dict(  # option: (cpu default, cuda default)
+    layers=(2, 4),
+    hidden=(32, 512),
+    num_q_heads=(4, 8),
+    num_kv_heads=(2, 2),
+    head_size=(16, 64),
+    vocab=(64, 2048),
+    block_size=(8, 16),
+    requests=(3, 8),
+    prompt_len=(20, 1000),
+    new_tokens=(6, 32),
+    step_tokens=(16, 512),
+    bench_iters=(2, 50),
 )
 
 
@@ -397,18 +383,15 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the model step")
     p.add_argument("--compile-backend", default="inductor", help="inductor (default), aot_eager, eager")
     p.add_argument("--cuda-graphs", action="store_true", help="capture one decode step and replay it (cuda)")
-    for name in CPU_DEFAULTS:
+    for name, (cpu, cuda) in DEFAULTS.items():
         p.add_argument(
-            "--" + name.replace("_", "-"),
-            type=int,
-            default=None,
-            help=f"default {CPU_DEFAULTS[name]} on cpu, {CUDA_DEFAULTS[name]} on cuda",
+            "--" + name.replace("_", "-"), type=int, default=None, help=f"default {cpu} on cpu, {cuda} on cuda"
         )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    for name, value in (CUDA_DEFAULTS if a.device == "cuda" else CPU_DEFAULTS).items():
+    for name, (cpu, cuda) in DEFAULTS.items():
         if getattr(a, name) is None:
-            setattr(a, name, value)
+            setattr(a, name, cuda if a.device == "cuda" else cpu)
     a.dtype = DTYPES[a.dtype or ("bf16" if a.device == "cuda" else "fp32")]
     if a.cuda_graphs and a.device != "cuda":
         p.error("--cuda-graphs needs --device cuda")

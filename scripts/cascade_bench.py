@@ -24,23 +24,19 @@ import torch
 from pagedattn import AttentionOptions, PagedAttention, reference
 from pagedattn.bench.runner import make_timer
 from pagedattn.bench.workloads import build_paged, build_shared_prefix, load_workloads, shared_prefix_workload
+from pagedattn.testing import geometry
 from pagedattn.tolerances import default_tolerance
 
 CHECK_SEQS = (0, 1, 128, 255)  # the sequences checked against the reference and SDPA
 
 
+def new_planner(w, device) -> PagedAttention:
+    """An unplanned PagedAttention of workload `w`'s geometry and dtype, default options."""
+    return PagedAttention(AttentionOptions(), **geometry(w.config), dtype=w.config.dtype, device=device)
+
+
 def planner(w, device, inputs, i, **plan_kw) -> PagedAttention:
-    c = w.config
-    attn = PagedAttention(
-        AttentionOptions(),
-        num_q_heads=c.num_q_heads,
-        num_kv_heads=c.num_kv_heads,
-        head_size=c.head_size,
-        block_size=c.block_size,
-        dtype=c.dtype,
-        device=device,
-    )
-    return plan(attn, w, inputs, i, **plan_kw)
+    return plan(new_planner(w, device), w, inputs, i, **plan_kw)
 
 
 def plan(attn, w, inputs, i, **plan_kw) -> PagedAttention:
@@ -157,16 +153,7 @@ def plain_decode_row(w, device, timers) -> dict:
     s = inputs.sets[0]
     host_table = s.block_table.cpu()
     kw = dict(query_lens_host=list(w.shape.query_lens), seq_lens_host=list(w.shape.seq_lens))
-    c = w.config
-    geometry = dict(
-        num_q_heads=c.num_q_heads,
-        num_kv_heads=c.num_kv_heads,
-        head_size=c.head_size,
-        block_size=c.block_size,
-        dtype=c.dtype,
-        device=device,
-    )
-    detect, off = PagedAttention(**geometry), PagedAttention(**geometry)
+    detect, off = new_planner(w, device), new_planner(w, device)
 
     def plan_detect():
         detect.plan(s.cu_seqlens_q, s.seq_lens, s.block_table, **kw, block_table_host=host_table)

@@ -35,7 +35,7 @@ def _case(name: str):
     """(PagedAttention planned, run kwargs) on the GPU for one named case."""
     from pagedattn import AttentionOptions, PagedAttention
     from pagedattn.config import AttentionConfig, BatchShape
-    from pagedattn.testing import make_inputs
+    from pagedattn.testing import geometry, make_inputs
 
     dev = torch.device("cuda")
     contract, q_dtype, out_dtype, layout, strided = "full", None, None, "nhd", False
@@ -83,10 +83,7 @@ def _case(name: str):
         v_cache = v_cache.transpose(1, 2).contiguous()
     attn = PagedAttention(
         AttentionOptions(scale=config.head_size**-0.5, kv_layout=layout, **options),
-        num_q_heads=config.num_q_heads,
-        num_kv_heads=config.num_kv_heads,
-        head_size=config.head_size,
-        block_size=config.block_size,
+        **geometry(config),
         dtype=q.dtype,
         kv_cache_dtype=k_cache.dtype,
         out_dtype=out_dtype,

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from pagedattn import AttentionOptions, PagedAttention, reference  # noqa: E402
 from pagedattn.bench.runner import make_timer  # noqa: E402
+from pagedattn.testing import block_table_from, cu_seqlens  # noqa: E402
 from pagedattn.tolerances import FP8_QUERY_TOLERANCE, default_tolerance  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
@@ -53,15 +54,8 @@ def _batch(query_lens, seq_lens, device, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
     blocks = [math.ceil(s / BS) for s in seq_lens]
     num_blocks = sum(blocks)
-    perm = torch.randperm(num_blocks, generator=g)
-    table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(blocks):
-        table[i, :n] = perm[used : used + n].to(torch.int32)
-        used += n
-    cu = [0]
-    for q in query_lens:
-        cu.append(cu[-1] + q)
+    table = block_table_from(torch.randperm(num_blocks, generator=g), blocks)
+    cu = cu_seqlens(query_lens)
     torch.manual_seed(seed)
     shape = (num_blocks, BS, HKV, D)
     k = torch.randn(shape, device=device, dtype=torch.bfloat16)

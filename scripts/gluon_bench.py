@@ -28,7 +28,7 @@ import triton
 from pagedattn import reference
 from pagedattn.config import AttentionConfig, BatchShape
 from pagedattn.kernels.gluon_prefill import gluon_prefill
-from pagedattn.testing import assert_close_to_reference, make_inputs, poisoned_like
+from pagedattn.testing import assert_close_to_reference, block_table_from, cu_seqlens, make_inputs, poisoned_like
 
 WORKLOADS = {
     # name: (query_lens, ctx_lens, flops from src/pagedattn/bench/workloads.json)
@@ -61,16 +61,7 @@ def check_grid(results: list, **kw) -> None:
                 x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, scale=d**-0.5, out=out, **kw
             )
             torch.cuda.synchronize()
-            ref = reference.attention(
-                x.q,
-                x.k_cache,
-                x.v_cache,
-                x.cu_seqlens_q,
-                x.seq_lens,
-                x.block_table,
-                scale=d**-0.5,
-                compute_dtype=torch.float64,
-            )
+            ref = x.reference(scale=d**-0.5, compute_dtype=torch.float64)
             err = float((out.double() - ref).abs().max()) if out.numel() else 0.0
             assert_close_to_reference(out, ref, dt, label)
             results.append(dict(case=label, ok=True, max_abs_err=err))
@@ -90,15 +81,8 @@ def paged_inputs(query_lens, ctx_lens, dtype=torch.bfloat16, hq=32, hkv=8, d=128
     nb = sum(per_seq) + 7
     k_cache = torch.randn(nb, bs, hkv, d, device="cuda", dtype=dtype, generator=g)
     v_cache = torch.randn(nb, bs, hkv, d, device="cuda", dtype=dtype, generator=g)
-    perm = torch.randperm(nb, device="cuda", generator=g).to(torch.int32)
-    table = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32, device="cuda")
-    at = 0
-    for i, n in enumerate(per_seq):
-        table[i, :n] = perm[at : at + n]
-        at += n
-    cu = [0]
-    for q in query_lens:
-        cu.append(cu[-1] + q)
+    table = block_table_from(torch.randperm(nb, device="cuda", generator=g), per_seq)
+    cu = cu_seqlens(query_lens)
     q = torch.randn(cu[-1], hq, d, device="cuda", dtype=dtype, generator=g)
     return (
         q,

@@ -12,6 +12,7 @@ A bad input that is not refused properly stays in the table as a strict xfail na
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -139,54 +140,33 @@ def _kv(n: int, dtype=torch.float32, heads=NUM_KV_HEADS, d=HEAD_SIZE):
 # ---------------------------------------------------------------------------------------------
 # calls with one thing changed
 # ---------------------------------------------------------------------------------------------
+def paged(q: torch.Tensor, cache: PagedKVCache, batch: BatchMetadata) -> dict:
+    """The tensors of a call over `cache` and `batch`, by name."""
+    return dict(
+        q=q,
+        k_cache=cache.k,
+        v_cache=cache.v,
+        cu_seqlens_q=batch.cu_seqlens_q,
+        seq_lens=batch.seq_lens,
+        block_table=batch.block_table,
+    )
+
+
 def pa(e: Env, **changes):
     """paged_attention over the fp32 cache, with `changes` applied."""
-    args = dict(
-        q=e.q,
-        k_cache=e.cache.k,
-        v_cache=e.cache.v,
-        cu_seqlens_q=e.batch.cu_seqlens_q,
-        seq_lens=e.batch.seq_lens,
-        block_table=e.batch.block_table,
-    )
-    args.update(changes)
-    pos = [args.pop(n) for n in ("q", "k_cache", "v_cache", "cu_seqlens_q", "seq_lens", "block_table")]
-    return paged_attention(*pos, **args)
+    return paged_attention(**(paged(e.q, e.cache, e.batch) | changes))
 
 
 def pa8(e: Env, **changes):
     """paged_attention over the fp8 cache (scales given unless changed)."""
-    args = dict(
-        q=e.q16,
-        k_cache=e.fp8.k,
-        v_cache=e.fp8.v,
-        cu_seqlens_q=e.fp8_batch.cu_seqlens_q,
-        seq_lens=e.fp8_batch.seq_lens,
-        block_table=e.fp8_batch.block_table,
-        k_scale=e.fp8.k_scale,
-        v_scale=e.fp8.v_scale,
-    )
-    args.update(changes)
-    return pa(e, **args)
+    scales = dict(k_scale=e.fp8.k_scale, v_scale=e.fp8.v_scale)
+    return pa(e, **(paged(e.q16, e.fp8, e.fp8_batch) | scales | changes))
 
 
 def pp(e: Env, **changes):
     """prefix_prefill (context contract) over the fp32 cache."""
-    args = dict(
-        q=e.q,
-        k_new=e.k_new,
-        v_new=e.v_new,
-        k_cache=e.cache.k,
-        v_cache=e.cache.v,
-        cu_seqlens_q=e.batch.cu_seqlens_q,
-        seq_lens=e.ctx_seq_lens,
-        block_table=e.batch.block_table,
-    )
-    args.update(changes)
-    pos = [
-        args.pop(n) for n in ("q", "k_new", "v_new", "k_cache", "v_cache", "cu_seqlens_q", "seq_lens", "block_table")
-    ]
-    return prefix_prefill(*pos, **args)
+    context = dict(k_new=e.k_new, v_new=e.v_new, seq_lens=e.ctx_seq_lens)
+    return prefix_prefill(**(paged(e.q, e.cache, e.batch) | context | changes))
 
 
 def wk(e: Env, **changes):
@@ -248,47 +228,35 @@ def overlapping_out_and_k_new(e: Env):
     return pp(e, k_new=k_new, out=buf.view(e.q.shape))
 
 
-def ctx_fwd(e: Env, **changes):
-    """compat.vllm.context_attention_fwd over the older-layout copies of the fp32 cache."""
-    args = dict(
-        q=e.q,
-        k=e.k_new,
-        v=e.v_new,
-        o=torch.empty_like(e.q),
-        kv_cache_dtype="auto",
-        k_cache=e.k_v0,
-        v_cache=e.v_v0,
-        b_loc=e.batch.block_table,
-        b_start_loc=e.batch.cu_seqlens_q,
-        b_seq_len=e.ctx_seq_lens,
-        max_seq_len=21,
-        max_input_len=2,
-        k_scale=1.0,
-        v_scale=1.0,
+def vllm_prefill(op, e: Env, seq_lens: torch.Tensor, max_seq_len: int, /, **changes):
+    """A compat.vllm prefill op over the older-layout copies of the fp32 cache: context_attention_fwd
+    and chunked_prefill_paged_decode take the same positional arguments; `changes` go by the op's names."""
+    args = inspect.signature(op).bind_partial(
+        e.q,
+        e.k_new,
+        e.v_new,
+        torch.empty_like(e.q),  # out
+        "auto",
+        e.k_v0,
+        e.v_v0,
+        e.batch.block_table,
+        e.batch.cu_seqlens_q,
+        seq_lens,
+        max_seq_len,
+        2,  # max_query_len
+        1.0,  # k_scale
+        1.0,  # v_scale
     )
-    args.update(changes)
-    return vllm.context_attention_fwd(**args)
+    return op(**(args.arguments | changes))
+
+
+def ctx_fwd(e: Env, **changes):
+    """compat.vllm.context_attention_fwd (seq_lens: ctx_len + query_len)."""
+    return vllm_prefill(vllm.context_attention_fwd, e, e.ctx_seq_lens, 21, **changes)
 
 
 def chunked(e: Env, **changes):
-    args = dict(
-        query=e.q,
-        key=e.k_new,
-        value=e.v_new,
-        output=torch.empty_like(e.q),
-        kv_cache_dtype="auto",
-        key_cache=e.k_v0,
-        value_cache=e.v_v0,
-        block_table=e.batch.block_table,
-        query_start_loc=e.batch.cu_seqlens_q,
-        seq_lens=i32(7, 20),
-        max_seq_len=20,
-        max_query_len=2,
-        k_scale=1.0,
-        v_scale=1.0,
-    )
-    args.update(changes)
-    return vllm.chunked_prefill_paged_decode(**args)
+    return vllm_prefill(vllm.chunked_prefill_paged_decode, e, i32(7, 20), 20, **changes)
 
 
 def chunked_fp8_uint8(e: Env, **changes):
@@ -352,6 +320,20 @@ def rcf(e: Env, **changes):
     )
     args.update(changes)
     return vllm.reshape_and_cache_flash(**args)
+
+
+def rcf8(e: Env, **changes):
+    """reshape_and_cache_flash of one fp16 token into the fp8 cache."""
+    args = dict(
+        key_cache=e.fp8.k,
+        value_cache=e.fp8.v,
+        kv_cache_dtype="fp8",
+        key=e.k_new[:1].half(),
+        value=e.v_new[:1].half(),
+        slot_mapping=torch.tensor([48]),
+    )
+    args.update(changes)
+    return rcf(e, **args)
 
 
 def cli(*argv: str):
@@ -877,36 +859,8 @@ ROWS = [
     P(lambda e: ua(e, k=e.k_v0, v=e.v_v0), LayoutError, "k must be a flash-layout", id="vllm-ua-older-layout"),
     P(lambda e: rcf(e, slot_mapping=e.slots.float()), DTypeError, "slot_mapping", id="vllm-rcf-slots-float"),
     P(lambda e: rcf(e, key_cache=e.k_v0, value_cache=e.v_v0), LayoutError, "key_cache", id="vllm-rcf-older-layout"),
-    P(
-        lambda e: rcf(
-            e,
-            key_cache=e.fp8.k,
-            value_cache=e.fp8.v,
-            kv_cache_dtype="fp8",
-            key=e.k_new[:1].half(),
-            value=e.v_new[:1].half(),
-            slot_mapping=torch.tensor([48]),
-            k_scale=None,
-        ),
-        ScaleError,
-        "k_scale",
-        id="vllm-rcf-fp8-no-k_scale",
-    ),
-    P(
-        lambda e: rcf(
-            e,
-            key_cache=e.fp8.k,
-            value_cache=e.fp8.v,
-            kv_cache_dtype="fp8",
-            key=e.k_new[:1].half(),
-            value=e.v_new[:1].half(),
-            slot_mapping=torch.tensor([48]),
-            v_scale=NAN,
-        ),
-        ScaleError,
-        "v_scale",
-        id="vllm-rcf-fp8-v_scale-nan",
-    ),
+    P(lambda e: rcf8(e, k_scale=None), ScaleError, "k_scale", id="vllm-rcf-fp8-no-k_scale"),
+    P(lambda e: rcf8(e, v_scale=NAN), ScaleError, "v_scale", id="vllm-rcf-fp8-v_scale-nan"),
     P(lambda e: rcf(e, value=e.v_new[:2]), ShapeError, "key and value", id="vllm-rcf-key-value-shapes"),
     P(lambda e: rcf(e, slot_mapping=torch.arange(4)), ShapeError, "slot_mapping", id="vllm-rcf-slots-too-many"),
     P(
@@ -1082,6 +1036,7 @@ def test_baseline_calls_are_valid():
     env = build_env()
     rcf(env)
     wk8(env)
+    rcf8(env)
     bm(env)
     attention(env.q, env.cache, env.batch, checked=True)
     assert math.isfinite(float(attention(env.q, env.cache, env.batch).abs().sum()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from pagedattn import AttentionOptions, PagedAttention, reference
 from pagedattn import shared_prefix as sharing
 from pagedattn.errors import BatchMetadataError, UnsupportedConfigError
+from pagedattn.testing import capture_graph
 from pagedattn.tolerances import default_tolerance
 
 CUDA = torch.cuda.is_available()
@@ -47,6 +50,18 @@ def shared_batch(query_lens, seq_lens, groups, *, block_size, seed=0, spare_colu
     )
 
 
+def host_copies(query_lens, seq_lens, block_table) -> dict:
+    """plan()'s host copies of the lengths and the block table (given the table, plan detects sharing)."""
+    return dict(query_lens_host=list(query_lens), seq_lens_host=list(seq_lens), block_table_host=block_table.cpu())
+
+
+def planner(options=None, *, hq=4, hkv=2, d=16, bs=4, **kwargs) -> PagedAttention:
+    """A PagedAttention of hq query heads, hkv KV heads, head size d, blocks of bs (fp32 on DEVICE
+    unless kwargs say otherwise)."""
+    kwargs = dict(dtype=torch.float32, device=DEVICE) | kwargs
+    return PagedAttention(options, num_q_heads=hq, num_kv_heads=hkv, head_size=d, block_size=bs, **kwargs)
+
+
 def run_case(
     query_lens,
     seq_lens,
@@ -76,26 +91,9 @@ def run_case(
         k = (k.float().cpu() / ks.view(-1, 1)).to(DEVICE, kv_dtype)
         v = (v.float().cpu() / vs.view(-1, 1)).to(DEVICE, kv_dtype)
         options = options.replace(k_scale=ks.to(DEVICE), v_scale=vs.to(DEVICE))
-    attn = PagedAttention(
-        options,
-        num_q_heads=hq,
-        num_kv_heads=hkv,
-        head_size=d,
-        block_size=bs,
-        dtype=dtype,
-        kv_cache_dtype=kv_dtype,
-        device=DEVICE,
-    )
+    attn = planner(options, hq=hq, hkv=hkv, d=d, bs=bs, dtype=dtype, kv_cache_dtype=kv_dtype)
     attn.cascade_min_prefix, attn.cascade_min_saved_keys, attn.cascade_prefix_splits = 1, 1, splits
-    attn.plan(
-        cu,
-        sl,
-        bt,
-        query_lens_host=list(query_lens),
-        seq_lens_host=list(seq_lens),
-        block_table_host=bt.cpu(),
-        shared_prefix=shared_prefix,
-    )
+    attn.plan(cu, sl, bt, **host_copies(query_lens, seq_lens, bt), shared_prefix=shared_prefix)
     assert (attn._cascade is not None) == expect_cascade, attn.explain()
     assert ("cascade:" in attn.explain()) == expect_cascade
     out = torch.full_like(q, float("nan"))
@@ -216,16 +214,8 @@ def test_fp8_cache_per_kv_head_scales():
 
 def test_fp8_queries_take_the_plain_path():
     cu, sl, bt, _ = shared_batch([1] * 3, [30, 29, 31], [([0, 1, 2], 6)], block_size=4)
-    attn = PagedAttention(
-        AttentionOptions(q_scale=0.5, k_scale=0.1, v_scale=0.1),
-        num_q_heads=4,
-        num_kv_heads=2,
-        head_size=16,
-        block_size=4,
-        dtype=torch.float8_e4m3fn,
-        kv_cache_dtype=torch.float8_e4m3fn,
-        device=DEVICE,
-    )
+    options = AttentionOptions(q_scale=0.5, k_scale=0.1, v_scale=0.1)
+    attn = planner(options, dtype=torch.float8_e4m3fn, kv_cache_dtype=torch.float8_e4m3fn)
     attn.plan(cu, sl, bt, query_lens_host=[1] * 3, seq_lens_host=[30, 29, 31], shared_prefix=[([0, 1, 2], 24)])
     assert attn._cascade is None and "fp8 queries" in attn.explain()
 
@@ -238,8 +228,8 @@ def test_no_sharing_takes_the_plain_path_with_the_plain_launches():
 
 def test_default_thresholds_keep_small_sharing_plain():
     cu, sl, bt, _ = shared_batch([1] * 3, [30, 29, 31], [([0, 1, 2], 6)], block_size=4)
-    attn = PagedAttention(num_q_heads=4, num_kv_heads=2, head_size=16, block_size=4, dtype=torch.float32, device=DEVICE)
-    attn.plan(cu, sl, bt, query_lens_host=[1] * 3, seq_lens_host=[30, 29, 31], block_table_host=bt.cpu())
+    attn = planner()
+    attn.plan(cu, sl, bt, **host_copies([1] * 3, [30, 29, 31], bt))
     assert attn._cascade is None and "256+" in attn._cascade_why
     attn.plan(cu, sl, bt, query_lens_host=[1] * 3, seq_lens_host=[30, 29, 31], shared_prefix=[([0, 1, 2], 24)])
     assert attn._cascade is not None, "told groups need no threshold"
@@ -248,18 +238,17 @@ def test_default_thresholds_keep_small_sharing_plain():
 def test_sliding_window_and_context_contract_take_the_plain_path():
     cu, sl, bt, _ = shared_batch([1] * 3, [30, 29, 31], [([0, 1, 2], 6)], block_size=4)
     host = dict(query_lens_host=[1] * 3, seq_lens_host=[30, 29, 31], shared_prefix=[([0, 1, 2], 24)])
-    kw = dict(num_q_heads=4, num_kv_heads=2, head_size=16, block_size=4, dtype=torch.float32, device=DEVICE)
-    attn = PagedAttention(AttentionOptions(sliding_window=8), **kw).plan(cu, sl, bt, **host)
+    attn = planner(AttentionOptions(sliding_window=8)).plan(cu, sl, bt, **host)
     assert attn._cascade is None and "sliding window" in attn.explain()
-    attn = PagedAttention(contract="context", **kw).plan(cu, sl, bt, **host)
+    attn = planner(contract="context").plan(cu, sl, bt, **host)
     assert attn._cascade is None and "context" in attn._cascade_why
 
 
 # ---- told groups are checked -------------------------------------------------------------------
 def test_told_groups_are_checked():
     cu, sl, bt, _ = shared_batch([1, 1, 2], [30, 29, 31], [([0, 1], 6)], block_size=4)
-    attn = PagedAttention(num_q_heads=4, num_kv_heads=2, head_size=16, block_size=4, dtype=torch.float32, device=DEVICE)
-    host = dict(query_lens_host=[1, 1, 2], seq_lens_host=[30, 29, 31], block_table_host=bt.cpu())
+    attn = planner()
+    host = host_copies([1, 1, 2], [30, 29, 31], bt)
     with pytest.raises(BatchMetadataError, match=r"block_table\[2, 0\]"):
         attn.plan(cu, sl, bt, **host, shared_prefix=[([0, 1, 2], 8)])
     with pytest.raises(BatchMetadataError, match="first query token is at position 28"):
@@ -281,9 +270,7 @@ def test_unvalidated_bad_shared_block_gives_nan_rows_to_its_group_only():
     g = torch.Generator().manual_seed(12)
     q = torch.randn(3, hq, d, generator=g).to(DEVICE)
     k, v = (torch.randn(nb, bs, hkv, d, generator=g).to(DEVICE) for _ in range(2))
-    attn = PagedAttention(
-        num_q_heads=hq, num_kv_heads=hkv, head_size=d, block_size=bs, dtype=torch.float32, device=DEVICE
-    )
+    attn = planner(hq=hq, hkv=hkv, d=d, bs=bs)
     attn.plan(
         cu, sl, bt, query_lens_host=[1, 1, 1], seq_lens_host=[21, 22, 19], validate=False, shared_prefix=[([0, 1], 16)]
     )
@@ -308,15 +295,7 @@ def test_replan_into_the_same_buffers():
     k = torch.randn(nb_max, bs, hkv, d, generator=g).to(DEVICE)
     v = torch.randn(nb_max, bs, hkv, d, generator=g).to(DEVICE)
     out = torch.full_like(q, float("nan"))
-    attn = PagedAttention(
-        num_q_heads=hq,
-        num_kv_heads=hkv,
-        head_size=d,
-        block_size=bs,
-        dtype=torch.float32,
-        device=DEVICE,
-        cuda_graph=True,
-    )
+    attn = planner(hq=hq, hkv=hkv, d=d, bs=bs, cuda_graph=True)
     attn.cascade_min_prefix, attn.cascade_min_saved_keys, attn.cascade_prefix_splits = 1, 1, 2
     steps = [
         [([0, 1, 2, 3], 4)],
@@ -327,16 +306,7 @@ def test_replan_into_the_same_buffers():
     for i, groups in enumerate(steps):
         cu, sl, bt, _ = shared_batch([1] * 4, seq_lens, groups, block_size=bs, seed=20 + i, spare_columns=0)
         bt = torch.nn.functional.pad(bt, (0, 8 - bt.shape[1]), value=0) if bt.shape[1] < 8 else bt
-        attn.plan(
-            cu,
-            sl,
-            bt,
-            query_lens_host=[1] * 4,
-            seq_lens_host=seq_lens,
-            block_table_host=bt.cpu(),
-            max_query_len=1,
-            max_seq_len=32,
-        )
+        attn.plan(cu, sl, bt, **host_copies([1] * 4, seq_lens, bt), max_query_len=1, max_seq_len=32)
         assert attn._cascade is not None, "the first plan cascaded: every later one keeps its launches"
         out.fill_(float("nan"))
         attn.run(q, k, v, out=out)
@@ -346,30 +316,13 @@ def test_replan_into_the_same_buffers():
 
 
 def test_graph_plan_without_sharing_at_first_stays_plain():
-    hq, hkv, d, bs = 4, 2, 16, 4
-    attn = PagedAttention(
-        num_q_heads=hq,
-        num_kv_heads=hkv,
-        head_size=d,
-        block_size=bs,
-        dtype=torch.float32,
-        device=DEVICE,
-        cuda_graph=True,
-    )
+    bs = 4
+    attn = planner(bs=bs, cuda_graph=True)
     attn.cascade_min_prefix, attn.cascade_min_saved_keys = 1, 1
     for groups in ([], [([0, 1, 2], 4)]):
         cu, sl, bt, _ = shared_batch([1] * 3, [22, 26, 19], groups, block_size=bs, spare_columns=2)
         bt = bt[:, :8]
-        attn.plan(
-            cu,
-            sl,
-            bt,
-            query_lens_host=[1] * 3,
-            seq_lens_host=[22, 26, 19],
-            block_table_host=bt.cpu(),
-            max_query_len=1,
-            max_seq_len=32,
-        )
+        attn.plan(cu, sl, bt, **host_copies([1] * 3, [22, 26, 19], bt), max_query_len=1, max_seq_len=32)
         assert attn._cascade is None
     assert "first CUDA-graph plan" in attn.explain()
 
@@ -394,15 +347,7 @@ def gpu_case(query_lens, seq_lens, groups, *, options=None, dtype=torch.bfloat16
     v = torch.randn(nb, bs, hkv, d, generator=g, device="cuda").to(dtype)
     options = options or AttentionOptions()
     attn = PagedAttention(options, num_q_heads=hq, num_kv_heads=hkv, head_size=d, block_size=bs, dtype=dtype)
-    attn.plan(
-        cu,
-        sl,
-        bt,
-        query_lens_host=list(query_lens),
-        seq_lens_host=list(seq_lens),
-        block_table_host=bt.cpu(),
-        **plan_kw,
-    )
+    attn.plan(cu, sl, bt, **host_copies(query_lens, seq_lens, bt), **plan_kw)
     return attn, (q, k, v, cu, sl, bt, options)
 
 
@@ -452,17 +397,10 @@ def test_gpu_cuda_graph_replay_after_replan():
             k = torch.randn(4096, 16, 8, 128, generator=g, device="cuda").to(torch.bfloat16)
             v = torch.randn_like(k)
             out = torch.empty_like(q)
-        attn.plan(cu, sl, bt, query_lens_host=query_lens, seq_lens_host=seq_lens, block_table_host=bt.cpu(), **bounds)
+        attn.plan(cu, sl, bt, **host_copies(query_lens, seq_lens, bt), **bounds)
         if graph is None:
             assert attn._cascade is not None, attn.explain()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                attn.run(q, k, v, out=out)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                attn.run(q, k, v, out=out)
+            graph, _ = capture_graph(functools.partial(attn.run, q, k, v, out=out))
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
@@ -481,15 +419,8 @@ def test_gpu_shared_prefix_workload_subset_matches_the_plain_path():
     outs = []
     for spec in (None, False):
         attn = PagedAttention(num_q_heads=32, num_kv_heads=8, head_size=128, block_size=16)
-        attn.plan(
-            s.cu_seqlens_q,
-            s.seq_lens,
-            s.block_table,
-            query_lens_host=list(w.shape.query_lens),
-            seq_lens_host=list(w.shape.seq_lens),
-            block_table_host=s.block_table.cpu(),
-            shared_prefix=spec,
-        )
+        host = host_copies(w.shape.query_lens, w.shape.seq_lens, s.block_table)
+        attn.plan(s.cu_seqlens_q, s.seq_lens, s.block_table, **host, shared_prefix=spec)
         assert (attn._cascade is not None) == (spec is None), attn.explain()
         outs.append(attn.run(s.q, x.k_cache, x.v_cache))
     assert torch.isfinite(outs[0]).all()

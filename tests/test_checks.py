@@ -54,6 +54,12 @@ def seed_batch(cache, seqs):
     return cache.batch(seqs, SHAPE.query_lens, contract="context")
 
 
+def paged_args(cache, batch) -> tuple:
+    """(k_cache, v_cache, cu_seqlens_q, seq_lens, block_table) of `batch` over `cache`: check_cache_finite's
+    positional arguments, and an attention call's after q."""
+    return cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table
+
+
 def decode_position(seqs):
     """(sequence, position) the seed's decode read without a write: its own token, seq_len - 1."""
     return seqs[-1], SHAPE.ctx_lens[-1]
@@ -80,7 +86,7 @@ def test_seed_bug_is_named_by_the_cache_bookkeeping():
 def test_seed_bug_is_named_by_the_poisoned_cache_contents():
     cache, seqs = seed_cache(write_query_tokens=False)
     batch = seed_batch(cache, seqs)
-    args = (cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+    args = paged_args(cache, batch)
     check_cache_finite(*args, contract="context", decode_from_cache=False)
     with pytest.raises(UnwrittenKVError) as info:
         check_cache_finite(*args, contract="context", decode_from_cache=True)
@@ -98,15 +104,7 @@ def test_correctly_written_batch_passes_every_check(kv_dtype):
     batch = cache.batch(seqs, SHAPE.query_lens)  # full: the cache holds every token
     for contract, from_cache in (("full", False), ("context", False), ("context", True)):
         check_batch_against_cache(cache, batch, contract, decode_from_cache=from_cache)
-        check_cache_finite(
-            cache.k,
-            cache.v,
-            batch.cu_seqlens_q,
-            batch.seq_lens,
-            batch.block_table,
-            contract=contract,
-            decode_from_cache=from_cache,
-        )
+        check_cache_finite(*paged_args(cache, batch), contract=contract, decode_from_cache=from_cache)
 
 
 def test_full_contract_names_the_unwritten_query_tokens():
@@ -189,7 +187,7 @@ def test_out_of_range_blocks_and_freed_sequences():
     with pytest.raises(BatchMetadataError, match="block_table\\[0, 1\\] = 99 is out of range for a cache of 16 blocks"):
         check_batch_against_cache(cache, batch, "full")
     with pytest.raises(BatchMetadataError, match="block_table\\[0, 1\\] = 99 is out of range"):
-        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+        check_cache_finite(*paged_args(cache, batch))
     cache.free(a)
     with pytest.raises(SequenceError, match="was freed"):
         check_batch_against_cache(cache, batch, "full")
@@ -215,7 +213,7 @@ def test_a_written_inf_is_not_an_unwritten_slot():
     batch = cache.batch(seqs, SHAPE.query_lens)
     block = cache.block_table(seqs[1])[0]
     cache.v.view(torch.uint8)[block, 2, 1, 5] = 0x7C  # +inf in e5m2
-    args = (cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+    args = paged_args(cache, batch)
     with pytest.raises(NonFiniteKVError) as info:
         check_cache_finite(*args)
     message = str(info.value)
@@ -239,7 +237,7 @@ def test_a_user_nan_is_never_reported_as_unwritten(kv_dtype, user_nan):
     extra = cache.new_sequence()
     cache.append([extra], k, v, [3])
     batch = cache.batch([*seqs, extra], [*SHAPE.query_lens, 3])
-    args = (cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+    args = paged_args(cache, batch)
     negative_e4m3 = kv_dtype == "fp8_e4m3" and user_nan != "nan"
     expected = UnwrittenKVError if negative_e4m3 else NonFiniteKVError
     with pytest.raises(expected, match=f"sequence {extra} .*position 1 "):
@@ -253,25 +251,9 @@ def test_poison_is_reported_before_a_user_nan():
     batch = seed_batch(cache, seqs)
     cache.k[cache.block_table(seqs[0])[0], 0, 0, 0] = float("nan")  # the user's NaN in sequence 0
     with pytest.raises(UnwrittenKVError, match=f"sequence {seqs[-1]} \\(decode"):
-        check_cache_finite(
-            cache.k,
-            cache.v,
-            batch.cu_seqlens_q,
-            batch.seq_lens,
-            batch.block_table,
-            contract="context",
-            decode_from_cache=True,
-        )
+        check_cache_finite(*paged_args(cache, batch), contract="context", decode_from_cache=True)
     with pytest.raises(NonFiniteKVError, match=f"sequence {seqs[0]} "):
-        check_cache_finite(
-            cache.k,
-            cache.v,
-            batch.cu_seqlens_q,
-            batch.seq_lens,
-            batch.block_table,
-            contract="context",
-            decode_from_cache=False,
-        )
+        check_cache_finite(*paged_args(cache, batch), contract="context", decode_from_cache=False)
 
 
 @pytest.mark.parametrize("dtype", list(POISON_BITS))
@@ -326,11 +308,11 @@ def test_finite_check_reads_only_what_the_kernel_reads():
     cache, seqs = seed_cache(write_query_tokens=False)
     batch = seed_batch(cache, seqs)
     # the context contract reads ctx_len tokens; everything past them is poison and must not matter
-    check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table, contract="context")
+    check_cache_finite(*paged_args(cache, batch), contract="context")
     # (positions past a sequence's blocks read block_table padding, block 0, which holds finite data:
     # only the poisoned tails of the last blocks show; the bookkeeping check sees all of them)
     with pytest.raises(UnwrittenKVError, match=f"positions in {SHAPE.num_seqs} sequences in all"):
-        check_cache_finite(cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table, contract="full")
+        check_cache_finite(*paged_args(cache, batch), contract="full")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,12 +349,10 @@ def test_attention_in_checked_mode_proves_the_reads_once(monkeypatch, with_seq_i
     q = torch.randn(SHAPE.num_tokens, 2 * HEADS, HEAD, dtype=torch.float16)
     out = attention(q, cache, batch, checked=True, backend="reference")
     assert (len(proofs), len(scans)) == (1, 0 if with_seq_ids else 1)
-    expect = reference.attention(q, cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+    expect = reference.attention(q, *paged_args(cache, batch))
     torch.testing.assert_close(out, expect.to(q.dtype), atol=2e-3, rtol=2e-3)
     scans.clear()  # the planner alone in checked mode scans the reads itself, once
-    paged_attention(
-        q, cache.k, cache.v, batch.cu_seqlens_q, batch.seq_lens, batch.block_table, checked=True, backend="reference"
-    )
+    paged_attention(q, *paged_args(cache, batch), checked=True, backend="reference")
     assert scans == [1]
 
 

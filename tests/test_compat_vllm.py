@@ -131,23 +131,20 @@ def x_for(head_size: int, element_size: int) -> int:
     return x
 
 
-def poisoned_caches(b: Batch, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Caches as vLLM allocates them (fp8 as uint8 storage), every slot NaN."""
+def poisoned_caches(b: Batch, layout: str, *written: str, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caches as vLLM allocates them (fp8 as uint8 storage), every slot NaN; then the K/V of each
+    `written` set of positions ("ctx", "decode", "all") written through `write` (with `pad`)."""
     nb, bs, kvh, d = b.num_blocks, b.block_size, b.num_kv_heads, b.head_size
     if layout == "flash":
         k_shape = v_shape = (nb, bs, kvh, d)
     else:
         x = x_for(d, 1 if b.fp8 else DTYPE.itemsize)
         k_shape, v_shape = (nb, kvh, d // x, bs, x), (nb, kvh, d, bs)
-    if b.fp8:
-        return (
-            torch.full(k_shape, FP8_NAN, dtype=torch.uint8, device=b.device),
-            torch.full(v_shape, FP8_NAN, dtype=torch.uint8, device=b.device),
-        )
-    return (
-        torch.full(k_shape, float("nan"), dtype=DTYPE, device=b.device),
-        torch.full(v_shape, float("nan"), dtype=DTYPE, device=b.device),
-    )
+    poison = dict(fill_value=FP8_NAN, dtype=torch.uint8) if b.fp8 else dict(fill_value=float("nan"), dtype=DTYPE)
+    k_cache, v_cache = torch.full(k_shape, **poison, device=b.device), torch.full(v_shape, **poison, device=b.device)
+    for which in written:
+        write(b, k_cache, v_cache, which, layout, pad=pad)
+    return k_cache, v_cache
 
 
 def positions(b: Batch, which: str) -> list[tuple[int, int]]:
@@ -275,9 +272,7 @@ def test_chunked_prefill_paged_decode(params):
     the decode reads all seq_len tokens from the cache, so its own token is written there first."""
     qpk, d, sw, kv = params
     b = small_batch(qpk, d, kv)
-    k_cache, v_cache = poisoned_caches(b, "older")
-    write(b, k_cache, v_cache, "ctx", "older")
-    write(b, k_cache, v_cache, "decode", "older")
+    k_cache, v_cache = poisoned_caches(b, "older", "ctx", "decode")
     out = torch.full_like(b.query, float("nan"))
     chunked_prefill_paged_decode(*context_args(b, out, k_cache, v_cache, sw), sliding_window=sw)
     expected = ref(b, k_cache, v_cache, "older", context=True, decode_from_cache=True, sliding_window=sw)
@@ -288,8 +283,7 @@ def test_chunked_prefill_paged_decode(params):
 def test_context_attention_fwd(params):
     qpk, d, sw, kv = params
     b = small_batch(qpk, d, kv, seed=1)
-    k_cache, v_cache = poisoned_caches(b, "older")
-    write(b, k_cache, v_cache, "ctx", "older")
+    k_cache, v_cache = poisoned_caches(b, "older", "ctx")
     out = torch.full_like(b.query, float("nan"))
     context_attention_fwd(*context_args(b, out, k_cache, v_cache, sw), sliding_window=sw)
     expected = ref(b, k_cache, v_cache, "older", context=True, sliding_window=sw)
@@ -298,8 +292,7 @@ def test_context_attention_fwd(params):
 
 def test_context_attention_fwd_skip_decode_leaves_decode_rows():
     b = small_batch(8, 24, "auto", seed=2)
-    k_cache, v_cache = poisoned_caches(b, "older")
-    write(b, k_cache, v_cache, "ctx", "older")
+    k_cache, v_cache = poisoned_caches(b, "older", "ctx")
     sentinel = torch.randn(b.query.shape, generator=torch.Generator().manual_seed(5)).to(DTYPE)
     out = sentinel.clone()
     context_attention_fwd(*context_args(b, out, k_cache, v_cache, 0), skip_decode=True)
@@ -311,8 +304,7 @@ def test_context_attention_fwd_skip_decode_leaves_decode_rows():
 
 def test_context_attention_fwd_alibi():
     b = small_batch(8, 24, "auto", seed=3)
-    k_cache, v_cache = poisoned_caches(b, "older")
-    write(b, k_cache, v_cache, "ctx", "older")
+    k_cache, v_cache = poisoned_caches(b, "older", "ctx")
     slopes = torch.tensor([2.0 ** -(i + 1) for i in range(b.num_heads)])
     out = torch.full_like(b.query, float("nan"))
     context_attention_fwd(*context_args(b, out, k_cache, v_cache, 0), alibi_slopes=slopes)
@@ -325,8 +317,7 @@ def test_unified_attention(params):
     a descale expanded to [num_seqs, num_kv_heads] included)."""
     qpk, d, sw, kv = params
     b = small_batch(qpk, d, kv, seed=4)
-    k_cache, v_cache = poisoned_caches(b, "flash")
-    write(b, k_cache, v_cache, "all", "flash", pad=3)
+    k_cache, v_cache = poisoned_caches(b, "flash", "all", pad=3)
     k, v = (k_cache.view(b.fp8), v_cache.view(b.fp8)) if b.fp8 else (k_cache, v_cache)
     descale_shape = (len(b.seq_lens), b.num_kv_heads)
     out = torch.full_like(b.query, float("nan"))
@@ -359,8 +350,7 @@ def test_unified_attention(params):
 
 def test_unified_attention_softcap_sinks():
     b = small_batch(8, 24, "auto", seed=6)
-    k_cache, v_cache = poisoned_caches(b, "flash")
-    write(b, k_cache, v_cache, "all", "flash")
+    k_cache, v_cache = poisoned_caches(b, "flash", "all")
     sinks = torch.randn(b.num_heads, generator=torch.Generator().manual_seed(7))
     out = torch.full_like(b.query, float("nan"))
     unified_attention(
@@ -440,8 +430,7 @@ def test_seed_bug_unwritten_decode_token_poisons_exactly_its_rows():
     poisoned, exactly the decode token's rows (every head, every dim) are NaN; writing the decode
     token (the seed's Option 1 fix) makes the whole output match."""
     b = small_batch(1, 128, "auto", seed=0)
-    k_cache, v_cache = poisoned_caches(b, "older")
-    write(b, k_cache, v_cache, "ctx", "older")  # the seed's test: ctx_len tokens only
+    k_cache, v_cache = poisoned_caches(b, "older", "ctx")  # the seed's test: ctx_len tokens only
     out = torch.full_like(b.query, float("nan"))
     chunked_prefill_paged_decode(*context_args(b, out, k_cache, v_cache, 0))
     rows = decode_rows(b)
@@ -476,8 +465,7 @@ def test_seed_bug_unwritten_decode_token_poisons_exactly_its_rows():
 @pytest.mark.parametrize("kv", ["auto", "fp8", "fp8_e5m2"])
 def test_reshape_and_cache_writes_exactly_the_mapped_slots(layout, kv):
     b = make_batch(num_heads=4, num_queries_per_kv=2, head_size=24, kv_cache_dtype=kv, num_seqs=4, seed=8)
-    k_cache, v_cache = poisoned_caches(b, layout)
-    write(b, k_cache, v_cache, "ctx", layout, pad=2)
+    k_cache, v_cache = poisoned_caches(b, layout, "ctx", pad=2)
     k_nhd, v_nhd = to_nhd(b, k_cache, v_cache, layout)
     written = torch.zeros(b.num_blocks, b.block_size, dtype=torch.bool)
     seq_start = 0

@@ -6,8 +6,10 @@ call's stack frame (spilled registers: kilobytes of it made fp32 launches fail o
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,24 +35,35 @@ CASES = [
 ]
 
 
-def _compile_calls(cases: list) -> list[list[dict]]:
-    """Compile, in a fresh interpreter without TRITON_INTERPRET (under the interpreter the kernels
-    are not compilable objects), the launches of each (config, shape, contract) case exactly as an
-    H100 launch would specialize them (pagedattn.tools.sm90)."""
-    import json
-    import subprocess
-
+def _in_fresh_interpreter(expression: str, cases: list | None = None, timeout: int = 900):
+    """The JSON value of `expression`, evaluated in a fresh interpreter without TRITON_INTERPRET (under
+    the interpreter the kernels are not compilable objects) with pagedattn.tools' sm90 and fingerprint
+    imported and `cases` (pickled over) bound; sm90 compiles each launch exactly as an H100 launch
+    would specialize it."""
     code = (
-        "import json, pickle, sys\n"
-        "from pagedattn.tools import sm90\n"
-        "print(json.dumps([sm90.compile_case(*case) for case in pickle.loads(sys.stdin.buffer.read())]))\n"
+        "import json, pickle, sys, torch\n"
+        "from pagedattn.tools import fingerprint, sm90\n"
+        "cases = pickle.loads(sys.stdin.buffer.read())\n"
+        f"print(json.dumps({expression}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-c", code], input=pickle.dumps(cases), env=env, capture_output=True, timeout=900
+        [sys.executable, "-c", code], input=pickle.dumps(cases), env=env, capture_output=True, timeout=timeout
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+def _compile_calls(cases: list) -> list[list[dict]]:
+    """The launches of each (config, shape, contract, ...) case (`sm90.compile_case`'s arguments)."""
+    return _in_fresh_interpreter("[sm90.compile_case(*case) for case in cases]", cases)
+
+
+def _assert_fits_sm90(r: dict, where: str) -> None:
+    """One launch fits an H100/H200: shared memory per block, registers per SM, no spilled stack."""
+    assert r["shared"] <= compile_check.SHARED_PER_BLOCK, f"{where}: shared {r['shared']}"
+    assert r["regs"] * 32 * r["warps"] <= compile_check.REGISTERS_PER_SM, f"{where}: {r['regs']} regs"
+    assert r["stack"] <= 1024, f"{where}: {r['stack']} B of stack per thread (spilled registers)"
 
 
 def test_every_chosen_kernel_is_launchable_on_sm90():
@@ -60,10 +73,7 @@ def test_every_chosen_kernel_is_launchable_on_sm90():
         attention = [r for r in rows if r["kernel"] == "_paged_attention_kernel"]
         assert len(attention) == 2, f"{config.label()}: expected a prefill and a decode launch, got {rows}"
         for r in rows:
-            where = f"{config.label()} {r['kernel']} [{r['params']}]"
-            assert r["shared"] <= compile_check.SHARED_PER_BLOCK, f"{where}: shared {r['shared']}"
-            assert r["regs"] * 32 * r["warps"] <= compile_check.REGISTERS_PER_SM, f"{where}: {r['regs']} regs"
-            assert r["stack"] <= 1024, f"{where}: {r['stack']} B of stack per thread (spilled registers)"
+            _assert_fits_sm90(r, f"{config.label()} {r['kernel']} [{r['params']}]")
 
 
 # Every cache layout compiles: vLLM v0's V is keys-contiguous, so its slot stride is specialized to
@@ -122,38 +132,16 @@ FP8_Q_CASES = [
 ]
 
 
-def _compile_fp8_calls(cases: list) -> list[list[dict]]:
-    import json
-    import subprocess
-
-    code = (
-        "import json, pickle, sys, torch\n"
-        "from pagedattn.tools import sm90\n"
-        "rows = [sm90.compile_case(c, s, 'full', q_dtype=torch.float8_e4m3fn, out_dtype=o, fp8_pv=pv)\n"
-        "        for c, s, o, pv in pickle.loads(sys.stdin.buffer.read())]\n"
-        "print(json.dumps(rows))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], input=pickle.dumps(cases), env=env, capture_output=True, timeout=900
-    )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    return json.loads(done.stdout.decode().strip().splitlines()[-1])
-
-
 def test_fp8_query_kernels_use_fp8_tensor_cores_and_fit_sm90():
-    cases = [(c, MIXED, o, pv) for c, o, pv in FP8_Q_CASES]
-    for (config, _, out_dtype, pv), rows in zip(cases, _compile_fp8_calls(cases)):
+    cases = [(c, MIXED, "full", torch.float8_e4m3fn, o, True, pv) for c, o, pv in FP8_Q_CASES]
+    for (config, *_, out_dtype, _, pv), rows in zip(cases, _compile_calls(cases)):
         attention = [r for r in rows if r["kernel"] == "_paged_attention_kernel"]
         assert len(attention) == 2, rows
         prefill = attention[0]
         # e4m3 MMA instructions in the PTX: 8 for q.k at these tiles (Triton 3.6), twice that with P.V
         assert prefill["fp8_mma"] >= (16 if pv else 8), prefill
         for r in rows:
-            where = f"{config.label()} fp8 q -> {out_dtype} fp8_pv={pv} {r['kernel']} [{r['params']}]"
-            assert r["shared"] <= compile_check.SHARED_PER_BLOCK, f"{where}: shared {r['shared']}"
-            assert r["regs"] * 32 * r["warps"] <= compile_check.REGISTERS_PER_SM, f"{where}: {r['regs']} regs"
-            assert r["stack"] <= 1024, f"{where}: {r['stack']} B of stack per thread (spilled registers)"
+            _assert_fits_sm90(r, f"{config.label()} fp8 q -> {out_dtype} fp8_pv={pv} {r['kernel']} [{r['params']}]")
 
 
 # Shared-prefix (cascade) launches: the prefix kernel, the suffix's partial-writing unified launch(es)
@@ -167,45 +155,18 @@ CASCADE_CASES = [
 
 
 def test_cascade_launches_fit_sm90():
-    import json
-    import subprocess
-
-    code = (
-        "import json, pickle, sys\n"
-        "from pagedattn.tools import sm90\n"
-        "print(json.dumps([sm90.compile_cascade_case(*c) for c in pickle.loads(sys.stdin.buffer.read())]))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], input=pickle.dumps(CASCADE_CASES), env=env, capture_output=True, timeout=900
-    )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    calls = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    calls = _in_fresh_interpreter("[sm90.compile_cascade_case(*c) for c in cases]", CASCADE_CASES)
     for (config, *_), rows in zip(CASCADE_CASES, calls):
         names = [r["kernel"] for r in rows]
         assert names[0] == "_prefix_kernel" and "_cascade_merge_kernel" in names, f"{config.label()}: {names}"
         for r in rows:
-            where = f"{config.label()} {r['kernel']}"
-            assert r["shared"] <= compile_check.SHARED_PER_BLOCK, f"{where}: shared {r['shared']}"
-            assert r["regs"] * 32 * r["warps"] <= compile_check.REGISTERS_PER_SM, f"{where}: {r['regs']} regs"
-            assert r["stack"] <= 1024, f"{where}: {r['stack']} B of stack per thread (spilled registers)"
+            _assert_fits_sm90(r, f"{config.label()} {r['kernel']}")
 
 
 def test_sass_fingerprint_is_stable_and_tells_kernels_apart():
     """pagedattn.tools.fingerprint (SASS hashes, for refactors checked without a GPU) on the write
     kernel: two compiles of one case agree, and the three cases (bf16, fp8 per head, e5m2) differ."""
-    import json
-    import subprocess
-
-    code = (
-        "import json\n"
-        "from pagedattn.tools import fingerprint\n"
-        "print(json.dumps([fingerprint.fingerprints('write') for _ in range(2)]))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=600)
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    first, second = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    first, second = _in_fresh_interpreter("[fingerprint.fingerprints('write') for _ in range(2)]", timeout=600)
     assert first == second and len(first) == 3
     hashes = {rows[0]["sass"] for rows in first.values()}
     assert len(hashes) == 3 and all(rows[0]["instructions"] > 50 for rows in first.values()), first

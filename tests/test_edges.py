@@ -13,12 +13,21 @@ import math
 import pytest
 import torch
 
-from pagedattn import dispatch, paged_attention, prefix_prefill, reference
+from pagedattn import paged_attention, reference
 from pagedattn.config import AttentionConfig, BatchShape
 from pagedattn.kernels.write import quantize_fp8, write_kv
 from pagedattn.options import AttentionOptions
 from pagedattn.planner import PagedAttention
-from pagedattn.testing import DEVICE, assert_close_to_reference, make_inputs, poisoned_like, run_both
+from pagedattn.testing import (
+    DEVICE,
+    assert_close_to_reference,
+    dispatch_plan,
+    geometry,
+    make_inputs,
+    poisoned_like,
+    run_both,
+    split_plan,
+)
 
 pytestmark = pytest.mark.kernels
 
@@ -31,45 +40,6 @@ def guarded_out(q: torch.Tensor, guard: int = 2) -> tuple[torch.Tensor, torch.Te
     to any row outside out (an empty sequence's "rows") lands in a guard row and shows."""
     buf = torch.full((q.shape[0] + 2 * guard, *q.shape[1:]), float("nan"), dtype=q.dtype, device=q.device)
     return buf, buf[guard : guard + q.shape[0]]
-
-
-def kernel(x, contract: str, out: torch.Tensor, **changes):
-    """Run the kernels on make_inputs' `x` under a contract; changes override call options."""
-    options = dict(x.options, max_query_len=x.max_query_len, max_seq_len=x.max_seq_len, backend="triton")
-    options.update(changes)
-    if contract == "full":
-        return paged_attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, out=out, **options)
-    return prefix_prefill(
-        x.q,
-        x.k_new,
-        x.v_new,
-        x.k_cache,
-        x.v_cache,
-        x.cu_seqlens_q,
-        x.seq_lens,
-        x.block_table,
-        out=out,
-        decode_from_cache=contract == "context-decode",
-        **options,
-    )
-
-
-def ref_of(x, contract: str, **changes):
-    options = dict(x.options)
-    options.update(changes)
-    context = contract != "full"
-    return reference.attention(
-        x.q,
-        x.k_cache,
-        x.v_cache,
-        x.cu_seqlens_q,
-        x.seq_lens,
-        x.block_table,
-        k_new=x.k_new if context else None,
-        v_new=x.v_new if context else None,
-        decode_from_cache=contract == "context-decode",
-        **options,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,12 +59,10 @@ EMPTY_MIXES = {
 def test_empty_sequences_write_only_the_rows_of_others(mix, contract):
     shape = EMPTY_MIXES[mix]
     config = BASE.replace(use_sinks=mix == "decode")
-    x = make_inputs(config, shape, device=DEVICE, seed=5, contract="full" if contract == "full" else "context")
-    if contract == "context-decode":
-        _write_decode_tokens_to_cache(x, shape, config.block_size)
+    x = make_inputs(config, shape, device=DEVICE, seed=5, contract=contract)
     buf, out = guarded_out(x.q)
-    kernel(x, contract, out)
-    ref = ref_of(x, contract)
+    x.kernel(contract, out)
+    ref = x.reference(contract)
     assert out.shape[0] == shape.num_tokens  # an empty sequence owns no rows
     assert torch.isnan(buf[:2]).all() and torch.isnan(buf[-2:]).all(), "a write landed outside out"
     assert_close_to_reference(out, ref, config.dtype, f"{mix} {contract}")
@@ -106,7 +74,7 @@ def test_batch_of_only_empty_queries_writes_nothing(contract):
     x = make_inputs(BASE, shape, device=DEVICE, contract=contract)
     buf, out = guarded_out(x.q)
     assert out.shape[0] == 0
-    kernel(x, contract, out)
+    x.kernel(contract, out)
     assert torch.isnan(buf).all()
 
 
@@ -124,26 +92,13 @@ def test_decode_over_131k_tokens():
         assert_close_to_reference(out, ref, config.dtype, "decode at 131k")
         return
     x = make_inputs(config, shape, device=DEVICE, seed=1)
-    base = dispatch.plan(
-        num_seqs=1,
-        num_tokens=1,
-        max_query_len=1,
-        max_seq_len=131072,
-        num_q_heads=2,
-        num_kv_heads=1,
-        head_size=16,
-        block_size=256,
-        dtype=torch.float32,
-        cache_dtype=torch.float32,
-        device=DEVICE,
-    )
+    base = dispatch_plan(config, shape, max_seq_len=131072)
     assert base.num_splits > 8, base  # the point: a long sequence split into many partitions
     wide = dataclasses.replace(base, block_n=256, partition_size=-(-base.partition_size // 256) * 256)
-    geometry = dict(num_q_heads=2, num_kv_heads=1, head_size=16, block_size=256)
-    attn = PagedAttention(**geometry, dtype=torch.float32, device=DEVICE)
+    attn = PagedAttention(**geometry(config), dtype=torch.float32, device=DEVICE)
     attn.plan(x.cu_seqlens_q, x.seq_lens, x.block_table, dispatch_plan=wide)
     out = attn.run(x.q, x.k_cache, x.v_cache, out=poisoned_like(x.q))
-    ref = reference.attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table)
+    ref = x.reference()
     assert_close_to_reference(out, ref, config.dtype, f"decode at 131k [{wide.params()}]")
 
 
@@ -257,8 +212,8 @@ def test_attention_over_saturated_fp8_cache_stays_finite(kv_dtype, fp8, contract
     x.q = x.q * 1e-4  # keeps logits moderate: the saturated keys are ~1e5 after dequantization
     assert torch.isfinite(x.k_cache[x.block_table[1, 0].long()].float()).all()
     out = poisoned_like(x.q)
-    kernel(x, contract, out)
-    ref = ref_of(x, contract)
+    x.kernel(contract, out)
+    ref = x.reference(contract)
     assert torch.isfinite(out.float()).all()
     saturated_v = fp8_max * x.options["v_scale"]  # every cached V element dequantizes to this
     if contract == "full":  # the weights sum to 1 over keys that all hold saturated_v
@@ -274,30 +229,14 @@ def test_attention_over_saturated_fp8_cache_stays_finite(kv_dtype, fp8, contract
 def test_window_1_sees_only_itself(contract):
     config = BASE.replace(sliding_window=1)
     shape = BatchShape((5, 1, 17, 1), (11, 40, 0, 0))
-    x = make_inputs(config, shape, device=DEVICE, seed=4, contract="full" if contract == "full" else "context")
-    if contract == "context-decode":
-        _write_decode_tokens_to_cache(x, shape, config.block_size)
+    x = make_inputs(config, shape, device=DEVICE, seed=4, contract=contract)
     out = poisoned_like(x.q)
-    kernel(x, contract, out)
-    ref = ref_of(x, contract)
+    x.kernel(contract, out)
+    ref = x.reference(contract)
     assert_close_to_reference(out, ref, config.dtype, f"window 1 {contract}")
     # closed form: each row's output is its own token's V, repeated over the query heads of its KV head
     own_v = x.v_new.float().repeat_interleave(config.num_queries_per_kv, dim=1)
     assert_close_to_reference(out, own_v, config.dtype, "window 1 = own V")
-
-
-def _write_decode_tokens_to_cache(x, shape: BatchShape, bs: int, k_rows=None, v_rows=None) -> None:
-    """Write each decode sequence's own K/V (or the given rows) to its cache slot, as an engine would."""
-    cu = x.cu_seqlens_q.tolist()
-    ks, vs = x.options["k_scale"] or 1.0, x.options["v_scale"] or 1.0
-    for i, (ql, sl) in enumerate(zip(shape.query_lens, shape.seq_lens)):
-        if ql != 1:
-            continue
-        blk = int(x.block_table[i, (sl - 1) // bs])
-        k = (x.k_new if k_rows is None else k_rows)[cu[i]].float()
-        v = (x.v_new if v_rows is None else v_rows)[cu[i]].float()
-        x.k_cache[blk, (sl - 1) % bs] = (k / ks).to(x.k_cache.dtype)
-        x.v_cache[blk, (sl - 1) % bs] = (v / vs).to(x.v_cache.dtype)
 
 
 def test_decode_from_cache_reads_the_cache_not_k_new():
@@ -307,25 +246,25 @@ def test_decode_from_cache_reads_the_cache_not_k_new():
     shape = BatchShape((1, 6, 1), (30, 9, 0))
     x = make_inputs(BASE, shape, device=DEVICE, seed=6, contract="context")
     other_k, other_v = torch.randn_like(x.k_new), torch.randn_like(x.v_new)
-    _write_decode_tokens_to_cache(x, shape, BASE.block_size, other_k, other_v)
+    x.write_decode_tokens(other_k, other_v)
     decode_rows = torch.tensor([0, 7])
     out = poisoned_like(x.q)
-    kernel(x, "context-decode", out)
+    x.kernel("context-decode", out)
     assert torch.isfinite(out).all(), "a prefill row read an unwritten (NaN) cache slot"
-    assert_close_to_reference(out, ref_of(x, "context-decode"), BASE.dtype, "decode_from_cache")
+    assert_close_to_reference(out, x.reference("context-decode"), BASE.dtype, "decode_from_cache")
     # the closed form of the decode rows: the reference over a cache that holds other_k/other_v
     swapped = dataclasses.replace(x, k_new=x.k_new.clone(), v_new=x.v_new.clone())
     swapped.k_new[decode_rows], swapped.v_new[decode_rows] = other_k[decode_rows], other_v[decode_rows]
     assert_close_to_reference(
         out[decode_rows],
-        ref_of(swapped, "context")[decode_rows],
+        swapped.reference("context")[decode_rows],
         BASE.dtype,
         "decode rows = context contract with the cached K/V",
     )
     # and without decode_from_cache the decode rows use k_new/v_new: a different answer
     plain = poisoned_like(x.q)
-    kernel(x, "context", plain)
-    assert_close_to_reference(plain, ref_of(x, "context"), BASE.dtype, "context contract")
+    x.kernel("context", plain)
+    assert_close_to_reference(plain, x.reference("context"), BASE.dtype, "context contract")
     assert not torch.allclose(plain[decode_rows], out[decode_rows])
     assert torch.equal(plain[1:7], out[1:7])  # prefill rows are the same either way
 
@@ -336,8 +275,8 @@ def test_decode_from_cache_with_unwritten_decode_token_reads_nan():
     shape = BatchShape((4, 1), (10, 25))
     x = make_inputs(BASE, shape, device=DEVICE, seed=8, contract="context")
     out = poisoned_like(x.q)
-    kernel(x, "context-decode", out)
-    ref = ref_of(x, "context-decode")
+    x.kernel("context-decode", out)
+    ref = x.reference("context-decode")
     assert torch.isnan(ref[4]).all() and torch.isnan(out[4]).all()
     assert_close_to_reference(out[:4], ref[:4], BASE.dtype, "prefill rows unaffected")
 
@@ -356,23 +295,11 @@ def test_split_kv_with_more_partitions_than_keys(options):
     config = BASE.replace(**options)
     shape = BatchShape((1, 1, 1, 0), (300, 4, 0, 12))
     x = make_inputs(config, shape, device=DEVICE, seed=12)
-    plan = dispatch.plan(
-        num_seqs=4,
-        num_tokens=3,
-        max_query_len=1,
-        max_seq_len=16384,
-        num_q_heads=4,
-        num_kv_heads=2,
-        head_size=32,
-        block_size=16,
-        dtype=torch.float32,
-        cache_dtype=torch.float32,
-        device=DEVICE,
-    )
+    plan = dispatch_plan(BASE, shape, max_seq_len=16384)  # planned without the options, as for plain decode
     assert plan.kernel == "split_kv" and plan.num_splits * plan.partition_size > 4 * 301, plan
     out = poisoned_like(x.q)
-    kernel(x, "full", out, max_seq_len=16384)
-    assert_close_to_reference(out, ref_of(x, "full"), config.dtype, f"{plan.num_splits} splits")
+    x.kernel("full", out, max_seq_len=16384)
+    assert_close_to_reference(out, x.reference(), config.dtype, f"{plan.num_splits} splits")
 
 
 def test_split_kv_forced_tiny_partitions():
@@ -380,32 +307,12 @@ def test_split_kv_forced_tiny_partitions():
     config = BASE.replace(use_sinks=True)
     shape = BatchShape((1, 1, 1), (69, 0, 16))
     x = make_inputs(config, shape, device=DEVICE, seed=13)
-    base = dispatch.plan(
-        num_seqs=3,
-        num_tokens=3,
-        max_query_len=1,
-        max_seq_len=70,
-        num_q_heads=4,
-        num_kv_heads=2,
-        head_size=32,
-        block_size=16,
-        dtype=torch.float32,
-        cache_dtype=torch.float32,
-        device=DEVICE,
-    )
-    plan = dataclasses.replace(base, kernel="split_kv", num_splits=16, partition_size=base.block_n)
+    plan = split_plan(config, shape, 16)
     out = poisoned_like(x.q)
-    attn = PagedAttention(
-        AttentionOptions(scale=1 / math.sqrt(32), sinks=x.options["sinks"]),
-        num_q_heads=4,
-        num_kv_heads=2,
-        head_size=32,
-        block_size=16,
-        dtype=torch.float32,
-        device=DEVICE,
-    )
+    options = AttentionOptions(scale=1 / math.sqrt(32), sinks=x.options["sinks"])
+    attn = PagedAttention(options, **geometry(config), dtype=torch.float32, device=DEVICE)
     attn.plan(x.cu_seqlens_q, x.seq_lens, x.block_table, dispatch_plan=plan).run(x.q, x.k_cache, x.v_cache, out=out)
-    assert_close_to_reference(out, ref_of(x, "full"), config.dtype, "16 tiny partitions")
+    assert_close_to_reference(out, x.reference(), config.dtype, "16 tiny partitions")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,20 +324,8 @@ def test_understated_max_seq_len_still_exact():
     (compat.vllm.unified_attention passes vLLM's max_seqlen_k straight through)."""
     shape = BatchShape((1, 1), (1500, 20))
     x = make_inputs(BASE, shape, device=DEVICE, seed=14)
-    plan = dispatch.plan(
-        num_seqs=2,
-        num_tokens=2,
-        max_query_len=1,
-        max_seq_len=700,
-        num_q_heads=4,
-        num_kv_heads=2,
-        head_size=32,
-        block_size=16,
-        dtype=torch.float32,
-        cache_dtype=torch.float32,
-        device=DEVICE,
-    )
+    plan = dispatch_plan(BASE, shape, max_seq_len=700)
     assert plan.num_splits * plan.partition_size < 1501, plan  # the hint plans too few keys
     out = poisoned_like(x.q)
-    kernel(x, "full", out, max_seq_len=700, validate=False)  # on CPU the hint would be refused
-    assert_close_to_reference(out, ref_of(x, "full"), BASE.dtype, "max_seq_len hint 700 for 1501 keys")
+    x.kernel("full", out, max_seq_len=700, validate=False)  # on CPU the hint would be refused
+    assert_close_to_reference(out, x.reference(), BASE.dtype, "max_seq_len hint 700 for 1501 keys")

@@ -13,6 +13,7 @@ import torch
 from pagedattn.batch import BatchMetadata
 from pagedattn.errors import ShapeError
 from pagedattn.forensics import CAUSES, compare, print_report
+from pagedattn.testing import cu_seqlens
 
 # Five sequences: prefills with and without context, one decode; positions straddle block
 # boundaries (16) and the window edge (W = 16).
@@ -332,7 +333,7 @@ def test_the_seed_case_from_saved_tensors_alone(tmp_path, ref, batch):
     report = compare_saved(*paths)
     assert report.top.id == "missing-decode-kv" and report.nan == NUM_Q_HEADS * HEAD_SIZE
     # vLLM-style metadata: cu_seqlens_q and ctx_lens, outputs flattened to [tokens, heads * dims]
-    cu = [0, *torch.tensor(QUERY_LENS).cumsum(0).tolist()]
+    cu = cu_seqlens(QUERY_LENS)
     torch.save(out.flatten(1), tmp_path / "flat.pt")
     torch.save(ref.half().flatten(1), tmp_path / "flat_ref.pt")
     torch.save(

@@ -17,12 +17,12 @@ import math
 import pytest
 import torch
 
-from pagedattn import AttentionOptions, PagedAttention, dispatch, reference
+from pagedattn import AttentionOptions, PagedAttention, reference
 from pagedattn.compat import vllm
 from pagedattn.config import AttentionConfig, BatchShape
 from pagedattn.errors import DeviceError, DTypeError, ScaleError, ShapeError, UnsupportedConfigError
 from pagedattn.kernels.write import write_kv
-from pagedattn.testing import DEVICE, assert_close_to_reference, make_inputs
+from pagedattn.testing import DEVICE, assert_close_to_reference, geometry, make_inputs, split_plan
 from pagedattn.tolerances import FP8_QUERY_TOLERANCE
 
 E4M3 = torch.float8_e4m3fn
@@ -61,15 +61,7 @@ class Case:
 def _case(config, shape, contract, cache, *, seed=0, device=DEVICE, q_dtype=E4M3) -> Case:
     """Inputs for `contract` ("full", "context", "context-decode") with the caches in `cache`
     ("bf16", "e4m3", "e4m3-head" (per-KV-head scales), "e5m2", "e5m2-head"); q quantized to e4m3."""
-    x = make_inputs(config, shape, device=device, seed=seed, contract="full" if contract == "full" else "context")
-    if contract == "context-decode":  # decode tokens read their own K/V from the cache: write it there
-        bs = config.block_size
-        cu = x.cu_seqlens_q.tolist()
-        for i, (ql, sl) in enumerate(zip(shape.query_lens, shape.seq_lens)):
-            if ql == 1:
-                blk = int(x.block_table[i, (sl - 1) // bs])
-                x.k_cache[blk, (sl - 1) % bs] = x.k_new[cu[i]]
-                x.v_cache[blk, (sl - 1) % bs] = x.v_new[cu[i]]
+    x = make_inputs(config, shape, device=device, seed=seed, contract=contract)  # context-decode: decode K/V cached
     kc, vc, ks, vs = x.k_cache, x.v_cache, None, None
     if cache != "bf16":
         fmt = E4M3 if cache.startswith("e4m3") else torch.float8_e5m2
@@ -98,10 +90,7 @@ def _attn(c: Case, config, out_dtype, *, q_scale=Q_SCALE, out_scale=OUT_SCALE, *
     )
     return PagedAttention(
         opts,
-        num_q_heads=config.num_q_heads,
-        num_kv_heads=config.num_kv_heads,
-        head_size=config.head_size,
-        block_size=config.block_size,
+        **geometry(config),
         dtype=c.q.dtype,
         kv_cache_dtype=c.k_cache.dtype,
         out_dtype=out_dtype,
@@ -156,24 +145,6 @@ def _check(out, ref, out_dtype, label, out_scale=OUT_SCALE):
     assert_close_to_reference(out, ref, out_dtype, label)
 
 
-def _split_plan(config, num_seqs, num_tokens, max_seq_len, cache_dtype, num_splits=4):
-    """A decode plan forced to split the keys into `num_splits` partitions of one key tile each."""
-    base = dispatch.plan(
-        num_seqs=num_seqs,
-        num_tokens=num_tokens,
-        max_query_len=1,
-        max_seq_len=max_seq_len,
-        num_q_heads=config.num_q_heads,
-        num_kv_heads=config.num_kv_heads,
-        head_size=config.head_size,
-        block_size=config.block_size,
-        dtype=config.dtype,
-        cache_dtype=cache_dtype,
-        device=DEVICE,
-    )
-    return dataclasses.replace(base, kernel="split_kv", num_splits=num_splits, partition_size=base.block_n)
-
-
 # ---------------------------------------------------------------------------------------------
 # every path, interpreter-sized (also runs on a GPU)
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +174,7 @@ def test_fp8_q_split_kv(cache, out_dtype):
     """Split-KV partials and the merge kernel (which writes the fp8 output) with fp8 q."""
     shape = BatchShape((1, 1, 1), (69, 0, 16))
     c = _case(SMALL, shape, "full", cache, seed=2)
-    plan = _split_plan(SMALL, 3, 3, 70, c.k_cache.dtype)
+    plan = split_plan(SMALL, shape, 4, cache_dtype=c.k_cache.dtype)
     assert plan.kernel == "split_kv" and plan.num_splits == 4
     out = _run(c, _attn(c, SMALL, out_dtype), out_dtype, dispatch_plan=plan)
     _check(out, _reference(c), out_dtype, f"split-kv {cache} -> {out_dtype}")

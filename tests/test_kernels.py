@@ -9,11 +9,10 @@ import random
 import pytest
 import torch
 
-from pagedattn import dispatch, paged_attention, prefix_prefill, reference
+from pagedattn import dispatch
 from pagedattn.attention import to_nhd
 from pagedattn.config import AttentionConfig, BatchShape, seed_grid
-from pagedattn.testing import DEVICE, assert_close_to_reference, make_inputs, poisoned_like
-from pagedattn.testing import run_both as _run_both
+from pagedattn.testing import DEVICE, assert_close_to_reference, make_inputs, poisoned_like, run_both
 
 pytestmark = pytest.mark.kernels
 
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.kernels
 MIXED = BatchShape((5, 1, 17, 1, 9), (11, 40, 0, 3, 16))
 DECODE = BatchShape((1, 1, 1), (300, 700, 5))
 SPEC = BatchShape((3, 2, 4), (60, 33, 200))  # short multi-token queries: decode-like tiles
-
-
-def run_both(config: AttentionConfig, shape: BatchShape, contract: str, seed: int = 0, device=DEVICE):
-    """Run kernel and reference on fresh inputs; contract: full | context | context-decode."""
-    return _run_both(config, shape, contract, seed=seed, device=device)
 
 
 # --------------------------------------------------------------------------- one option at a time
@@ -170,20 +164,9 @@ def test_vllm_v0_layout_reads_in_place():
     k_back, v_back = to_nhd(k_v0, v_v0, "vllm_v0")
     assert torch.equal(k_back.nan_to_num(), x.k_cache.nan_to_num())
     assert torch.equal(v_back.nan_to_num(), x.v_cache.nan_to_num())
-    ref = reference.attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, **x.options)
+    ref = x.reference()
     out = poisoned_like(x.q)
-    paged_attention(
-        x.q,
-        k_v0,
-        v_v0,
-        x.cu_seqlens_q,
-        x.seq_lens,
-        x.block_table,
-        out=out,
-        kv_layout="vllm_v0",
-        backend="triton",
-        **x.options,
-    )
+    x.kernel("full", out, k_cache=k_v0, v_cache=v_v0, kv_layout="vllm_v0")
     assert_close_to_reference(out, ref, config.dtype, "vllm_v0 layout")
 
 
@@ -205,20 +188,7 @@ def test_unwritten_slot_read_gives_nan_for_exactly_that_token(kv_dtype, shape):
     config = BASE.replace(dtype=torch.float16, kv_dtype=kv_dtype, num_q_heads=4, num_kv_heads=2)
     x = make_inputs(config, shape, device=DEVICE, contract="context")
     out = poisoned_like(x.q)
-    prefix_prefill(
-        x.q,
-        x.k_new,
-        x.v_new,
-        x.k_cache,
-        x.v_cache,
-        x.cu_seqlens_q,
-        x.seq_lens,
-        x.block_table,
-        decode_from_cache=True,
-        out=out,
-        backend="triton",
-        **x.options,
-    )
+    x.kernel("context-decode", out)
     cu = x.cu_seqlens_q.tolist()
     decode_rows = [cu[i] for i, ql in enumerate(shape.query_lens) if ql == 1]
     nan_tokens = torch.isnan(out).all(-1).all(-1).nonzero().flatten().tolist()

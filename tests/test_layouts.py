@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from pagedattn import reference
 from pagedattn.errors import LayoutError
+from pagedattn.testing import block_table_from, cu_seqlens
 from pagedattn.tolerances import TOLERANCES
 
 CUDA = torch.cuda.is_available()
@@ -181,12 +182,7 @@ def make_example(shape: Shape, seed: int) -> Example:
     seq_lens = [c + q for c, q in zip(shape.ctx_lens, shape.query_lens)]
     blocks = [max(1, -(-s // bs)) for s in seq_lens]
     nb = sum(blocks) + 2
-    perm = torch.randperm(nb, generator=g).tolist()
-    table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(blocks):
-        table[i, :n] = torch.tensor(perm[used : used + n], dtype=torch.int32)
-        used += n
+    table = block_table_from(torch.randperm(nb, generator=g), blocks)
     k_cache = torch.randn(nb, bs, kvh, d, generator=g)
     v_cache = torch.randn(nb, bs, kvh, d, generator=g)
     slots, k_new, v_new = [], [], []
@@ -196,9 +192,7 @@ def make_example(shape: Shape, seed: int) -> Example:
         slots.append(blk * bs + pos % bs)
         k_new.append(k_cache[blk, pos % bs])
         v_new.append(v_cache[blk, pos % bs])
-    cu = [0]
-    for ql in shape.query_lens:
-        cu.append(cu[-1] + ql)
+    cu = cu_seqlens(shape.query_lens)
     dt = shape.dtype
     return Example(
         shape,

@@ -11,10 +11,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import pagedattn
 import pagedattn.ops as ops
-from pagedattn import dispatch
 from pagedattn.config import AttentionConfig, BatchShape
 from pagedattn.errors import DTypeError, ScaleError, ShapeError
-from pagedattn.testing import DEVICE, make_inputs
+from pagedattn.testing import DEVICE, capture_graph, dispatch_plan, make_inputs
 
 MIXED = BatchShape((5, 1, 9, 1), (11, 40, 0, 3))  # prefill with and without prefix, decodes
 SPLIT = BatchShape((1, 1), (700, 300))  # decode long enough for split-KV (2 partitions)
@@ -506,31 +505,11 @@ def test_cuda_graph_replay_matches_eager(name, compiled):
     torch._dynamo.reset()
     config = GPU_CONFIGS[name]
     batch = DecodeBatch(config, num_seqs=4, max_seq_len=2048)
-    plan = dispatch.plan(
-        num_seqs=4,
-        num_tokens=4,
-        max_query_len=1,
-        max_seq_len=2048,
-        num_q_heads=config.num_q_heads,
-        num_kv_heads=config.num_kv_heads,
-        head_size=config.head_size,
-        block_size=config.block_size,
-        dtype=config.dtype,
-        cache_dtype=config.cache_dtype,
-        device=DEVICE,
-    )
+    plan = dispatch_plan(config, BatchShape((1,) * 4, (2047,) * 4))  # 4 decodes, max_seq_len 2048
     assert plan.num_splits > 1, "the captured step should exercise split-KV and its merge"
     fn = torch.compile(decode_step, fullgraph=True) if compiled else decode_step
     batch.refill(0, REPLAY_LENS[0])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up: compilation, Triton JIT, split-KV workspace
-        for _ in range(2):
-            batch.step(fn)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = batch.step(fn)
+    graph, out = capture_graph(lambda: batch.step(fn), warmup=2)
     assert out.data_ptr() == batch.out.data_ptr()
     for seed, seq_lens in enumerate(REPLAY_LENS):
         batch.refill(seed + 10, seq_lens)

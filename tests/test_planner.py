@@ -14,6 +14,7 @@ from pagedattn.errors import (
     ShapeError,
     UnsupportedConfigError,
 )
+from pagedattn.testing import capture_graph, cu_seqlens
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -25,7 +26,7 @@ def batch(query_lens=QUERY_LENS, seq_lens=SEQ_LENS, seed=0):
     g = torch.Generator().manual_seed(seed)
     width = max(-(-s // BS) for s in seq_lens)
     table = torch.randperm(NB, generator=g)[: len(seq_lens) * width].reshape(len(seq_lens), width).to(torch.int32)
-    cu = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu = torch.tensor(cu_seqlens(query_lens), dtype=torch.int32)
     return cu.to(DEVICE), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), table.to(DEVICE)
 
 
@@ -169,14 +170,7 @@ def test_cuda_graph_replay_after_replan():
     bounds = dict(max_query_len=5, max_seq_len=32)
     attn.plan(cu, seq_lens, table, **bounds)
     out = torch.empty_like(q)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        attn.run(q, k, v, out=out)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        attn.run(q, k, v, out=out)
+    graph, _ = capture_graph(lambda: attn.run(q, k, v, out=out))
     for seqs in ([21, 17, 3], [9, 30, 1], [32, 2, 2]):
         sl = torch.tensor(seqs, dtype=torch.int32, device=DEVICE)
         attn.plan(cu, sl, table, **bounds)

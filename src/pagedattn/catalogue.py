@@ -194,6 +194,12 @@ def _other_device(t: torch.Tensor) -> torch.Tensor:
     return t.cpu() if t.device.type != "cpu" else torch.empty_like(t, device="meta")
 
 
+def _host(name: str, entry_points, field: str, change, error: tuple[str, ...], why: str = "") -> Case:
+    """A host-side check (raised with or without validation): the batch's `field` replaced by
+    change(batch), the message naming `field`."""
+    return Case(name, entry_points, _with(**{field: change}), error, (field,), None, why=why)
+
+
 BME, SE, DE, DTE, SCE = "BatchMetadataError", "ShapeError", "DeviceError", "DTypeError", "ScaleError"
 C = Case
 CASES: tuple[Case, ...] = (
@@ -350,32 +356,29 @@ CASES: tuple[Case, ...] = (
     ),
     C("q-more-rows", ATTENTION, _rows(11), (BME, SE), ("q", "cu_seqlens_q"), (), why="rows 9-10 belong to no sequence"),
     # ---- host-side checks: raised with or without validation
-    C(
+    _host(
         "out-wrong-shape",
         ATTENTION,
-        _with(out=lambda b: torch.empty(9, NUM_Q_HEADS, 16, device=b.q.device, dtype=b.q.dtype)),
+        "out",
+        lambda b: torch.empty(9, NUM_Q_HEADS, 16, device=b.q.device, dtype=b.q.dtype),
         (SE,),
-        ("out",),
-        None,
     ),
-    C(
+    _host(
         "out-wrong-dtype",
         ATTENTION,
-        _with(out=lambda b: torch.empty(b.q.shape, device=b.q.device, dtype=torch.float32)),
+        "out",
+        lambda b: torch.empty(b.q.shape, device=b.q.device, dtype=torch.float32),
         (DTE,),
-        ("out",),
-        None,
     ),
-    C(
+    _host(
         "out-fewer-rows",
         ATTENTION,
-        _with(out=lambda b: torch.empty(7, NUM_Q_HEADS, HEAD_SIZE, device=b.q.device, dtype=b.q.dtype)),
+        "out",
+        lambda b: torch.empty(7, NUM_Q_HEADS, HEAD_SIZE, device=b.q.device, dtype=b.q.dtype),
         (SE,),
-        ("out",),
-        None,
     ),
-    C("k-new-wrong-rows", CONTEXT, _with(k_new=lambda b: b.k_new[:7].contiguous()), (SE,), ("k_new",), None),
-    C("v-new-wrong-rows", CONTEXT, _with(v_new=lambda b: b.v_new[:8].contiguous()), (SE,), ("v_new",), None),
+    _host("k-new-wrong-rows", CONTEXT, "k_new", lambda b: b.k_new[:7].contiguous(), (SE,)),
+    _host("v-new-wrong-rows", CONTEXT, "v_new", lambda b: b.v_new[:8].contiguous(), (SE,)),
     C(
         "fp8-cache-no-k-scale",
         tuple(e for e in ATTENTION if e != "attention"),
@@ -394,47 +397,24 @@ CASES: tuple[Case, ...] = (
         None,
         why="num_seqs: 3 from cu_seqlens_q, 2 from seq_lens",
     ),
-    C(
-        "cu-more-entries",
-        ATTENTION,
-        _with(cu_seqlens_q=lambda b: _i32([0, 5, 6, 9, 9], b)),
-        (SE, BME),
-        ("cu_seqlens_q",),
-        None,
-    ),
-    C(
-        "block-table-fewer-rows",
-        ATTENTION,
-        _with(block_table=lambda b: b.block_table[:2].contiguous()),
-        (SE, BME),
-        ("block_table",),
-        None,
-    ),
-    C(
+    _host("cu-more-entries", ATTENTION, "cu_seqlens_q", lambda b: _i32([0, 5, 6, 9, 9], b), (SE, BME)),
+    _host("block-table-fewer-rows", ATTENTION, "block_table", lambda b: b.block_table[:2].contiguous(), (SE, BME)),
+    _host(
         "seq-lens-int64",
         NATIVE,
-        _with(seq_lens=lambda b: b.seq_lens.long()),
+        "seq_lens",
+        lambda b: b.seq_lens.long(),
         (DTE,),
-        ("seq_lens",),
-        None,
         why="the compat ops convert int64 metadata on purpose (documented)",
     ),
-    C(
-        "block-table-float",
-        ATTENTION,
-        _with(block_table=lambda b: b.block_table.float()),
-        (DTE,),
-        ("block_table",),
-        None,
-    ),
-    C("cu-rank-2", ATTENTION, _with(cu_seqlens_q=lambda b: b.cu_seqlens_q[None]), (SE,), ("cu_seqlens_q",), None),
-    C(
+    _host("block-table-float", ATTENTION, "block_table", lambda b: b.block_table.float(), (DTE,)),
+    _host("cu-rank-2", ATTENTION, "cu_seqlens_q", lambda b: b.cu_seqlens_q[None], (SE,)),
+    _host(
         "block-table-other-device",
         tuple(e for e in ATTENTION if e != "ops_paged_attention"),
-        _with(block_table=lambda b: _other_device(b.block_table)),
+        "block_table",
+        lambda b: _other_device(b.block_table),
         (DE,),
-        ("block_table",),
-        None,
         why="on a CPU the other device is 'meta', which the custom-op dispatcher sends to the fake implementation",
     ),
     # ---- the write op: slots outside [-1, num_slots)
@@ -460,22 +440,20 @@ CASES: tuple[Case, ...] = (
         bad_slots=(5,),
         why="block * stride wraps around in int64",
     ),
-    C(
+    _host(
         "slot-mapping-int32",
         ("write_kv",),
-        _with(slot_mapping=lambda b: b.slot_mapping.int()),
+        "slot_mapping",
+        lambda b: b.slot_mapping.int(),
         (DTE,),
-        ("slot_mapping",),
-        None,
         why="reshape_and_cache_flash converts int32 slots on purpose",
     ),
-    C(
+    _host(
         "slot-mapping-short",
         ("write_kv",),
-        _with(slot_mapping=lambda b: b.slot_mapping[:8].contiguous()),
+        "slot_mapping",
+        lambda b: b.slot_mapping[:8].contiguous(),
         (SE,),
-        ("slot_mapping",),
-        None,
         why="reshape_and_cache_flash takes fewer slots than rows on purpose (vLLM padding)",
     ),
 )

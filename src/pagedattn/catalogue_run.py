@@ -192,25 +192,8 @@ def call(p: Prepared, validate):
         fp8 = kc.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
         kv_dtype = "fp8_e4m3" if fp8 else "auto"
         ks, vs = (b.k_scale, b.v_scale) if fp8 else (1.0, 1.0)
-        if name == "context_attention_fwd":
-            return vllm.context_attention_fwd(
-                t("q"),
-                t("k_new"),
-                t("v_new"),
-                out,
-                kv_dtype,
-                kc,
-                vc,
-                meta[2],
-                meta[0],
-                meta[1],
-                b.max_seq_len,
-                b.max_query_len,
-                ks,
-                vs,
-                validate=validate,
-            )
-        return vllm.chunked_prefill_paged_decode(
+        op = getattr(vllm, name)  # the two take the same positional arguments
+        return op(
             t("q"),
             t("k_new"),
             t("v_new"),

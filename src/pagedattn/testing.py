@@ -9,19 +9,24 @@ scattered over the cache as in a serving engine):
     build_paged(config, shape)   `num_sets` batches over disjoint blocks of one cache, sized for a GPU
                                  (bench, scripts/perf_quick.py)
 
-Tolerances live in one table by query dtype (`TOLERANCES`, from `pagedattn.tolerances`);
-`assert_close_to_reference` applies it. Poison helpers (`poison_`, `is_poison`, `empty_kv_cache`)
-come from `pagedattn.poison`.
+`make_inputs`' Inputs call the kernels and the reference themselves (`x.kernel(contract, out)`,
+`x.reference(contract)`). Tolerances live in one table by query dtype (`TOLERANCES`, from
+`pagedattn.tolerances`); `assert_close_to_reference` applies it. Poison helpers (`poison_`,
+`is_poison`, `empty_kv_cache`) come from `pagedattn.poison`. Planning: `geometry(config)` (the
+keywords PagedAttention takes a config's geometry by), `dispatch_plan` and `split_plan` (dispatch's
+plan for a config and a batch, as is or forced to split), `capture_graph` (warm-up and CUDA-graph
+capture of a call).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from . import dispatch, reference
 from .batch import BatchMetadata
 from .config import AttentionConfig, BatchShape
 from .forensics import Report, compare
@@ -35,6 +40,10 @@ __all__ = [
     "CONTRACTS",
     "DEVICE",
     "tolerance",
+    "geometry",
+    "dispatch_plan",
+    "split_plan",
+    "capture_graph",
     "block_table_from",
     "cu_seqlens",
     "poisoned_like",
@@ -108,6 +117,63 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch
         )
 
 
+def geometry(config: AttentionConfig) -> dict:
+    """num_q_heads, num_kv_heads, head_size and block_size of `config`: the keywords `PagedAttention`
+    and `dispatch.plan` take the geometry by."""
+    return dict(
+        num_q_heads=config.num_q_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_size=config.head_size,
+        block_size=config.block_size,
+    )
+
+
+def dispatch_plan(
+    config: AttentionConfig,
+    shape: BatchShape,
+    *,
+    max_seq_len: int | None = None,
+    cache_dtype: torch.dtype | None = None,
+    device=DEVICE,
+) -> dispatch.Plan:
+    """`dispatch.plan_for(config, shape)`, with `max_seq_len` (a bound, or a hint, in place of the
+    batch's longest sequence) and the cache's dtype `cache_dtype` where given."""
+    return dispatch.plan(
+        num_seqs=shape.num_seqs,
+        num_tokens=shape.num_tokens,
+        max_query_len=max(shape.query_lens),
+        max_seq_len=max(shape.seq_lens) if max_seq_len is None else max_seq_len,
+        **geometry(config),
+        dtype=config.dtype,
+        cache_dtype=cache_dtype or config.cache_dtype,
+        sliding_window=config.sliding_window,
+        alibi=config.use_alibi,
+        device=device,
+    )
+
+
+def split_plan(config: AttentionConfig, shape: BatchShape, num_splits: int, **kwargs) -> dispatch.Plan:
+    """`dispatch_plan(config, shape, **kwargs)` forced to split the keys into `num_splits` partitions
+    of one key tile each."""
+    base = dispatch_plan(config, shape, **kwargs)
+    return dataclasses.replace(base, kernel="split_kv", num_splits=num_splits, partition_size=base.block_n)
+
+
+def capture_graph(fn, warmup: int = 1):
+    """(CUDA graph, what the captured call returned): `fn()` run `warmup` times on a side stream
+    first (compilation, Triton JIT, split-KV workspace), then captured once."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
 # ---------------------------------------------------------------------------------------------
 # make_inputs: tensors only, no cache object
 # ---------------------------------------------------------------------------------------------
@@ -125,13 +191,60 @@ class Inputs:
     max_query_len: int
     max_seq_len: int
 
+    def call_args(self, contract: str = "full", **changes) -> dict:
+        """Keyword arguments of a call on these inputs under `contract` (full | context |
+        context-decode): the tensors, the options and, under a context contract, k_new / v_new /
+        decode_from_cache; `changes` override any of them."""
+        args = dict(
+            q=self.q,
+            k_cache=self.k_cache,
+            v_cache=self.v_cache,
+            cu_seqlens_q=self.cu_seqlens_q,
+            seq_lens=self.seq_lens,
+            block_table=self.block_table,
+            **self.options,
+        )
+        if contract != "full":
+            args.update(k_new=self.k_new, v_new=self.v_new, decode_from_cache=contract == "context-decode")
+        args.update(changes)
+        return args
+
+    def reference(self, contract: str = "full", **changes) -> torch.Tensor:
+        """The reference output under `contract`; `changes` override the call's arguments."""
+        return reference.attention(**self.call_args(contract, **changes))
+
+    def kernel(self, contract: str, out: torch.Tensor, **changes):
+        """The Triton kernels under `contract` (paged_attention for full, prefix_prefill otherwise),
+        writing `out`; `changes` override the call's arguments (the bounds and backend included)."""
+        from .attention import paged_attention, prefix_prefill
+
+        bounds = dict(out=out, max_query_len=self.max_query_len, max_seq_len=self.max_seq_len, backend="triton")
+        call = paged_attention if contract == "full" else prefix_prefill
+        return call(**self.call_args(contract, **{**bounds, **changes}))
+
+    def write_decode_tokens(self, k_rows: torch.Tensor | None = None, v_rows: torch.Tensor | None = None) -> None:
+        """Write each decode sequence's own K/V (k_new / v_new, or the rows given) to its cache slot,
+        as an engine would before a decode_from_cache call."""
+        cu, seq_lens = self.cu_seqlens_q.tolist(), self.seq_lens.tolist()
+        bs = self.k_cache.shape[1]
+        ks, vs = self.options["k_scale"] or 1.0, self.options["v_scale"] or 1.0
+        for i, sl in enumerate(seq_lens):
+            if cu[i + 1] - cu[i] != 1:
+                continue
+            blk = int(self.block_table[i, (sl - 1) // bs])
+            k = (self.k_new if k_rows is None else k_rows)[cu[i]].float()
+            v = (self.v_new if v_rows is None else v_rows)[cu[i]].float()
+            self.k_cache[blk, (sl - 1) % bs] = (k / ks).to(self.k_cache.dtype)
+            self.v_cache[blk, (sl - 1) % bs] = (v / vs).to(self.v_cache.dtype)
+
 
 def make_inputs(
     config: AttentionConfig, shape: BatchShape, *, device="cpu", seed=0, contract: str = "full", extra_blocks: int = 3
 ) -> Inputs:
     """Caches in nhd layout with randomly permuted physical blocks; every slot not written is NaN.
     contract "full": all seq_len tokens written; "context": only ctx_len tokens, k_new/v_new carry
-    the query tokens' K/V (their cache slots stay NaN)."""
+    the query tokens' K/V (their cache slots stay NaN); "context-decode": as "context", and each
+    decode sequence's own token written to the cache too (`Inputs.write_decode_tokens`)."""
     g = torch.Generator().manual_seed(seed)
     bs, kvh, d = config.block_size, config.num_kv_heads, config.head_size
     seq_lens = shape.seq_lens
@@ -176,7 +289,7 @@ def make_inputs(
     for key in ("alibi_slopes", "sinks"):
         if key in options:
             options[key] = options[key].to(dev)
-    return Inputs(
+    x = Inputs(
         q=q.to(dev),
         k_cache=k_cache.to(dev),
         v_cache=v_cache.to(dev),
@@ -189,55 +302,18 @@ def make_inputs(
         max_query_len=max(shape.query_lens),
         max_seq_len=max(seq_lens),
     )
+    if contract == "context-decode":
+        x.write_decode_tokens()
+    return x
 
 
 def run_both(config: AttentionConfig, shape: BatchShape, contract: str, seed: int = 0, device=DEVICE):
     """(kernel output, reference output) on fresh `make_inputs`; contract: full | context | context-decode
     (decode sequences read their own token from the cache, written there first as an engine would)."""
-    from .attention import paged_attention, prefix_prefill
-
-    x = make_inputs(config, shape, device=device, seed=seed, contract="full" if contract == "full" else "context")
-    if contract == "context-decode":
-        bs = config.block_size
-        k32, v32 = x.k_new.float(), x.v_new.float()
-        cu = x.cu_seqlens_q.tolist()
-        for i, (ql, sl) in enumerate(zip(shape.query_lens, shape.seq_lens)):
-            if ql == 1:
-                blk = int(x.block_table[i, (sl - 1) // bs])
-                ks, vs = (x.options["k_scale"] or 1.0), (x.options["v_scale"] or 1.0)
-                x.k_cache[blk, (sl - 1) % bs] = (k32[cu[i]] / ks).to(x.k_cache.dtype)
-                x.v_cache[blk, (sl - 1) % bs] = (v32[cu[i]] / vs).to(x.v_cache.dtype)
-    context = contract != "full"
-    decode_from_cache = contract == "context-decode"
-    ref = reference.attention(
-        x.q,
-        x.k_cache,
-        x.v_cache,
-        x.cu_seqlens_q,
-        x.seq_lens,
-        x.block_table,
-        k_new=x.k_new if context else None,
-        v_new=x.v_new if context else None,
-        decode_from_cache=decode_from_cache,
-        **x.options,
-    )
+    x = make_inputs(config, shape, device=device, seed=seed, contract=contract)
+    ref = x.reference(contract)
     out = poisoned_like(x.q)
-    common = dict(out=out, max_query_len=x.max_query_len, max_seq_len=x.max_seq_len, backend="triton", **x.options)
-    if context:
-        prefix_prefill(
-            x.q,
-            x.k_new,
-            x.v_new,
-            x.k_cache,
-            x.v_cache,
-            x.cu_seqlens_q,
-            x.seq_lens,
-            x.block_table,
-            decode_from_cache=decode_from_cache,
-            **common,
-        )
-    else:
-        paged_attention(x.q, x.k_cache, x.v_cache, x.cu_seqlens_q, x.seq_lens, x.block_table, **common)
+    x.kernel(contract, out)
     return out, ref
 
 

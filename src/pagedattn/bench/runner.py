@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..kernels.stream import stream_programs, stream_sum
-from ..testing import random_tensor
+from ..testing import capture_graph, random_tensor
 from . import host as host_time
 from .workloads import (
     Sweep,
@@ -743,14 +743,7 @@ def _graph_replay_equal(attn, s, inputs) -> bool:
     """run() captured in a CUDA graph (on the fast launch path) and replayed writes what an eager
     run() wrote into s.out, bit for bit."""
     out = torch.full_like(s.out, float("nan"))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        attn.run(s.q, inputs.k_cache, inputs.v_cache, out=out)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        attn.run(s.q, inputs.k_cache, inputs.v_cache, out=out)
+    graph, _ = capture_graph(lambda: attn.run(s.q, inputs.k_cache, inputs.v_cache, out=out))
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()

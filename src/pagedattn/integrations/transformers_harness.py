@@ -13,28 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-# kind -> (architecture, config arguments); tiny ones run through the Triton interpreter in CI
+# the tiny models' common sizes: they run through the Triton interpreter in CI
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
+# kind -> (architecture, config arguments)
 CONFIGS = {
-    "llama-gqa": (
-        "llama",
-        dict(
-            vocab_size=96,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        ),
-    ),
+    "llama-gqa": ("llama", dict(TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
     # layer 0 full attention, layer 1 a 32-token sliding window: two cache groups, dict metadata
     "qwen2-sliding": (
         "qwen2",
         dict(
-            vocab_size=96,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
+            TINY,
             num_attention_heads=4,
             num_key_value_heads=2,
             use_sliding_window=True,
@@ -42,17 +30,7 @@ CONFIGS = {
             max_window_layers=1,
         ),
     ),
-    "neox-mha": (
-        "gpt_neox",
-        dict(
-            vocab_size=96,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            rotary_pct=0.5,
-        ),
-    ),
+    "neox-mha": ("gpt_neox", dict(TINY, num_attention_heads=2, rotary_pct=0.5)),
     # 1B-class (Llama 3.2 1B shapes): 16 layers, 32 query / 8 KV heads of 64, hidden 2048
     "llama-1b": (
         "llama",
@@ -178,6 +156,15 @@ class Comparison:
                 f"({r}, {s}, {m if m is None else round(m, 4)})" for r, s, m in self.first_divergence[:5]
             )
         return text
+
+    def record(self) -> dict:
+        """What a results file keeps of the comparison (the first 10 divergences)."""
+        return {
+            "identical": self.identical,
+            "requests": self.requests,
+            "max_logprob_diff": self.max_logprob_diff,
+            "first_divergences": self.first_divergence[:10],
+        }
 
 
 def compare(candidate: Generation, reference: Generation) -> Comparison:

@@ -84,8 +84,7 @@ def compile_case(
     from ..kernels import unified
     from ..options import AttentionOptions
     from ..planner import PagedAttention
-    from ..testing import make_inputs
-    from .compile_check import _resource_usage
+    from ..testing import geometry, make_inputs
 
     x = make_inputs(config, shape, contract=contract)
     context = contract != "full"
@@ -107,10 +106,7 @@ def compile_case(
         v_cache = v_cache.permute(0, 2, 3, 1).contiguous()
     attn = PagedAttention(
         AttentionOptions(scale=config.head_size**-0.5, kv_layout=kv_layout, **options),
-        num_q_heads=config.num_q_heads,
-        num_kv_heads=config.num_kv_heads,
-        head_size=config.head_size,
-        block_size=config.block_size,
+        **geometry(config),
         dtype=q.dtype,
         kv_cache_dtype=x.k_cache.dtype,
         out_dtype=out_dtype,
@@ -123,28 +119,35 @@ def compile_case(
     attn.plan(x.cu_seqlens_q, x.seq_lens, x.block_table, validate=False, dispatch_plan=plan)
     extra = dict(k_new=x.k_new, v_new=x.v_new) if context else {}
     out = torch.empty(q.shape, dtype=attn.out_dtype)
-    rows = []
     original = unified.fp8_dot_available
     unified.fp8_dot_available = lambda device: fp8_dot  # this CPU has no GPU to ask
     try:
         calls = compile_call(attn.run, q, k_cache, v_cache, out=out, **extra)
     finally:
         unified.fp8_dot_available = original
-    for name, grid, kernel in calls:
-        regs, stack = _resource_usage(kernel.asm["cubin"])
-        rows.append(
-            dict(
-                kernel=name,
-                grid=list(grid),
-                regs=regs,
-                stack=stack,
-                shared=kernel.metadata.shared,
-                warps=kernel.metadata.num_warps,
-                params=plan.params(),
-                fp8_mma=kernel.asm["ptx"].count("e4m3.e4m3"),  # fp8 tensor-core instructions (wgmma / mma)
-            )
+    return [
+        dict(
+            _resources(name, grid, kernel, plan.params()),
+            fp8_mma=kernel.asm["ptx"].count("e4m3.e4m3"),  # fp8 tensor-core instructions (wgmma / mma)
         )
-    return rows
+        for name, grid, kernel in calls
+    ]
+
+
+def _resources(name: str, grid, kernel, params: str) -> dict:
+    """One compiled launch's row: kernel, grid, registers, stack frame, shared memory, warps, params."""
+    from .compile_check import _resource_usage
+
+    regs, stack = _resource_usage(kernel.asm["cubin"])
+    return dict(
+        kernel=name,
+        grid=list(grid),
+        regs=regs,
+        stack=stack,
+        shared=kernel.metadata.shared,
+        warps=kernel.metadata.num_warps,
+        params=params,
+    )
 
 
 def compile_cascade_case(config, num_seqs: int, prefix: int, own: int, query_len: int = 1) -> list[dict]:
@@ -157,7 +160,7 @@ def compile_cascade_case(config, num_seqs: int, prefix: int, own: int, query_len
     from .. import dispatch
     from ..options import AttentionOptions
     from ..planner import PagedAttention
-    from .compile_check import _resource_usage
+    from ..testing import geometry
 
     bs = config.block_size
     seq_len = prefix + own
@@ -183,20 +186,14 @@ def compile_cascade_case(config, num_seqs: int, prefix: int, own: int, query_len
         num_tokens=num_seqs * query_len,
         max_query_len=query_len,
         max_seq_len=seq_len - prefix // bs * bs,
-        num_q_heads=h,
-        num_kv_heads=config.num_kv_heads,
-        head_size=config.head_size,
-        block_size=bs,
+        **geometry(config),
         dtype=config.dtype,
         cache_dtype=kv_dtype,
         device="cuda",
     )
     attn = PagedAttention(
         options,
-        num_q_heads=h,
-        num_kv_heads=config.num_kv_heads,
-        head_size=config.head_size,
-        block_size=bs,
+        **geometry(config),
         dtype=config.dtype,
         kv_cache_dtype=kv_dtype,
         device="cpu",
@@ -209,21 +206,8 @@ def compile_cascade_case(config, num_seqs: int, prefix: int, own: int, query_len
         dispatch_plan=suffix,
         shared_prefix=[(list(range(num_seqs)), prefix)],
     )
-    rows = []
-    for name, grid, kernel in compile_call(attn.run, q, cache, cache, out=torch.empty_like(q)):
-        regs, stack = _resource_usage(kernel.asm["cubin"])
-        rows.append(
-            dict(
-                kernel=name,
-                grid=list(grid),
-                regs=regs,
-                stack=stack,
-                shared=kernel.metadata.shared,
-                warps=kernel.metadata.num_warps,
-                params=attn.explain(),
-            )
-        )
-    return rows
+    calls = compile_call(attn.run, q, cache, cache, out=torch.empty_like(q))
+    return [_resources(name, grid, kernel, attn.explain()) for name, grid, kernel in calls]
 
 
 def compile_gluon_case(num_q_heads, num_kv_heads, head_size, block_size, dtype, tiles=None, warp_specialized=False):
