@@ -16,6 +16,7 @@ from pagedattn.bench.host import queued_host_us
 from pagedattn.bench.runner import make_timer, measure_ceilings
 from pagedattn.bench.workloads import WORKLOADS_JSON
 from pagedattn.config import AttentionConfig, BatchShape
+from pagedattn.kernels import unified
 from pagedattn.testing import build_paged
 
 WORKLOADS = json.loads(WORKLOADS_JSON.read_text())
@@ -82,11 +83,11 @@ def _forced_splits(n: int):
 
 def apply_variant(spec: str) -> None:
     """spec like 'prefill128=128,128,8,3;decode128=64,4,3;fp8decode128=256,4,2;ppsm=2,3;splits=12;
-    kv=bf16|fp8|both;q=fp16' (dispatch tables and constants, and which runs, for sweeps)."""
+    kv=bf16|fp8|both;q=fp16;cvt=asm' (dispatch tables and constants, and which runs, for sweeps)."""
     global KV_RUNS, Q_DTYPE, GRAPH
     for part in filter(None, spec.split(";")):
         key, value = part.split("=")
-        choices = {"kv": ("bf16", "fp8", "both"), "graph": ("0", "1"), "q": ("fp16", "bf16")}
+        choices = {"kv": ("bf16", "fp8", "both"), "graph": ("0", "1"), "q": ("fp16", "bf16"), "cvt": ("asm", "triton")}
         if key in choices and value not in choices[key]:
             raise SystemExit(f"perf_quick: {key}= must be one of {choices[key]}, got {value!r}")
         if key == "kv":  # which caches to time on decode workloads
@@ -94,6 +95,9 @@ def apply_variant(spec: str) -> None:
             continue
         if key == "graph":  # time CUDA-graph replays (no host launch cost in the timed interval)
             GRAPH = value == "1"
+            continue
+        if key == "cvt":  # e4m3 tiles converted by inline PTX (unified.FP8_CVT_ASM, experimental) or by Triton
+            unified.FP8_CVT_ASM = value == "asm"
             continue
         if key == "q":  # query (and 16-bit cache) dtype
             Q_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}[value]
@@ -125,6 +129,7 @@ def main():
             dispatch.SPLIT_PROGRAMS_PER_SM,
         )
         base_f = dict(dispatch.DECODE_TILES_FP8)
+        base_cvt = unified.FP8_CVT_ASM
         for spec in variants:
             dispatch.PREFILL_TILES.clear()
             dispatch.PREFILL_TILES.update(base_p)
@@ -135,6 +140,7 @@ def main():
             dispatch.DECODE_TILES_FP8.update(base_f)
             KV_RUNS, Q_DTYPE, GRAPH = ("bf16", "fp8"), torch.bfloat16, False
             dispatch.choose_splits = _CHOOSE_SPLITS
+            unified.FP8_CVT_ASM = base_cvt
             apply_variant(spec)
             print(f"=== variant {spec}")
             run(names)

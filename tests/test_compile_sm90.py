@@ -170,3 +170,21 @@ def test_sass_fingerprint_is_stable_and_tells_kernels_apart():
     assert first == second and len(first) == 3
     hashes = {rows[0]["sass"] for rows in first.values()}
     assert len(hashes) == 3 and all(rows[0]["instructions"] > 50 for rows in first.values()), first
+
+
+def test_fp8_cvt_asm_reads_e4m3_tiles_without_byte_loads(monkeypatch):
+    """unified.FP8_CVT_ASM (experimental; PAGEDATTN_FP8_CVT_ASM=1): the bf16-q decode launch over an
+    e4m3 cache reads its tiles from shared memory byte by byte by default (ld.shared.b8: Triton
+    converts them after the read, in the dot-operand layout) and not at all with the inline-PTX
+    conversion; every launch still fits an H100."""
+    cases = [(FP8_CACHE, MIXED, "full"), (FP8_CACHE, MIXED, "context")]
+    plain = _compile_calls(cases)
+    monkeypatch.setenv("PAGEDATTN_FP8_CVT_ASM", "1")
+    asm = _compile_calls(cases)
+    for (config, _, contract), p_rows, a_rows in zip(cases, plain, asm):
+        where = f"{config.label()} {contract}"
+        decode_plain, decode_asm = p_rows[1], a_rows[1]  # the decode launch of the mixed batch
+        assert decode_plain["smem_b8"] > 0, f"{where}: the default decode launch no longer reads bytes"
+        assert decode_asm["smem_b8"] == 0, f"{where}: {decode_asm}"
+        for r in a_rows:
+            _assert_fits_sm90(r, f"{where} {r['kernel']} [{r['params']}]")

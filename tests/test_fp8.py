@@ -647,6 +647,29 @@ def test_gpu_fp8_q_split_kv_decode(out_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.kernels
+@pytest.mark.parametrize("contract,cache", [("full", "e4m3"), ("full", "e4m3-head"), ("context", "e4m3")])
+def test_gpu_fp8_cvt_asm_matches_the_plain_conversion(contract, cache, monkeypatch):
+    """unified.FP8_CVT_ASM (experimental: e4m3 tiles converted by inline PTX): a bf16 q over an e4m3
+    cache, decode, split-KV and prefill rows in one batch, against the reference and against the
+    default conversion; an unwritten (NaN-poisoned) slot still surfaces as NaN rows."""
+    from pagedattn.kernels import unified
+
+    shape = BatchShape((300, 1, 1, 1, 77, 1), (0, 2000, 9000, 700, 900, 20000))
+    c = _case(BIG, shape, contract, cache, seed=15, device="cuda", q_dtype=torch.bfloat16)
+    plain = _run(c, _attn(c, BIG, torch.bfloat16), torch.bfloat16)
+    monkeypatch.setattr(unified, "FP8_CVT_ASM", True)
+    out = _run(c, _attn(c, BIG, torch.bfloat16), torch.bfloat16)
+    _check(out, _reference(c), torch.bfloat16, f"GPU fp8 cvt asm {contract} {cache}")
+    torch.testing.assert_close(out, plain, atol=2e-3, rtol=2e-3)
+    # a slot the decode sequence 1 reads, poisoned with e4m3's NaN: its rows must be NaN
+    slot = int(c.x.block_table[1, 0]) * BIG.block_size
+    c.k_cache.view(torch.uint8).view(-1, BIG.num_kv_heads, BIG.head_size)[slot] = 0x7F
+    poisoned = _run(c, _attn(c, BIG, torch.bfloat16), torch.bfloat16)
+    assert torch.isnan(poisoned[300]).all() and not torch.isnan(poisoned[:300]).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels
 def test_gpu_fp8_q_accuracy_against_unquantized_inputs():
     """The fp8 pipeline (q and K/V quantized, fp8 q.k) against the reference of the unquantized
     bf16 inputs: within vLLM's fp8-query tolerance."""

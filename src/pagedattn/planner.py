@@ -729,7 +729,7 @@ class PagedAttention:
             tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.device) for t in tensors),
             (self.num_q_heads, self.num_kv_heads, self.head_size, self.block_size),
             (self.dtype, self.kv_cache_dtype, self.num_blocks, self.device, self.contract, self.decode_from_cache),
-            (self.out_dtype, self.fp8_pv),
+            (self.out_dtype, self.fp8_pv, unified.FP8_CVT_ASM),
             (self.cuda_graph, self.backend, self.options.kv_layout, b.num_tokens, unified.interpreter_enabled()),
             (o["scale"], o["softcap"], o["sliding_window"], o["context"], o["decode_from_cache"]),
         )

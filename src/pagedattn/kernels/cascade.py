@@ -164,7 +164,7 @@ def _prefix_kernel(
             (qk_scale * k_scale, softcap, 0),
             (IEEE, USE_SOFTCAP, USE_ALIBI, False),
             (BLOCK_N, PAGE, IDX64),
-            (KV_FP8, DOT_DTYPE, PV_DTYPE, HEAD_PAD == HEAD_SIZE, INTERPRET),
+            (KV_FP8, DOT_DTYPE, PV_DTYPE, HEAD_PAD == HEAD_SIZE, INTERPRET, False),
             r == 1,
         )
     if _bad_blocks((bt_row, num_blocks, max_blocks), key_start, key_end, PAGE):

@@ -34,6 +34,8 @@ This module imports nothing from pagedattn above `kernels/`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -178,9 +180,13 @@ def _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, scale_strides, KV_FP8: tl.cons
 
 
 @triton.jit
-def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, CVT_ASM: tl.constexpr = False):
     """Convert a loaded K/V tile to the dot dtype (fp8 caches arrive as uint8 storage). fp8 goes
-    through fp16, which Hopper converts to in hardware (cvt.f16x2.e4m3x2), then to OUT_DTYPE."""
+    through fp16, which Hopper converts to in hardware (cvt.f16x2.e4m3x2), then to OUT_DTYPE.
+    CVT_ASM (experimental, FP8_CVT_ASM): e4m3 -> fp16 through inline PTX marked impure, which the
+    compiler cannot move past the tile's shared-memory round trip: the tile is then converted
+    in registers and read back with ldmatrix, instead of being read in the dot-operand layout
+    one byte at a time (LDS.U8) and converted there."""
     if FP8 == 1 and OUT_DTYPE == tl.float8e4nv:
         return x.to(tl.float8e4nv, bitcast=True)  # e4m3 operands of an fp8 tensor-core dot
     if FP8 == 1:
@@ -189,7 +195,17 @@ def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.con
             # NaN. Match the hardware so poisoned fp8 slots surface on CPU too.
             nan = (x & 0x7F) == 0x7F
             x = tl.where(nan, float("nan"), x.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-        x = x.to(tl.float8e4nv, bitcast=True).to(tl.float16) if not INTERPRET else x
+        if CVT_ASM and not INTERPRET:  # four e4m3 per 32-bit register -> two f16x2, as Triton's own cvt
+            x = tl.inline_asm_elementwise(
+                "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+                "=r,=r,r",
+                [x],
+                dtype=tl.float16,
+                is_pure=False,
+                pack=4,
+            )
+        elif not INTERPRET:
+            x = x.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     elif FP8 == 2:
         x = x.to(tl.float8e5, bitcast=True).to(tl.float16)
     return x.to(OUT_DTYPE)
@@ -207,7 +223,7 @@ def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.con
 #           a constexpr in a nested tuple reaches the callee as None in Triton 3.6
 #   SCORE:  constexprs (IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING)
 #   TILE:   constexprs (BLOCK_N, PAGE, IDX64)
-#   LOAD:   constexprs (KV_FP8, DOT_DTYPE, PV_DTYPE, EVEN_D, INTERPRET)
+#   LOAD:   constexprs (KV_FP8, DOT_DTYPE, PV_DTYPE, EVEN_D, INTERPRET, FP8_CVT_ASM)
 @triton.jit
 def _scores(q, k, key_pos, rows, keys, params, SCORE, MASK: tl.constexpr):
     """Scores of a key tile, [BLOCK_M, BLOCK_N], masked with -inf where MASK. In log2 units with
@@ -324,7 +340,7 @@ def _load_tile(cache, block, in_block, key_ok, dim_valid, OUT_DTYPE: tl.constexp
         x = tl.load(cache_ptr + offs)
     else:
         x = tl.load(cache_ptr + offs, mask=dim_valid[None, :], other=0.0)
-    return _load_kv_fp(x, KV_FP8, OUT_DTYPE, INTERPRET)
+    return _load_kv_fp(x, KV_FP8, OUT_DTYPE, INTERPRET, LOAD[5])
 
 
 @triton.jit
@@ -438,6 +454,7 @@ def _paged_attention_kernel(
     INTERPRET: tl.constexpr,
     SEQ_GRID: tl.constexpr,
     PARTIALS: tl.constexpr = False,  # write partials even unsplit (cascade attention merges them)
+    FP8_CVT_ASM: tl.constexpr = False,  # e4m3 tiles converted by opaque inline PTX (see _load_kv_fp)
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -586,7 +603,7 @@ def _paged_attention_kernel(
             (tile_scale, softcap, sliding_window),
             (IEEE, USE_SOFTCAP, USE_ALIBI, SLIDING),
             (BLOCK_N, PAGE, IDX64),
-            (KV_FP8, DOT_DTYPE, PV_DTYPE, HEAD_PAD == HEAD_SIZE, INTERPRET),
+            (KV_FP8, DOT_DTYPE, PV_DTYPE, HEAD_PAD == HEAD_SIZE, INTERPRET, FP8_CVT_ASM),
             r != 1,
         )
     # a key with no valid block makes every row of the tile NaN (never a plausible number)
@@ -707,6 +724,10 @@ def _merge_splits_kernel(
 # launchers: every argument bound at plan time except the per-layer tensors
 # ---------------------------------------------------------------------------------------------
 _PAGED_ATTENTION = FastKernel(_paged_attention_kernel)
+# Experimental, off by default until a GPU run has checked it against the reference and timed it
+# (PAGEDATTN_FP8_CVT_ASM=1, read at plan time): e4m3 caches converted by inline PTX. Offline
+# sm_90 SASS of the b64-ctx4k decode launch: 4,456 -> 2,944 instructions, no LDS.U8.
+FP8_CVT_ASM = os.environ.get("PAGEDATTN_FP8_CVT_ASM", "0") not in ("", "0")
 _MERGE_SPLITS = FastKernel(_merge_splits_kernel)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 FP8_CODES = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
@@ -918,6 +939,7 @@ def bind_attention(
             INTERPRET=interp,
             SEQ_GRID=part.seq_grid,
             PARTIALS=partials is not None,
+            FP8_CVT_ASM=FP8_CVT_ASM and fp8 == 1 and not interp,
             num_warps=part.num_warps,
             num_stages=part.num_stages,
         )

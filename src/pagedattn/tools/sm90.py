@@ -129,6 +129,7 @@ def compile_case(
         dict(
             _resources(name, grid, kernel, plan.params()),
             fp8_mma=kernel.asm["ptx"].count("e4m3.e4m3"),  # fp8 tensor-core instructions (wgmma / mma)
+            smem_b8=kernel.asm["ptx"].count("ld.shared.b8"),  # byte-wide shared-memory reads
         )
         for name, grid, kernel in calls
     ]
