@@ -78,6 +78,7 @@ def _unified_cases():
         ("hnd", (bf16, mixed, "full", None, None, True, False, "hnd")),
         ("fp8 q fp8 out", (fp8, mixed, "full", e4, e4)),
         ("fp8 q fp8 pv", (fp8, mixed, "full", e4, torch.bfloat16, True, True)),
+        ("fp8 cache cvt asm", (fp8, mixed, "full")),  # with unified.FP8_CVT_ASM (see _compile_unified)
     ]
 
 
@@ -128,7 +129,8 @@ def fingerprints(only: str | None = None) -> dict[str, list[dict]]:
     label contains `only`)."""
     jobs = []
     for label, args in _unified_cases():
-        jobs.append((label, lambda args=args: [(n, k) for n, _, k in _compile_unified(args)]))
+        asm = label.endswith("cvt asm")
+        jobs.append((label, lambda args=args, asm=asm: [(n, k) for n, _, k in _compile_unified(args, asm)]))
     for label, args in _cascade_cases():
         jobs.append((label, lambda args=args: [(n, k) for n, _, k in _compile_cascade(args)]))
     for label, call in _write_cases():
@@ -148,8 +150,15 @@ def fingerprints(only: str | None = None) -> dict[str, list[dict]]:
     return out
 
 
-def _compile_unified(args):
-    sm90.compile_case(*args)  # fills sm90.compiled through compile_call
+def _compile_unified(args, cvt_asm: bool = False):
+    from ..kernels import unified
+
+    original = unified.FP8_CVT_ASM
+    unified.FP8_CVT_ASM = cvt_asm
+    try:
+        sm90.compile_case(*args)  # fills sm90.compiled through compile_call
+    finally:
+        unified.FP8_CVT_ASM = original
     return list(sm90.compiled)
 
 
