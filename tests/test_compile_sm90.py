@@ -174,10 +174,11 @@ def test_sass_fingerprint_is_stable_and_tells_kernels_apart():
 
 def test_fp8_cvt_asm_reads_e4m3_tiles_without_byte_loads(monkeypatch):
     """unified.FP8_CVT_ASM (experimental; PAGEDATTN_FP8_CVT_ASM=1): the bf16-q decode launch over an
-    e4m3 cache reads its tiles from shared memory byte by byte by default (ld.shared.b8: Triton
+    e4m3 (or e5m2) cache reads its tiles from shared memory byte by byte by default (ld.shared.b8: Triton
     converts them after the read, in the dot-operand layout) and not at all with the inline-PTX
     conversion; every launch still fits an H100."""
-    cases = [(FP8_CACHE, MIXED, "full"), (FP8_CACHE, MIXED, "context")]
+    e5m2 = FP8_CACHE.replace(kv_dtype="fp8_e5m2")
+    cases = [(FP8_CACHE, MIXED, "full"), (FP8_CACHE, MIXED, "context"), (e5m2, MIXED, "full")]
     plain = _compile_calls(cases)
     monkeypatch.setenv("PAGEDATTN_FP8_CVT_ASM", "1")
     asm = _compile_calls(cases)

@@ -647,9 +647,11 @@ def test_gpu_fp8_q_split_kv_decode(out_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.kernels
-@pytest.mark.parametrize("contract,cache", [("full", "e4m3"), ("full", "e4m3-head"), ("context", "e4m3")])
+@pytest.mark.parametrize(
+    "contract,cache", [("full", "e4m3"), ("full", "e4m3-head"), ("context", "e4m3"), ("full", "e5m2-head")]
+)
 def test_gpu_fp8_cvt_asm_matches_the_plain_conversion(contract, cache, monkeypatch):
-    """unified.FP8_CVT_ASM (experimental: e4m3 tiles converted by inline PTX): a bf16 q over an e4m3
+    """unified.FP8_CVT_ASM (experimental: fp8 tiles converted by inline PTX): a bf16 q over an fp8
     cache, decode, split-KV and prefill rows in one batch, against the reference and against the
     default conversion; an unwritten (NaN-poisoned) slot still surfaces as NaN rows."""
     from pagedattn.kernels import unified
@@ -661,9 +663,9 @@ def test_gpu_fp8_cvt_asm_matches_the_plain_conversion(contract, cache, monkeypat
     out = _run(c, _attn(c, BIG, torch.bfloat16), torch.bfloat16)
     _check(out, _reference(c), torch.bfloat16, f"GPU fp8 cvt asm {contract} {cache}")
     torch.testing.assert_close(out, plain, atol=2e-3, rtol=2e-3)
-    # a slot the decode sequence 1 reads, poisoned with e4m3's NaN: its rows must be NaN
+    # a slot the decode sequence 1 reads, poisoned with the format's NaN: its rows must be NaN
     slot = int(c.x.block_table[1, 0]) * BIG.block_size
-    c.k_cache.view(torch.uint8).view(-1, BIG.num_kv_heads, BIG.head_size)[slot] = 0x7F
+    c.k_cache.view(torch.uint8).view(-1, BIG.num_kv_heads, BIG.head_size)[slot] = 0x7F if cache[:4] == "e4m3" else 0x7E
     poisoned = _run(c, _attn(c, BIG, torch.bfloat16), torch.bfloat16)
     assert torch.isnan(poisoned[300]).all() and not torch.isnan(poisoned[:300]).any()
 

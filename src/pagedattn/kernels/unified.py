@@ -53,6 +53,15 @@ LOG2E: tl.constexpr = tl.constexpr(LOG2E_FLOAT)
 FP32_PRECISION: tl.constexpr = tl.constexpr("ieee")
 
 
+def _fp8x4_asm(fmt: str) -> str:
+    """Inline PTX: four fp8 (`fmt`) in $2 -> fp16 pairs in $0 (elements 0, 1) and $1 (2, 3)."""
+    return f"{{ .reg .b16 lo, hi; mov.b32 {{lo, hi}}, $2; cvt.rn.f16x2.{fmt}x2 $0, lo; cvt.rn.f16x2.{fmt}x2 $1, hi; }}"
+
+
+E4M3X4_TO_F16: tl.constexpr = tl.constexpr(_fp8x4_asm("e4m3"))
+E5M2X4_TO_F16: tl.constexpr = tl.constexpr(_fp8x4_asm("e5m2"))
+
+
 # ---------------------------------------------------------------------------------------------
 # jit helpers
 # ---------------------------------------------------------------------------------------------
@@ -183,10 +192,10 @@ def _kv_scales(k_scale_ptr, v_scale_ptr, kv_head, scale_strides, KV_FP8: tl.cons
 def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, CVT_ASM: tl.constexpr = False):
     """Convert a loaded K/V tile to the dot dtype (fp8 caches arrive as uint8 storage). fp8 goes
     through fp16, which Hopper converts to in hardware (cvt.f16x2.e4m3x2), then to OUT_DTYPE.
-    CVT_ASM (experimental, FP8_CVT_ASM): e4m3 -> fp16 through inline PTX marked impure, which the
-    compiler cannot move past the tile's shared-memory round trip: the tile is then converted
-    in registers and read back with ldmatrix, instead of being read in the dot-operand layout
-    one byte at a time (LDS.U8) and converted there."""
+    CVT_ASM (experimental, FP8_CVT_ASM; sm_89+): fp8 -> fp16 through inline PTX marked impure,
+    which the compiler cannot move past the tile's shared-memory round trip: the tile is then
+    converted in registers and read back with ldmatrix, instead of being read in the dot-operand
+    layout one byte at a time (LDS.U8) and converted there."""
     if FP8 == 1 and OUT_DTYPE == tl.float8e4nv:
         return x.to(tl.float8e4nv, bitcast=True)  # e4m3 operands of an fp8 tensor-core dot
     if FP8 == 1:
@@ -195,20 +204,23 @@ def _load_kv_fp(x, FP8: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.con
             # NaN. Match the hardware so poisoned fp8 slots surface on CPU too.
             nan = (x & 0x7F) == 0x7F
             x = tl.where(nan, float("nan"), x.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-        if CVT_ASM and not INTERPRET:  # four e4m3 per 32-bit register -> two f16x2, as Triton's own cvt
-            x = tl.inline_asm_elementwise(
-                "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
-                "=r,=r,r",
-                [x],
-                dtype=tl.float16,
-                is_pure=False,
-                pack=4,
-            )
+        if CVT_ASM and not INTERPRET:
+            x = _fp8x4_to_f16(x, E4M3X4_TO_F16)
         elif not INTERPRET:
             x = x.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     elif FP8 == 2:
-        x = x.to(tl.float8e5, bitcast=True).to(tl.float16)
+        if CVT_ASM and not INTERPRET:
+            x = _fp8x4_to_f16(x, E5M2X4_TO_F16)
+        else:
+            x = x.to(tl.float8e5, bitcast=True).to(tl.float16)
     return x.to(OUT_DTYPE)
+
+
+@triton.jit
+def _fp8x4_to_f16(x, ASM: tl.constexpr):
+    """fp8 bits (uint8) to fp16 by inline PTX: four per 32-bit register (element 0 in the low
+    byte, as Triton packs them) -> two f16x2, low half first, as Triton's own lowering converts."""
+    return tl.inline_asm_elementwise(ASM, "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
 
 
 # Grouped arguments of the key-loop helpers below. Tuples of runtime values are unpacked by plain
@@ -939,7 +951,7 @@ def bind_attention(
             INTERPRET=interp,
             SEQ_GRID=part.seq_grid,
             PARTIALS=partials is not None,
-            FP8_CVT_ASM=FP8_CVT_ASM and fp8 == 1 and not interp,
+            FP8_CVT_ASM=FP8_CVT_ASM and bool(fp8) and not interp and fp8_dot_available(device),
             num_warps=part.num_warps,
             num_stages=part.num_stages,
         )
