@@ -61,7 +61,7 @@ def _unified_cases():
     fp8 = AttentionConfig(8, 2, 128, 16, torch.bfloat16, kv_dtype="fp8_e4m3")
     e4 = torch.float8_e4m3fn
     fp16_v0 = (None, None, True, False, "vllm_v0")
-    # (label, compile_case arguments)
+    # (label, compile_case arguments[, unified.FP8_CVT_ASM for the compile])
     return [
         ("bf16 mixed full", (bf16, mixed, "full")),
         ("bf16 decode full", (bf16, decode, "full")),
@@ -78,7 +78,7 @@ def _unified_cases():
         ("hnd", (bf16, mixed, "full", None, None, True, False, "hnd")),
         ("fp8 q fp8 out", (fp8, mixed, "full", e4, e4)),
         ("fp8 q fp8 pv", (fp8, mixed, "full", e4, torch.bfloat16, True, True)),
-        ("fp8 cache cvt asm", (fp8, mixed, "full")),  # with unified.FP8_CVT_ASM (see _compile_unified)
+        ("fp8 cache cvt asm", (fp8, mixed, "full"), True),
     ]
 
 
@@ -128,8 +128,8 @@ def fingerprints(only: str | None = None) -> dict[str, list[dict]]:
     """{case label: [{kernel, sass (hash), instructions}, ...]} over every case (or those whose
     label contains `only`)."""
     jobs = []
-    for label, args in _unified_cases():
-        asm = label.endswith("cvt asm")
+    for label, args, *flag in _unified_cases():
+        asm = bool(flag) and flag[0]
         jobs.append((label, lambda args=args, asm=asm: [(n, k) for n, _, k in _compile_unified(args, asm)]))
     for label, args in _cascade_cases():
         jobs.append((label, lambda args=args: [(n, k) for n, _, k in _compile_cascade(args)]))
